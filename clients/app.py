@@ -1,0 +1,111 @@
+"""fedguard's ClientApp (Flower Message API): local training and evaluation on a site's data.
+
+The run's config arrives with every message (the server is the one source of truth);
+the site's own settings (partition, data path, device) come from the node config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from omegaconf import DictConfig
+
+from clients import protocol
+from clients.datasets import DatasetBundle, load_dataset
+from clients.models import build_model, resolve_device
+from clients.partition import partition_indices, split_train_validation
+from clients.site import SiteSettings, read_site_settings
+from clients.training import (
+    evaluate_model,
+    make_training_setup,
+    proximal_regularizer,
+    run_epochs,
+)
+from conf.schema import config_from_yaml
+
+logger = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=8)
+def _parse_config(text: str) -> DictConfig:
+    return config_from_yaml(text)
+
+
+@dataclass(frozen=True)
+class LocalData:
+    train_x: np.ndarray
+    train_y: np.ndarray
+    validation_x: np.ndarray
+    validation_y: np.ndarray
+    bundle: DatasetBundle
+
+
+def load_local_data(cfg: DictConfig, site: SiteSettings) -> LocalData:
+    """This site's partition of the training set, with its local validation split."""
+    bundle = load_dataset(cfg.dataset, cfg.seed, root_override=site.data_root)
+    parts = partition_indices(bundle.train_y, cfg.partition, site.num_partitions, cfg.seed)
+    split = split_train_validation(parts[site.partition_id], cfg.dataset.validation_fraction, cfg.seed + site.partition_id)
+    return LocalData(
+        train_x=bundle.train_x[split.train_indices],
+        train_y=bundle.train_y[split.train_indices],
+        validation_x=bundle.train_x[split.validation_indices],
+        validation_y=bundle.train_y[split.validation_indices],
+        bundle=bundle,
+    )
+
+
+def _round_seed(cfg: DictConfig, site: SiteSettings, server_round: int) -> int:
+    digest = hashlib.sha256(f"{cfg.seed}/{site.partition_id}/{server_round}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _unpack(msg: Message, context: Context):
+    config_record = msg.content[protocol.CONFIG_KEY]
+    cfg = _parse_config(str(config_record[protocol.FEDGUARD_CONFIG_KEY]))
+    site = read_site_settings(dict(context.node_config))
+    data = load_local_data(cfg, site)
+    model = build_model(cfg.model, data.bundle.input_shape, data.bundle.num_classes)
+    model.load_state_dict(msg.content[protocol.ARRAYS_KEY].to_torch_state_dict())
+    device = resolve_device(site.device or cfg.device)
+    return cfg, site, data, model, device, config_record
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, site, data, model, device, config_record = _unpack(msg, context)
+    server_round = int(config_record.get(protocol.SERVER_ROUND_KEY, 0))
+    mu = float(config_record.get(protocol.PROXIMAL_MU_KEY, 0.0))
+    regularizer = proximal_regularizer(model, mu) if mu > 0 else None
+    setup = make_training_setup(model, data.train_x, data.train_y, cfg.train, _round_seed(cfg, site, server_round))
+    outcome = run_epochs(setup, cfg.train.local_epochs, device, regularizer)
+    metrics = MetricRecord(
+        {
+            protocol.NUM_EXAMPLES_KEY: len(data.train_y),
+            protocol.TRAIN_LOSS_KEY: outcome.mean_loss,
+            protocol.TRAIN_STEPS_KEY: outcome.steps,
+        }
+    )
+    arrays = ArrayRecord(setup.model.to("cpu").state_dict())
+    return Message(RecordDict({protocol.ARRAYS_KEY: arrays, protocol.METRICS_KEY: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, _site, data, model, device, _config = _unpack(msg, context)
+    outcome = evaluate_model(model, data.validation_x, data.validation_y, cfg.evaluate.batch_size, device)
+    metrics = MetricRecord(
+        {
+            protocol.NUM_EXAMPLES_KEY: outcome.num_examples,
+            protocol.EVAL_LOSS_KEY: outcome.loss,
+            protocol.EVAL_ACCURACY_KEY: outcome.accuracy,
+        }
+    )
+    return Message(RecordDict({protocol.METRICS_KEY: metrics}), reply_to=msg)

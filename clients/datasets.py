@@ -1,0 +1,174 @@
+"""Offline datasets shared by clients (local training) and the server (central test set).
+
+Every loader returns the same :class:`DatasetBundle`: float32 features (images as
+N x C x H x W, tables as N x F), int64 labels, the official or seeded test split,
+and the facts models need (input shape, class count). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.model_selection import train_test_split
+
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+FASHION_MNIST_INSTALL_HINT = (
+    "install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
+    "or set dataset.root to a folder holding the four Fashion-MNIST IDX files"
+)
+
+
+class DatasetError(RuntimeError):
+    """The data cannot be loaded; the message says what is missing and how to fix it."""
+
+
+@dataclass(frozen=True)
+class DatasetBundle:
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return self.train_x.ndim == 4
+
+
+def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale by statistics of the training split only, so the test set stays unseen."""
+    mean = float(train.mean())
+    std = float(train.std()) or 1.0
+    return ((train - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32)
+
+
+def _standardize_columns(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = train.mean(axis=0)
+    std = train.std(axis=0)
+    std[std == 0] = 1.0
+    return ((train - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32)
+
+
+def _find_idx_file(root: Path, stem: str) -> Path:
+    for candidate in (root / f"{stem}.gz", root / stem):
+        if candidate.is_file():
+            return candidate
+    raise DatasetError(f"Fashion-MNIST file {stem}[.gz] not found in {root}: {FASHION_MNIST_INSTALL_HINT}")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST family's format), gzip-compressed or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 8:
+        raise DatasetError(f"{path} is too short to be an IDX file")
+    magic, count = struct.unpack(">II", data[:8])
+    if magic == IDX_LABELS_MAGIC:
+        header, shape = 8, (count,)
+    elif magic == IDX_IMAGES_MAGIC:
+        rows, cols = struct.unpack(">II", data[8:16])
+        header, shape = 16, (count, rows, cols)
+    else:
+        raise DatasetError(f"{path} has IDX magic {magic}, expected {IDX_IMAGES_MAGIC} or {IDX_LABELS_MAGIC}")
+    expected = int(np.prod(shape))
+    if len(data) - header != expected:
+        raise DatasetError(f"{path} holds {len(data) - header} bytes of data, its header promises {expected}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _load_fashion_mnist(root: str | None) -> DatasetBundle:
+    if not root:
+        raise DatasetError(f"dataset.root is not set for Fashion-MNIST: {FASHION_MNIST_INSTALL_HINT}")
+    folder = Path(root)
+    if not folder.is_dir():
+        raise DatasetError(f"Fashion-MNIST folder {folder} does not exist: {FASHION_MNIST_INSTALL_HINT}")
+    arrays = {key: read_idx(_find_idx_file(folder, stem)) for key, stem in FASHION_MNIST_FILES.items()}
+    train_x, test_x = _standardize(
+        arrays["train_images"].astype(np.float32) / 255.0, arrays["test_images"].astype(np.float32) / 255.0
+    )
+    return DatasetBundle(
+        train_x=train_x[:, None, :, :],
+        train_y=arrays["train_labels"].astype(np.int64),
+        test_x=test_x[:, None, :, :],
+        test_y=arrays["test_labels"].astype(np.int64),
+        num_classes=10,
+    )
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    return train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+
+
+def _load_digits(test_fraction: float, seed: int) -> DatasetBundle:
+    digits = load_digits()
+    train_x, test_x, train_y, test_y = _split(digits.images.astype(np.float32), digits.target, test_fraction, seed)
+    train_x, test_x = _standardize(train_x, test_x)
+    return DatasetBundle(train_x[:, None], train_y.astype(np.int64), test_x[:, None], test_y.astype(np.int64), 10)
+
+
+def _load_breast_cancer(test_fraction: float, seed: int) -> DatasetBundle:
+    data = load_breast_cancer()
+    train_x, test_x, train_y, test_y = _split(data.data.astype(np.float64), data.target, test_fraction, seed)
+    train_x, test_x = _standardize_columns(train_x, test_x)
+    return DatasetBundle(train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64), 2)
+
+
+def _make_synthetic(
+    num_samples: int, num_features: int, num_classes: int, separation: float, test_fraction: float, seed: int
+) -> DatasetBundle:
+    """Gaussian clusters around random class centres; separation sets how hard the task is."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(num_classes, num_features)) * separation / np.sqrt(num_features)
+    labels = rng.integers(0, num_classes, size=num_samples)
+    features = centres[labels] + rng.normal(size=(num_samples, num_features)) / np.sqrt(num_features)
+    train_x, test_x, train_y, test_y = _split(features, labels, test_fraction, seed)
+    train_x, test_x = _standardize_columns(train_x, test_x)
+    return DatasetBundle(train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64), num_classes)
+
+
+@lru_cache(maxsize=4)
+def _load_cached(key: tuple) -> DatasetBundle:
+    name, root, test_fraction, seed, num_samples, num_features, num_classes, separation = key
+    if name == "fashion_mnist":
+        return _load_fashion_mnist(root)
+    if name == "digits":
+        return _load_digits(test_fraction, seed)
+    if name == "breast_cancer":
+        return _load_breast_cancer(test_fraction, seed)
+    if name == "synthetic":
+        return _make_synthetic(num_samples, num_features, num_classes, separation, test_fraction, seed)
+    raise DatasetError(f"unknown dataset {name!r}")
+
+
+def load_dataset(dataset_cfg: DictConfig, seed: int, root_override: str | None = None) -> DatasetBundle:
+    """Load (once per process) the dataset a config names; ``root_override`` comes from a site's node config."""
+    key = (
+        dataset_cfg.name,
+        root_override or dataset_cfg.root,
+        float(dataset_cfg.test_fraction),
+        int(seed),
+        int(dataset_cfg.num_samples),
+        int(dataset_cfg.num_features),
+        int(dataset_cfg.num_classes),
+        float(dataset_cfg.class_separation),
+    )
+    return _load_cached(key)

@@ -1,0 +1,25 @@
+"""Names of the records and keys the ServerApp and ClientApp exchange.
+
+Kept in one place so both sides agree; Flower's strategies fix ``arrays``,
+``config`` and ``num-examples``.
+"""
+
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+
+# Inside the ConfigRecord sent to clients.
+FEDGUARD_CONFIG_KEY = "fedguard-config"
+SERVER_ROUND_KEY = "server-round"
+PROXIMAL_MU_KEY = "proximal-mu"
+
+# Inside the MetricRecord clients reply with.
+NUM_EXAMPLES_KEY = "num-examples"
+TRAIN_LOSS_KEY = "train_loss"
+TRAIN_STEPS_KEY = "train_steps"
+EVAL_LOSS_KEY = "eval_loss"
+EVAL_ACCURACY_KEY = "eval_accuracy"
+
+# Flower run-config keys (pyproject [tool.flwr.app.config] and `flwr run --run-config`).
+RUN_CONFIG_FEDGUARD = "fedguard-config"
+RUN_CONFIG_RUN_DIR = "run-dir"

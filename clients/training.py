@@ -1,0 +1,118 @@
+"""Local training and evaluation on one client.
+
+Training is split into building a :class:`TrainingSetup` (model, optimizer, loader)
+and running epochs over it, so privacy layers can wrap the setup (Opacus replaces
+all three) without touching the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+logger = logging.getLogger(__name__)
+
+# Adds a term to the loss given the current model (FedProx's proximal term, for instance).
+LossRegularizer = Callable[[nn.Module], torch.Tensor]
+
+
+@dataclass
+class TrainingSetup:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    mean_loss: float
+    num_examples: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def make_training_setup(
+    model: nn.Module, features: np.ndarray, labels: np.ndarray, train_cfg: DictConfig, seed: int
+) -> TrainingSetup:
+    generator = torch.Generator().manual_seed(seed)
+    dataset = TensorDataset(torch.from_numpy(features), torch.from_numpy(labels))
+    loader = DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=True, generator=generator)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=train_cfg.learning_rate,
+        momentum=train_cfg.momentum,
+        weight_decay=train_cfg.weight_decay,
+    )
+    return TrainingSetup(model=model, optimizer=optimizer, loader=loader)
+
+
+def proximal_regularizer(global_model: nn.Module, mu: float) -> LossRegularizer:
+    """FedProx: (mu / 2) * ||w - w_global||^2, pulling local models towards the global one."""
+    anchors = [p.detach().clone() for p in global_model.parameters()]
+
+    def regularize(model: nn.Module) -> torch.Tensor:
+        squared = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchors, strict=True))
+        return 0.5 * mu * squared
+
+    return regularize
+
+
+def run_epochs(
+    setup: TrainingSetup, epochs: int, device: torch.device, regularizer: LossRegularizer | None = None
+) -> TrainOutcome:
+    """Train for ``epochs`` passes; empty batches (possible under Poisson sampling) are skipped."""
+    model, optimizer = setup.model, setup.optimizer
+    model.to(device)
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    total_loss, total_examples, steps = 0.0, 0, 0
+    for epoch in range(epochs):
+        for features, labels in setup.loader:
+            if len(labels) == 0:
+                continue
+            features, labels = features.to(device), labels.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(features), labels)
+            if regularizer is not None:
+                loss = loss + regularizer(model)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * len(labels)
+            total_examples += len(labels)
+            steps += 1
+        logger.debug("local epoch %d/%d done after %d steps", epoch + 1, epochs, steps)
+    mean_loss = total_loss / total_examples if total_examples else float("nan")
+    return TrainOutcome(mean_loss=mean_loss, num_examples=total_examples, steps=steps)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module, features: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device
+) -> EvaluationOutcome:
+    """Mean cross-entropy and accuracy over a whole split."""
+    if len(labels) == 0:
+        return EvaluationOutcome(loss=float("nan"), accuracy=float("nan"), num_examples=0)
+    model.to(device)
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        x = torch.from_numpy(features[start : start + batch_size]).to(device)
+        y = torch.from_numpy(labels[start : start + batch_size]).to(device)
+        logits = model(x)
+        total_loss += float(criterion(logits, y))
+        correct += int((logits.argmax(dim=1) == y).sum())
+    return EvaluationOutcome(loss=total_loss / len(labels), accuracy=correct / len(labels), num_examples=len(labels))

@@ -1,0 +1,229 @@
+"""Typed schema of fedguard's Hydra config, and the checks types alone cannot express.
+
+The dataclasses make OmegaConf reject unknown keys and wrong types at composition
+time; :func:`validate_config` rejects impossible values (alpha <= 0, fraction > 1,
+more clients per round than clients, a CNN on tabular data...) before any training,
+with a message that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DATASETS = ("fashion_mnist", "digits", "breast_cancer", "synthetic")
+IMAGE_DATASETS = ("fashion_mnist", "digits")
+MODELS = ("logreg", "mlp", "cnn")
+PARTITIONS = ("iid", "dirichlet", "shards")
+DEVICES = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what is allowed."""
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: str | None = None
+    test_fraction: float = 0.2
+    validation_fraction: float = 0.1
+    num_samples: int = 20000
+    num_features: int = 32
+    num_classes: int = 10
+    class_separation: float = 2.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    hidden_sizes: list[int] = field(default_factory=list)
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    group_norm_groups: int = 8
+
+
+@dataclass
+class StrategyConfig:
+    name: str = MISSING
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PartitionConfig:
+    name: str = MISSING
+    alpha: float = 0.5
+    min_partition_size: int = 10
+    shards_per_client: int = 2
+
+
+@dataclass
+class ClientResources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class SimulationConfig:
+    num_clients: int = MISSING
+    rounds: int = MISSING
+    fraction_train: float = 1.0
+    client_resources: ClientResources = field(default_factory=ClientResources)
+    round_timeout: float = 600.0
+    ray_address: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EvaluateConfig:
+    fraction_clients: float = 0.0
+    batch_size: int = 256
+
+
+@dataclass
+class FedguardConfig:
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    partition: PartitionConfig = MISSING
+    simulation: SimulationConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    seed: int = 42
+    device: str = "auto"
+    log_level: str = "WARNING"
+    progress: bool = True
+
+
+def register_schema() -> None:
+    """Make the schema available to the defaults list as ``fedguard_schema``."""
+    ConfigStore.instance().store(name="fedguard_schema", node=FedguardConfig)
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _range(key: str, value: float, low: float | None, high: float | None, *, low_open: bool = False) -> None:
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        lower = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        upper = "" if high is None else f"<= {high}"
+        bounds = " and ".join(b for b in (lower, upper) if b)
+        raise ConfigError(f"{key}={value!r} is out of range; it must be {bounds}")
+
+
+def _validate_strategy(cfg: DictConfig) -> None:
+    # Imported here so that loading the schema does not import Flower.
+    from server.strategies import STRATEGY_CLASSES, RESERVED_STRATEGY_PARAMS
+
+    _choice("strategy.name", cfg.strategy.name, tuple(STRATEGY_CLASSES))
+    accepted = set(inspect.signature(STRATEGY_CLASSES[cfg.strategy.name].__init__).parameters)
+    accepted -= {"self", *RESERVED_STRATEGY_PARAMS}
+    for key in cfg.strategy.params:
+        if key not in accepted:
+            raise ConfigError(
+                f"strategy.params.{key} is not a parameter of {cfg.strategy.name}; "
+                f"allowed: {', '.join(sorted(accepted))}"
+            )
+
+
+def _check_against_schema(cfg: DictConfig) -> None:
+    """Hydra's ``+key=value`` adds keys even to typed nodes; re-merging into the schema catches them."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(FedguardConfig), OmegaConf.to_container(cfg, resolve=True))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject unknown keys and impossible combinations before anything trains. Raises ConfigError."""
+    _check_against_schema(cfg)
+    _choice("dataset.name", cfg.dataset.name, DATASETS)
+    _choice("model.name", cfg.model.name, MODELS)
+    _choice("partition.name", cfg.partition.name, PARTITIONS)
+    _choice("device", cfg.device, DEVICES)
+    _choice("log_level", cfg.log_level, LOG_LEVELS)
+    _validate_strategy(cfg)
+
+    _range("dataset.test_fraction", cfg.dataset.test_fraction, 0.0, 0.9, low_open=True)
+    _range("dataset.validation_fraction", cfg.dataset.validation_fraction, 0.0, 0.5)
+    if cfg.dataset.name == "synthetic":
+        _range("dataset.num_classes", cfg.dataset.num_classes, 2, None)
+        _range("dataset.num_features", cfg.dataset.num_features, 1, None)
+        _range("dataset.num_samples", cfg.dataset.num_samples, cfg.dataset.num_classes * 2, None)
+    if cfg.model.name == "cnn" and cfg.dataset.name not in IMAGE_DATASETS:
+        raise ConfigError(
+            f"model=cnn needs an image dataset ({', '.join(IMAGE_DATASETS)}); "
+            f"dataset={cfg.dataset.name} is tabular: use model=mlp or model=logreg"
+        )
+    for i, width in enumerate(cfg.model.hidden_sizes):
+        _range(f"model.hidden_sizes[{i}]", width, 1, None)
+    for i, width in enumerate(cfg.model.channels):
+        _range(f"model.channels[{i}]", width, 1, None)
+        if width % cfg.model.group_norm_groups:
+            raise ConfigError(
+                f"model.channels[{i}]={width} must be divisible by "
+                f"model.group_norm_groups={cfg.model.group_norm_groups}"
+            )
+
+    if cfg.partition.name == "dirichlet":
+        _range("partition.alpha", cfg.partition.alpha, 0.0, None, low_open=True)
+    _range("partition.min_partition_size", cfg.partition.min_partition_size, 0, None)
+    _range("partition.shards_per_client", cfg.partition.shards_per_client, 1, None)
+
+    sim = cfg.simulation
+    _range("simulation.num_clients", sim.num_clients, 1, None)
+    _range("simulation.rounds", sim.rounds, 1, None)
+    _range("simulation.fraction_train", sim.fraction_train, 0.0, 1.0, low_open=True)
+    _range("simulation.client_resources.num_cpus", sim.client_resources.num_cpus, 0.0, None, low_open=True)
+    _range("simulation.client_resources.num_gpus", sim.client_resources.num_gpus, 0.0, None)
+    _range("simulation.round_timeout", sim.round_timeout, 0.0, None, low_open=True)
+    if sim.client_resources.num_gpus > 0 and cfg.device == "cpu":
+        raise ConfigError("simulation.client_resources.num_gpus > 0 contradicts device=cpu")
+
+    _range("train.local_epochs", cfg.train.local_epochs, 1, None)
+    _range("train.batch_size", cfg.train.batch_size, 1, None)
+    _range("train.learning_rate", cfg.train.learning_rate, 0.0, None, low_open=True)
+    _range("train.momentum", cfg.train.momentum, 0.0, 1.0)
+    _range("train.weight_decay", cfg.train.weight_decay, 0.0, None)
+    _range("evaluate.fraction_clients", cfg.evaluate.fraction_clients, 0.0, 1.0)
+    _range("evaluate.batch_size", cfg.evaluate.batch_size, 1, None)
+
+
+def clients_per_round(cfg: DictConfig) -> int:
+    """How many clients the server samples each round (never fewer than one)."""
+    return max(1, int(cfg.simulation.num_clients * cfg.simulation.fraction_train))
+
+
+def config_to_yaml(cfg: DictConfig) -> str:
+    """Serialize a resolved config, for carrying it in Flower's run config."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_from_yaml(text: str) -> DictConfig:
+    """Parse and validate a config carried in a run config or read from a run directory."""
+    if not text:
+        raise ConfigError(
+            "the run config has no fedguard-config; start runs with `fedguard simulate` or `fedguard run`"
+        )
+    schema = OmegaConf.structured(FedguardConfig)
+    cfg = OmegaConf.merge(schema, OmegaConf.create(text))
+    validate_config(cfg)
+    return cfg

@@ -1,0 +1,77 @@
+"""Global-model checkpoints: written atomically after every round, loadable with one call.
+
+    from server.checkpoint import load_global_model
+    model = load_global_model("outputs/2026-11-23/12-00-00/checkpoints/final.pt")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clients.models import build_model
+from conf.schema import config_from_yaml
+
+CHECKPOINT_FORMAT = "fedguard-checkpoint/1"
+CHECKPOINT_DIR = "checkpoints"
+LATEST_NAME = "latest.pt"
+FINAL_NAME = "final.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or not fedguard's."""
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    model_state: dict[str, torch.Tensor],
+    server_round: int,
+    config_yaml: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    metrics: dict[str, Any],
+) -> None:
+    """Write to a temporary file, fsync, then rename, so a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "round": server_round,
+        "model_state": {k: v.detach().cpu() for k, v in model_state.items()},
+        "config_yaml": config_yaml,
+        "input_shape": list(input_shape),
+        "num_classes": num_classes,
+        "metrics": metrics,
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt files
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file")
+    return payload
+
+
+def load_global_model(path: str | Path) -> nn.Module:
+    """Rebuild the model a run trained, with its final (or latest) global weights, in eval mode."""
+    payload = read_checkpoint(path)
+    cfg = config_from_yaml(payload["config_yaml"])
+    model = build_model(cfg.model, tuple(payload["input_shape"]), int(payload["num_classes"]))
+    model.load_state_dict(payload["model_state"])
+    return model.eval()

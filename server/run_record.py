@@ -1,0 +1,134 @@
+"""What a run leaves behind in its directory, and what the terminal shows while it runs.
+
+``metrics.jsonl`` gets one fsync'ed line per round (so a crash loses at most the round
+in flight), ``summary.json`` is written at the end, and a rich progress bar tracks rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    test_loss: float
+    test_accuracy: float
+    train_loss: float | None
+    round_seconds: float
+    clients_sampled: int
+    clients_replied: int
+    clients_failed: int
+    federated_eval_loss: float | None = None
+    federated_eval_accuracy: float | None = None
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity are not JSON; write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(_json_safe(record), sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(payload), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Writes the run directory and drives the console; one instance per run."""
+
+    def __init__(self, run_dir: Path, config_yaml: str, total_rounds: int, show_progress: bool) -> None:
+        self.run_dir = run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self.rounds: list[RoundRecord] = []
+        self.started = time.perf_counter()
+        self.console = Console(stderr=True)
+        self._progress: Progress | None = None
+        self._task = None
+        if show_progress:
+            self._progress = Progress(
+                TextColumn("[bold]rounds"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("accuracy -", total=total_rounds)
+
+    def record_round(self, record: RoundRecord) -> None:
+        self.rounds.append(record)
+        append_jsonl(self.metrics_path, asdict(record))
+        if self._progress is not None:
+            self._progress.update(
+                self._task, advance=1, description=f"accuracy {record.test_accuracy:.4f}  loss {record.test_loss:.4f}"
+            )
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write summary.json and print the summary table; returns what was written."""
+        self.close()
+        summary = {"wall_seconds": time.perf_counter() - self.started, "rounds": len(self.rounds), **summary}
+        if self.rounds:
+            last = self.rounds[-1]
+            summary["final"] = {
+                "accuracy": last.test_accuracy,
+                "loss": last.test_loss,
+                "train_loss": last.train_loss,
+            }
+            summary["mean_round_seconds"] = sum(r.round_seconds for r in self.rounds) / len(self.rounds)
+        write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+        self._print_table(summary)
+        return summary
+
+    def _print_table(self, summary: dict[str, Any]) -> None:
+        table = Table(title="fedguard run summary", show_header=False)
+        final = summary.get("final", {})
+        rows = [
+            ("run directory", str(self.run_dir)),
+            ("stopped because", str(summary.get("stop_reason", "-"))),
+            ("rounds", str(summary["rounds"])),
+            ("clients (total / per round)", f"{summary['clients']['total']} / {summary['clients']['per_round']}"),
+            ("final test accuracy", f"{final.get('accuracy', float('nan')):.4f}"),
+            ("final test loss", f"{final.get('loss', float('nan')):.4f}"),
+            ("wall time", f"{summary['wall_seconds']:.1f} s"),
+        ]
+        for key, value in rows:
+            table.add_row(key, value)
+        self.console.print(table)

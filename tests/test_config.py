@@ -1,0 +1,91 @@
+"""Config validation: bad input fails on load, naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conf import ConfigError, compose_config
+from conf.schema import clients_per_round, config_from_yaml, config_to_yaml
+
+
+def test_default_config_composes_and_validates():
+    cfg = compose_config()
+    assert cfg.dataset.name == "digits"
+    assert cfg.simulation.num_clients == 5
+    assert clients_per_round(cfg) == 5
+
+
+def test_every_group_choice_composes():
+    for overrides in (
+        ["dataset=fashion_mnist", "model=cnn", "strategy=fedadam", "partition=dirichlet", "simulation=small"],
+        ["dataset=breast_cancer", "model=logreg", "strategy=krum", "partition=shards"],
+        ["dataset=synthetic", "model=mlp", "strategy=fedtrimmedavg", "simulation=large"],
+        ["strategy=fedprox"], ["strategy=fedyogi"], ["strategy=fedadagrad"], ["strategy=fedmedian"],
+        ["simulation=medium"],
+    ):
+        cfg = compose_config(overrides)
+        assert cfg.strategy.name and cfg.dataset.name
+
+
+def test_config_round_trips_through_yaml():
+    cfg = compose_config(["partition=dirichlet", "partition.alpha=0.3"])
+    again = config_from_yaml(config_to_yaml(cfg))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        (["partition=dirichlet", "partition.alpha=0"], ["partition.alpha", "> 0"]),
+        (["partition=dirichlet", "partition.alpha=-1.5"], ["partition.alpha"]),
+        (["simulation.fraction_train=1.5"], ["simulation.fraction_train", "<= 1.0"]),
+        (["simulation.num_clients=0"], ["simulation.num_clients", ">= 1"]),
+        (["dataset=breast_cancer", "model=cnn"], ["model=cnn", "image dataset"]),
+        (["device=gpu"], ["device", "auto, cpu, cuda"]),
+        (["+strategy.params.learning_rate=0.1"], ["strategy.params.learning_rate", "allowed"]),
+        (["+strategy.params.fraction_train=0.5"], ["strategy.params.fraction_train"]),
+        (["train.learning_rate=0"], ["train.learning_rate"]),
+        (["device=cpu", "simulation.client_resources.num_gpus=0.5"], ["num_gpus", "device=cpu"]),
+        (["model.channels=[30,64]", "model=cnn"], ["model.channels", "group_norm_groups"]),
+    ],
+)
+def test_impossible_values_are_rejected_with_the_key(overrides, names):
+    with pytest.raises(ConfigError) as err:
+        compose_config(overrides)
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["dataset.colour=blue"])
+    assert "colour" in str(err.value.__cause__ or err.value)
+    # Hydra's `+` forces a new key in; the schema check still refuses it.
+    with pytest.raises(ConfigError, match="dataset.colour"):
+        compose_config(["+dataset.colour=blue"])
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["train.batch_size=lots"])
+    cause = err.value.__cause__
+    assert isinstance(cause, ValidationError | ConfigKeyError)
+    assert "batch_size" in str(cause)
+
+
+def test_unknown_group_choice_lists_the_options():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["dataset=imagenet"])
+    message = str(err.value)
+    assert "imagenet" in message and "fashion_mnist" in message
+
+
+def test_carried_config_is_validated_again():
+    cfg = compose_config()
+    text = config_to_yaml(cfg).replace("alpha: 0.5", "alpha: 0.5\n  bogus: 1")
+    with pytest.raises(Exception, match="bogus"):
+        config_from_yaml(text)
+    with pytest.raises(ConfigError, match="fedguard-config"):
+        config_from_yaml("")

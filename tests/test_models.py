@@ -1,0 +1,47 @@
+"""Every model builds for every dataset it supports, with the right output shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+
+from clients.datasets import load_dataset
+from clients.models import build_model, resolve_device
+from conf import compose_config
+from conf.schema import IMAGE_DATASETS
+
+FAKE_SHAPES = {"fashion_mnist": (1, 28, 28)}
+
+
+@pytest.mark.parametrize("model_name", ["logreg", "mlp", "cnn"])
+@pytest.mark.parametrize("dataset_name", ["digits", "breast_cancer", "synthetic", "fashion_mnist"])
+def test_forward_shape(model_name, dataset_name):
+    if model_name == "cnn" and dataset_name not in IMAGE_DATASETS:
+        pytest.skip("cnn needs images; the config refuses this pair (tested in test_config)")
+    cfg = compose_config([f"dataset={dataset_name}", f"model={model_name}"])
+    if dataset_name in FAKE_SHAPES:  # shape only: no need to read 70,000 images here
+        input_shape, num_classes = FAKE_SHAPES[dataset_name], 10
+    else:
+        bundle = load_dataset(cfg.dataset, cfg.seed)
+        input_shape, num_classes = bundle.input_shape, bundle.num_classes
+    model = build_model(cfg.model, input_shape, num_classes)
+    out = model(torch.randn(7, *input_shape))
+    assert out.shape == (7, num_classes)
+
+
+@pytest.mark.parametrize("model_name", ["logreg", "mlp", "cnn"])
+def test_models_are_opacus_compatible(model_name):
+    cfg = compose_config(["dataset=digits", f"model={model_name}"])
+    model = build_model(cfg.model, (1, 8, 8), 10)
+    assert ModuleValidator.validate(model, strict=False) == []
+
+
+def test_device_choice_without_gpu():
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(RuntimeError, match="device=cuda"):
+            resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"
