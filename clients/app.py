@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
@@ -20,13 +20,9 @@ from clients import protocol
 from clients.datasets import DatasetBundle, load_dataset
 from clients.models import build_model, resolve_device
 from clients.partition import partition_indices, split_train_validation
+from clients.private_training import BudgetExhausted, build_trainer
 from clients.site import SiteSettings, read_site_settings
-from clients.training import (
-    evaluate_model,
-    make_training_setup,
-    proximal_regularizer,
-    run_epochs,
-)
+from clients.training import evaluate_model, make_training_setup, proximal_regularizer
 from conf.schema import config_from_yaml
 
 logger = logging.getLogger(__name__)
@@ -72,10 +68,16 @@ def _unpack(msg: Message, context: Context):
     cfg = _parse_config(str(config_record[protocol.FEDGUARD_CONFIG_KEY]))
     site = read_site_settings(dict(context.node_config))
     data = load_local_data(cfg, site)
-    model = build_model(cfg.model, data.bundle.input_shape, data.bundle.num_classes)
+    model = build_model(
+        cfg.model, data.bundle.input_shape, data.bundle.num_classes, private=cfg.privacy.mode != "none"
+    )
     model.load_state_dict(msg.content[protocol.ARRAYS_KEY].to_torch_state_dict())
     device = resolve_device(site.device or cfg.device)
     return cfg, site, data, model, device, config_record
+
+
+def _privacy_record(report: dict, site: SiteSettings) -> ConfigRecord:
+    return ConfigRecord({**report, protocol.PARTITION_ID_KEY: site.partition_id})
 
 
 @app.train()
@@ -85,16 +87,25 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(config_record.get(protocol.PROXIMAL_MU_KEY, 0.0))
     regularizer = proximal_regularizer(model, mu) if mu > 0 else None
     setup = make_training_setup(model, data.train_x, data.train_y, cfg.train, _round_seed(cfg, site, server_round))
-    outcome = run_epochs(setup, cfg.train.local_epochs, device, regularizer)
+    trainer = build_trainer(cfg, site.epsilon_budget)
+    try:
+        result = trainer.train(setup, state=context.state, device=device, regularizer=regularizer)
+    except BudgetExhausted as exhausted:
+        refusal = RecordDict({protocol.PRIVACY_KEY: _privacy_record(exhausted.report, site)})
+        return Message(refusal, reply_to=msg)
     metrics = MetricRecord(
         {
             protocol.NUM_EXAMPLES_KEY: len(data.train_y),
-            protocol.TRAIN_LOSS_KEY: outcome.mean_loss,
-            protocol.TRAIN_STEPS_KEY: outcome.steps,
+            protocol.TRAIN_LOSS_KEY: result.outcome.mean_loss,
+            protocol.TRAIN_STEPS_KEY: result.outcome.steps,
         }
     )
-    arrays = ArrayRecord(setup.model.to("cpu").state_dict())
-    return Message(RecordDict({protocol.ARRAYS_KEY: arrays, protocol.METRICS_KEY: metrics}), reply_to=msg)
+    reply = RecordDict(
+        {protocol.ARRAYS_KEY: ArrayRecord(model.to("cpu").state_dict()), protocol.METRICS_KEY: metrics}
+    )
+    if result.privacy is not None:
+        reply[protocol.PRIVACY_KEY] = _privacy_record(result.privacy, site)
+    return Message(reply, reply_to=msg)
 
 
 @app.evaluate()

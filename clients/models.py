@@ -5,12 +5,16 @@ Every layer is one Opacus supports for per-sample gradients (GroupNorm, never Ba
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from opacus.validators import ModuleValidator
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 CONV_KERNEL_SIZE = 3
 POOL_SIZE = 2
@@ -40,8 +44,32 @@ def _conv_blocks(in_channels: int, channels: Sequence[int], groups: int) -> list
     return layers
 
 
-def build_model(model_cfg: DictConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Build the configured model for inputs of ``input_shape`` (without the batch axis)."""
+class IncompatibleModelError(ValueError):
+    """The model has layers Opacus cannot compute per-sample gradients for, and cannot fix."""
+
+
+def make_dp_compatible(model: nn.Module) -> nn.Module:
+    """Check a model with Opacus's validator; fix what it can fix (saying so), refuse the rest."""
+    problems = ModuleValidator.validate(model, strict=False)
+    if not problems:
+        return model
+    logger.warning("Opacus cannot train these layers privately as they are; replacing them: %s", problems)
+    fixed = ModuleValidator.fix(model)
+    remaining = ModuleValidator.validate(fixed, strict=False)
+    if remaining:
+        raise IncompatibleModelError(f"the model has layers Opacus cannot train privately: {remaining}")
+    return fixed
+
+
+def build_model(
+    model_cfg: DictConfig, input_shape: Sequence[int], num_classes: int, *, private: bool = False
+) -> nn.Module:
+    """Build the configured model; ``private`` makes it Opacus-compatible (same on server and clients)."""
+    model = _build_model(model_cfg, input_shape, num_classes)
+    return make_dp_compatible(model) if private else model
+
+
+def _build_model(model_cfg: DictConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     in_features = int(np.prod(input_shape))
     if model_cfg.name == "logreg":
         return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))

@@ -13,6 +13,11 @@ FEDGUARD_CONFIG_KEY = "fedguard-config"
 SERVER_ROUND_KEY = "server-round"
 PROXIMAL_MU_KEY = "proximal-mu"
 
+# ConfigRecord in train replies with the client's privacy report (sample-level DP);
+# a reply holding only this record, with refused=True, is a budget refusal.
+PRIVACY_KEY = "privacy"
+PARTITION_ID_KEY = "partition-id"
+
 # Inside the MetricRecord clients reply with.
 NUM_EXAMPLES_KEY = "num-examples"
 TRAIN_LOSS_KEY = "train_loss"

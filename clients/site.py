@@ -15,7 +15,8 @@ PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
 DATA_ROOT_KEY = "data-root"
 DEVICE_KEY = "device"
-KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_ROOT_KEY, DEVICE_KEY)
+EPSILON_BUDGET_KEY = "epsilon-budget"
+KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_ROOT_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY)
 
 
 class SiteConfigError(ValueError):
@@ -28,6 +29,8 @@ class SiteSettings:
     num_partitions: int
     data_root: str | None
     device: str | None
+    # The site's own sample-level epsilon budget; the stricter of it and the run's applies.
+    epsilon_budget: float | None = None
 
 
 def _as_int(node_config: dict[str, Any], key: str) -> int:
@@ -54,4 +57,10 @@ def read_site_settings(node_config: dict[str, Any]) -> SiteSettings:
     device = node_config.get(DEVICE_KEY) or None
     if device is not None and device not in ("auto", "cpu", "cuda"):
         raise SiteConfigError(f"node config '{DEVICE_KEY}'={device!r}; allowed: auto, cpu, cuda")
-    return SiteSettings(partition_id, num_partitions, str(data_root) if data_root else None, device)
+    budget = node_config.get(EPSILON_BUDGET_KEY)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0):
+        raise SiteConfigError(f"node config '{EPSILON_BUDGET_KEY}'={budget!r} must be a number > 0")
+    return SiteSettings(
+        partition_id, num_partitions, str(data_root) if data_root else None, device,
+        None if budget is None else float(budget),
+    )

@@ -8,7 +8,7 @@ all three) without touching the loop.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +27,10 @@ LossRegularizer = Callable[[nn.Module], torch.Tensor]
 class TrainingSetup:
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    loader: DataLoader
+    loader: Iterable
+    criterion: nn.Module
+    # Called for each empty batch (Poisson sampling can draw one); DP layers account it.
+    on_empty_batch: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ def make_training_setup(
         momentum=train_cfg.momentum,
         weight_decay=train_cfg.weight_decay,
     )
-    return TrainingSetup(model=model, optimizer=optimizer, loader=loader)
+    return TrainingSetup(model=model, optimizer=optimizer, loader=loader, criterion=nn.CrossEntropyLoss())
 
 
 def proximal_regularizer(global_model: nn.Module, mu: float) -> LossRegularizer:
@@ -71,21 +74,31 @@ def proximal_regularizer(global_model: nn.Module, mu: float) -> LossRegularizer:
 
 
 def run_epochs(
-    setup: TrainingSetup, epochs: int, device: torch.device, regularizer: LossRegularizer | None = None
+    setup: TrainingSetup,
+    epochs: int,
+    device: torch.device,
+    regularizer: LossRegularizer | None = None,
+    max_steps: int | None = None,
 ) -> TrainOutcome:
-    """Train for ``epochs`` passes; empty batches (possible under Poisson sampling) are skipped."""
+    """Train for ``epochs`` passes (or ``max_steps`` steps, whichever ends first).
+
+    Empty batches, which Poisson sampling can produce, are skipped.
+    """
     model, optimizer = setup.model, setup.optimizer
     model.to(device)
     model.train()
-    criterion = nn.CrossEntropyLoss()
     total_loss, total_examples, steps = 0.0, 0, 0
     for epoch in range(epochs):
         for features, labels in setup.loader:
+            if max_steps is not None and steps >= max_steps:
+                break
             if len(labels) == 0:
+                if setup.on_empty_batch is not None:
+                    setup.on_empty_batch()
                 continue
             features, labels = features.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(features), labels)
+            loss = setup.criterion(model(features), labels)
             if regularizer is not None:
                 loss = loss + regularizer(model)
             loss.backward()

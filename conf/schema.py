@@ -22,6 +22,9 @@ MODELS = ("logreg", "mlp", "cnn")
 PARTITIONS = ("iid", "dirichlet", "shards")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+PRIVACY_MODES = ("none", "sample_dp")
+ACCOUNTANT_NAMES = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
 
 
 class ConfigError(ValueError):
@@ -55,6 +58,21 @@ class StrategyConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    mode: str = "none"
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    max_epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    grad_sample_mode: str = "auto"
+    max_physical_batch_size: int | None = None
+    poisson_sampling: bool = True
+    allow_zero_noise: bool = False
+
+
+@dataclass
 class PartitionConfig:
     name: str = MISSING
     alpha: float = 0.5
@@ -73,6 +91,7 @@ class SimulationConfig:
     num_clients: int = MISSING
     rounds: int = MISSING
     fraction_train: float = 1.0
+    min_clients_per_round: int = 2
     client_resources: ClientResources = field(default_factory=ClientResources)
     round_timeout: float = 600.0
     ray_address: str | None = None
@@ -81,6 +100,7 @@ class SimulationConfig:
 @dataclass
 class TrainConfig:
     local_epochs: int = 1
+    max_steps: int | None = None
     batch_size: int = 32
     learning_rate: float = 0.05
     momentum: float = 0.9
@@ -100,6 +120,7 @@ class FedguardConfig:
     strategy: StrategyConfig = MISSING
     partition: PartitionConfig = MISSING
     simulation: SimulationConfig = MISSING
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     seed: int = 42
@@ -152,6 +173,42 @@ def _check_against_schema(cfg: DictConfig) -> None:
         raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
 
 
+def _validate_privacy(cfg: DictConfig) -> None:
+    dp = cfg.privacy
+    _choice("privacy.mode", dp.mode, PRIVACY_MODES)
+    if dp.mode == "none":
+        return
+    _choice("privacy.accountant", dp.accountant, ACCOUNTANT_NAMES)
+    _choice("privacy.grad_sample_mode", dp.grad_sample_mode, GRAD_SAMPLE_MODES)
+    if (dp.target_epsilon is None) == (dp.noise_multiplier is None):
+        raise ConfigError(
+            "set exactly one of privacy.target_epsilon (calibrate the noise) and "
+            "privacy.noise_multiplier (fix the noise)"
+        )
+    if dp.target_epsilon is not None:
+        _range("privacy.target_epsilon", dp.target_epsilon, 0.0, None, low_open=True)
+    if dp.noise_multiplier is not None:
+        _range("privacy.noise_multiplier", dp.noise_multiplier, 0.0, None)
+        if dp.noise_multiplier == 0 and not dp.allow_zero_noise:
+            raise ConfigError(
+                "privacy.noise_multiplier=0 gives no privacy at all; set privacy.allow_zero_noise=true "
+                "if that is really what you want (e.g. to measure clipping alone)"
+            )
+    if dp.max_epsilon is not None:
+        _range("privacy.max_epsilon", dp.max_epsilon, 0.0, None, low_open=True)
+    _range("privacy.delta", dp.delta, 0.0, 1.0, low_open=True)
+    if dp.delta >= 1.0:
+        raise ConfigError(f"privacy.delta={dp.delta} must be < 1")
+    _range("privacy.max_grad_norm", dp.max_grad_norm, 0.0, None, low_open=True)
+    if dp.max_physical_batch_size is not None:
+        _range("privacy.max_physical_batch_size", dp.max_physical_batch_size, 1, None)
+    if dp.grad_sample_mode == "ghost" and cfg.strategy.name == "fedprox":
+        raise ConfigError(
+            "privacy.grad_sample_mode=ghost cannot add FedProx's proximal term to its loss; "
+            "use grad_sample_mode=hooks or functorch with strategy=fedprox"
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Reject unknown keys and impossible combinations before anything trains. Raises ConfigError."""
     _check_against_schema(cfg)
@@ -161,6 +218,7 @@ def validate_config(cfg: DictConfig) -> None:
     _choice("device", cfg.device, DEVICES)
     _choice("log_level", cfg.log_level, LOG_LEVELS)
     _validate_strategy(cfg)
+    _validate_privacy(cfg)
 
     _range("dataset.test_fraction", cfg.dataset.test_fraction, 0.0, 0.9, low_open=True)
     _range("dataset.validation_fraction", cfg.dataset.validation_fraction, 0.0, 0.5)
@@ -192,6 +250,12 @@ def validate_config(cfg: DictConfig) -> None:
     _range("simulation.num_clients", sim.num_clients, 1, None)
     _range("simulation.rounds", sim.rounds, 1, None)
     _range("simulation.fraction_train", sim.fraction_train, 0.0, 1.0, low_open=True)
+    _range("simulation.min_clients_per_round", sim.min_clients_per_round, 1, None)
+    if sim.min_clients_per_round > sim.num_clients:
+        raise ConfigError(
+            f"simulation.min_clients_per_round={sim.min_clients_per_round} is more clients per round "
+            f"than simulation.num_clients={sim.num_clients}"
+        )
     _range("simulation.client_resources.num_cpus", sim.client_resources.num_cpus, 0.0, None, low_open=True)
     _range("simulation.client_resources.num_gpus", sim.client_resources.num_gpus, 0.0, None)
     _range("simulation.round_timeout", sim.round_timeout, 0.0, None, low_open=True)
@@ -199,6 +263,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("simulation.client_resources.num_gpus > 0 contradicts device=cpu")
 
     _range("train.local_epochs", cfg.train.local_epochs, 1, None)
+    if cfg.train.max_steps is not None:
+        _range("train.max_steps", cfg.train.max_steps, 1, None)
     _range("train.batch_size", cfg.train.batch_size, 1, None)
     _range("train.learning_rate", cfg.train.learning_rate, 0.0, None, low_open=True)
     _range("train.momentum", cfg.train.momentum, 0.0, 1.0)
@@ -208,8 +274,8 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def clients_per_round(cfg: DictConfig) -> int:
-    """How many clients the server samples each round (never fewer than one)."""
-    return max(1, int(cfg.simulation.num_clients * cfg.simulation.fraction_train))
+    """How many clients the server samples each round while all are available."""
+    return max(cfg.simulation.min_clients_per_round, int(cfg.simulation.num_clients * cfg.simulation.fraction_train))
 
 
 def config_to_yaml(cfg: DictConfig) -> str:

@@ -43,7 +43,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     config_yaml = config_to_yaml(cfg)
     bundle = load_dataset(cfg.dataset, cfg.seed)
-    model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
+    model = build_model(cfg.model, bundle.input_shape, bundle.num_classes, private=cfg.privacy.mode != "none")
     device = resolve_device(cfg.device)
     checkpoint_dir = run_dir / CHECKPOINT_DIR
 

@@ -72,6 +72,8 @@ def load_global_model(path: str | Path) -> nn.Module:
     """Rebuild the model a run trained, with its final (or latest) global weights, in eval mode."""
     payload = read_checkpoint(path)
     cfg = config_from_yaml(payload["config_yaml"])
-    model = build_model(cfg.model, tuple(payload["input_shape"]), int(payload["num_classes"]))
+    model = build_model(
+        cfg.model, tuple(payload["input_shape"]), int(payload["num_classes"]), private=cfg.privacy.mode != "none"
+    )
     model.load_state_dict(payload["model_state"])
     return model.eval()

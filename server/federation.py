@@ -2,8 +2,9 @@
 
 Flower's ``Strategy.start`` runs all rounds in one call; fedguard drives the same
 public strategy methods (configure/aggregate train and evaluate) itself so that each
-round can be recorded, checkpointed and (in later layers) accounted before the
-next one starts.
+round can be recorded, checkpointed and accounted before the next one starts, and
+so that clients refusing for budget leave the sampling pool instead of breaking
+aggregation.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from clients import protocol
+from server.client_pool import ExcludingGrid
 from server.run_record import RoundRecord
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,15 @@ class FederationResult:
     arrays: ArrayRecord
     rounds_completed: int
     stop_reason: str
+    excluded_clients: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrainReplies:
+    usable: list[Message] = field(default_factory=list)
+    refused: list[Message] = field(default_factory=list)
+    failed: list[Message] = field(default_factory=list)
+    privacy: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _metric(metrics: MetricRecord | None, key: str) -> float | None:
@@ -46,6 +58,25 @@ def _exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[
     return len(outgoing), list(grid.send_and_receive(outgoing, timeout=timeout))
 
 
+def sort_train_replies(server_round: int, replies: list[Message]) -> TrainReplies:
+    """Split replies into usable updates, budget refusals and errors; collect privacy reports."""
+    sorted_replies = TrainReplies()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            logger.warning("round %d: client node %d failed: %s", server_round, node, reply.error.reason)
+            sorted_replies.failed.append(reply)
+            continue
+        report = reply.content.config_records.get(protocol.PRIVACY_KEY)
+        if report is not None:
+            sorted_replies.privacy.append({"node_id": node, **dict(report)})
+        if report is not None and bool(report.get("refused", False)):
+            sorted_replies.refused.append(reply)
+        else:
+            sorted_replies.usable.append(reply)
+    return sorted_replies
+
+
 def run_federation(
     grid: Grid,
     strategy: Strategy,
@@ -58,27 +89,43 @@ def run_federation(
     on_round_end: RoundCallback,
     round_timeout: float,
 ) -> FederationResult:
+    pool = ExcludingGrid(grid)
+    min_clients = int(getattr(strategy, "min_available_nodes", 1))
     arrays = initial_arrays
     for server_round in range(1, num_rounds + 1):
+        available = len(list(pool.get_node_ids()))
+        if pool.excluded and available < min_clients:
+            reason = (
+                f"too few clients left to sample: {available} < {min_clients} "
+                f"({len(pool.excluded)} stopped: {sorted(set(pool.excluded.values()))[0]})"
+            )
+            logger.warning("stopping before round %d: %s", server_round, reason)
+            return FederationResult(arrays, server_round - 1, reason, dict(pool.excluded))
         started = time.perf_counter()
-        sampled, replies = _exchange(
-            grid, strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid), round_timeout
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), pool)
+        sampled, replies = _exchange(pool, messages, round_timeout)
+        sorted_replies = sort_train_replies(server_round, replies)
+        for refusal in sorted_replies.refused:
+            node = refusal.metadata.src_node_id
+            reason = str(refusal.content.config_records[protocol.PRIVACY_KEY].get("reason", "refused"))
+            pool.exclude(node, reason)
+            logger.warning("round %d: client node %d no longer sampled: %s", server_round, node, reason)
+
+        new_arrays, train_metrics = (
+            strategy.aggregate_train(server_round, sorted_replies.usable) if sorted_replies.usable else (None, None)
         )
-        failed = sum(1 for reply in replies if reply.has_error())
-        for reply in replies:
-            if reply.has_error():
-                logger.warning(
-                    "round %d: client node %d failed: %s", server_round, reply.metadata.src_node_id, reply.error.reason
-                )
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is None:
-            logger.error("round %d: no usable training replies (%d sampled); stopping", server_round, sampled)
-            return FederationResult(arrays, server_round - 1, "no usable training replies")
-        arrays = new_arrays
+        if new_arrays is not None:
+            arrays = new_arrays
+        elif sorted_replies.refused:
+            logger.warning("round %d: no update; every replying client refused for budget", server_round)
+        else:
+            reason = "no usable training replies"
+            logger.warning("round %d: %s (%d sampled); stopping", server_round, reason, sampled)
+            return FederationResult(arrays, server_round - 1, reason, dict(pool.excluded))
 
         _, eval_replies = _exchange(
-            grid,
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(evaluate_config)), grid),
+            pool,
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(evaluate_config)), pool),
             round_timeout,
         )
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies) if eval_replies else None
@@ -91,10 +138,12 @@ def run_federation(
             train_loss=_metric(train_metrics, protocol.TRAIN_LOSS_KEY),
             round_seconds=time.perf_counter() - started,
             clients_sampled=sampled,
-            clients_replied=len(replies) - failed,
-            clients_failed=failed + (sampled - len(replies)),
+            clients_replied=len(sorted_replies.usable),
+            clients_failed=len(sorted_replies.failed) + (sampled - len(replies)),
+            clients_refused=len(sorted_replies.refused),
             federated_eval_loss=_metric(eval_metrics, protocol.EVAL_LOSS_KEY),
             federated_eval_accuracy=_metric(eval_metrics, protocol.EVAL_ACCURACY_KEY),
+            privacy=sorted_replies.privacy,
         )
         on_round_end(record, arrays)
-    return FederationResult(arrays, num_rounds, "completed all rounds")
+    return FederationResult(arrays, num_rounds, "completed all rounds", dict(pool.excluded))

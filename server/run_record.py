@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,12 @@ class RoundRecord:
     clients_sampled: int
     clients_replied: int
     clients_failed: int
+    clients_refused: int = 0
     federated_eval_loss: float | None = None
     federated_eval_accuracy: float | None = None
+    # One privacy report per replying client (sample-level DP): epsilon so far, delta,
+    # noise multiplier, sample rate, steps this round and in total, accountant, refused.
+    privacy: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _json_safe(value: Any) -> Any:
@@ -70,6 +74,7 @@ class RunRecorder:
         (self.run_dir / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
         self.metrics_path = self.run_dir / METRICS_FILE
         self.rounds: list[RoundRecord] = []
+        self.client_privacy: dict[int, dict[str, Any]] = {}  # partition id -> latest report
         self.started = time.perf_counter()
         self.console = Console(stderr=True)
         self._progress: Progress | None = None
@@ -90,6 +95,8 @@ class RunRecorder:
 
     def record_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)
+        for report in record.privacy:
+            self.client_privacy[int(report["partition-id"])] = report
         append_jsonl(self.metrics_path, asdict(record))
         if self._progress is not None:
             self._progress.update(
@@ -113,9 +120,20 @@ class RunRecorder:
                 "train_loss": last.train_loss,
             }
             summary["mean_round_seconds"] = sum(r.round_seconds for r in self.rounds) / len(self.rounds)
+        if self.client_privacy:
+            summary["privacy"] = {**summary.get("privacy", {}), **self._privacy_summary()}
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
         self._print_table(summary)
         return summary
+
+    def _privacy_summary(self) -> dict[str, Any]:
+        keys = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps_total", "rounds_participated", "accountant")
+        table = {
+            str(pid): {key: report[key] for key in keys} | {"refused": bool(report["refused"])}
+            for pid, report in sorted(self.client_privacy.items())
+        }
+        epsilons = [report["epsilon"] for report in self.client_privacy.values()]
+        return {"clients": table, "max_epsilon": max(epsilons), "mean_epsilon": sum(epsilons) / len(epsilons)}
 
     def _print_table(self, summary: dict[str, Any]) -> None:
         table = Table(title="fedguard run summary", show_header=False)
@@ -129,6 +147,13 @@ class RunRecorder:
             ("final test loss", f"{final.get('loss', float('nan')):.4f}"),
             ("wall time", f"{summary['wall_seconds']:.1f} s"),
         ]
+        privacy = summary.get("privacy", {})
+        if "max_epsilon" in privacy:
+            delta = next(iter(privacy["clients"].values()))["delta"]
+            rows.append(
+                ("sample-level epsilon (max / mean)", f"{privacy['max_epsilon']:.3f} / {privacy['mean_epsilon']:.3f}"
+                 f"  at delta {delta:g}")
+            )
         for key, value in rows:
             table.add_row(key, value)
         self.console.print(table)

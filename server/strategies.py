@@ -25,7 +25,6 @@ from flwr.serverapp.strategy import (
 from omegaconf import DictConfig, OmegaConf
 
 from clients import protocol
-from conf.schema import clients_per_round
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -67,16 +66,15 @@ def _quiet_flower_warnings() -> Iterator[None]:
 
 
 def build_strategy(cfg: DictConfig) -> Strategy:
-    per_round = clients_per_round(cfg)
     evaluate_fraction = float(cfg.evaluate.fraction_clients)
     params = OmegaConf.to_container(cfg.strategy.params, resolve=True)
     with _quiet_flower_warnings():
         return STRATEGY_CLASSES[cfg.strategy.name](
             fraction_train=float(cfg.simulation.fraction_train),
             fraction_evaluate=evaluate_fraction,
-            min_train_nodes=per_round,
-            min_evaluate_nodes=max(1, int(cfg.simulation.num_clients * evaluate_fraction)) if evaluate_fraction else 0,
-            min_available_nodes=per_round,
+            min_train_nodes=int(cfg.simulation.min_clients_per_round),
+            min_evaluate_nodes=1 if evaluate_fraction else 0,
+            min_available_nodes=int(cfg.simulation.min_clients_per_round),
             weighted_by_key=protocol.NUM_EXAMPLES_KEY,
             arrayrecord_key=protocol.ARRAYS_KEY,
             configrecord_key=protocol.CONFIG_KEY,

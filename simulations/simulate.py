@@ -9,6 +9,8 @@ from typing import Any
 
 import hydra
 from flwr.app import Context, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -45,17 +47,35 @@ def backend_config(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def launch(
+    server_app: ServerApp, client_app: ClientApp, num_clients: int, backend: dict[str, Any], context: Context
+) -> None:
+    """Start Flower's simulation engine with a ServerApp Context that carries the run config.
+
+    Flower 1.41's public `run_simulation` takes no run config; `_run_simulation` is the
+    same engine with a Context argument. Pinned Flower version, covered by the tests.
+    """
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    _run_simulation(
+        num_supernodes=num_clients,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_name="ray",
+        backend_config=backend,
+        server_app_context=context,
+        verbose_logging=logging.getLogger().level <= logging.DEBUG,
+    )
+
+
 def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run the ServerApp and ClientApp in Flower's simulation engine; returns summary.json.
+    """Run fedguard's ServerApp and ClientApp in Flower's simulation engine; returns summary.json.
 
     The resolved config travels in the run config exactly as `flwr run` carries it on
     real sites, so simulation exercises the deployment code path.
     """
-    # Flower 1.41's public `run_simulation` takes no run config; `_run_simulation` is the
-    # same engine with a Context argument. Pinned Flower version, covered by the tests.
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.telemetry import EventType
-
     from clients.app import app as client_app
     from server.app import app as server_app
 
@@ -64,16 +84,7 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         protocol.RUN_CONFIG_RUN_DIR: str(run_dir),
     }
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    _run_simulation(
-        num_supernodes=int(cfg.simulation.num_clients),
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
-        backend_name="ray",
-        backend_config=backend_config(cfg),
-        server_app_context=context,
-        verbose_logging=cfg.log_level == "DEBUG",
-    )
+    launch(server_app, client_app, int(cfg.simulation.num_clients), backend_config(cfg), context)
     summary_path = run_dir / SUMMARY_FILE
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")

@@ -1,0 +1,207 @@
+"""Local trainers: the plain one, and the sample-level DP layer (Opacus DP-SGD) that wraps it.
+
+The DP layer is a wrapper, not a branch in the loop: it turns the plain trainer's
+(model, optimizer, loader) into Opacus's private versions, checks the client's
+budget before training, and records the spend in the client's persistent state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from flwr.app import RecordDict
+from omegaconf import DictConfig
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+from clients.training import LossRegularizer, TrainingSetup, TrainOutcome, run_epochs
+from privacy.accounting import calibrate_noise_multiplier, merge_history
+from privacy.client_budget import STATE_KEY, ClientPrivacyState
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+
+# Opacus warns on every PrivacyEngine that its noise comes from torch's PRNG rather than a
+# CSPRNG (secure_mode needs torchcsprng, unavailable for this torch); the README's privacy
+# model states it once instead. Torch's warning about backward hooks on inputs without
+# gradients is expected for the first layer under per-sample gradient hooks.
+warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    outcome: TrainOutcome
+    privacy: dict[str, Any] | None
+
+
+class BudgetExhausted(Exception):
+    """The planned round would exceed this client's budget; carries the report for the server."""
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        super().__init__(report["reason"])
+        self.report = report
+
+
+class LocalTrainer(Protocol):
+    def planned_steps(self, batches_per_epoch: int) -> int: ...
+
+    def train(
+        self, setup: TrainingSetup, *, state: RecordDict, device: torch.device, regularizer: LossRegularizer | None
+    ) -> TrainResult: ...
+
+
+class PlainTrainer:
+    """Non-private local training: ``local_epochs`` passes, optionally capped at ``max_steps``."""
+
+    def __init__(self, train_cfg: DictConfig) -> None:
+        self.epochs = int(train_cfg.local_epochs)
+        self.max_steps = None if train_cfg.max_steps is None else int(train_cfg.max_steps)
+
+    def planned_steps(self, batches_per_epoch: int) -> int:
+        steps = self.epochs * batches_per_epoch
+        return steps if self.max_steps is None else min(steps, self.max_steps)
+
+    def train(
+        self, setup: TrainingSetup, *, state: RecordDict, device: torch.device, regularizer: LossRegularizer | None
+    ) -> TrainResult:
+        return TrainResult(run_epochs(setup, self.epochs, device, regularizer, self.max_steps), None)
+
+
+class _MemoryManagedLoader:
+    """Re-enters Opacus's BatchMemoryManager each epoch so the training loop stays unchanged."""
+
+    def __init__(self, loader: Any, max_physical_batch_size: int, optimizer: Any) -> None:
+        self.loader, self.max_physical, self.optimizer = loader, max_physical_batch_size, optimizer
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        with BatchMemoryManager(
+            data_loader=self.loader, max_physical_batch_size=self.max_physical, optimizer=self.optimizer
+        ) as physical:
+            yield from physical
+
+
+def expected_participation(cfg: DictConfig) -> int:
+    """Rounds a client is expected to join under uniform sampling (all of them at fraction 1)."""
+    from conf.schema import clients_per_round
+
+    return max(1, math.ceil(cfg.simulation.rounds * clients_per_round(cfg) / cfg.simulation.num_clients))
+
+
+class SampleDPTrainer:
+    """DP-SGD around another trainer, with cumulative accounting and budget enforcement."""
+
+    def __init__(self, inner: PlainTrainer, cfg: DictConfig, site_budget: float | None) -> None:
+        self.inner = inner
+        self.dp = cfg.privacy
+        self.expected_rounds = expected_participation(cfg)
+        budgets = [b for b in (self.dp.max_epsilon or self.dp.target_epsilon, site_budget) if b is not None]
+        self.budget = min(budgets) if budgets else None
+        self.grad_sample_mode = (
+            DEFAULT_GRAD_SAMPLE_MODE if self.dp.grad_sample_mode == "auto" else self.dp.grad_sample_mode
+        )
+        if not self.dp.poisson_sampling:
+            logger.warning(
+                "privacy.poisson_sampling=false: the accountant assumes Poisson sampling, so the reported "
+                "epsilon is not a proven bound for shuffled batches"
+            )
+
+    def planned_steps(self, batches_per_epoch: int) -> int:
+        return self.inner.planned_steps(batches_per_epoch)
+
+    def _state(self, state: RecordDict, batches_per_epoch: int) -> ClientPrivacyState:
+        if STATE_KEY in state:
+            return ClientPrivacyState.from_record(state[STATE_KEY])
+        sample_rate = 1.0 / batches_per_epoch  # Opacus's own definition for its DPDataLoader
+        planned = self.expected_rounds * self.planned_steps(batches_per_epoch)
+        if self.dp.target_epsilon is not None:
+            sigma = calibrate_noise_multiplier(
+                target_epsilon=float(self.dp.target_epsilon),
+                delta=float(self.dp.delta),
+                sample_rate=sample_rate,
+                steps=planned,
+                accountant=self.dp.accountant,
+            )
+        else:
+            sigma = float(self.dp.noise_multiplier)
+        fresh = ClientPrivacyState(
+            noise_multiplier=sigma,
+            sample_rate=sample_rate,
+            delta=float(self.dp.delta),
+            accountant=str(self.dp.accountant),
+            budget_epsilon=self.budget,
+        )
+        planned_epsilon, _ = fresh.epsilon([(sigma, sample_rate, planned)])
+        logger.info(
+            "sample-level DP: sigma=%.4f q=%.4g, planned %d steps over %d rounds -> epsilon %.3f (delta %g), budget %s",
+            sigma, sample_rate, planned, self.expected_rounds, planned_epsilon, fresh.delta, self.budget,
+        )
+        return fresh
+
+    def _privatize(self, setup: TrainingSetup, engine: PrivacyEngine, priv: ClientPrivacyState) -> TrainingSetup:
+        made = engine.make_private(
+            module=setup.model,
+            optimizer=setup.optimizer,
+            criterion=setup.criterion,
+            data_loader=setup.loader,
+            noise_multiplier=priv.noise_multiplier,
+            max_grad_norm=float(self.dp.max_grad_norm),
+            poisson_sampling=bool(self.dp.poisson_sampling),
+            grad_sample_mode=self.grad_sample_mode,
+        )
+        if self.grad_sample_mode == "ghost":
+            module, optimizer, criterion, loader = made
+        else:
+            (module, optimizer, loader), criterion = made, setup.criterion
+        if self.dp.max_physical_batch_size is not None:
+            loader = _MemoryManagedLoader(loader, int(self.dp.max_physical_batch_size), optimizer)
+
+        def account_empty_batch() -> None:
+            # An empty Poisson batch is still a sampling step of the mechanism: count it (conservative).
+            engine.accountant.step(noise_multiplier=priv.noise_multiplier, sample_rate=priv.sample_rate)
+
+        return TrainingSetup(module, optimizer, loader, criterion, on_empty_batch=account_empty_batch)
+
+    def train(
+        self, setup: TrainingSetup, *, state: RecordDict, device: torch.device, regularizer: LossRegularizer | None
+    ) -> TrainResult:
+        batches_per_epoch = len(setup.loader)
+        priv = self._state(state, batches_per_epoch)
+        planned = self.planned_steps(batches_per_epoch)
+        fits, epsilon_after = priv.fits_budget(planned)
+        if not fits:
+            state[STATE_KEY] = priv.to_record()
+            reason = (
+                f"budget exhausted: {planned} more steps would reach epsilon {epsilon_after:.3f} "
+                f"> budget {priv.budget_epsilon:.3f}"
+            )
+            logger.warning("refusing this round: %s", reason)
+            raise BudgetExhausted(priv.report(steps_this_round=0, refused=True, reason=reason))
+
+        engine = PrivacyEngine(accountant=priv.accountant)
+        engine.accountant.history = list(priv.history)
+        steps_before = priv.total_steps
+        private_setup = self._privatize(setup, engine, priv)
+        outcome = self.inner.train(private_setup, state=state, device=device, regularizer=regularizer).outcome
+        priv.history = merge_history(engine.accountant.history)
+        priv.rounds_participated += 1
+        state[STATE_KEY] = priv.to_record()
+        return TrainResult(outcome, priv.report(steps_this_round=priv.total_steps - steps_before, refused=False))
+
+
+def build_trainer(cfg: DictConfig, site_budget: float | None) -> LocalTrainer:
+    """The plain trainer, wrapped in the privacy layer the config asks for."""
+    trainer = PlainTrainer(cfg.train)
+    if cfg.privacy.mode == "sample_dp":
+        return SampleDPTrainer(trainer, cfg, site_budget)
+    return trainer

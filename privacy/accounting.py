@@ -1,0 +1,117 @@
+"""Sample-level privacy accounting on top of Opacus's accountants (RDP and PRV).
+
+A client's spend is its whole history of (noise multiplier, sample rate, steps)
+triples over every round it trained in; epsilon is always recomputed from that
+history, never summed per round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+logger = logging.getLogger(__name__)
+
+# Raised by Opacus's RDP analysis when the best order is the largest one tried: the bound is
+# then looser (larger epsilon) than it could be, never smaller, so the figure stays safe.
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+
+ACCOUNTANTS = ("rdp", "prv")
+# Opacus #604: the PRV accountant breaks down for large epsilon; above this we use RDP and say so.
+PRV_RELIABLE_EPSILON = 10.0
+# After Opacus's sigma search, step sigma up by this factor until the whole plan fits (Opacus #346).
+CALIBRATION_STEP_UP = 1.01
+CALIBRATION_MAX_STEP_UPS = 500
+
+HistoryEntry = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+
+
+class PrivacyConfigError(ValueError):
+    """A privacy setting that cannot be honoured (e.g. a target epsilon no noise level reaches)."""
+
+
+@dataclass(frozen=True)
+class EpsilonReport:
+    epsilon: float
+    accountant: str  # the accountant that produced the figure (may differ from the one asked for)
+
+
+def merge_history(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
+    """Collapse consecutive entries with the same (sigma, q), as Opacus does step by step."""
+    merged: list[HistoryEntry] = []
+    for sigma, rate, steps in history:
+        if steps <= 0:
+            continue
+        if merged and merged[-1][0] == sigma and merged[-1][1] == rate:
+            merged[-1] = (sigma, rate, merged[-1][2] + steps)
+        else:
+            merged.append((float(sigma), float(rate), int(steps)))
+    return merged
+
+
+def _accountant_with(name: str, history: Sequence[HistoryEntry]) -> IAccountant:
+    if name not in ACCOUNTANTS:
+        raise PrivacyConfigError(f"privacy.accountant={name!r}; allowed: {', '.join(ACCOUNTANTS)}")
+    accountant = create_accountant(mechanism=name)
+    accountant.history = merge_history(history)
+    return accountant
+
+
+def compute_epsilon(history: Sequence[HistoryEntry], delta: float, accountant: str) -> EpsilonReport:
+    """Epsilon of the whole history; PRV falls back to RDP where it is unreliable (Opacus #604)."""
+    merged = merge_history(history)
+    if not merged:
+        return EpsilonReport(0.0, accountant)
+    if accountant == "prv":
+        try:
+            epsilon = float(_accountant_with("prv", merged).get_epsilon(delta=delta))
+        except (ValueError, RuntimeError, FloatingPointError, OverflowError) as err:
+            logger.warning("PRV accountant failed (%s); falling back to RDP for this figure", err)
+        else:
+            if math.isfinite(epsilon) and epsilon <= PRV_RELIABLE_EPSILON:
+                return EpsilonReport(epsilon, "prv")
+            logger.warning(
+                "PRV epsilon %.3g is beyond its reliable range (<= %s, Opacus #604); reporting RDP instead",
+                epsilon,
+                PRV_RELIABLE_EPSILON,
+            )
+        return EpsilonReport(float(_accountant_with("rdp", merged).get_epsilon(delta=delta)), "rdp")
+    return EpsilonReport(float(_accountant_with(accountant, merged).get_epsilon(delta=delta)), accountant)
+
+
+def calibrate_noise_multiplier(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """Smallest sigma (to within 1%) whose whole planned run stays within ``target_epsilon``.
+
+    Opacus's binary search can land slightly over the target (Opacus #346); the result
+    is re-checked on the full plan and raised until it fits.
+    """
+    if target_epsilon <= 0:
+        raise PrivacyConfigError(f"privacy.target_epsilon={target_epsilon} must be > 0")
+    try:
+        sigma = float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+            )
+        )
+    except ValueError as err:
+        raise PrivacyConfigError(
+            f"no noise level reaches privacy.target_epsilon={target_epsilon} at delta={delta} "
+            f"for {steps} steps at sample rate {sample_rate:.4g}: {err}"
+        ) from err
+    for _ in range(CALIBRATION_MAX_STEP_UPS):
+        if compute_epsilon([(sigma, sample_rate, steps)], delta, accountant).epsilon <= target_epsilon:
+            return sigma
+        sigma *= CALIBRATION_STEP_UP
+    raise PrivacyConfigError(f"could not calibrate sigma under privacy.target_epsilon={target_epsilon}")

@@ -1,0 +1,59 @@
+"""``fedguard bench <name>``: benchmarks that print figures and write JSON.
+
+Benchmarks measure; tests check correctness. Each benchmark writes
+``<out>/<name>.json`` with the machine it ran on and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_OUT = "bench-results"
+
+
+def machine_description() -> dict[str, Any]:
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_result(out_dir: Path, name: str, result: dict[str, Any]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, "machine": machine_description(), **result}, indent=2) + "\n")
+    return path
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fedguard bench", description=__doc__)
+    sub = parser.add_subparsers(dest="name", required=True)
+    overhead = sub.add_parser("overhead", help="per-round wall time: fedguard vs a plain Flower simulation")
+    overhead.add_argument("--clients", type=int, default=10)
+    overhead.add_argument("--rounds", type=int, default=12)
+    overhead.add_argument("--hidden", type=int, default=1024, help="MLP width; two hidden layers (~1.1M parameters)")
+    overhead.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    args = parser.parse_args(argv)
+    if args.name == "overhead":
+        from simulations.bench_overhead import run_overhead_benchmark
+
+        result = run_overhead_benchmark(args.clients, args.rounds, args.hidden)
+        path = write_result(args.out, "overhead", result)
+        print(json.dumps(result, indent=2))
+        print(f"written to {path}", file=sys.stderr)
+        return 0
+    return 2
