@@ -64,25 +64,35 @@ def _accountant_with(name: str, history: Sequence[HistoryEntry]) -> IAccountant:
 
 
 def compute_epsilon(history: Sequence[HistoryEntry], delta: float, accountant: str) -> EpsilonReport:
-    """Epsilon of the whole history; PRV falls back to RDP where it is unreliable (Opacus #604)."""
+    """Epsilon of the whole history.
+
+    PRV is only asked where it is reliable (Opacus #604): RDP is computed first (cheap,
+    and never below PRV's figure); when it exceeds ``PRV_RELIABLE_EPSILON`` the RDP
+    figure is reported instead, with a warning. Far outside that range PRV's grid can
+    also exhaust memory, so it is not even tried there.
+    """
     merged = merge_history(history)
     if not merged:
         return EpsilonReport(0.0, accountant)
-    if accountant == "prv":
-        try:
-            epsilon = float(_accountant_with("prv", merged).get_epsilon(delta=delta))
-        except (ValueError, RuntimeError, FloatingPointError, OverflowError) as err:
-            logger.warning("PRV accountant failed (%s); falling back to RDP for this figure", err)
-        else:
-            if math.isfinite(epsilon) and epsilon <= PRV_RELIABLE_EPSILON:
-                return EpsilonReport(epsilon, "prv")
-            logger.warning(
-                "PRV epsilon %.3g is beyond its reliable range (<= %s, Opacus #604); reporting RDP instead",
-                epsilon,
-                PRV_RELIABLE_EPSILON,
-            )
-        return EpsilonReport(float(_accountant_with("rdp", merged).get_epsilon(delta=delta)), "rdp")
-    return EpsilonReport(float(_accountant_with(accountant, merged).get_epsilon(delta=delta)), accountant)
+    rdp_epsilon = float(_accountant_with("rdp", merged).get_epsilon(delta=delta))
+    if accountant == "rdp":
+        return EpsilonReport(rdp_epsilon, "rdp")
+    if rdp_epsilon > PRV_RELIABLE_EPSILON:
+        logger.warning(
+            "epsilon %.3g is beyond the PRV accountant's reliable range (<= %s, Opacus #604); reporting RDP",
+            rdp_epsilon,
+            PRV_RELIABLE_EPSILON,
+        )
+        return EpsilonReport(rdp_epsilon, "rdp")
+    try:
+        prv_epsilon = float(_accountant_with(accountant, merged).get_epsilon(delta=delta))
+    except (ValueError, RuntimeError, FloatingPointError, OverflowError) as err:
+        logger.warning("PRV accountant failed (%s); reporting RDP", err)
+        return EpsilonReport(rdp_epsilon, "rdp")
+    if not math.isfinite(prv_epsilon):
+        logger.warning("PRV accountant returned %s; reporting RDP", prv_epsilon)
+        return EpsilonReport(rdp_epsilon, "rdp")
+    return EpsilonReport(prv_epsilon, accountant)
 
 
 def calibrate_noise_multiplier(
