@@ -18,12 +18,12 @@ from omegaconf import DictConfig
 
 from clients import protocol
 from clients.datasets import DatasetBundle, load_dataset
-from clients.models import build_model, resolve_device
+from clients.models import model_from_state, resolve_device
 from clients.partition import partition_indices, split_train_validation
 from clients.private_training import BudgetExhausted, build_trainer
 from clients.site import SiteSettings, read_site_settings
 from clients.training import evaluate_model, make_training_setup, proximal_regularizer
-from conf.schema import config_from_yaml
+from conf.schema import config_from_yaml, config_to_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,12 @@ class LocalData:
 
 def load_local_data(cfg: DictConfig, site: SiteSettings) -> LocalData:
     """This site's partition of the training set, with its local validation split."""
+    return _load_local_data_cached(config_to_yaml(cfg), site)
+
+
+@lru_cache(maxsize=4)
+def _load_local_data_cached(config_text: str, site: SiteSettings) -> LocalData:
+    cfg = _parse_config(config_text)
     bundle = load_dataset(cfg.dataset, cfg.seed, root_override=site.data_root)
     parts = partition_indices(bundle.train_y, cfg.partition, site.num_partitions, cfg.seed)
     split = split_train_validation(parts[site.partition_id], cfg.dataset.validation_fraction, cfg.seed + site.partition_id)
@@ -65,13 +71,17 @@ def _round_seed(cfg: DictConfig, site: SiteSettings, server_round: int) -> int:
 
 def _unpack(msg: Message, context: Context):
     config_record = msg.content[protocol.CONFIG_KEY]
-    cfg = _parse_config(str(config_record[protocol.FEDGUARD_CONFIG_KEY]))
+    config_text = str(config_record[protocol.FEDGUARD_CONFIG_KEY])
+    cfg = _parse_config(config_text)
     site = read_site_settings(dict(context.node_config))
-    data = load_local_data(cfg, site)
-    model = build_model(
-        cfg.model, data.bundle.input_shape, data.bundle.num_classes, private=cfg.privacy.mode != "none"
+    data = _load_local_data_cached(config_text, site)
+    model = model_from_state(
+        cfg.model,
+        data.bundle.input_shape,
+        data.bundle.num_classes,
+        msg.content[protocol.ARRAYS_KEY].to_torch_state_dict(),
+        private=cfg.privacy.mode != "none",
     )
-    model.load_state_dict(msg.content[protocol.ARRAYS_KEY].to_torch_state_dict())
     device = resolve_device(site.device or cfg.device)
     return cfg, site, data, model, device, config_record
 

@@ -69,6 +69,22 @@ def build_model(
     return make_dp_compatible(model) if private else model
 
 
+def model_from_state(
+    model_cfg: DictConfig,
+    input_shape: Sequence[int],
+    num_classes: int,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    private: bool = False,
+) -> nn.Module:
+    """A fresh model holding ``state_dict``, built without the cost of random initialisation."""
+    with torch.device("meta"):
+        model = build_model(model_cfg, input_shape, num_classes, private=private)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
 def _build_model(model_cfg: DictConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     in_features = int(np.prod(input_shape))
     if model_cfg.name == "logreg":

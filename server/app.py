@@ -22,7 +22,7 @@ from clients.datasets import load_dataset
 from clients.models import build_model, count_parameters, resolve_device
 from clients.training import evaluate_model
 from conf.schema import clients_per_round, config_from_yaml, config_to_yaml
-from server.checkpoint import CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, save_checkpoint
+from server.checkpoint import CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, BackgroundCheckpointWriter, save_checkpoint
 from server.federation import run_federation
 from server.run_record import RoundRecord, RunRecorder
 from server.strategies import build_strategy
@@ -53,10 +53,11 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return outcome.loss, outcome.accuracy
 
     recorder = RunRecorder(run_dir, config_yaml, cfg.simulation.rounds, show_progress=cfg.progress)
+    checkpoints = BackgroundCheckpointWriter()
 
     def on_round_end(record: RoundRecord, arrays: ArrayRecord) -> None:
         recorder.record_round(record)
-        save_checkpoint(
+        checkpoints.submit(
             checkpoint_dir / LATEST_NAME,
             model_state=arrays.to_torch_state_dict(),
             server_round=record.round,
@@ -81,6 +82,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
     finally:
         recorder.close()
+        checkpoints.close()
     final_path = checkpoint_dir / FINAL_NAME
     save_checkpoint(
         final_path,

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,37 @@ def save_checkpoint(
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+class BackgroundCheckpointWriter:
+    """Writes checkpoints on one background thread so the next round need not wait for the disk.
+
+    At most one write is pending: submitting waits for the previous one, so checkpoints land
+    in round order and a failure surfaces at the next submit (or at ``close``).
+    """
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedguard-checkpoint")
+        self._pending: Future | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, path: Path, **checkpoint: Any) -> None:
+        with self._lock:
+            self._wait()
+            model_state = {k: v.detach().cpu().clone() for k, v in checkpoint.pop("model_state").items()}
+            self._pending = self._executor.submit(save_checkpoint, path, model_state=model_state, **checkpoint)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._wait()
+            finally:
+                self._executor.shutdown(wait=True)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -46,14 +46,27 @@ def main(argv: list[str]) -> int:
     overhead.add_argument("--clients", type=int, default=10)
     overhead.add_argument("--rounds", type=int, default=12)
     overhead.add_argument("--hidden", type=int, default=1024, help="MLP width; two hidden layers (~1.1M parameters)")
+    overhead.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
     overhead.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    dp = sub.add_parser("dp", help="local training throughput: each Opacus grad_sample_mode vs non-private")
+    dp.add_argument("--dataset", default="fashion_mnist")
+    dp.add_argument("--model", default="cnn")
+    dp.add_argument("--batch-size", type=int, default=64)
+    dp.add_argument("--warmup-steps", type=int, default=5)
+    dp.add_argument("--steps", type=int, default=40)
+    dp.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     args = parser.parse_args(argv)
     if args.name == "overhead":
         from simulations.bench_overhead import run_overhead_benchmark
 
-        result = run_overhead_benchmark(args.clients, args.rounds, args.hidden)
-        path = write_result(args.out, "overhead", result)
-        print(json.dumps(result, indent=2))
-        print(f"written to {path}", file=sys.stderr)
-        return 0
-    return 2
+        result = run_overhead_benchmark(args.clients, args.rounds, args.hidden, args.repeats)
+    elif args.name == "dp":
+        from simulations.bench_dp import run_dp_benchmark
+
+        result = run_dp_benchmark(args.dataset, args.model, args.batch_size, args.warmup_steps, args.steps)
+    else:
+        return 2
+    path = write_result(args.out, args.name, result)
+    print(json.dumps(result, indent=2))
+    print(f"written to {path}", file=sys.stderr)
+    return 0

@@ -113,25 +113,33 @@ def run_fedguard(clients: int, rounds: int, hidden: int, run_dir: Path) -> tuple
     return [json.loads(line)["round_seconds"] for line in lines], params
 
 
-def run_overhead_benchmark(clients: int, rounds: int, hidden: int) -> dict[str, Any]:
+def run_overhead_benchmark(clients: int, rounds: int, hidden: int, repeats: int) -> dict[str, Any]:
+    """Alternate plain and fedguard simulations ``repeats`` times each, so drift in the
+    machine's speed hits both sides alike; medians are over all timed rounds."""
     if rounds < 3:
         raise SystemExit("--rounds must be at least 3 (the first round is warm-up)")
-    plain = run_plain_flower(clients, rounds, hidden)
-    with tempfile.TemporaryDirectory() as tmp:
-        ours, params = run_fedguard(clients, rounds, hidden, Path(tmp) / "run")
+    plain_rounds: list[float] = []
+    fedguard_rounds: list[float] = []
+    params = 0
+    for _ in range(repeats):
+        # Index 0 is round 1 on both sides (it includes Ray actor start-up): left out.
+        plain_rounds += run_plain_flower(clients, rounds, hidden)[1:]
+        with tempfile.TemporaryDirectory() as tmp:
+            ours, params = run_fedguard(clients, rounds, hidden, Path(tmp) / "run")
+        fedguard_rounds += ours[1:]
     plain_params = count_parameters(_plain_model({"hidden": hidden}))
     if plain_params != params:
         raise RuntimeError(f"model sizes differ: plain {plain_params}, fedguard {params}")
-    # Index 0 is round 1 on both sides (it includes Ray actor start-up): left out of the medians.
-    plain_median = statistics.median(plain[1:])
-    ours_median = statistics.median(ours[1:])
+    plain_median = statistics.median(plain_rounds)
+    ours_median = statistics.median(fedguard_rounds)
     return {
         "clients": clients,
         "rounds": rounds,
+        "repeats": repeats,
         "model_parameters": params,
         "plain_flower_round_seconds_median": plain_median,
         "fedguard_round_seconds_median": ours_median,
         "ratio_fedguard_over_plain": ours_median / plain_median,
-        "plain_flower_round_seconds": plain,
-        "fedguard_round_seconds": ours,
+        "plain_flower_round_seconds": plain_rounds,
+        "fedguard_round_seconds": fedguard_rounds,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,10 @@ from conf.schema import ConfigError, config_to_yaml
 from server.run_record import SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
+
+# Ray's notice about a future change: clients with num_gpus=0 are still hidden from GPUs,
+# which is what fedguard relies on (check_resources says how to give clients a GPU share).
+warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
 
 
 def configure_logging(level: str) -> None:
@@ -70,6 +75,23 @@ def launch(
     )
 
 
+def check_resources(cfg: DictConfig) -> None:
+    """Ray would wait forever for GPUs that do not exist; say so before starting."""
+    import torch
+
+    wants_gpu = cfg.simulation.client_resources.num_gpus > 0
+    if wants_gpu and not cfg.simulation.ray_address and not torch.cuda.is_available():
+        raise ConfigError(
+            f"simulation.client_resources.num_gpus={cfg.simulation.client_resources.num_gpus} but torch sees "
+            "no GPU on this machine; set it to 0 (or join a Ray cluster with GPUs via simulation.ray_address)"
+        )
+    if not wants_gpu and cfg.device != "cpu" and torch.cuda.is_available():
+        logger.warning(
+            "a GPU is present but simulated clients get no share of it, so they train on the CPU; "
+            "set simulation.client_resources.num_gpus (e.g. 0.5 = two clients per GPU) to use it"
+        )
+
+
 def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run fedguard's ServerApp and ClientApp in Flower's simulation engine; returns summary.json.
 
@@ -79,6 +101,7 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from clients.app import app as client_app
     from server.app import app as server_app
 
+    check_resources(cfg)
     run_config = {
         protocol.RUN_CONFIG_FEDGUARD: config_to_yaml(cfg),
         protocol.RUN_CONFIG_RUN_DIR: str(run_dir),
@@ -94,10 +117,10 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def simulate(cfg: DictConfig) -> float:
     configure_logging(cfg.log_level)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate_config(cfg)
+        summary = run_simulation(cfg, run_dir)
     except ConfigError as err:
         raise SystemExit(f"fedguard: bad config: {err}") from None
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = run_simulation(cfg, run_dir)
     return float(summary.get("final", {}).get("accuracy", float("nan")))

@@ -89,3 +89,15 @@ def test_carried_config_is_validated_again():
         config_from_yaml(text)
     with pytest.raises(ConfigError, match="fedguard-config"):
         config_from_yaml("")
+
+
+def test_gpu_share_without_a_gpu_is_refused():
+    import torch
+
+    from simulations.simulate import check_resources
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="num_gpus"):
+        check_resources(compose_config(["simulation.client_resources.num_gpus=0.5"]))
+    check_resources(compose_config())  # no GPU asked for: fine

@@ -45,3 +45,31 @@ def test_device_choice_without_gpu():
         with pytest.raises(RuntimeError, match="device=cuda"):
             resolve_device("cuda")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_fixable_layers_are_replaced_with_a_log_line(caplog):
+    from clients.models import make_dp_compatible
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
+    fixed = make_dp_compatible(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fixed.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in fixed.modules())
+    assert "replacing" in caplog.text
+
+
+def test_unfixable_models_are_refused_before_training():
+    from clients.models import IncompatibleModelError, make_dp_compatible
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2)).eval()  # Opacus needs training mode; fix() cannot change it
+    with pytest.raises(IncompatibleModelError, match="cannot train privately"):
+        make_dp_compatible(model)
+
+
+def test_model_from_state_matches_the_state():
+    from clients.models import model_from_state
+
+    cfg = compose_config(["model=cnn"])
+    source = build_model(cfg.model, (1, 8, 8), 10)
+    copy = model_from_state(cfg.model, (1, 8, 8), 10, source.state_dict())
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(source(x), copy(x))
