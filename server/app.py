@@ -96,6 +96,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return recorder.finish(
         {
             "stop_reason": result.stop_reason,
+            "clients_no_longer_sampled": {str(node): why for node, why in result.excluded_clients.items()},
             "clients": {"total": cfg.simulation.num_clients, "per_round": clients_per_round(cfg)},
             "dataset": cfg.dataset.name,
             "model": cfg.model.name,

@@ -197,3 +197,20 @@ def test_simulation_budget_for_two_rounds_stops_cleanly_with_exact_accounting(tm
     table = summary["privacy"]["clients"]
     assert summary["privacy"]["max_epsilon"] == pytest.approx(max(e[-1] for e in by_client.values()))
     assert all(row["rounds_participated"] == 2 and row["steps_total"] == 8 for row in table.values())
+
+
+def test_every_grad_sample_mode_gives_the_same_clipped_update():
+    overrides = [
+        *DP, "model=cnn", "privacy.target_epsilon=null", "privacy.noise_multiplier=0", "privacy.allow_zero_noise=true",
+        "privacy.poisson_sampling=false", "privacy.max_grad_norm=0.1", "train.max_steps=2", "train.momentum=0",
+    ]
+    updates = {}
+    for mode in ("hooks", "functorch", "ghost"):
+        cfg = compose_config([*overrides, f"privacy.grad_sample_mode={mode}"])
+        model, setup = _digits_setup(cfg, seed=3)
+        before = _flat(model).clone()
+        build_trainer(cfg, None).train(setup, state=RecordDict(), device=torch.device("cpu"), regularizer=None)
+        updates[mode] = _flat(model) - before
+    assert updates["hooks"].norm() > 0
+    for mode in ("functorch", "ghost"):
+        assert torch.allclose(updates[mode], updates["hooks"], atol=1e-5, rtol=1e-4), mode
