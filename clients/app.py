@@ -21,18 +21,14 @@ from clients.datasets import DatasetBundle, load_dataset
 from clients.models import model_from_state, resolve_device
 from clients.partition import partition_indices, split_train_validation
 from clients.private_training import BudgetExhausted, build_trainer
+from clients.secure_aggregation import handle_stage, secure_aggregation_mod
 from clients.site import SiteSettings, read_site_settings
 from clients.training import evaluate_model, make_training_setup, proximal_regularizer
-from conf.schema import config_from_yaml, config_to_yaml
+from conf.schema import cached_config_from_yaml, config_to_yaml
 
 logger = logging.getLogger(__name__)
 
 app = ClientApp()
-
-
-@lru_cache(maxsize=8)
-def _parse_config(text: str) -> DictConfig:
-    return config_from_yaml(text)
 
 
 @dataclass(frozen=True)
@@ -51,7 +47,7 @@ def load_local_data(cfg: DictConfig, site: SiteSettings) -> LocalData:
 
 @lru_cache(maxsize=4)
 def _load_local_data_cached(config_text: str, site: SiteSettings) -> LocalData:
-    cfg = _parse_config(config_text)
+    cfg = cached_config_from_yaml(config_text)
     bundle = load_dataset(cfg.dataset, cfg.seed, root_override=site.data_root)
     parts = partition_indices(bundle.train_y, cfg.partition, site.num_partitions, cfg.seed)
     split = split_train_validation(parts[site.partition_id], cfg.dataset.validation_fraction, cfg.seed + site.partition_id)
@@ -72,7 +68,7 @@ def _round_seed(cfg: DictConfig, site: SiteSettings, server_round: int) -> int:
 def _unpack(msg: Message, context: Context):
     config_record = msg.content[protocol.CONFIG_KEY]
     config_text = str(config_record[protocol.FEDGUARD_CONFIG_KEY])
-    cfg = _parse_config(config_text)
+    cfg = cached_config_from_yaml(config_text)
     site = read_site_settings(dict(context.node_config))
     data = _load_local_data_cached(config_text, site)
     model = model_from_state(
@@ -90,7 +86,7 @@ def _privacy_record(report: dict, site: SiteSettings) -> ConfigRecord:
     return ConfigRecord({**report, protocol.PARTITION_ID_KEY: site.partition_id})
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg, site, data, model, device, config_record = _unpack(msg, context)
     server_round = int(config_record.get(protocol.SERVER_ROUND_KEY, 0))
@@ -130,3 +126,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({protocol.METRICS_KEY: metrics}), reply_to=msg)
+
+
+@app.train("secagg")
+def secure_aggregation_stage(msg: Message, context: Context) -> Message:
+    """SecAgg+ stages 1-3 (share, mask, unmask); stage 0 rides on the train reply."""
+    return handle_stage(msg, context)

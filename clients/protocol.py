@@ -17,6 +17,9 @@ PROXIMAL_MU_KEY = "proximal-mu"
 # a reply holding only this record, with refused=True, is a budget refusal.
 PRIVACY_KEY = "privacy"
 PARTITION_ID_KEY = "partition-id"
+# Secure aggregation: the train reply's public keys, and each protocol stage's request and answer.
+SECAGG_KEY = "secagg"
+SECAGG_MESSAGE_TYPE = "train.secagg"
 
 # Inside the MetricRecord clients reply with.
 NUM_EXAMPLES_KEY = "num-examples"

@@ -9,6 +9,7 @@ with a message that names the key and what is allowed.
 from __future__ import annotations
 
 import inspect
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PRIVACY_MODES = ("none", "sample_dp")
 ACCOUNTANT_NAMES = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
+SECURE_AGG_MODES = ("off", "secaggplus")
+# Robust aggregators look at individual updates, which secure aggregation hides.
+NEEDS_INDIVIDUAL_UPDATES = ("fedmedian", "fedtrimmedavg", "krum")
+MAX_MODULUS_BITS = 62
 
 
 class ConfigError(ValueError):
@@ -70,6 +75,17 @@ class PrivacyConfig:
     max_physical_batch_size: int | None = None
     poisson_sampling: bool = True
     allow_zero_noise: bool = False
+
+
+@dataclass
+class SecureAggConfig:
+    mode: str = "off"
+    neighbours: int = 4
+    threshold: int = 3
+    clip_range: float = 0.5
+    modulus_bits: int = 48
+    max_weight: int = 100000
+    stage_timeout: float = 120.0
 
 
 @dataclass
@@ -121,6 +137,7 @@ class FedguardConfig:
     partition: PartitionConfig = MISSING
     simulation: SimulationConfig = MISSING
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure_agg: SecureAggConfig = field(default_factory=SecureAggConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     seed: int = 42
@@ -209,6 +226,36 @@ def _validate_privacy(cfg: DictConfig) -> None:
         )
 
 
+def _validate_secure_agg(cfg: DictConfig) -> None:
+    sa = cfg.secure_agg
+    _choice("secure_agg.mode", sa.mode, SECURE_AGG_MODES)
+    if sa.mode == "off":
+        return
+    if cfg.strategy.name in NEEDS_INDIVIDUAL_UPDATES:
+        raise ConfigError(
+            f"strategy={cfg.strategy.name} needs each client's update, which secure_agg=secaggplus hides "
+            f"from the server; use fedavg, fedprox, fedadam, fedyogi or fedadagrad, or secure_agg=off"
+        )
+    cohort = clients_per_round(cfg)
+    _range("secure_agg.neighbours", sa.neighbours, 2, None)
+    _range("secure_agg.threshold", sa.threshold, 2, None)
+    degree = min(sa.neighbours, cohort - 1)
+    if sa.threshold > degree:
+        raise ConfigError(
+            f"secure_agg.threshold={sa.threshold} exceeds the neighbours each client has "
+            f"(min(secure_agg.neighbours={sa.neighbours}, clients per round {cohort} - 1) = {degree})"
+        )
+    _range("secure_agg.clip_range", sa.clip_range, 0.0, None, low_open=True)
+    _range("secure_agg.modulus_bits", sa.modulus_bits, 8, MAX_MODULUS_BITS)
+    _range("secure_agg.max_weight", sa.max_weight, 1, None)
+    _range("secure_agg.stage_timeout", sa.stage_timeout, 0.0, None, low_open=True)
+    if ((1 << sa.modulus_bits) - 1) // cfg.simulation.num_clients < 2:
+        raise ConfigError(
+            f"secure_agg.modulus_bits={sa.modulus_bits} leaves fewer than 2 quantization levels for "
+            f"{cfg.simulation.num_clients} clients; raise it"
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Reject unknown keys and impossible combinations before anything trains. Raises ConfigError."""
     _check_against_schema(cfg)
@@ -219,6 +266,7 @@ def validate_config(cfg: DictConfig) -> None:
     _choice("log_level", cfg.log_level, LOG_LEVELS)
     _validate_strategy(cfg)
     _validate_privacy(cfg)
+    _validate_secure_agg(cfg)
 
     _range("dataset.test_fraction", cfg.dataset.test_fraction, 0.0, 0.9, low_open=True)
     _range("dataset.validation_fraction", cfg.dataset.validation_fraction, 0.0, 0.5)
@@ -273,9 +321,17 @@ def validate_config(cfg: DictConfig) -> None:
     _range("evaluate.batch_size", cfg.evaluate.batch_size, 1, None)
 
 
+def min_clients_per_round(cfg: DictConfig) -> int:
+    """The fewest clients a round may sample: never below what secure aggregation can unmask."""
+    floor = cfg.simulation.min_clients_per_round
+    if cfg.secure_agg.mode != "off":
+        floor = max(floor, cfg.secure_agg.threshold)
+    return int(floor)
+
+
 def clients_per_round(cfg: DictConfig) -> int:
     """How many clients the server samples each round while all are available."""
-    return max(cfg.simulation.min_clients_per_round, int(cfg.simulation.num_clients * cfg.simulation.fraction_train))
+    return max(min_clients_per_round(cfg), int(cfg.simulation.num_clients * cfg.simulation.fraction_train))
 
 
 def config_to_yaml(cfg: DictConfig) -> str:
@@ -293,3 +349,9 @@ def config_from_yaml(text: str) -> DictConfig:
     cfg = OmegaConf.merge(schema, OmegaConf.create(text))
     validate_config(cfg)
     return cfg
+
+
+@lru_cache(maxsize=8)
+def cached_config_from_yaml(text: str) -> DictConfig:
+    """`config_from_yaml` once per distinct text: clients get the same config with every message."""
+    return config_from_yaml(text)

@@ -25,6 +25,7 @@ from conf.schema import clients_per_round, config_from_yaml, config_to_yaml
 from server.checkpoint import CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, BackgroundCheckpointWriter, save_checkpoint
 from server.federation import run_federation
 from server.run_record import RoundRecord, RunRecorder
+from server.secure_aggregation import SecureAggregationExchange
 from server.strategies import build_strategy
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             central_evaluation=central_evaluation,
             on_round_end=on_round_end,
             round_timeout=cfg.simulation.round_timeout,
+            train_exchange=SecureAggregationExchange(cfg) if cfg.secure_agg.mode == "secaggplus" else None,
         )
     finally:
         recorder.close()
@@ -102,6 +104,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "model": cfg.model.name,
             "model_parameters": count_parameters(model),
             "strategy": cfg.strategy.name,
+            "secure_aggregation": cfg.secure_agg.mode,
             "partition": cfg.partition.name,
             "seed": cfg.seed,
             "device": str(device),

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -43,6 +43,21 @@ class TrainReplies:
     refused: list[Message] = field(default_factory=list)
     failed: list[Message] = field(default_factory=list)
     privacy: list[dict[str, Any]] = field(default_factory=list)
+    # Clients whose updates are in `usable`; differs from len(usable) when secure
+    # aggregation folds them into one aggregate reply.
+    contributors: int | None = None
+
+    @property
+    def contributed(self) -> int:
+        return len(self.usable) if self.contributors is None else self.contributors
+
+
+class TrainExchange(Protocol):
+    """Sends a round's train messages and returns what the strategy should aggregate."""
+
+    def train(
+        self, grid: Grid, messages: Iterable[Message], global_arrays: ArrayRecord, server_round: int, timeout: float
+    ) -> tuple[int, TrainReplies]: ...
 
 
 def _metric(metrics: MetricRecord | None, key: str) -> float | None:
@@ -77,6 +92,16 @@ def sort_train_replies(server_round: int, replies: list[Message]) -> TrainReplie
     return sorted_replies
 
 
+class PlainTrainExchange:
+    """Clients send their trained models in the clear."""
+
+    def train(
+        self, grid: Grid, messages: Iterable[Message], global_arrays: ArrayRecord, server_round: int, timeout: float
+    ) -> tuple[int, TrainReplies]:
+        sampled, replies = _exchange(grid, messages, timeout)
+        return sampled, sort_train_replies(server_round, replies)
+
+
 def run_federation(
     grid: Grid,
     strategy: Strategy,
@@ -88,7 +113,9 @@ def run_federation(
     central_evaluation: CentralEvaluation,
     on_round_end: RoundCallback,
     round_timeout: float,
+    train_exchange: TrainExchange | None = None,
 ) -> FederationResult:
+    exchange = train_exchange or PlainTrainExchange()
     pool = ExcludingGrid(grid)
     min_clients = int(getattr(strategy, "min_available_nodes", 1))
     arrays = initial_arrays
@@ -103,8 +130,7 @@ def run_federation(
             return FederationResult(arrays, server_round - 1, reason, dict(pool.excluded))
         started = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), pool)
-        sampled, replies = _exchange(pool, messages, round_timeout)
-        sorted_replies = sort_train_replies(server_round, replies)
+        sampled, sorted_replies = exchange.train(pool, messages, arrays, server_round, round_timeout)
         for refusal in sorted_replies.refused:
             node = refusal.metadata.src_node_id
             reason = str(refusal.content.config_records[protocol.PRIVACY_KEY].get("reason", "refused"))
@@ -138,8 +164,8 @@ def run_federation(
             train_loss=_metric(train_metrics, protocol.TRAIN_LOSS_KEY),
             round_seconds=time.perf_counter() - started,
             clients_sampled=sampled,
-            clients_replied=len(sorted_replies.usable),
-            clients_failed=len(sorted_replies.failed) + (sampled - len(replies)),
+            clients_replied=sorted_replies.contributed,
+            clients_failed=sampled - sorted_replies.contributed - len(sorted_replies.refused),
             clients_refused=len(sorted_replies.refused),
             federated_eval_loss=_metric(eval_metrics, protocol.EVAL_LOSS_KEY),
             federated_eval_accuracy=_metric(eval_metrics, protocol.EVAL_ACCURACY_KEY),

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import (
 from omegaconf import DictConfig, OmegaConf
 
 from clients import protocol
+from conf.schema import min_clients_per_round
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -72,9 +73,9 @@ def build_strategy(cfg: DictConfig) -> Strategy:
         return STRATEGY_CLASSES[cfg.strategy.name](
             fraction_train=float(cfg.simulation.fraction_train),
             fraction_evaluate=evaluate_fraction,
-            min_train_nodes=int(cfg.simulation.min_clients_per_round),
+            min_train_nodes=min_clients_per_round(cfg),
             min_evaluate_nodes=1 if evaluate_fraction else 0,
-            min_available_nodes=int(cfg.simulation.min_clients_per_round),
+            min_available_nodes=min_clients_per_round(cfg),
             weighted_by_key=protocol.NUM_EXAMPLES_KEY,
             arrayrecord_key=protocol.ARRAYS_KEY,
             configrecord_key=protocol.CONFIG_KEY,

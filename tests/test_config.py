@@ -49,6 +49,11 @@ def test_config_round_trips_through_yaml():
         (["train.learning_rate=0"], ["train.learning_rate"]),
         (["device=cpu", "simulation.client_resources.num_gpus=0.5"], ["num_gpus", "device=cpu"]),
         (["model.channels=[30,64]", "model=cnn"], ["model.channels", "group_norm_groups"]),
+        (["secure_agg=secaggplus", "strategy=krum"], ["strategy=krum", "secure_agg=secaggplus"]),
+        (["secure_agg=secaggplus", "secure_agg.threshold=5"], ["secure_agg.threshold=5", "neighbours"]),
+        (["secure_agg=secaggplus", "secure_agg.modulus_bits=70"], ["secure_agg.modulus_bits", "<= 62"]),
+        (["secure_agg=secaggplus", "secure_agg.clip_range=0"], ["secure_agg.clip_range"]),
+        (["secure_agg=secaggplus", "secure_agg.modulus_bits=8", "simulation=large"], ["fewer than 2 quantization"]),
     ],
 )
 def test_impossible_values_are_rejected_with_the_key(overrides, names):

@@ -102,3 +102,31 @@ def test_impossible_parameters_are_refused():
         SecAggParams(BITS, 4, 5).validate(10)
     with pytest.raises(SecAggError, match="threshold"):
         SecAggParams(BITS, 10, 4).validate(3)
+
+
+def test_client_session_survives_a_round_trip_through_state_between_stages():
+    from flwr.app import RecordDict
+
+    params = SecAggParams(BITS, 2, 2)
+    nodes = [1, 2, 3]
+    server = ServerSession(params, 1, neighbour_graph(nodes, 2, 0))
+    clients = {n: ClientSession(n, params, 1) for n in nodes}
+
+    def reload(node):  # what a ClientApp does between messages: serialize, deserialize
+        state = RecordDict({"secagg": clients[node].to_record()})
+        restored = RecordDict.inflate(state.deflate(), children=dict(state.children))
+        clients[node] = ClientSession.from_record(restored["secagg"])
+
+    routed = server.route_keys({n: c.advertise() for n, c in clients.items()})
+    for n in nodes:
+        reload(n)
+    inbox = server.route_shares({n: clients[n].share(routed[n]) for n in nodes})
+    for n in nodes:
+        reload(n)
+    values = {n: np.full(6, n, dtype=np.uint64) for n in nodes}
+    masked = {n: clients[n].mask(inbox[n], values[n]) for n in nodes}
+    for n in nodes:
+        reload(n)
+    revealed = {n: clients[n].unmask(set(nodes) & clients[n].neighbours, set()) for n in nodes}
+    total, count = server.aggregate(masked, set(nodes), revealed)
+    assert count == 3 and total.tolist() == [6] * 6

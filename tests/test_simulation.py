@@ -97,3 +97,24 @@ def test_bad_config_fails_before_training(tmp_path):
     assert proc.returncode != 0
     assert "partition.alpha" in proc.stderr
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_secure_aggregation_matches_plain_accuracy(digits_run, tmp_path):
+    run_dir = tmp_path / "secagg"
+    fedguard("simulate", "dataset=digits", "model=mlp", "simulation=tiny", "secure_agg=secaggplus",
+             f"hydra.run.dir={run_dir}")
+    plain = json.loads((digits_run / "summary.json").read_text())
+    secure = json.loads((run_dir / "summary.json").read_text())
+    assert secure["secure_aggregation"] == "secaggplus" and plain["secure_aggregation"] == "off"
+    assert abs(secure["final"]["accuracy"] - plain["final"]["accuracy"]) <= 0.005
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["clients_replied"] == 5 and line["clients_failed"] == 0 for line in lines)
+
+
+def test_secure_aggregation_with_sample_dp(tmp_path):
+    run_dir = tmp_path / "secagg-dp"
+    fedguard("simulate", "secure_agg=secaggplus", "privacy=sample_dp", "simulation.rounds=2", f"hydra.run.dir={run_dir}")
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["clients_replied"] for line in lines] == [5, 5]
+    assert all(len(line["privacy"]) == 5 for line in lines)
+    assert json.loads((run_dir / "summary.json").read_text())["privacy"]["max_epsilon"] > 0

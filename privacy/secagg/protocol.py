@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flwr.app import ConfigRecord
+
 from privacy.secagg.envelope import open_sealed, seal
 from privacy.secagg.keys import (
+    KeyPair,
     derive_shared_key,
     generate_key_pair,
     private_key_bytes,
@@ -77,6 +80,14 @@ def neighbour_graph(nodes: list[int], neighbours: int, seed: int) -> dict[int, s
     return graph
 
 
+def _key_pair(raw_private: bytes) -> KeyPair:
+    from cryptography.hazmat.primitives import serialization
+
+    private = private_key_from_bytes(raw_private)
+    public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return KeyPair(private, public)
+
+
 def _self_mask(seed: bytes, length: int, bits: int) -> np.ndarray:
     return expand_mask(seed, length, bits)
 
@@ -99,6 +110,54 @@ class ClientSession:
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}
         self._held_shares: dict[int, tuple[bytes, bytes]] = {}  # peer -> (self-seed share, mask-key share)
         self._masked_sent = False
+
+    def to_record(self) -> ConfigRecord:
+        """Everything the session holds, for a client's Context.state between stages.
+
+        The state never leaves the client: it holds private keys.
+        """
+        peers = sorted(self._peer_keys)
+        held = sorted(self._held_shares)
+        return ConfigRecord(
+            {
+                "node_id": self.node_id,
+                "round": self.server_round,
+                "params": [self.params.modulus_bits, self.params.neighbours, self.params.threshold],
+                "envelope_key": private_key_bytes(self._envelope_keys.private),
+                "mask_key": private_key_bytes(self._mask_keys.private),
+                "self_seed": self._self_seed,
+                "neighbours": sorted(self.neighbours),
+                "peers": peers,
+                "peer_envelope_keys": [self._peer_keys[p][0] for p in peers],
+                "peer_mask_keys": [self._peer_keys[p][1] for p in peers],
+                "held_from": held,
+                "held_seed_shares": [self._held_shares[p][0] for p in held],
+                "held_key_shares": [self._held_shares[p][1] for p in held],
+                "masked_sent": self._masked_sent,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> ClientSession:
+        try:
+            bits, neighbours, threshold = (int(v) for v in record["params"])
+            session = cls(int(record["node_id"]), SecAggParams(bits, neighbours, threshold), int(record["round"]))
+            session._envelope_keys = _key_pair(bytes(record["envelope_key"]))
+            session._mask_keys = _key_pair(bytes(record["mask_key"]))
+            session._self_seed = bytes(record["self_seed"])
+            session.neighbours = {int(n) for n in record["neighbours"]}
+            session._peer_keys = {
+                int(p): (bytes(e), bytes(m))
+                for p, e, m in zip(record["peers"], record["peer_envelope_keys"], record["peer_mask_keys"], strict=True)
+            }
+            session._held_shares = {
+                int(p): (bytes(a), bytes(b))
+                for p, a, b in zip(record["held_from"], record["held_seed_shares"], record["held_key_shares"], strict=True)
+            }
+            session._masked_sent = bool(record["masked_sent"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise SecAggError(f"secure aggregation state is malformed: {err}") from err
+        return session
 
     # Stage 0
     def advertise(self) -> tuple[bytes, bytes]:

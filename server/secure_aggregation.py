@@ -1,0 +1,190 @@
+"""Server side of SecAgg+: runs the protocol stages after the train messages go out and
+hands the strategy one aggregate reply, so any averaging strategy works unchanged.
+
+The aggregate reply carries the global model plus the weighted mean update of the
+clients that completed the round, and ``num-examples`` = their total weight; FedAvg of
+that single reply is exactly the weighted FedAvg of the hidden updates, and FedProx,
+FedAdam, FedYogi and FedAdagrad apply their server step to it as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from omegaconf import DictConfig
+
+from clients import protocol
+from clients.secure_aggregation import params_from
+from privacy.secagg.masking import dequantize_sum, levels_for
+from privacy.secagg.protocol import SecAggError, ServerSession, neighbour_graph
+from server.federation import TrainReplies, sort_train_replies
+
+logger = logging.getLogger(__name__)
+
+
+def _stage_messages(requests: dict[int, ConfigRecord]) -> list[Message]:
+    return [
+        Message(RecordDict({protocol.SECAGG_KEY: request}), dst_node_id=node, message_type=protocol.SECAGG_MESSAGE_TYPE)
+        for node, request in requests.items()
+    ]
+
+
+def _answers(grid: Grid, requests: dict[int, ConfigRecord], timeout: float, stage: str) -> dict[int, Message]:
+    if not requests:
+        return {}
+    replies = grid.send_and_receive(_stage_messages(requests), timeout=timeout)
+    answers = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            logger.warning("secure aggregation %s: client node %d dropped: %s", stage, node, reply.error.reason)
+        else:
+            answers[node] = reply
+    missing = set(requests) - set(answers)
+    if missing:
+        logger.warning("secure aggregation %s: %d client(s) dropped out", stage, len(missing))
+    return answers
+
+
+class SecureAggregationExchange:
+    """One training round's message exchange under SecAgg+."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.params = params_from(cfg)
+        self.levels = levels_for(self.params.modulus_bits, int(cfg.simulation.num_clients))
+        self.stage_timeout = float(cfg.secure_agg.stage_timeout)
+
+    def train(
+        self, grid: Grid, messages: Iterable[Message], global_arrays: ArrayRecord, server_round: int, timeout: float
+    ) -> tuple[int, TrainReplies]:
+        outgoing = list(messages)
+        replies = list(grid.send_and_receive(outgoing, timeout=timeout)) if outgoing else []
+        sorted_replies = sort_train_replies(server_round, replies)
+        keyed = {r.metadata.src_node_id: r for r in sorted_replies.usable if protocol.SECAGG_KEY in r.content}
+        try:
+            aggregate = self._run_stages(grid, keyed, global_arrays, server_round)
+        except SecAggError as err:
+            logger.error("round %d: secure aggregation failed: %s", server_round, err)
+            sorted_replies.usable, sorted_replies.contributors = [], 0
+            return len(outgoing), sorted_replies
+        sorted_replies.usable = [aggregate[0]]
+        sorted_replies.contributors = aggregate[1]
+        return len(outgoing), sorted_replies
+
+    def _run_stages(
+        self, grid: Grid, keyed: dict[int, Message], global_arrays: ArrayRecord, server_round: int
+    ) -> tuple[Message, int]:
+        self.params.validate(max(len(keyed), 2))
+        if len(keyed) < self.params.threshold:
+            raise SecAggError(f"{len(keyed)} clients trained; threshold is {self.params.threshold}")
+        advertised = {
+            node: (bytes(r.content[protocol.SECAGG_KEY]["envelope_key"]), bytes(r.content[protocol.SECAGG_KEY]["mask_key"]))
+            for node, r in keyed.items()
+        }
+        graph = neighbour_graph(list(advertised), self.params.neighbours, seed=secrets.randbits(64))
+        session = ServerSession(self.params, server_round, graph)
+        routed = session.route_keys(advertised)
+        share_answers = _answers(
+            grid,
+            {
+                node: ConfigRecord(
+                    {
+                        "stage": "share",
+                        "peers": list(keys),
+                        "envelope_keys": [k[0] for k in keys.values()],
+                        "mask_keys": [k[1] for k in keys.values()],
+                    }
+                )
+                for node, keys in routed.items()
+            },
+            self.stage_timeout,
+            "share",
+        )
+        shares = {
+            node: {
+                int(to): bytes(c)
+                for to, c in zip(r.content[protocol.SECAGG_KEY]["to"], r.content[protocol.SECAGG_KEY]["ciphertexts"], strict=True)
+            }
+            for node, r in share_answers.items()
+        }
+        inbox = session.route_shares(shares)
+        mask_answers = _answers(
+            grid,
+            {
+                node: ConfigRecord({"stage": "mask", "from": list(received), "ciphertexts": list(received.values())})
+                for node, received in inbox.items()
+            },
+            self.stage_timeout,
+            "mask",
+        )
+        masked = {node: r.content[protocol.SECAGG_KEY]["masked"].numpy() for node, r in mask_answers.items()}
+        survivors, dropped = set(masked), set(shares) - set(masked)
+        if len(survivors) < self.params.threshold:
+            raise SecAggError(f"{len(survivors)} clients sent masked inputs; threshold is {self.params.threshold}")
+        unmask_answers = _answers(
+            grid,
+            {
+                node: ConfigRecord({"stage": "unmask", "survivors": sorted(survivors), "dropped": sorted(dropped)})
+                for node in survivors
+            },
+            self.stage_timeout,
+            "unmask",
+        )
+        revealed = {
+            node: {
+                int(peer): (str(kind), bytes(share))
+                for peer, kind, share in zip(
+                    r.content[protocol.SECAGG_KEY]["for"],
+                    r.content[protocol.SECAGG_KEY]["kinds"],
+                    r.content[protocol.SECAGG_KEY]["shares"],
+                    strict=True,
+                )
+            }
+            for node, r in unmask_answers.items()
+        }
+        total, count = session.aggregate(masked, set(shares), revealed)
+        return self._aggregate_reply(total, count, survivors, keyed, global_arrays), count
+
+    def _aggregate_reply(
+        self,
+        total: np.ndarray,
+        count: int,
+        survivors: set[int],
+        keyed: dict[int, Message],
+        global_arrays: ArrayRecord,
+    ) -> Message:
+        sa = self.cfg.secure_agg
+        weighted_sum = dequantize_sum(total[:-1], count, sa.clip_range * sa.max_weight, self.levels)
+        total_weight = float(dequantize_sum(total[-1:], count, float(sa.max_weight), self.levels)[0])
+        if total_weight <= 0:
+            raise SecAggError(f"the unmasked total weight is {total_weight}; the aggregate is unusable")
+        mean_update = weighted_sum / total_weight
+        arrays, offset = {}, 0
+        for key in global_arrays.keys():
+            base = global_arrays[key].numpy()
+            size = base.size
+            arrays[key] = Array((base.astype(np.float64) + mean_update[offset : offset + size].reshape(base.shape)).astype(base.dtype))
+            offset += size
+        metrics = [keyed[node].content[protocol.METRICS_KEY] for node in survivors]
+        weights = [float(m[protocol.NUM_EXAMPLES_KEY]) for m in metrics]
+        loss = sum(w * float(m[protocol.TRAIN_LOSS_KEY]) for w, m in zip(weights, metrics)) / sum(weights)
+        content = RecordDict(
+            {
+                protocol.ARRAYS_KEY: ArrayRecord(arrays),
+                protocol.METRICS_KEY: MetricRecord({protocol.NUM_EXAMPLES_KEY: sum(weights), protocol.TRAIN_LOSS_KEY: loss}),
+            }
+        )
+        template = keyed[next(iter(survivors))]
+        return Message(content, reply_to=_instruction_of(template))
+
+
+def _instruction_of(reply: Message) -> Message:
+    """A stand-in for the instruction a reply answered, so the aggregate can be shaped as a reply."""
+    instruction = Message(RecordDict(), dst_node_id=reply.metadata.src_node_id, message_type=reply.metadata.message_type)
+    return instruction
