@@ -43,6 +43,8 @@ def flatten_update(new: ArrayRecord, old: ArrayRecord) -> np.ndarray:
 def encode_weighted_update(update: np.ndarray, weight: float, cfg) -> np.ndarray:
     """Quantize [weight x clipped update, weight] so the server can form a weighted mean from sums."""
     sa = cfg.secure_agg
+    if not np.all(np.isfinite(update)):
+        raise ValueError("the model update holds NaN or infinite values; not sending it into the aggregate")
     if not 0 < weight <= sa.max_weight:
         raise ValueError(f"example count {weight} is outside (0, secure_agg.max_weight={sa.max_weight}]")
     levels = levels_for(int(sa.modulus_bits), int(cfg.simulation.num_clients))

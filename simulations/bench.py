@@ -55,7 +55,15 @@ def main(argv: list[str]) -> int:
     dp.add_argument("--warmup-steps", type=int, default=5)
     dp.add_argument("--steps", type=int, default=40)
     dp.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    secagg = sub.add_parser("secagg", help="round wall time with SecAgg+ vs without")
+    secagg.add_argument("--clients", type=int, nargs="+", default=[10, 100])
+    secagg.add_argument("--parameters", type=int, nargs="+", default=[100_000, 1_000_000])
+    secagg.add_argument("--rounds", type=int, default=4)
+    secagg.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     args = parser.parse_args(argv)
+    from simulations.simulate import configure_logging
+
+    configure_logging("WARNING")
     if args.name == "overhead":
         from simulations.bench_overhead import run_overhead_benchmark
 
@@ -64,6 +72,10 @@ def main(argv: list[str]) -> int:
         from simulations.bench_dp import run_dp_benchmark
 
         result = run_dp_benchmark(args.dataset, args.model, args.batch_size, args.warmup_steps, args.steps)
+    elif args.name == "secagg":
+        from simulations.bench_secagg import run_secagg_benchmark
+
+        result = run_secagg_benchmark(args.clients, args.parameters, args.rounds)
     else:
         return 2
     path = write_result(args.out, args.name, result)

@@ -92,7 +92,10 @@ def run_plain_flower(clients: int, rounds: int, hidden: int) -> list[float]:
     return _PLAIN_SETTINGS["round_seconds"]
 
 
-def run_fedguard(clients: int, rounds: int, hidden: int, run_dir: Path) -> tuple[list[float], int]:
+def run_fedguard(
+    clients: int, rounds: int, hidden: int, run_dir: Path, extra: tuple[str, ...] = ()
+) -> tuple[list[float], int]:
+    """fedguard's own apps, one SGD step per client per round; returns round seconds and model size."""
     cfg = compose_config(
         [
             "dataset=digits",
@@ -103,6 +106,7 @@ def run_fedguard(clients: int, rounds: int, hidden: int, run_dir: Path) -> tuple
             "train.max_steps=1",
             f"train.batch_size={BATCH_SIZE}",
             "progress=false",
+            *extra,
         ]
     )
     run_simulation(cfg, run_dir)

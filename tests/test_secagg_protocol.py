@@ -130,3 +130,16 @@ def test_client_session_survives_a_round_trip_through_state_between_stages():
     revealed = {n: clients[n].unmask(set(nodes) & clients[n].neighbours, set()) for n in nodes}
     total, count = server.aggregate(masked, set(nodes), revealed)
     assert count == 3 and total.tolist() == [6] * 6
+
+
+def test_client_refuses_to_encode_non_finite_or_overweight_updates():
+    from clients.secure_aggregation import encode_weighted_update
+    from conf import compose_config
+
+    cfg = compose_config(["secure_agg=secaggplus"])
+    with pytest.raises(ValueError, match="NaN"):
+        encode_weighted_update(np.array([0.1, np.nan]), 10, cfg)
+    with pytest.raises(ValueError, match="max_weight"):
+        encode_weighted_update(np.array([0.1, 0.2]), cfg.secure_agg.max_weight + 1, cfg)
+    encoded = encode_weighted_update(np.array([0.1, -0.2, 9.0]), 10, cfg)
+    assert encoded.dtype == np.uint64 and len(encoded) == 4
