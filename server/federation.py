@@ -15,12 +15,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from clients import protocol
 from server.client_pool import ExcludingGrid
+from server.reply_checks import train_reply_problem
 from server.run_record import RoundRecord
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class TrainReplies:
     usable: list[Message] = field(default_factory=list)
     refused: list[Message] = field(default_factory=list)
     failed: list[Message] = field(default_factory=list)
+    rejected: list[Message] = field(default_factory=list)
     privacy: list[dict[str, Any]] = field(default_factory=list)
     # Clients whose updates are in `usable`; differs from len(usable) when secure
     # aggregation folds them into one aggregate reply.
@@ -73,8 +75,14 @@ def _exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[
     return len(outgoing), list(grid.send_and_receive(outgoing, timeout=timeout))
 
 
-def sort_train_replies(server_round: int, replies: list[Message]) -> TrainReplies:
-    """Split replies into usable updates, budget refusals and errors; collect privacy reports."""
+def sort_train_replies(
+    server_round: int, replies: list[Message], expected_arrays: ArrayRecord | None = None
+) -> TrainReplies:
+    """Split replies into usable updates, budget refusals, errors and malformed replies.
+
+    ``expected_arrays`` (the global model) is what a usable reply's arrays must match;
+    None where replies carry no model (secure aggregation).
+    """
     sorted_replies = TrainReplies()
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -87,6 +95,9 @@ def sort_train_replies(server_round: int, replies: list[Message]) -> TrainReplie
             sorted_replies.privacy.append({"node_id": node, **dict(report)})
         if report is not None and bool(report.get("refused", False)):
             sorted_replies.refused.append(reply)
+        elif (problem := train_reply_problem(reply, expected_arrays)) is not None:
+            logger.warning("round %d: rejected the reply of client node %d: %s", server_round, node, problem)
+            sorted_replies.rejected.append(reply)
         else:
             sorted_replies.usable.append(reply)
     return sorted_replies
@@ -99,7 +110,17 @@ class PlainTrainExchange:
         self, grid: Grid, messages: Iterable[Message], global_arrays: ArrayRecord, server_round: int, timeout: float
     ) -> tuple[int, TrainReplies]:
         sampled, replies = _exchange(grid, messages, timeout)
-        return sampled, sort_train_replies(server_round, replies)
+        return sampled, sort_train_replies(server_round, replies, global_arrays)
+
+
+def in_model_dtypes(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """Cast aggregated arrays back to the model's dtypes (FedAdam & co. return float64), so
+    the global model keeps one format and replies can be checked against it."""
+    if all(arrays[key].dtype == reference[key].dtype for key in reference.keys()):
+        return arrays
+    return ArrayRecord(
+        {key: Array(arrays[key].numpy().astype(reference[key].numpy().dtype)) for key in reference.keys()}
+    )
 
 
 def run_federation(
@@ -141,7 +162,7 @@ def run_federation(
             strategy.aggregate_train(server_round, sorted_replies.usable) if sorted_replies.usable else (None, None)
         )
         if new_arrays is not None:
-            arrays = new_arrays
+            arrays = in_model_dtypes(new_arrays, initial_arrays)
         elif sorted_replies.refused:
             logger.warning("round %d: no update; every replying client refused for budget", server_round)
         else:
@@ -167,6 +188,7 @@ def run_federation(
             clients_replied=sorted_replies.contributed,
             clients_failed=sampled - sorted_replies.contributed - len(sorted_replies.refused),
             clients_refused=len(sorted_replies.refused),
+            clients_rejected=len(sorted_replies.rejected),
             federated_eval_loss=_metric(eval_metrics, protocol.EVAL_LOSS_KEY),
             federated_eval_accuracy=_metric(eval_metrics, protocol.EVAL_ACCURACY_KEY),
             privacy=sorted_replies.privacy,

@@ -34,6 +34,8 @@ class RoundRecord:
     clients_replied: int
     clients_failed: int
     clients_refused: int = 0
+    # Replies dropped before aggregation as malformed (NaN, wrong shapes, bad counts); also in clients_failed.
+    clients_rejected: int = 0
     federated_eval_loss: float | None = None
     federated_eval_accuracy: float | None = None
     # One privacy report per replying client (sample-level DP): epsilon so far, delta,
