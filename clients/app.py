@@ -24,7 +24,7 @@ from clients.private_training import BudgetExhausted, build_trainer
 from clients.secure_aggregation import handle_stage, secure_aggregation_mod
 from clients.site import SiteSettings, read_site_settings
 from clients.training import evaluate_model, make_training_setup, proximal_regularizer
-from conf.schema import cached_config_from_yaml, config_to_yaml
+from conf.schema import cached_config_from_yaml, config_to_yaml, trains_privately
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _unpack(msg: Message, context: Context):
         data.bundle.input_shape,
         data.bundle.num_classes,
         msg.content[protocol.ARRAYS_KEY].to_torch_state_dict(),
-        private=cfg.privacy.mode != "none",
+        private=trains_privately(cfg),
     )
     device = resolve_device(site.device or cfg.device)
     return cfg, site, data, model, device, config_record

@@ -21,6 +21,7 @@ from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from clients.training import LossRegularizer, TrainingSetup, TrainOutcome, run_epochs
+from conf.schema import clients_per_round
 from privacy.accounting import calibrate_noise_multiplier, merge_history
 from privacy.client_budget import STATE_KEY, ClientPrivacyState
 
@@ -98,8 +99,6 @@ class _MemoryManagedLoader:
 
 def expected_participation(cfg: DictConfig) -> int:
     """Rounds a client is expected to join under uniform sampling (all of them at fraction 1)."""
-    from conf.schema import clients_per_round
-
     return max(1, math.ceil(cfg.simulation.rounds * clients_per_round(cfg) / cfg.simulation.num_clients))
 
 

@@ -329,6 +329,11 @@ def min_clients_per_round(cfg: DictConfig) -> int:
     return int(floor)
 
 
+def trains_privately(cfg: DictConfig) -> bool:
+    """Whether clients run DP-SGD, so the model must be Opacus-compatible on both sides."""
+    return cfg.privacy.mode != "none"
+
+
 def clients_per_round(cfg: DictConfig) -> int:
     """How many clients the server samples each round while all are available."""
     return max(min_clients_per_round(cfg), int(cfg.simulation.num_clients * cfg.simulation.fraction_train))

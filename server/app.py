@@ -21,7 +21,7 @@ from clients import protocol
 from clients.datasets import load_dataset
 from clients.models import build_model, count_parameters, resolve_device
 from clients.training import evaluate_model
-from conf.schema import clients_per_round, config_from_yaml, config_to_yaml
+from conf.schema import clients_per_round, config_from_yaml, config_to_yaml, trains_privately
 from server.checkpoint import CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, BackgroundCheckpointWriter, save_checkpoint
 from server.federation import run_federation
 from server.run_record import RoundRecord, RunRecorder
@@ -44,7 +44,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     config_yaml = config_to_yaml(cfg)
     bundle = load_dataset(cfg.dataset, cfg.seed)
-    model = build_model(cfg.model, bundle.input_shape, bundle.num_classes, private=cfg.privacy.mode != "none")
+    model = build_model(cfg.model, bundle.input_shape, bundle.num_classes, private=trains_privately(cfg))
     device = resolve_device(cfg.device)
     checkpoint_dir = run_dir / CHECKPOINT_DIR
 

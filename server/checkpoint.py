@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from clients.models import build_model
-from conf.schema import config_from_yaml
+from conf.schema import config_from_yaml, trains_privately
 
 CHECKPOINT_FORMAT = "fedguard-checkpoint/1"
 CHECKPOINT_DIR = "checkpoints"
@@ -106,7 +106,7 @@ def load_global_model(path: str | Path) -> nn.Module:
     payload = read_checkpoint(path)
     cfg = config_from_yaml(payload["config_yaml"])
     model = build_model(
-        cfg.model, tuple(payload["input_shape"]), int(payload["num_classes"]), private=cfg.privacy.mode != "none"
+        cfg.model, tuple(payload["input_shape"]), int(payload["num_classes"]), private=trains_privately(cfg)
     )
     model.load_state_dict(payload["model_state"])
     return model.eval()

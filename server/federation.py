@@ -68,7 +68,8 @@ def _metric(metrics: MetricRecord | None, key: str) -> float | None:
     return float(metrics[key])
 
 
-def _exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[int, list[Message]]:
+def exchange_messages(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[int, list[Message]]:
+    """Send what there is to send (nothing is fine); returns (messages sent, replies)."""
     outgoing = list(messages)
     if not outgoing:
         return 0, []
@@ -109,7 +110,7 @@ class PlainTrainExchange:
     def train(
         self, grid: Grid, messages: Iterable[Message], global_arrays: ArrayRecord, server_round: int, timeout: float
     ) -> tuple[int, TrainReplies]:
-        sampled, replies = _exchange(grid, messages, timeout)
+        sampled, replies = exchange_messages(grid, messages, timeout)
         return sampled, sort_train_replies(server_round, replies, global_arrays)
 
 
@@ -170,7 +171,7 @@ def run_federation(
             logger.warning("round %d: %s (%d sampled); stopping", server_round, reason, sampled)
             return FederationResult(arrays, server_round - 1, reason, dict(pool.excluded))
 
-        _, eval_replies = _exchange(
+        _, eval_replies = exchange_messages(
             pool,
             strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(evaluate_config)), pool),
             round_timeout,

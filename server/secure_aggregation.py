@@ -22,7 +22,7 @@ from clients import protocol
 from clients.secure_aggregation import params_from
 from privacy.secagg.masking import dequantize_sum, levels_for
 from privacy.secagg.protocol import SecAggError, ServerSession, neighbour_graph
-from server.federation import TrainReplies, sort_train_replies
+from server.federation import TrainReplies, exchange_messages, sort_train_replies
 
 logger = logging.getLogger(__name__)
 
@@ -64,21 +64,27 @@ class SecureAggregationExchange:
         self, grid: Grid, messages: Iterable[Message], global_arrays: ArrayRecord, server_round: int, timeout: float
     ) -> tuple[int, TrainReplies]:
         outgoing = list(messages)
-        replies = list(grid.send_and_receive(outgoing, timeout=timeout)) if outgoing else []
+        sampled, replies = exchange_messages(grid, outgoing, timeout)
+        instructions = {message.metadata.dst_node_id: message for message in outgoing}
         sorted_replies = sort_train_replies(server_round, replies)
         keyed = {r.metadata.src_node_id: r for r in sorted_replies.usable if protocol.SECAGG_KEY in r.content}
         try:
-            aggregate = self._run_stages(grid, keyed, global_arrays, server_round)
+            aggregate = self._run_stages(grid, keyed, instructions, global_arrays, server_round)
         except SecAggError as err:
             logger.error("round %d: secure aggregation failed: %s", server_round, err)
             sorted_replies.usable, sorted_replies.contributors = [], 0
-            return len(outgoing), sorted_replies
+            return sampled, sorted_replies
         sorted_replies.usable = [aggregate[0]]
         sorted_replies.contributors = aggregate[1]
-        return len(outgoing), sorted_replies
+        return sampled, sorted_replies
 
     def _run_stages(
-        self, grid: Grid, keyed: dict[int, Message], global_arrays: ArrayRecord, server_round: int
+        self,
+        grid: Grid,
+        keyed: dict[int, Message],
+        instructions: dict[int, Message],
+        global_arrays: ArrayRecord,
+        server_round: int,
     ) -> tuple[Message, int]:
         self.params.validate(max(len(keyed), 2))
         if len(keyed) < self.params.threshold:
@@ -149,16 +155,18 @@ class SecureAggregationExchange:
             for node, r in unmask_answers.items()
         }
         total, count = session.aggregate(masked, set(shares), revealed)
-        return self._aggregate_reply(total, count, survivors, keyed, global_arrays), count
+        content = self._aggregate_content(total, count, survivors, keyed, global_arrays)
+        # Shaped as the reply to one survivor's train message; strategies read only its content.
+        return Message(content, reply_to=instructions[min(survivors)]), count
 
-    def _aggregate_reply(
+    def _aggregate_content(
         self,
         total: np.ndarray,
         count: int,
         survivors: set[int],
         keyed: dict[int, Message],
         global_arrays: ArrayRecord,
-    ) -> Message:
+    ) -> RecordDict:
         sa = self.cfg.secure_agg
         weighted_sum = dequantize_sum(total[:-1], count, sa.clip_range * sa.max_weight, self.levels)
         total_weight = float(dequantize_sum(total[-1:], count, float(sa.max_weight), self.levels)[0])
@@ -174,17 +182,9 @@ class SecureAggregationExchange:
         metrics = [keyed[node].content[protocol.METRICS_KEY] for node in survivors]
         weights = [float(m[protocol.NUM_EXAMPLES_KEY]) for m in metrics]
         loss = sum(w * float(m[protocol.TRAIN_LOSS_KEY]) for w, m in zip(weights, metrics)) / sum(weights)
-        content = RecordDict(
+        return RecordDict(
             {
                 protocol.ARRAYS_KEY: ArrayRecord(arrays),
                 protocol.METRICS_KEY: MetricRecord({protocol.NUM_EXAMPLES_KEY: sum(weights), protocol.TRAIN_LOSS_KEY: loss}),
             }
         )
-        template = keyed[next(iter(survivors))]
-        return Message(content, reply_to=_instruction_of(template))
-
-
-def _instruction_of(reply: Message) -> Message:
-    """A stand-in for the instruction a reply answered, so the aggregate can be shaped as a reply."""
-    instruction = Message(RecordDict(), dst_node_id=reply.metadata.src_node_id, message_type=reply.metadata.message_type)
-    return instruction

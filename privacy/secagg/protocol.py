@@ -88,14 +88,6 @@ def _key_pair(raw_private: bytes) -> KeyPair:
     return KeyPair(private, public)
 
 
-def _self_mask(seed: bytes, length: int, bits: int) -> np.ndarray:
-    return expand_mask(seed, length, bits)
-
-
-def _pairwise_mask(key: bytes, length: int, bits: int) -> np.ndarray:
-    return expand_mask(key, length, bits)
-
-
 @dataclass
 class ClientSession:
     node_id: int
@@ -195,9 +187,9 @@ class ClientSession:
         # mask key could not be unmasked if it dropped later.
         self.neighbours = set(received)
         length = len(quantized)
-        masked = add_mod(quantized.astype(np.uint64), _self_mask(self._self_seed, length, bits), bits)
+        masked = add_mod(quantized.astype(np.uint64), expand_mask(self._self_seed, length, bits), bits)
         for peer in self.neighbours:
-            pairwise = _pairwise_mask(
+            pairwise = expand_mask(
                 derive_shared_key(self._mask_keys.private, self._peer_keys[peer][1], MASK_PURPOSE), length, bits
             )
             masked = add_mod(masked, pairwise, bits) if self.node_id < peer else sub_mod(masked, pairwise, bits)
@@ -266,12 +258,12 @@ class ServerSession:
                 raise SecAggError(f"only {len(shares)} shares to unmask client {node}; threshold is {threshold}")
             secret = combine_shares(shares, threshold)
             if kind == "seed":
-                total = sub_mod(total, _self_mask(secret, length, bits), bits)
+                total = sub_mod(total, expand_mask(secret, length, bits), bits)
                 continue
             mask_private = private_key_from_bytes(secret)
             for peer in self.graph[node] & survivors:  # they received `node`'s shares, so masked with it
                 key = derive_shared_key(mask_private, self.public_keys[peer][1], MASK_PURPOSE)
-                pairwise = _pairwise_mask(key, length, bits)
+                pairwise = expand_mask(key, length, bits)
                 # survivor `peer` added +mask if peer < node, else -mask: undo exactly that
                 total = sub_mod(total, pairwise, bits) if peer < node else add_mod(total, pairwise, bits)
         return total, len(survivors)
