@@ -8,27 +8,69 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import torch
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from clients import protocol
-from clients.datasets import DatasetBundle, load_dataset
-from clients.models import model_from_state, resolve_device
-from clients.partition import partition_indices, split_train_validation
+from clients.client_dp import ClipError, client_dp_mod
+from clients.datasets import DatasetBundle, DatasetError, LocalDataError, expected_layout, load_dataset
+from clients.message_checks import (
+    MAX_PEERS,
+    MAX_SHARE_BYTES,
+    PUBLIC_KEY_BYTES,
+    MalformedMessage,
+    byte_strings,
+    count,
+    decode_arrays,
+    finite_number,
+    node_ids,
+    only_records,
+    require_record,
+    text,
+)
+from clients.models import build_model, model_from_state, resolve_device
+from clients.partition import PartitionError, partition_indices, split_train_validation
 from clients.private_training import BudgetExhausted, build_trainer
-from clients.secure_aggregation import handle_stage, secure_aggregation_mod
-from clients.site import SiteSettings, read_site_settings
+from clients.secure_aggregation import INPUT_STATE_KEY, SESSION_STATE_KEY, handle_stage, secure_aggregation_mod
+from clients.site import PARTITION_ID_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings, read_site_settings
+from clients.site_state import CachedReply, SiteStateError, SiteStateStore, arrays_digest
 from clients.training import evaluate_model, make_training_setup, proximal_regularizer
-from conf.schema import cached_config_from_yaml, config_to_yaml, trains_privately
+from conf.schema import ConfigError, cached_config_from_yaml, config_to_yaml, trains_privately
+from privacy.secagg.envelope import ShareAuthenticationError
+from privacy.secagg.protocol import SecAggError
+from privacy.secagg.shamir import ShamirError
 
 logger = logging.getLogger(__name__)
 
-app = ClientApp()
+
+# Typed rejections: each ends one request with one line in this site's log and an error
+# reply the server counts as failed, with the reason. Anything else is a bug and keeps
+# Flower's traceback.
+REJECTIONS = (
+    MalformedMessage, DatasetError, PartitionError, SiteConfigError, SecAggError, ShamirError, ShareAuthenticationError,
+    SiteStateError, ClipError,
+)
+# What a fedguard config text may raise while being parsed and validated.
+CONFIG_ERRORS = (ConfigError, OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError)
+MAX_REASON_CHARS = 500
+# Fields of each SecAgg+ stage request (besides "stage"), as clients/secure_aggregation.py reads them.
+STAGE_FIELDS = {
+    "share": ("peers", "envelope_keys", "mask_keys"),
+    "mask": ("from", "ciphertexts"),
+    "unmask": ("survivors", "dropped"),
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +93,11 @@ def _load_local_data_cached(config_text: str, site: SiteSettings) -> LocalData:
     bundle = load_dataset(cfg.dataset, cfg.seed, root_override=site.data_root)
     parts = partition_indices(bundle.train_y, cfg.partition, site.num_partitions, cfg.seed)
     split = split_train_validation(parts[site.partition_id], cfg.dataset.validation_fraction, cfg.seed + site.partition_id)
+    if len(split.train_indices) == 0:
+        raise LocalDataError(
+            f"partition {site.partition_id} of {site.num_partitions} holds no training examples "
+            f"({len(bundle.train_y)} rows split by partition={cfg.partition.name})"
+        )
     return LocalData(
         train_x=bundle.train_x[split.train_indices],
         train_y=bundle.train_y[split.train_indices],
@@ -65,37 +112,164 @@ def _round_seed(cfg: DictConfig, site: SiteSettings, server_round: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _unpack(msg: Message, context: Context):
-    config_record = msg.content[protocol.CONFIG_KEY]
-    config_text = str(config_record[protocol.FEDGUARD_CONFIG_KEY])
+def refuse_bad_requests(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Outermost mod: a typed rejection becomes a clean error reply, before any other mod sees it."""
+    try:
+        return call_next(msg, context)
+    except REJECTIONS as err:
+        reason = f"{type(err).__name__}: {err}"[:MAX_REASON_CHARS]
+        partition = context.node_config.get(PARTITION_ID_KEY, "?")
+        logger.error("partition %s: refusing the %s request: %s", partition, msg.metadata.message_type, reason)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a train or evaluate message asks for, decoded and checked before any work starts."""
+
+    cfg: DictConfig
+    config_text: str
+    site: SiteSettings
+    server_round: int
+    proximal_mu: float
+    state_dict: dict[str, torch.Tensor]
+
+
+@lru_cache(maxsize=8)
+def _yaml_root(config_text: str) -> object:
+    return yaml.safe_load(config_text)
+
+
+def _parse_config(config_text: str) -> DictConfig:
+    try:
+        if not isinstance(_yaml_root(config_text), dict):  # OmegaConf asserts on a scalar or list
+            raise MalformedMessage(f"'{protocol.FEDGUARD_CONFIG_KEY}' is not a YAML mapping")
+        return cached_config_from_yaml(config_text)
+    except CONFIG_ERRORS as err:
+        raise MalformedMessage(f"'{protocol.FEDGUARD_CONFIG_KEY}' is not a valid fedguard config: {err}") from None
+
+
+@lru_cache(maxsize=4)
+def _model_layout(config_text: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of each array of the configured model, built on the meta device (no memory)."""
     cfg = cached_config_from_yaml(config_text)
-    site = read_site_settings(dict(context.node_config))
-    data = _load_local_data_cached(config_text, site)
+    shape, num_classes = expected_layout(cfg.dataset)
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model, shape, num_classes, private=trains_privately(cfg))
+    except ValueError as err:
+        raise MalformedMessage(f"the config names a model that cannot be built: {err}") from None
+    return {key: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for key, t in model.state_dict().items()}
+
+
+def decode_request(msg: Message, context: Context) -> Request:
+    """Decode a train/evaluate message; raises MalformedMessage (or SiteConfigError) naming what is wrong."""
+    content = msg.content
+    only_records(content, {protocol.ARRAYS_KEY, protocol.CONFIG_KEY})
+    config = require_record(content, protocol.CONFIG_KEY, ConfigRecord)
+    config_text = text(config, protocol.FEDGUARD_CONFIG_KEY)
+    cfg = _parse_config(config_text)
+    arrays = decode_arrays(content.get(protocol.ARRAYS_KEY), _model_layout(config_text))
+    return Request(
+        cfg=cfg,
+        config_text=config_text,
+        site=read_site_settings(dict(context.node_config)),
+        server_round=count(config, protocol.SERVER_ROUND_KEY, minimum=0, default=0),
+        proximal_mu=finite_number(config, protocol.PROXIMAL_MU_KEY, 0.0, math.inf, default=0.0),
+        state_dict={key: torch.from_numpy(values.copy()) for key, values in arrays.items()},
+    )
+
+
+def _unpack(msg: Message, context: Context):
+    request = decode_request(msg, context)
+    cfg, site = request.cfg, request.site
+    data = _load_local_data_cached(request.config_text, site)
     model = model_from_state(
-        cfg.model,
-        data.bundle.input_shape,
-        data.bundle.num_classes,
-        msg.content[protocol.ARRAYS_KEY].to_torch_state_dict(),
-        private=trains_privately(cfg),
+        cfg.model, data.bundle.input_shape, data.bundle.num_classes, request.state_dict, private=trains_privately(cfg)
     )
     device = resolve_device(site.device or cfg.device)
-    return cfg, site, data, model, device, config_record
+    return cfg, site, data, model, device, request
 
 
 def _privacy_record(report: dict, site: SiteSettings) -> ConfigRecord:
     return ConfigRecord({**report, protocol.PARTITION_ID_KEY: site.partition_id})
 
 
-@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
-    cfg, site, data, model, device, config_record = _unpack(msg, context)
-    server_round = int(config_record.get(protocol.SERVER_ROUND_KEY, 0))
-    mu = float(config_record.get(protocol.PROXIMAL_MU_KEY, 0.0))
+    cfg, site, data, model, device, request = _unpack(msg, context)
+    store = _site_state_store(cfg, site, msg, context)
+    if store is None:
+        return _train_reply(msg, context.state, cfg, site, data, model, device, request)
+    digest = arrays_digest(msg.content[protocol.ARRAYS_KEY])
+    with store.locked(context.state) as state:
+        if (cached := store.cached_reply(request.server_round, digest)) is not None:
+            logger.warning(
+                "partition %d: round %d was already trained on this global model (the server restarted); "
+                "sending the same update again, which spends no privacy", site.partition_id, request.server_round,
+            )
+            content = _reply_content(cached, site)
+            content[protocol.LEDGER_KEY] = store.ledger_record()
+            return Message(content, reply_to=msg)
+        reply = _train_reply(msg, state, cfg, site, data, model, device, request)
+        if reply.has_error():
+            return reply
+        # Order matters for a crash at any point: accountant state, then ledger, then replay cache.
+        store.save_privacy(state)
+        content = reply.content
+        if protocol.PRIVACY_KEY in content:
+            store.record_spend(
+                dict(content[protocol.PRIVACY_KEY]),
+                partition_id=site.partition_id,
+                server_round=request.server_round,
+                max_grad_norm=float(cfg.privacy.max_grad_norm),
+            )
+        if protocol.ARRAYS_KEY in content:
+            store.remember_reply(
+                CachedReply(
+                    request.server_round,
+                    digest,
+                    content[protocol.ARRAYS_KEY].to_torch_state_dict(),
+                    dict(content[protocol.METRICS_KEY]),
+                    dict(content[protocol.PRIVACY_KEY]) if protocol.PRIVACY_KEY in content else None,
+                )
+            )
+        content[protocol.LEDGER_KEY] = store.ledger_record()
+        return reply
+
+
+def _site_state_store(cfg: DictConfig, site: SiteSettings, msg: Message, context: Context) -> SiteStateStore | None:
+    """Private training keeps its state on the site's disk (its ``state-dir``); non-private
+    training spends nothing worth keeping."""
+    if not trains_privately(cfg):
+        return None
+    if site.state_dir:
+        root = Path(site.state_dir)
+    else:
+        logger.warning("no state-dir for this site: its privacy spend is kept for this run only")
+        return None
+    lineage = text(msg.content[protocol.CONFIG_KEY], protocol.LINEAGE_KEY)
+    try:
+        return SiteStateStore(root, lineage)
+    except SiteStateError as err:
+        raise MalformedMessage(str(err)) from None
+
+
+def _reply_content(cached: CachedReply, site: SiteSettings) -> RecordDict:
+    content = RecordDict(
+        {protocol.ARRAYS_KEY: ArrayRecord(cached.arrays), protocol.METRICS_KEY: MetricRecord(cached.metrics)}
+    )
+    if cached.privacy is not None:
+        content[protocol.PRIVACY_KEY] = _privacy_record(cached.privacy, site)
+    return content
+
+
+def _train_reply(msg, state, cfg, site, data, model, device, request) -> Message:
+    server_round, mu = request.server_round, request.proximal_mu
     regularizer = proximal_regularizer(model, mu) if mu > 0 else None
     setup = make_training_setup(model, data.train_x, data.train_y, cfg.train, _round_seed(cfg, site, server_round))
     trainer = build_trainer(cfg, site.epsilon_budget)
     try:
-        result = trainer.train(setup, state=context.state, device=device, regularizer=regularizer)
+        result = trainer.train(setup, state=state, device=device, regularizer=regularizer)
     except BudgetExhausted as exhausted:
         refusal = RecordDict({protocol.PRIVACY_KEY: _privacy_record(exhausted.report, site)})
         return Message(refusal, reply_to=msg)
@@ -114,9 +288,13 @@ def train(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, _site, data, model, device, _config = _unpack(msg, context)
+    cfg, site, data, model, device, _request = _unpack(msg, context)
+    if len(data.validation_y) == 0:
+        raise LocalDataError(
+            f"partition {site.partition_id} has no local validation examples "
+            f"(dataset.validation_fraction={cfg.dataset.validation_fraction})"
+        )
     outcome = evaluate_model(model, data.validation_x, data.validation_y, cfg.evaluate.batch_size, device)
     metrics = MetricRecord(
         {
@@ -128,7 +306,63 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({protocol.METRICS_KEY: metrics}), reply_to=msg)
 
 
-@app.train("secagg")
+def check_stage_request(msg: Message, context: Context) -> None:
+    """Refuse a malformed SecAgg+ stage request before the protocol session touches it."""
+    only_records(msg.content, {protocol.SECAGG_KEY})
+    request = require_record(msg.content, protocol.SECAGG_KEY, ConfigRecord)
+    stage = request.get("stage")
+    fields = STAGE_FIELDS.get(stage) if isinstance(stage, str) else None
+    if fields is None:
+        raise MalformedMessage(f"unknown secure aggregation stage {stage!r:.40}; expected one of {list(STAGE_FIELDS)}")
+    if set(request.keys()) != {"stage", *fields}:
+        raise MalformedMessage(f"a {stage} request holds exactly the fields {['stage', *fields]}")
+    if SESSION_STATE_KEY not in context.state:
+        raise MalformedMessage(f"{stage} request, but this client has no secure aggregation session this round")
+    if stage == "share":
+        peers = node_ids(request, "peers", MAX_PEERS)
+        key_size = (PUBLIC_KEY_BYTES, PUBLIC_KEY_BYTES)
+        keys = [byte_strings(request, field, MAX_PEERS, size=key_size) for field in fields[1:]]
+        if not len(peers) == len(keys[0]) == len(keys[1]):
+            raise MalformedMessage("'peers', 'envelope_keys' and 'mask_keys' must be equally long")
+    elif stage == "mask":
+        senders = node_ids(request, "from", MAX_PEERS)
+        if len(senders) != len(byte_strings(request, "ciphertexts", MAX_PEERS, size=(1, MAX_SHARE_BYTES))):
+            raise MalformedMessage("'from' and 'ciphertexts' must be equally long")
+        if INPUT_STATE_KEY not in context.state:
+            raise MalformedMessage("mask request, but this client holds no input for the round")
+    else:
+        node_ids(request, "survivors", MAX_PEERS)
+        node_ids(request, "dropped", MAX_PEERS)
+
+
 def secure_aggregation_stage(msg: Message, context: Context) -> Message:
     """SecAgg+ stages 1-3 (share, mask, unmask); stage 0 rides on the train reply."""
+    check_stage_request(msg, context)
     return handle_stage(msg, context)
+
+
+def with_site_state_root(root: Path) -> Mod:
+    """Give each virtual site of a simulation a state dir under ``root`` (a real site sets its own)."""
+
+    def site_state_root(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if not context.node_config.get(STATE_DIR_KEY):
+            partition = context.node_config.get(PARTITION_ID_KEY, "unknown")
+            context.node_config[STATE_DIR_KEY] = str(root / f"partition-{partition}")
+        return call_next(msg, context)
+
+    return site_state_root
+
+
+def build_client_app(site_state_root: Path | None = None) -> ClientApp:
+    """fedguard's ClientApp; simulation passes where its virtual sites keep their state."""
+    front: list[Mod] = [with_site_state_root(site_state_root)] if site_state_root is not None else []
+    client_app = ClientApp()
+    # client_dp_mod sits inside secure_aggregation_mod: SecAgg+ masks the clipped update.
+    client_app.train(mods=[*front, refuse_bad_requests, secure_aggregation_mod, client_dp_mod])(train)
+    client_app.evaluate(mods=[*front, refuse_bad_requests])(evaluate)
+    client_app.train("secagg", mods=[*front, refuse_bad_requests])(secure_aggregation_stage)
+    return client_app
+
+
+# What `flwr run` loads (pyproject [tool.flwr.app.components]): sites configure their state dir themselves.
+app = build_client_app()

@@ -36,6 +36,47 @@ class DatasetError(RuntimeError):
     """The data cannot be loaded; the message says what is missing and how to fix it."""
 
 
+class LocalDataError(DatasetError):
+    """Data that loads but cannot be trained on (empty, wrong size, labels out of range, NaN)."""
+
+
+# What each dataset's examples must look like, so a site's own copy that differs is refused
+# with a reason instead of failing later inside the model (shape) or the loss (labels).
+IMAGE_SHAPES = {"fashion_mnist": (1, 28, 28), "digits": (1, 8, 8)}
+TABULAR_FEATURES = {"breast_cancer": 30}
+CLASS_COUNTS = {"fashion_mnist": 10, "digits": 10, "breast_cancer": 2}
+
+
+def expected_layout(dataset_cfg: DictConfig) -> tuple[tuple[int, ...], int]:
+    """(input shape of one example, number of classes) the configured dataset must have."""
+    name = dataset_cfg.name
+    if name in IMAGE_SHAPES:
+        return IMAGE_SHAPES[name], CLASS_COUNTS[name]
+    if name in TABULAR_FEATURES:
+        return (TABULAR_FEATURES[name],), CLASS_COUNTS[name]
+    if name == "synthetic":
+        return (int(dataset_cfg.num_features),), int(dataset_cfg.num_classes)
+    raise DatasetError(f"unknown dataset {name!r}")
+
+
+def check_examples(features: np.ndarray, labels: np.ndarray, shape: tuple[int, ...], num_classes: int, where: str) -> None:
+    """Refuse examples no model of this dataset can train on; ``where`` names them in the message."""
+    if len(features) == 0:
+        raise LocalDataError(f"{where} holds no examples")
+    if len(features) != len(labels):
+        raise LocalDataError(f"{where} has {len(features)} examples but {len(labels)} labels")
+    if tuple(features.shape[1:]) != shape:
+        got = "x".join(map(str, features.shape[1:]))
+        raise LocalDataError(f"{where}: examples are {got}, the dataset needs {'x'.join(map(str, shape))}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise LocalDataError(f"{where}: labels must be one integer per example; found {labels.dtype}{labels.shape}")
+    out_of_range = int(np.count_nonzero((labels < 0) | (labels >= num_classes)))
+    if out_of_range:
+        raise LocalDataError(f"{where}: {out_of_range} label(s) outside 0..{num_classes - 1}")
+    if np.issubdtype(features.dtype, np.floating) and not np.all(np.isfinite(features)):
+        raise LocalDataError(f"{where}: {int(np.count_nonzero(~np.isfinite(features)))} feature values are NaN or infinite")
+
+
 @dataclass(frozen=True)
 class DatasetBundle:
     train_x: np.ndarray
@@ -102,6 +143,10 @@ def _load_fashion_mnist(root: str | None) -> DatasetBundle:
     if not folder.is_dir():
         raise DatasetError(f"Fashion-MNIST folder {folder} does not exist: {FASHION_MNIST_INSTALL_HINT}")
     arrays = {key: read_idx(_find_idx_file(folder, stem)) for key, stem in FASHION_MNIST_FILES.items()}
+    image_shape = IMAGE_SHAPES["fashion_mnist"][1:]
+    for split in ("train", "test"):  # before scaling: an empty split has no mean to scale by
+        check_examples(arrays[f"{split}_images"], arrays[f"{split}_labels"], image_shape, CLASS_COUNTS["fashion_mnist"],
+                       f"Fashion-MNIST {split} split in {folder}")
     train_x, test_x = _standardize(
         arrays["train_images"].astype(np.float32) / 255.0, arrays["test_images"].astype(np.float32) / 255.0
     )
@@ -171,4 +216,8 @@ def load_dataset(dataset_cfg: DictConfig, seed: int, root_override: str | None =
         int(dataset_cfg.num_classes),
         float(dataset_cfg.class_separation),
     )
-    return _load_cached(key)
+    bundle = _load_cached(key)
+    shape, num_classes = expected_layout(dataset_cfg)
+    check_examples(bundle.train_x, bundle.train_y, shape, num_classes, f"{dataset_cfg.name} training split")
+    check_examples(bundle.test_x, bundle.test_y, shape, num_classes, f"{dataset_cfg.name} test split")
+    return bundle

@@ -21,7 +21,7 @@ from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from clients.training import LossRegularizer, TrainingSetup, TrainOutcome, run_epochs
-from conf.schema import clients_per_round
+from conf.schema import clients_per_round, trains_privately
 from privacy.accounting import calibrate_noise_multiplier, merge_history
 from privacy.client_budget import STATE_KEY, ClientPrivacyState
 
@@ -192,7 +192,8 @@ class SampleDPTrainer:
                 f"> budget {priv.budget_epsilon:.3f}"
             )
             logger.warning("refusing this round: %s", reason)
-            raise BudgetExhausted(priv.report(steps_this_round=0, refused=True, reason=reason))
+            report = priv.report(steps_this_round=0, refused=True, reason=reason)
+            raise BudgetExhausted({**report, "planned_steps": planned, "epsilon_if_trained": epsilon_after})
 
         engine = PrivacyEngine(accountant=priv.accountant)
         engine.accountant.history = list(priv.history)
@@ -208,6 +209,6 @@ class SampleDPTrainer:
 def build_trainer(cfg: DictConfig, site_budget: float | None) -> LocalTrainer:
     """The plain trainer, wrapped in the privacy layer the config asks for."""
     trainer = PlainTrainer(cfg.train)
-    if cfg.privacy.mode == "sample_dp":
+    if trains_privately(cfg):
         return SampleDPTrainer(trainer, cfg, site_budget)
     return trainer

@@ -12,11 +12,17 @@ METRICS_KEY = "metrics"
 FEDGUARD_CONFIG_KEY = "fedguard-config"
 SERVER_ROUND_KEY = "server-round"
 PROXIMAL_MU_KEY = "proximal-mu"
+# The federation's id across resumes; sites key their saved privacy state on it.
+LINEAGE_KEY = "lineage-id"
 
 # ConfigRecord in train replies with the client's privacy report (sample-level DP);
 # a reply holding only this record, with refused=True, is a budget refusal.
 PRIVACY_KEY = "privacy"
 PARTITION_ID_KEY = "partition-id"
+# ConfigRecord in train replies with the site's signed privacy ledger entries (clients/site_state.py).
+LEDGER_KEY = "ledger"
+LEDGER_ENTRIES_FIELD = "entries"  # inside it: the entries as wire strings, oldest first
+LEDGER_PUBLIC_KEY_FIELD = "public-key"  # and the site's ledger public key (OpenSSH line)
 # Secure aggregation: the train reply's public keys, and each protocol stage's request and answer.
 SECAGG_KEY = "secagg"
 SECAGG_MESSAGE_TYPE = "train.secagg"

@@ -1,14 +1,22 @@
 """Client side of SecAgg+: a mod around the train handler plus the protocol-stage handler.
 
 The mod lets local training run unchanged, then keeps the reply's model update on the
-client (quantized, in Context.state) and sends only public keys and metrics. The stage
-handler (message type ``train.secagg``) then runs the share, mask and unmask stages;
-the masked update is the only form in which the update ever leaves the client.
+client (in Context.state) and sends only public keys and metrics. The stage handler
+(message type ``train.secagg``) then runs the share, mask and unmask stages; the
+masked update is the only form in which the update ever leaves the client.
+
+The held update is stored in the model's float precision (float32 for fedguard's
+models) and quantized only at the mask stage: Context.state travels with every message
+a simulated client handles (twice per stage under Ray), so a uint64 vector there would
+cost twice the bytes on each of those trips. Quantizing later changes nothing the
+server sees: the same clipping, levels and unbiased rounding apply.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -24,6 +32,12 @@ logger = logging.getLogger(__name__)
 SESSION_STATE_KEY = "fedguard.secagg-session"
 INPUT_STATE_KEY = "fedguard.secagg-input"
 INPUT_ARRAY = "input"
+# Alongside the held update: its weight and the encoding settings, since stage requests
+# carry no config.
+ENCODING_STATE_KEY = "fedguard.secagg-encoding"
+WEIGHT, CLIP_RANGE, MAX_WEIGHT = "weight", "clip_range", "max_weight"
+MODULUS_BITS, MAX_CLIENTS = "modulus_bits", "max_clients"
+FLOAT32_BYTES = 4
 
 
 def params_from(cfg) -> SecAggParams:
@@ -31,28 +45,95 @@ def params_from(cfg) -> SecAggParams:
     return SecAggParams(modulus_bits=int(sa.modulus_bits), neighbours=int(sa.neighbours), threshold=int(sa.threshold))
 
 
+def array_view(array: Array) -> np.ndarray:
+    """Read-only ndarray over a numpy-serialized Flower ``Array``'s bytes, without a copy.
+
+    ``Array.numpy()`` parses through ``np.load`` on a BytesIO, which copies the data (and
+    touches fresh pages) each time; SecAgg+ reads model-sized arrays several times per
+    client per round. Object arrays fall back to ``Array.numpy()`` (which refuses pickles).
+    """
+    header = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(header)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(header)
+    if dtype.hasobject:
+        return array.numpy()
+    values = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=header.tell())
+    return values.reshape(shape, order="F" if fortran else "C")
+
+
 def flatten_update(new: ArrayRecord, old: ArrayRecord) -> np.ndarray:
-    """new - old, flattened in the ArrayRecord's key order (the server unflattens in the same order)."""
+    """new - old, flattened in the ArrayRecord's key order (the server unflattens in the same order).
+
+    Written into one preallocated float64 vector (no per-tensor temporaries).
+    """
     if list(new.keys()) != list(old.keys()):
         raise ValueError("the trained model's arrays differ from the global model's")
-    return np.concatenate(
-        [(new[key].numpy().astype(np.float64) - old[key].numpy().astype(np.float64)).ravel() for key in old.keys()]
-    )
+    olds = [array_view(old[key]) for key in old.keys()]
+    flat = np.empty(sum(a.size for a in olds), dtype=np.float64)
+    offset = 0
+    for key, before in zip(old.keys(), olds):
+        after = array_view(new[key])
+        if after.shape != before.shape:
+            raise ValueError(f"array {key!r} changed shape from {before.shape} to {after.shape}")
+        np.subtract(after, before, out=flat[offset : offset + before.size].reshape(before.shape), dtype=np.float64)
+        offset += before.size
+    return flat
+
+
+def _check_weighted_update(update: np.ndarray, weight: float, max_weight: float) -> None:
+    if not np.all(np.isfinite(update)):
+        raise ValueError("the model update holds NaN or infinite values; not sending it into the aggregate")
+    if not 0 < weight <= max_weight:
+        raise ValueError(f"example count {weight} is outside (0, secure_agg.max_weight={max_weight}]")
+
+
+def _encode(update: np.ndarray, weight: float, clip_range: float, max_weight: float, levels: int) -> np.ndarray:
+    rng = np.random.default_rng()  # OS entropy: rounding noise must not be predictable
+    weighted = np.clip(update, -clip_range, clip_range, dtype=np.float64)
+    weighted *= weight
+    encoded = np.empty(weighted.size + 1, dtype=np.uint64)  # [weight x update, weight]
+    quantize(weighted, clip_range * max_weight, levels, rng, out=encoded[:-1])
+    quantize(np.array([float(weight)]), float(max_weight), levels, rng, out=encoded[-1:])
+    return encoded
 
 
 def encode_weighted_update(update: np.ndarray, weight: float, cfg) -> np.ndarray:
     """Quantize [weight x clipped update, weight] so the server can form a weighted mean from sums."""
     sa = cfg.secure_agg
-    if not np.all(np.isfinite(update)):
-        raise ValueError("the model update holds NaN or infinite values; not sending it into the aggregate")
-    if not 0 < weight <= sa.max_weight:
-        raise ValueError(f"example count {weight} is outside (0, secure_agg.max_weight={sa.max_weight}]")
+    _check_weighted_update(update, weight, sa.max_weight)
     levels = levels_for(int(sa.modulus_bits), int(cfg.simulation.num_clients))
-    rng = np.random.default_rng()  # OS entropy: rounding noise must not be predictable
-    weighted = np.clip(update, -sa.clip_range, sa.clip_range) * weight
-    body = quantize(weighted, sa.clip_range * sa.max_weight, levels, rng)
-    tail = quantize(np.array([float(weight)]), float(sa.max_weight), levels, rng)
-    return np.concatenate([body, tail])
+    return _encode(update, weight, float(sa.clip_range), float(sa.max_weight), levels)
+
+
+def _storage_dtype(arrays: ArrayRecord) -> np.dtype:
+    """float32 when no model array is wider; the update is then exactly new - old rounded once."""
+    wide = any(np.dtype(arrays[key].dtype).itemsize > FLOAT32_BYTES for key in arrays.keys())
+    return np.dtype(np.float64 if wide else np.float32)
+
+
+def hold_update(context: Context, update: np.ndarray, weight: float, cfg, model: ArrayRecord) -> None:
+    """Keep the checked update and what encoding it needs in the client's own state until the mask stage."""
+    sa = cfg.secure_agg
+    _check_weighted_update(update, weight, sa.max_weight)
+    context.state[INPUT_STATE_KEY] = ArrayRecord({INPUT_ARRAY: Array(update.astype(_storage_dtype(model)))})
+    context.state[ENCODING_STATE_KEY] = ConfigRecord(
+        {
+            WEIGHT: float(weight),
+            CLIP_RANGE: float(sa.clip_range),
+            MAX_WEIGHT: float(sa.max_weight),
+            MODULUS_BITS: int(sa.modulus_bits),
+            MAX_CLIENTS: int(cfg.simulation.num_clients),
+        }
+    )
+
+
+def encode_held_update(context: Context) -> np.ndarray:
+    """The held update, quantized for masking (see the module docstring for why only now)."""
+    encoding = context.state[ENCODING_STATE_KEY]
+    update = array_view(context.state[INPUT_STATE_KEY][INPUT_ARRAY])
+    levels = levels_for(int(encoding[MODULUS_BITS]), int(encoding[MAX_CLIENTS]))
+    return _encode(update, float(encoding[WEIGHT]), float(encoding[CLIP_RANGE]), float(encoding[MAX_WEIGHT]), levels)
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -63,20 +144,20 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
         return reply  # plain runs, errors and budget refusals pass through unchanged
     update = flatten_update(reply.content[protocol.ARRAYS_KEY], msg.content[protocol.ARRAYS_KEY])
     weight = float(reply.content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])
-    encoded = encode_weighted_update(update, weight, cfg)
+    hold_update(context, update, weight, cfg, msg.content[protocol.ARRAYS_KEY])
     server_round = int(msg.content[protocol.CONFIG_KEY].get(protocol.SERVER_ROUND_KEY, 0))
     session = ClientSession(context.node_id, params_from(cfg), server_round)
     envelope_public, mask_public = session.advertise()
     context.state[SESSION_STATE_KEY] = session.to_record()
-    context.state[INPUT_STATE_KEY] = ArrayRecord({INPUT_ARRAY: Array(encoded)})
     content = RecordDict(
         {
             protocol.METRICS_KEY: reply.content[protocol.METRICS_KEY],
             protocol.SECAGG_KEY: ConfigRecord({"stage": "advertise", "envelope_key": envelope_public, "mask_key": mask_public}),
         }
     )
-    if protocol.PRIVACY_KEY in reply.content:
-        content[protocol.PRIVACY_KEY] = reply.content[protocol.PRIVACY_KEY]
+    for key in (protocol.PRIVACY_KEY, protocol.LEDGER_KEY):  # the spend report and its signed record
+        if key in reply.content:
+            content[key] = reply.content[key]
     return Message(content, reply_to=msg)
 
 
@@ -94,9 +175,9 @@ def handle_stage(msg: Message, context: Context) -> Message:
         answer = ConfigRecord({"to": list(sealed), "ciphertexts": list(sealed.values())})
     elif stage == "mask":
         received = {int(s): bytes(c) for s, c in zip(request["from"], request["ciphertexts"], strict=True)}
-        encoded = context.state[INPUT_STATE_KEY][INPUT_ARRAY].numpy()
-        masked = session.mask(received, encoded)
+        masked = session.mask(received, encode_held_update(context), overwrite_input=True)
         del context.state[INPUT_STATE_KEY]  # the clear input is no longer needed
+        del context.state[ENCODING_STATE_KEY]
         context.state[SESSION_STATE_KEY] = session.to_record()
         reply = RecordDict({protocol.SECAGG_KEY: ArrayRecord({"masked": Array(masked)})})
         return Message(reply, reply_to=msg)

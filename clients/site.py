@@ -16,7 +16,9 @@ NUM_PARTITIONS_KEY = "num-partitions"
 DATA_ROOT_KEY = "data-root"
 DEVICE_KEY = "device"
 EPSILON_BUDGET_KEY = "epsilon-budget"
-KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_ROOT_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY)
+# Where the site keeps its privacy state across server restarts (clients/site_state.py).
+STATE_DIR_KEY = "state-dir"
+KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_ROOT_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY, STATE_DIR_KEY)
 
 
 class SiteConfigError(ValueError):
@@ -31,6 +33,7 @@ class SiteSettings:
     device: str | None
     # The site's own sample-level epsilon budget; the stricter of it and the run's applies.
     epsilon_budget: float | None = None
+    state_dir: str | None = None
 
 
 def _as_int(node_config: dict[str, Any], key: str) -> int:
@@ -63,4 +66,5 @@ def read_site_settings(node_config: dict[str, Any]) -> SiteSettings:
     return SiteSettings(
         partition_id, num_partitions, str(data_root) if data_root else None, device,
         None if budget is None else float(budget),
+        str(node_config[STATE_DIR_KEY]) if node_config.get(STATE_DIR_KEY) else None,
     )

@@ -23,7 +23,10 @@ MODELS = ("logreg", "mlp", "cnn")
 PARTITIONS = ("iid", "dirichlet", "shards")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-PRIVACY_MODES = ("none", "sample_dp")
+PRIVACY_MODES = ("none", "sample_dp", "client_dp", "sample_and_client_dp")
+# Modes whose clients run DP-SGD (sample level) and modes the server adds client-level DP to.
+SAMPLE_DP_MODES = ("sample_dp", "sample_and_client_dp")
+CLIENT_DP_MODES = ("client_dp", "sample_and_client_dp")
 ACCOUNTANT_NAMES = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
 SECURE_AGG_MODES = ("off", "secaggplus")
@@ -75,6 +78,13 @@ class PrivacyConfig:
     max_physical_batch_size: int | None = None
     poisson_sampling: bool = True
     allow_zero_noise: bool = False
+    # Client-level DP (DP-FedAvg, privacy=client_dp): see conf/privacy/client_dp.yaml.
+    client_clip_norm: float = 1.0
+    client_noise_multiplier: float | None = None
+    client_target_epsilon: float | None = None
+    client_max_epsilon: float | None = None
+    client_sampling: str = "poisson"
+    noise: str = "central"
 
 
 @dataclass
@@ -86,6 +96,7 @@ class SecureAggConfig:
     modulus_bits: int = 48
     max_weight: int = 100000
     stage_timeout: float = 120.0
+    stage_poll_interval: float = 0.01
 
 
 @dataclass
@@ -130,6 +141,18 @@ class EvaluateConfig:
 
 
 @dataclass
+class DeploymentConfig:
+    """Where `fedguard run` submits (a SuperLink on another site) and how the server waits for sites."""
+
+    superlink: str = "127.0.0.1:9092"
+    ca_cert: str = "fedguard-server/certs/ca.crt"
+    # Before round 1 the server waits up to this long for all simulation.num_clients sites,
+    # then starts with those connected if they are at least the minimum per round.
+    wait_for_clients: float = 300.0
+    stream: bool = True
+
+
+@dataclass
 class FedguardConfig:
     dataset: DatasetConfig = MISSING
     model: ModelConfig = MISSING
@@ -138,12 +161,15 @@ class FedguardConfig:
     simulation: SimulationConfig = MISSING
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure_agg: SecureAggConfig = field(default_factory=SecureAggConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     seed: int = 42
     device: str = "auto"
     log_level: str = "WARNING"
     progress: bool = True
+    # A run directory to continue from its last completed round (same config otherwise).
+    resume: str | None = None
 
 
 def register_schema() -> None:
@@ -157,6 +183,8 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def _range(key: str, value: float, low: float | None, high: float | None, *, low_open: bool = False) -> None:
+    if value != value:  # NaN passes every comparison below (found by tests/test_fuzz_messages.py)
+        raise ConfigError(f"{key}={value!r} is not a number")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and value > high
     if too_low or too_high:
@@ -193,7 +221,11 @@ def _check_against_schema(cfg: DictConfig) -> None:
 def _validate_privacy(cfg: DictConfig) -> None:
     dp = cfg.privacy
     _choice("privacy.mode", dp.mode, PRIVACY_MODES)
-    if dp.mode == "none":
+    if dp.mode in CLIENT_DP_MODES:
+        from conf.client_dp_checks import validate_client_dp  # imports this module
+
+        validate_client_dp(cfg)
+    if dp.mode not in SAMPLE_DP_MODES:
         return
     _choice("privacy.accountant", dp.accountant, ACCOUNTANT_NAMES)
     _choice("privacy.grad_sample_mode", dp.grad_sample_mode, GRAD_SAMPLE_MODES)
@@ -249,6 +281,7 @@ def _validate_secure_agg(cfg: DictConfig) -> None:
     _range("secure_agg.modulus_bits", sa.modulus_bits, 8, MAX_MODULUS_BITS)
     _range("secure_agg.max_weight", sa.max_weight, 1, None)
     _range("secure_agg.stage_timeout", sa.stage_timeout, 0.0, None, low_open=True)
+    _range("secure_agg.stage_poll_interval", sa.stage_poll_interval, 0.0, sa.stage_timeout, low_open=True)
     if ((1 << sa.modulus_bits) - 1) // cfg.simulation.num_clients < 2:
         raise ConfigError(
             f"secure_agg.modulus_bits={sa.modulus_bits} leaves fewer than 2 quantization levels for "
@@ -319,6 +352,36 @@ def validate_config(cfg: DictConfig) -> None:
     _range("train.weight_decay", cfg.train.weight_decay, 0.0, None)
     _range("evaluate.fraction_clients", cfg.evaluate.fraction_clients, 0.0, 1.0)
     _range("evaluate.batch_size", cfg.evaluate.batch_size, 1, None)
+    _validate_deployment(cfg)
+
+
+def _validate_deployment(cfg: DictConfig) -> None:
+    host, sep, port = str(cfg.deployment.superlink).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"deployment.superlink={cfg.deployment.superlink!r} must be HOST:PORT (port 1-65535)")
+    _range("deployment.wait_for_clients", cfg.deployment.wait_for_clients, 0.0, None)
+
+
+# Keys a resumed run may change: where and how it reports, not what it computes.
+RESUME_MAY_DIFFER = ("resume", "deployment", "progress", "log_level")
+
+
+def resume_mismatches(original: DictConfig, resumed: DictConfig) -> list[str]:
+    """Dotted keys whose values differ between a run and its resumption (ignoring RESUME_MAY_DIFFER)."""
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            out: dict[str, Any] = {}
+            for key, value in node.items():
+                if not prefix and key in RESUME_MAY_DIFFER:
+                    continue
+                out.update(flat(value, f"{prefix}{key}."))
+            return out
+        return {prefix.rstrip("."): node}
+
+    a = flat(OmegaConf.to_container(original, resolve=True))
+    b = flat(OmegaConf.to_container(resumed, resolve=True))
+    return sorted(key for key in a.keys() | b.keys() if a.get(key) != b.get(key))
 
 
 def min_clients_per_round(cfg: DictConfig) -> int:
@@ -331,7 +394,12 @@ def min_clients_per_round(cfg: DictConfig) -> int:
 
 def trains_privately(cfg: DictConfig) -> bool:
     """Whether clients run DP-SGD, so the model must be Opacus-compatible on both sides."""
-    return cfg.privacy.mode != "none"
+    return cfg.privacy.mode in SAMPLE_DP_MODES
+
+
+def client_level_dp(cfg: DictConfig) -> bool:
+    """Whether updates are clipped and noised for client-level DP (DP-FedAvg)."""
+    return cfg.privacy.mode in CLIENT_DP_MODES
 
 
 def clients_per_round(cfg: DictConfig) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import random
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,28 @@ from clients import protocol
 from clients.datasets import load_dataset
 from clients.models import build_model, count_parameters, resolve_device
 from clients.training import evaluate_model
-from conf.schema import clients_per_round, config_from_yaml, config_to_yaml, trains_privately
+from conf.schema import (
+    ConfigError,
+    client_level_dp,
+    clients_per_round,
+    config_from_yaml,
+    config_to_yaml,
+    resume_mismatches,
+    trains_privately,
+)
+from server.client_dp import wrap_for_client_dp
 from server.checkpoint import CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, BackgroundCheckpointWriter, save_checkpoint
 from server.federation import run_federation
+from server.privacy_ledger import FederationLedger
 from server.run_record import RoundRecord, RunRecorder
+from server.run_state import (
+    ResumePoint,
+    RunState,
+    capture_run_state,
+    new_lineage_id,
+    read_resume_point,
+    restore_strategy_state,
+)
 from server.secure_aggregation import SecureAggregationExchange
 from server.strategies import build_strategy
 
@@ -32,21 +52,68 @@ logger = logging.getLogger(__name__)
 
 app = ServerApp()
 
+# Under `fedguard server`, a run without an explicit run-dir lands in <state dir>/runs/run-<id>.
+RUNS_DIR = "runs"
+# How often the server looks for newly connected sites while it waits for them.
+CLIENT_POLL_SECONDS = 1.0
+
 
 def _run_dir(context: Context) -> Path:
     configured = str(context.run_config.get(protocol.RUN_CONFIG_RUN_DIR, "") or "")
-    return Path(configured) if configured else Path("outputs") / f"run-{context.run_id}"
+    return Path(configured) if configured else Path(RUNS_DIR) / f"run-{context.run_id}"
+
+
+def load_resume_point(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
+    """The checkpoint to continue from, if ``resume`` is set; ConfigError/CheckpointError if it cannot be."""
+    if not cfg.resume:
+        return None
+    point = read_resume_point(Path(cfg.resume))
+    if Path(cfg.resume).resolve() != run_dir.resolve():
+        raise ConfigError(f"resume={cfg.resume} but results would go to {run_dir}; a resumed run continues in its own directory")
+    if differ := resume_mismatches(config_from_yaml(point.config_yaml), cfg):
+        raise ConfigError(f"resume={cfg.resume} needs the original run's config; these keys differ: {', '.join(differ)}")
+    logger.warning("resuming run %s after round %d", point.run_state.lineage, point.run_state.completed_round)
+    return point
+
+
+class ClientWaiter:
+    """Waits for sites to connect: all of them before the first round, the minimum before later ones."""
+
+    def __init__(self, expected: int, timeout: float, poll_seconds: float = CLIENT_POLL_SECONDS) -> None:
+        self.expected, self.timeout, self.poll_seconds = expected, timeout, poll_seconds
+        self.first = True
+
+    def __call__(self, grid: Grid, min_clients: int) -> bool:
+        wanted = self.expected if self.first else min_clients
+        self.first = False
+        deadline = time.monotonic() + self.timeout
+        while (connected := len(list(grid.get_node_ids()))) < wanted and time.monotonic() < deadline:
+            logger.info("waiting for clients: %d of %d connected", connected, wanted)
+            time.sleep(self.poll_seconds)
+        if connected < wanted:
+            logger.warning("only %d of %d clients connected after %.0f s", connected, wanted, self.timeout)
+        return connected >= min_clients
 
 
 def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Everything the ServerApp does, callable without a Flower Context (tests, benchmarks)."""
+    resume = load_resume_point(cfg, run_dir)
+    run_state = resume.run_state if resume else RunState(lineage=new_lineage_id())
     random.seed(cfg.seed)  # Flower's node sampling draws from `random`
+    if run_state.sampler_rng is not None:
+        random.setstate(run_state.sampler_rng)
     torch.manual_seed(cfg.seed)
     config_yaml = config_to_yaml(cfg)
     bundle = load_dataset(cfg.dataset, cfg.seed)
     model = build_model(cfg.model, bundle.input_shape, bundle.num_classes, private=trains_privately(cfg))
+    if resume:
+        model.load_state_dict(resume.model_state)
     device = resolve_device(cfg.device)
     checkpoint_dir = run_dir / CHECKPOINT_DIR
+    strategy = build_strategy(cfg)
+    restore_strategy_state(strategy, run_state.strategy)
+    # Client-level DP (DP-FedAvg) wraps the strategy; `strategy` stays the inner one, whose state checkpoints carry.
+    client_dp = wrap_for_client_dp(cfg, strategy, run_state.client_dp) if client_level_dp(cfg) else None
 
     def central_evaluation(_server_round: int, arrays: ArrayRecord) -> tuple[float, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -54,10 +121,16 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return outcome.loss, outcome.accuracy
 
     recorder = RunRecorder(run_dir, config_yaml, cfg.simulation.rounds, show_progress=cfg.progress)
+    if resume:
+        recorder.resume_after(run_state.completed_round)
     checkpoints = BackgroundCheckpointWriter()
 
-    def on_round_end(record: RoundRecord, arrays: ArrayRecord) -> None:
+    def on_round_end(record: RoundRecord, arrays: ArrayRecord, excluded: dict[int, str]) -> None:
+        if client_dp is not None:
+            record = replace(record, client_dp=client_dp.last_release)
         recorder.record_round(record)
+        accounting = client_dp.accountant.to_payload() if client_dp is not None else None
+        state = capture_run_state(run_state.lineage, record.round, strategy, excluded, accounting)
         checkpoints.submit(
             checkpoint_dir / LATEST_NAME,
             model_state=arrays.to_torch_state_dict(),
@@ -66,13 +139,28 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             input_shape=bundle.input_shape,
             num_classes=bundle.num_classes,
             metrics={"test_accuracy": record.test_accuracy, "test_loss": record.test_loss},
+            run_state=state.to_payload(),
         )
 
-    shared_config = ConfigRecord({protocol.FEDGUARD_CONFIG_KEY: config_yaml})
+    ledger = (
+        FederationLedger(
+            run_dir, run_state.lineage, config_yaml,
+            resumed_after=resume.run_state.completed_round if resume else None,
+            federation_budget=cfg.privacy.client_max_epsilon if client_dp else None,
+            federation_delta=float(cfg.privacy.delta) if client_dp else None,
+        )
+        if trains_privately(cfg) or client_dp is not None
+        else None
+    )
+    if client_dp is not None and ledger is not None:
+        client_dp.on_release = ledger.record_release
+        if resume:
+            client_dp.account_recorded(ledger.client_dp_releases_after(run_state.completed_round))
+    shared_config = ConfigRecord({protocol.FEDGUARD_CONFIG_KEY: config_yaml, protocol.LINEAGE_KEY: run_state.lineage})
     try:
         result = run_federation(
             grid,
-            build_strategy(cfg),
+            client_dp or strategy,
             ArrayRecord(model.state_dict()),
             num_rounds=cfg.simulation.rounds,
             train_config=shared_config,
@@ -81,10 +169,19 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             on_round_end=on_round_end,
             round_timeout=cfg.simulation.round_timeout,
             train_exchange=SecureAggregationExchange(cfg) if cfg.secure_agg.mode == "secaggplus" else None,
+            start_round=run_state.completed_round + 1,
+            excluded_clients=run_state.excluded_clients,
+            wait_for_clients=ClientWaiter(int(cfg.simulation.num_clients), float(cfg.deployment.wait_for_clients)),
+            record_spend=ledger.record_replies if ledger else None,
+            stop_before_round=client_dp.stop_reason if client_dp is not None else None,
         )
+        if ledger:
+            ledger.finish(result.rounds_completed, result.stop_reason)
     finally:
         recorder.close()
         checkpoints.close()
+        if ledger:
+            ledger.close()
     final_path = checkpoint_dir / FINAL_NAME
     save_checkpoint(
         final_path,
@@ -98,6 +195,8 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return recorder.finish(
         {
             "stop_reason": result.stop_reason,
+            "lineage": run_state.lineage,
+            "resumed_after_round": resume.run_state.completed_round if resume else None,
             "clients_no_longer_sampled": {str(node): why for node, why in result.excluded_clients.items()},
             "clients": {"total": cfg.simulation.num_clients, "per_round": clients_per_round(cfg)},
             "dataset": cfg.dataset.name,
@@ -109,6 +208,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "seed": cfg.seed,
             "device": str(device),
             "checkpoint": str(final_path),
+            **({"privacy": {"federation": client_dp.federation_summary()}} if client_dp else {}),
         }
     )
 

@@ -37,8 +37,11 @@ def save_checkpoint(
     input_shape: tuple[int, ...],
     num_classes: int,
     metrics: dict[str, Any],
+    run_state: dict[str, Any] | None = None,
 ) -> None:
-    """Write to a temporary file, fsync, then rename, so a crash never leaves half a checkpoint."""
+    """Write to a temporary file, fsync, then rename, so a crash never leaves half a checkpoint.
+
+    ``run_state`` (server/run_state.py) is what a resumed run needs beyond the model."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -49,6 +52,8 @@ def save_checkpoint(
         "num_classes": num_classes,
         "metrics": metrics,
     }
+    if run_state is not None:
+        payload["run_state"] = run_state
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as handle:
         torch.save(payload, handle)

@@ -21,13 +21,14 @@ from flwr.serverapp.strategy import Strategy
 
 from clients import protocol
 from server.client_pool import ExcludingGrid
-from server.reply_checks import train_reply_problem
+from server.reply_checks import metric_key_outliers, train_reply_problem, usable_evaluate_replies
 from server.run_record import RoundRecord
 
 logger = logging.getLogger(__name__)
 
 CentralEvaluation = Callable[[int, ArrayRecord], tuple[float, float]]
-RoundCallback = Callable[[RoundRecord, ArrayRecord], None]
+# Called after each round with the record, the new global model and the clients no longer sampled.
+RoundCallback = Callable[[RoundRecord, ArrayRecord, dict[int, str]], None]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class TrainReplies:
     failed: list[Message] = field(default_factory=list)
     rejected: list[Message] = field(default_factory=list)
     privacy: list[dict[str, Any]] = field(default_factory=list)
+    # Replies (usable or refused) carrying a site's signed ledger entries, for the run's ledger.
+    ledgers: list[Message] = field(default_factory=list)
     # Clients whose updates are in `usable`; differs from len(usable) when secure
     # aggregation folds them into one aggregate reply.
     contributors: int | None = None
@@ -52,6 +55,18 @@ class TrainReplies:
     @property
     def contributed(self) -> int:
         return len(self.usable) if self.contributors is None else self.contributors
+
+
+class ClientWait(Protocol):
+    """Blocks until enough clients are connected; False if they never came (the run stops cleanly)."""
+
+    def __call__(self, grid: Grid, min_clients: int) -> bool: ...
+
+
+class SpendRecorder(Protocol):
+    """Puts the round's privacy spend on record; returns the replies whose record was unacceptable."""
+
+    def __call__(self, server_round: int, replies: list[Message]) -> list[Message]: ...
 
 
 class TrainExchange(Protocol):
@@ -73,7 +88,12 @@ def exchange_messages(grid: Grid, messages: Iterable[Message], timeout: float) -
     outgoing = list(messages)
     if not outgoing:
         return 0, []
-    return len(outgoing), list(grid.send_and_receive(outgoing, timeout=timeout))
+    replies = list(grid.send_and_receive(outgoing, timeout=timeout))
+    if silent := {m.metadata.dst_node_id for m in outgoing} - {r.metadata.src_node_id for r in replies}:
+        logger.warning(
+            "no reply within %.0f s from %d of %d client(s): nodes %s", timeout, len(silent), len(outgoing), sorted(silent)
+        )
+    return len(outgoing), replies
 
 
 def sort_train_replies(
@@ -91,16 +111,26 @@ def sort_train_replies(
             logger.warning("round %d: client node %d failed: %s", server_round, node, reply.error.reason)
             sorted_replies.failed.append(reply)
             continue
+        if (problem := train_reply_problem(reply, expected_arrays)) is not None:
+            logger.warning("round %d: rejected the reply of client node %d: %s", server_round, node, problem)
+            sorted_replies.rejected.append(reply)
+            continue
         report = reply.content.config_records.get(protocol.PRIVACY_KEY)
         if report is not None:
             sorted_replies.privacy.append({"node_id": node, **dict(report)})
+        if protocol.LEDGER_KEY in reply.content:
+            sorted_replies.ledgers.append(reply)
         if report is not None and bool(report.get("refused", False)):
             sorted_replies.refused.append(reply)
-        elif (problem := train_reply_problem(reply, expected_arrays)) is not None:
-            logger.warning("round %d: rejected the reply of client node %d: %s", server_round, node, problem)
-            sorted_replies.rejected.append(reply)
         else:
             sorted_replies.usable.append(reply)
+    for reply in metric_key_outliers(sorted_replies.usable):  # Flower's strategies refuse a mix
+        logger.warning(
+            "round %d: rejected the reply of client node %d: its metric keys differ from the other replies'",
+            server_round, reply.metadata.src_node_id,
+        )
+        sorted_replies.usable.remove(reply)
+        sorted_replies.rejected.append(reply)
     return sorted_replies
 
 
@@ -136,12 +166,20 @@ def run_federation(
     on_round_end: RoundCallback,
     round_timeout: float,
     train_exchange: TrainExchange | None = None,
+    start_round: int = 1,
+    excluded_clients: dict[int, str] | None = None,
+    wait_for_clients: ClientWait | None = None,
+    record_spend: SpendRecorder | None = None,
+    stop_before_round: Callable[[int, Grid], str | None] | None = None,
 ) -> FederationResult:
+    """Rounds ``start_round``..``num_rounds`` (a resumed run starts after its last completed one)."""
     exchange = train_exchange or PlainTrainExchange()
     pool = ExcludingGrid(grid)
+    for node, reason in (excluded_clients or {}).items():
+        pool.exclude(node, reason)
     min_clients = int(getattr(strategy, "min_available_nodes", 1))
     arrays = initial_arrays
-    for server_round in range(1, num_rounds + 1):
+    for server_round in range(start_round, num_rounds + 1):
         available = len(list(pool.get_node_ids()))
         if pool.excluded and available < min_clients:
             reason = (
@@ -150,9 +188,21 @@ def run_federation(
             )
             logger.warning("stopping before round %d: %s", server_round, reason)
             return FederationResult(arrays, server_round - 1, reason, dict(pool.excluded))
+        if wait_for_clients is not None and not wait_for_clients(pool, min_clients):
+            reason = f"fewer than {min_clients} clients connected within the wait for clients"
+            logger.warning("stopping before round %d: %s", server_round, reason)
+            return FederationResult(arrays, server_round - 1, reason, dict(pool.excluded))
+        if stop_before_round is not None and (reason := stop_before_round(server_round, pool)) is not None:
+            logger.warning("stopping before round %d: %s", server_round, reason)  # e.g. a budget it would exceed
+            return FederationResult(arrays, server_round - 1, reason, dict(pool.excluded))
         started = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), pool)
         sampled, sorted_replies = exchange.train(pool, messages, arrays, server_round, round_timeout)
+        if record_spend is not None:  # on the record before anything of this round is released
+            for reply in record_spend(server_round, sorted_replies.ledgers):
+                if reply in sorted_replies.usable:
+                    sorted_replies.usable.remove(reply)
+                    sorted_replies.rejected.append(reply)
         for refusal in sorted_replies.refused:
             node = refusal.metadata.src_node_id
             reason = str(refusal.content.config_records[protocol.PRIVACY_KEY].get("reason", "refused"))
@@ -176,6 +226,7 @@ def run_federation(
             strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(evaluate_config)), pool),
             round_timeout,
         )
+        eval_replies = usable_evaluate_replies(server_round, eval_replies)
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies) if eval_replies else None
 
         test_loss, test_accuracy = central_evaluation(server_round, arrays)
@@ -194,5 +245,5 @@ def run_federation(
             federated_eval_accuracy=_metric(eval_metrics, protocol.EVAL_ACCURACY_KEY),
             privacy=sorted_replies.privacy,
         )
-        on_round_end(record, arrays)
+        on_round_end(record, arrays, dict(pool.excluded))
     return FederationResult(arrays, num_rounds, "completed all rounds", dict(pool.excluded))

@@ -41,6 +41,9 @@ class RoundRecord:
     # One privacy report per replying client (sample-level DP): epsilon so far, delta,
     # noise multiplier, sample rate, steps this round and in total, accountant, refused.
     privacy: list[dict[str, Any]] = field(default_factory=list)
+    # Client-level DP (DP-FedAvg) of this round: clip norm, noise std of the released sum,
+    # cohort size, survivors, the federation's epsilon so far; None when off.
+    client_dp: dict[str, Any] | None = None
 
 
 def _json_safe(value: Any) -> Any:
@@ -94,6 +97,36 @@ class RunRecorder:
             )
             self._progress.start()
             self._task = self._progress.add_task("accuracy -", total=total_rounds)
+
+    def resume_after(self, completed_round: int) -> None:
+        """Continue a crashed run's record: keep its rounds up to the checkpointed one.
+
+        metrics.jsonl is fsync'ed before the round's checkpoint is written, so after a crash
+        it may hold one round the checkpoint lacks; that round is run again, so its old line goes.
+        """
+        kept: list[dict[str, Any]] = []
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines() if self.metrics_path.exists() else []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                if number == len(lines):
+                    break  # the last line, cut short by the crash
+                raise
+            if int(entry["round"]) <= completed_round:
+                kept.append(entry)
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in kept), encoding="utf-8")
+        os.replace(tmp, self.metrics_path)
+        for entry in kept:
+            record = RoundRecord(**entry)
+            self.rounds.append(record)
+            for report in record.privacy:
+                self.client_privacy[int(report["partition-id"])] = report
+        if self._progress is not None:
+            self._progress.update(self._task, completed=len(kept))
 
     def record_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -19,12 +20,16 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from clients import protocol
-from clients.secure_aggregation import params_from
+from clients.secure_aggregation import array_view, params_from
 from privacy.secagg.masking import dequantize_sum, levels_for
 from privacy.secagg.protocol import SecAggError, ServerSession, neighbour_graph
 from server.federation import TrainReplies, exchange_messages, sort_train_replies
+from server.reply_checks import stage_reply_problem
 
 logger = logging.getLogger(__name__)
+
+# Seconds between checks for stage answers when no config says otherwise (Flower's own is 0.1).
+DEFAULT_POLL_INTERVAL = 0.01
 
 
 def _stage_messages(requests: dict[int, ConfigRecord]) -> list[Message]:
@@ -34,15 +39,48 @@ def _stage_messages(requests: dict[int, ConfigRecord]) -> list[Message]:
     ]
 
 
-def _answers(grid: Grid, requests: dict[int, ConfigRecord], timeout: float, stage: str) -> dict[int, Message]:
+def send_and_collect(grid: Grid, messages: list[Message], timeout: float, poll_interval: float) -> list[Message]:
+    """``Grid.send_and_receive`` with the poll interval in our hands.
+
+    Flower's grids sleep a fixed interval (0.1 s for the simulation's in-memory grid)
+    between checks for replies; with three extra stages per round that fixed latency
+    alone would be a visible share of a SecAgg+ round. Same semantics: push all, pull
+    until every message is answered or ``timeout`` seconds pass.
+    """
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        arrived = list(grid.pull_messages(pending))
+        replies.extend(arrived)
+        pending -= {reply.metadata.reply_to_message_id for reply in arrived}
+        remaining = deadline - time.monotonic()
+        if not pending or remaining <= 0:
+            break
+        time.sleep(min(poll_interval, remaining))
+    return replies
+
+
+def _answers(
+    grid: Grid,
+    requests: dict[int, ConfigRecord],
+    timeout: float,
+    stage: str,
+    vector_length: int | None = None,
+    poll_interval: float = DEFAULT_POLL_INTERVAL,
+) -> dict[int, Message]:
     if not requests:
         return {}
-    replies = grid.send_and_receive(_stage_messages(requests), timeout=timeout)
+    started = time.perf_counter()
+    replies = send_and_collect(grid, _stage_messages(requests), timeout, poll_interval)
+    logger.debug("secagg stage %s: %d round trip(s) took %.3f s", stage, len(requests), time.perf_counter() - started)
     answers = {}
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
             logger.warning("secure aggregation %s: client node %d dropped: %s", stage, node, reply.error.reason)
+        elif (problem := stage_reply_problem(stage, reply, vector_length)) is not None:
+            logger.warning("secure aggregation %s: client node %d dropped: malformed answer: %s", stage, node, problem)
         else:
             answers[node] = reply
     missing = set(requests) - set(answers)
@@ -59,18 +97,21 @@ class SecureAggregationExchange:
         self.params = params_from(cfg)
         self.levels = levels_for(self.params.modulus_bits, int(cfg.simulation.num_clients))
         self.stage_timeout = float(cfg.secure_agg.stage_timeout)
+        self.poll_interval = float(cfg.secure_agg.get("stage_poll_interval", DEFAULT_POLL_INTERVAL))
 
     def train(
         self, grid: Grid, messages: Iterable[Message], global_arrays: ArrayRecord, server_round: int, timeout: float
     ) -> tuple[int, TrainReplies]:
         outgoing = list(messages)
+        started = time.perf_counter()
         sampled, replies = exchange_messages(grid, outgoing, timeout)
+        logger.debug("round %d: secagg stage train+advertise took %.3f s", server_round, time.perf_counter() - started)
         instructions = {message.metadata.dst_node_id: message for message in outgoing}
         sorted_replies = sort_train_replies(server_round, replies)
         keyed = {r.metadata.src_node_id: r for r in sorted_replies.usable if protocol.SECAGG_KEY in r.content}
         try:
             aggregate = self._run_stages(grid, keyed, instructions, global_arrays, server_round)
-        except SecAggError as err:
+        except (SecAggError, ValueError) as err:  # ValueError: junk shares from a client (Shamir, X25519)
             logger.error("round %d: secure aggregation failed: %s", server_round, err)
             sorted_replies.usable, sorted_replies.contributors = [], 0
             return sampled, sorted_replies
@@ -111,6 +152,7 @@ class SecureAggregationExchange:
             },
             self.stage_timeout,
             "share",
+            poll_interval=self.poll_interval,
         )
         shares = {
             node: {
@@ -128,8 +170,10 @@ class SecureAggregationExchange:
             },
             self.stage_timeout,
             "mask",
+            1 + sum(int(np.prod(global_arrays[key].shape)) for key in global_arrays.keys()),
+            poll_interval=self.poll_interval,
         )
-        masked = {node: r.content[protocol.SECAGG_KEY]["masked"].numpy() for node, r in mask_answers.items()}
+        masked = {node: array_view(r.content[protocol.SECAGG_KEY]["masked"]) for node, r in mask_answers.items()}
         survivors, dropped = set(masked), set(shares) - set(masked)
         if len(survivors) < self.params.threshold:
             raise SecAggError(f"{len(survivors)} clients sent masked inputs; threshold is {self.params.threshold}")
@@ -141,6 +185,7 @@ class SecureAggregationExchange:
             },
             self.stage_timeout,
             "unmask",
+            poll_interval=self.poll_interval,
         )
         revealed = {
             node: {
@@ -154,8 +199,11 @@ class SecureAggregationExchange:
             }
             for node, r in unmask_answers.items()
         }
+        started = time.perf_counter()
         total, count = session.aggregate(masked, set(shares), revealed)
         content = self._aggregate_content(total, count, survivors, keyed, global_arrays)
+        elapsed = time.perf_counter() - started
+        logger.debug("round %d: secagg unmasking and dequantization took %.3f s", server_round, elapsed)
         # Shaped as the reply to one survivor's train message; strategies read only its content.
         return Message(content, reply_to=instructions[min(survivors)]), count
 
@@ -175,7 +223,7 @@ class SecureAggregationExchange:
         mean_update = weighted_sum / total_weight
         arrays, offset = {}, 0
         for key in global_arrays.keys():
-            base = global_arrays[key].numpy()
+            base = array_view(global_arrays[key])
             size = base.size
             arrays[key] = Array((base.astype(np.float64) + mean_update[offset : offset + size].reshape(base.shape)).astype(base.dtype))
             offset += size

@@ -55,11 +55,27 @@ def main(argv: list[str]) -> int:
     dp.add_argument("--warmup-steps", type=int, default=5)
     dp.add_argument("--steps", type=int, default=40)
     dp.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
-    secagg = sub.add_parser("secagg", help="round wall time with SecAgg+ vs without")
+    secagg = sub.add_parser("secagg", help="round wall time with SecAgg+ vs without, fedguard's and Flower's")
     secagg.add_argument("--clients", type=int, nargs="+", default=[10, 100])
     secagg.add_argument("--parameters", type=int, nargs="+", default=[100_000, 1_000_000])
     secagg.add_argument("--rounds", type=int, default=4)
+    secagg.add_argument("--repeats", type=int, default=1, help="alternating runs of each variant")
+    secagg.add_argument(
+        "--flower", action=argparse.BooleanOptionalAction, default=True, help="also time Flower's legacy SecAgg+"
+    )
     secagg.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    poisoning = sub.add_parser("poisoning", help="final accuracy per strategy with 0/2/5 of 20 clients poisoning")
+    poisoning.add_argument("--rounds", type=int, default=5)
+    poisoning.add_argument("--factor", type=float, default=-10.0, help="attackers send old + factor * update")
+    poisoning.add_argument("--model", default="mlp")
+    poisoning.add_argument("--local-epochs", type=int, default=2)
+    poisoning.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    deployment = sub.add_parser("deployment", help="separate sites on loopback vs simulation: round time, startup")
+    deployment.add_argument("--sites", type=int, default=3)
+    deployment.add_argument("--rounds", type=int, default=5)
+    deployment.add_argument("--dataset", default="digits")
+    deployment.add_argument("--model", default="mlp")
+    deployment.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     args = parser.parse_args(argv)
     from simulations.simulate import configure_logging
 
@@ -75,7 +91,15 @@ def main(argv: list[str]) -> int:
     elif args.name == "secagg":
         from simulations.bench_secagg import run_secagg_benchmark
 
-        result = run_secagg_benchmark(args.clients, args.parameters, args.rounds)
+        result = run_secagg_benchmark(args.clients, args.parameters, args.rounds, args.repeats, args.flower)
+    elif args.name == "poisoning":
+        from simulations.bench_poisoning import run_poisoning_benchmark
+
+        result = run_poisoning_benchmark(args.rounds, args.factor, args.model, args.local_epochs)
+    elif args.name == "deployment":
+        from simulations.bench_deployment import run_deployment_benchmark
+
+        result = run_deployment_benchmark(args.sites, args.rounds, args.dataset, args.model)
     else:
         return 2
     path = write_result(args.out, args.name, result)

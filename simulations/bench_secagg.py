@@ -1,21 +1,35 @@
-"""Round wall time with SecAgg+ against the same round without it.
+"""Round wall time with SecAgg+ against the same round without it, fedguard's and Flower's.
 
 Same clients, same model (an MLP sized to the requested parameter count), one SGD step
-per client, in one process; medians over rounds after the first (actor start-up).
-Flower's legacy SecAgg+ workflow is not measured here yet.
+per client, in one process, per case four runs alternated ``repeats`` times so that
+drift in the machine's speed hits every variant alike:
+
+- fedguard plain (``secure_agg=off``) and fedguard SecAgg+ (``secure_agg=secaggplus``,
+  neighbours and threshold from ``conf/secure_agg/secaggplus.yaml``);
+- Flower's legacy FedAvg without and with its own ``SecAggPlusWorkflow`` at the
+  equivalent neighbour count (``simulations/bench_secagg_flower.py`` says how it maps).
+
+Medians over rounds after the first of each run (actor start-up).
 """
 
 from __future__ import annotations
 
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from simulations.bench_overhead import run_fedguard
+from conf import compose_config
+from simulations.bench_overhead import _plain_model, run_fedguard
+from simulations.bench_secagg_flower import FlowerSecAggSettings, run_flower_legacy
+from clients.models import count_parameters
 
 DIGITS_INPUTS = 64
 DIGITS_CLASSES = 10
+MIN_ROUNDS = 2  # the first round of every run is warm-up
+FEDGUARD_PLAIN, FEDGUARD_SECAGG = "fedguard_plain", "fedguard_secaggplus"
+FLOWER_PLAIN, FLOWER_SECAGG = "flower_legacy_plain", "flower_legacy_secaggplus"
 
 
 def hidden_width_for(parameters: int) -> int:
@@ -25,25 +39,68 @@ def hidden_width_for(parameters: int) -> int:
     return max(1, int((-linear + (linear**2 + 4 * parameters) ** 0.5) / 2))
 
 
-def run_secagg_benchmark(client_counts: list[int], parameter_counts: list[int], rounds: int) -> dict[str, Any]:
+def _fedguard_runner(clients: int, rounds: int, hidden: int, mode: str) -> Callable[[], list[float]]:
+    def run() -> list[float]:
+        extra = (f"secure_agg={mode}", f"simulation.min_clients_per_round={min(clients, 3)}")
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds, actual = run_fedguard(clients, rounds, hidden, Path(tmp) / "run", extra)
+        expected = count_parameters(_plain_model({"hidden": hidden}))
+        if actual != expected:
+            raise RuntimeError(f"model sizes differ: fedguard {actual}, Flower's client {expected}")
+        return seconds
+
+    return run
+
+
+def run_secagg_benchmark(
+    client_counts: list[int], parameter_counts: list[int], rounds: int, repeats: int = 1, flower: bool = True
+) -> dict[str, Any]:
+    if rounds < MIN_ROUNDS:
+        raise SystemExit(f"--rounds must be at least {MIN_ROUNDS} (the first round of each run is warm-up)")
+    secagg = compose_config(["secure_agg=secaggplus"]).secure_agg
     cases = []
     for clients in client_counts:
         for parameters in parameter_counts:
             hidden = hidden_width_for(parameters)
-            timings = {}
-            for mode in ("off", "secaggplus"):
-                extra = (f"secure_agg={mode}", f"simulation.min_clients_per_round={min(clients, 3)}")
-                with tempfile.TemporaryDirectory() as tmp:
-                    seconds, actual = run_fedguard(clients, rounds, hidden, Path(tmp) / "run", extra)
-                timings[mode] = statistics.median(seconds[1:])
-            cases.append(
-                {
-                    "clients": clients,
-                    "model_parameters": actual,
-                    "plain_round_seconds": timings["off"],
-                    "secaggplus_round_seconds": timings["secaggplus"],
-                    "ratio": timings["secaggplus"] / timings["off"],
-                }
+            flower_settings = FlowerSecAggSettings.from_fedguard(
+                int(secagg.neighbours), int(secagg.threshold), float(secagg.stage_timeout), clients
             )
-            print(cases[-1], flush=True)
-    return {"rounds": rounds, "neighbours_and_threshold": "conf/secure_agg/secaggplus.yaml defaults", "cases": cases}
+            runners = {
+                FEDGUARD_PLAIN: _fedguard_runner(clients, rounds, hidden, "off"),
+                FEDGUARD_SECAGG: _fedguard_runner(clients, rounds, hidden, "secaggplus"),
+            }
+            if flower:
+                runners[FLOWER_PLAIN] = lambda: run_flower_legacy(clients, rounds, hidden, None)
+                runners[FLOWER_SECAGG] = lambda: run_flower_legacy(clients, rounds, hidden, flower_settings)
+            seconds: dict[str, list[float]] = {name: [] for name in runners}
+            for _ in range(repeats):
+                for name, run in runners.items():
+                    seconds[name] += run()[1:]
+            median = {name: statistics.median(values) for name, values in seconds.items()}
+            case: dict[str, Any] = {
+                "clients": clients,
+                "model_parameters": count_parameters(_plain_model({"hidden": hidden})),
+                **{f"{name}_round_seconds": value for name, value in median.items()},
+                "ratio_fedguard_secaggplus_over_plain": median[FEDGUARD_SECAGG] / median[FEDGUARD_PLAIN],
+            }
+            if flower:
+                case["flower_num_shares"] = flower_settings.num_shares
+                case["ratio_flower_secaggplus_over_flower_plain"] = median[FLOWER_SECAGG] / median[FLOWER_PLAIN]
+                case["ratio_flower_secaggplus_over_fedguard_plain"] = median[FLOWER_SECAGG] / median[FEDGUARD_PLAIN]
+                speedup = median[FLOWER_SECAGG] / median[FEDGUARD_SECAGG]
+                case["speedup_fedguard_secaggplus_over_flower_secaggplus"] = speedup
+            case["timed_round_seconds"] = seconds
+            cases.append(case)
+            print({k: v for k, v in case.items() if k != "timed_round_seconds"}, flush=True)
+    return {
+        "rounds": rounds,
+        "repeats": repeats,
+        "neighbours": int(secagg.neighbours),
+        "threshold": int(secagg.threshold),
+        "modulus_bits": int(secagg.modulus_bits),
+        "flower_mapping": (
+            "Flower num_shares = neighbours + 1 (it counts the client itself), rounded up to odd; "
+            "reconstruction_threshold = threshold; Flower's default quantization (2^22 levels, modulus 2^32)"
+        ),
+        "cases": cases,
+    }

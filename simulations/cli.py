@@ -6,13 +6,33 @@ Hydra overrides after the subcommand pass straight through, e.g.
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+# Separate-sites commands: name -> (module, function taking the remaining argv).
+DEPLOYMENT_COMMANDS = {
+    "certs": ("privacy.key_commands", "certs_main"),
+    "keys": ("privacy.key_commands", "keys_main"),
+    "server": ("server.launch", "server_main"),
+    "register": ("server.launch", "register_main"),
+    "client": ("clients.launch", "client_main"),
+    "run": ("server.submit", "run_main"),
+}
 
 USAGE = """usage: fedguard <command> [hydra overrides or options]
 
 commands:
   simulate   run a federated simulation (Flower simulation engine, Ray) from conf/
   bench      benchmarks that print figures and write JSON (fedguard bench --help)
+  audit      verify a run's privacy ledger and recompute its epsilons (fedguard audit --help)
+
+separate sites (Flower deployment engine; TLS and site keys always on):
+  certs      create the federation's CA and the server's TLS certificate
+  keys       create a client site's authentication key pair
+  server     start the SuperLink (server site)
+  register   register a client site's public key with the SuperLink
+  client     join the federation as a site (SuperNode)
+  run        submit a run to the SuperLink (same Hydra overrides as simulate)
 
 Run `fedguard simulate --help` for Hydra's help and the config groups.
 """
@@ -35,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         from simulations.bench import main as bench_main
 
         return bench_main(rest)
+    if command == "audit":
+        from privacy.audit.cli import main as audit_main
+
+        return audit_main(rest)
+    if command in DEPLOYMENT_COMMANDS:
+        module_name, function_name = DEPLOYMENT_COMMANDS[command]
+        return getattr(importlib.import_module(module_name), function_name)(rest)
     print(f"fedguard: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

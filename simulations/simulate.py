@@ -18,9 +18,12 @@ from omegaconf import DictConfig
 from clients import protocol
 from conf import validate_config
 from conf.schema import ConfigError, config_to_yaml
+from server.checkpoint import CheckpointError
 from server.run_record import SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
+
+CLIENT_STATE_DIR = "client-state"
 
 # Ray's notice about a future change: clients with num_gpus=0 are still hidden from GPUs,
 # which is what fedguard relies on (check_resources says how to give clients a GPU share).
@@ -98,15 +101,19 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     The resolved config travels in the run config exactly as `flwr run` carries it on
     real sites, so simulation exercises the deployment code path.
     """
-    from clients.app import app as client_app
+    from clients.app import build_client_app
     from server.app import app as server_app
+    from server.app import load_resume_point
 
     check_resources(cfg)
+    load_resume_point(cfg, run_dir)  # fail here, not inside the engine, if it cannot resume
     run_config = {
         protocol.RUN_CONFIG_FEDGUARD: config_to_yaml(cfg),
         protocol.RUN_CONFIG_RUN_DIR: str(run_dir),
     }
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    # Virtual sites keep their privacy state and ledgers beside the run, so `resume=` works here too.
+    client_app = build_client_app(site_state_root=run_dir / CLIENT_STATE_DIR)
     launch(server_app, client_app, int(cfg.simulation.num_clients), backend_config(cfg), context)
     summary_path = run_dir / SUMMARY_FILE
     if not summary_path.is_file():
@@ -117,10 +124,12 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def simulate(cfg: DictConfig) -> float:
     configure_logging(cfg.log_level)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = Path(cfg.resume) if cfg.resume else Path(HydraConfig.get().runtime.output_dir)
     try:
         validate_config(cfg)
         summary = run_simulation(cfg, run_dir)
     except ConfigError as err:
         raise SystemExit(f"fedguard: bad config: {err}") from None
+    except CheckpointError as err:
+        raise SystemExit(f"fedguard: cannot resume: {err}") from None
     return float(summary.get("final", {}).get("accuracy", float("nan")))

@@ -116,3 +116,81 @@ def test_quantization_is_unbiased_and_checked():
         levels_for(4, 100)
     with pytest.raises(QuantizationError):
         expand_mask(bytes(32), 10, 70)
+
+
+def _reference_mask(key: bytes, length: int, bits: int) -> np.ndarray:
+    """The mask straight from one ChaCha20 keystream call, as the first implementation had it."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    stream = Cipher(algorithms.ChaCha20(key, b"\0" * 16), mode=None).encryptor().update(bytes(8 * length))
+    return np.frombuffer(stream, dtype=np.uint64) & np.uint64((1 << bits) - 1)
+
+
+@pytest.mark.parametrize("bits", [20, 48, 62])
+def test_in_place_masking_equals_separate_masks_across_chunks(monkeypatch, bits):
+    import privacy.secagg.masking as masking
+
+    monkeypatch.setattr(masking, "CHUNK_WORDS", 7)  # many chunks and a ragged last one
+    length, modulus = 23, np.uint64((1 << bits) - 1)
+    rng = np.random.default_rng(bits)
+    start = rng.integers(0, 1 << bits, length, dtype=np.uint64)
+    keys = [bytes([i]) * 32 for i in range(4)]
+    signs = [masking.ADD, masking.SUBTRACT, masking.ADD, masking.SUBTRACT]
+    expected = start.copy()
+    for key, sign in zip(keys, signs):
+        mask = _reference_mask(key, length, bits)
+        expected = (expected + mask) & modulus if sign == masking.ADD else (expected - mask) & modulus
+    total = start.copy()
+    assert masking.apply_masks(total, list(zip(keys, signs)), bits) is total
+    assert np.array_equal(total, expected)
+    assert np.array_equal(expand_mask(keys[0], length, bits), _reference_mask(keys[0], length, bits))
+    # adding and removing the same masks restores the input exactly
+    masking.apply_masks(total, [(k, -s) for k, s in zip(keys, signs)], bits)
+    assert np.array_equal(total, start)
+
+
+def test_apply_masks_refuses_what_it_cannot_mask_in_place():
+    from privacy.secagg.masking import ADD, apply_masks
+
+    with pytest.raises(ValueError, match="uint64"):
+        apply_masks(np.zeros(4, dtype=np.int64), [(bytes(32), ADD)], BITS)
+    with pytest.raises(ValueError, match="uint64"):
+        apply_masks(np.zeros(4, dtype=np.uint64)[::2], [(bytes(32), ADD)], BITS)
+    with pytest.raises(ValueError, match="sign"):
+        apply_masks(np.zeros(4, dtype=np.uint64), [(bytes(32), 2)], BITS)
+
+
+def test_chunked_quantization_fills_out_and_stays_unbiased(monkeypatch):
+    import privacy.secagg.masking as masking
+
+    monkeypatch.setattr(masking, "QUANTIZE_CHUNK", 1000)
+    rng = np.random.default_rng(5)
+    levels = levels_for(24, 10)
+    values = np.linspace(-2.0, 2.0, 30001).astype(np.float32)  # float32 input, ragged last chunk
+    out = np.empty(values.size + 1, dtype=np.uint64)
+    returned = quantize(values, 1.0, levels, rng, out=out[:-1])
+    assert returned.base is out
+    q = out[:-1]
+    assert q.max() <= levels
+    recovered = dequantize_sum(q, 1, 1.0, levels)
+    step = 2.0 / levels
+    assert np.all(np.abs(recovered - np.clip(values, -1.0, 1.0)) <= step + 1e-6)
+    constant = quantize(np.full(40000, 0.3 + step / 4), 1.0, levels, rng)  # a quarter step above a level
+    assert set(np.unique(constant).tolist()) <= {int((0.3 + 1.0) / step), int((0.3 + 1.0) / step) + 1}
+    assert abs(dequantize_sum(constant, 1, 1.0, levels).mean() - (0.3 + step / 4)) < step / 20
+    with pytest.raises(ValueError, match="uint64"):
+        quantize(values, 1.0, levels, rng, out=np.empty(values.size, dtype=np.int64))
+
+
+@pytest.mark.parametrize("length", [1, 16, 17, 32, 33])
+def test_shamir_pads_to_whole_chunks_only(length):
+    secret = bytes(range(1, length + 1))
+    shares = split_secret(secret, 3, 5)
+    chunks = -(-length // 16)
+    assert {len(share) for share in shares} == {3 + 16 * chunks}  # index + pad count + chunks
+    assert combine_shares(shares[1:4], 3) == secret
+    tampered = [shares[0], shares[1], shares[2][:2] + bytes([(shares[2][2] + 1) % 16]) + shares[2][3:]]
+    with pytest.raises(ShamirError, match="length"):
+        combine_shares(tampered, 3)
+    with pytest.raises(ShamirError, match="empty"):
+        split_secret(b"", 2, 3)

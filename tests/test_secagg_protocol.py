@@ -143,3 +143,153 @@ def test_client_refuses_to_encode_non_finite_or_overweight_updates():
         encode_weighted_update(np.array([0.1, 0.2]), cfg.secure_agg.max_weight + 1, cfg)
     encoded = encode_weighted_update(np.array([0.1, -0.2, 9.0]), 10, cfg)
     assert encoded.dtype == np.uint64 and len(encoded) == 4
+
+
+def test_masking_in_place_gives_the_same_sum_and_copies_otherwise():
+    params = SecAggParams(BITS, 2, 2)
+    nodes = [1, 2, 3]
+    server = ServerSession(params, 1, neighbour_graph(nodes, 2, 0))
+    clients = {n: ClientSession(n, params, 1) for n in nodes}
+    inbox = server.route_shares({n: clients[n].share(keys) for n, keys in server.route_keys(
+        {n: c.advertise() for n, c in clients.items()}).items()})
+    inputs = {n: np.full(5, n, dtype=np.uint64) for n in nodes}
+    kept = inputs[1].copy()
+    masked = {1: clients[1].mask(inbox[1], inputs[1])}
+    assert np.array_equal(inputs[1], kept)  # default: the caller's input is untouched
+    for n in (2, 3):
+        masked[n] = clients[n].mask(inbox[n], inputs[n], overwrite_input=True)
+        assert masked[n] is inputs[n]
+    revealed = {n: clients[n].unmask(set(nodes), set()) for n in nodes}
+    total, count = server.aggregate(masked, set(nodes), revealed)
+    assert count == 3 and total.tolist() == [6] * 5
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
+        np.arange(7, dtype=np.uint64),
+        np.array(3.5),
+        np.zeros((0, 3), dtype=np.int64),
+    ],
+)
+def test_array_view_reads_flower_arrays_without_copying(values):
+    from flwr.app import Array
+
+    from clients.secure_aggregation import array_view
+
+    array = Array(values)
+    view = array_view(array)
+    assert view.dtype == values.dtype and view.shape == values.shape
+    assert np.array_equal(view, array.numpy())
+    assert not view.flags.writeable  # a view of the message's bytes, never written to
+
+
+def _cfg(*overrides):
+    from conf import compose_config
+
+    return compose_config(["secure_agg=secaggplus", *overrides])
+
+
+def test_held_update_is_stored_compactly_and_encodes_like_the_direct_path():
+    from flwr.app import Array, ArrayRecord, Context, RecordDict
+
+    from clients.secure_aggregation import (
+        ENCODING_STATE_KEY,
+        INPUT_ARRAY,
+        INPUT_STATE_KEY,
+        encode_held_update,
+        hold_update,
+    )
+
+    cfg = _cfg()
+    sa = cfg.secure_agg
+    rng = np.random.default_rng(3)
+    model = ArrayRecord({"w": Array(rng.standard_normal((30, 20)).astype(np.float32))})
+    update = rng.uniform(-0.8, 0.8, 600)  # some entries beyond clip_range
+    context = Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    hold_update(context, update, 40.0, cfg, model)
+    held = context.state[INPUT_STATE_KEY][INPUT_ARRAY]
+    assert held.dtype == "float32" and len(held.data) < 600 * 8  # half the bytes of float64 / uint64
+    assert ENCODING_STATE_KEY in context.state
+    levels = levels_for(int(sa.modulus_bits), int(cfg.simulation.num_clients))
+    encoded = encode_held_update(context)
+    assert encoded.dtype == np.uint64 and len(encoded) == 601
+    step = 2 * sa.clip_range * sa.max_weight / levels
+    weighted = dequantize_sum(encoded[:-1], 1, sa.clip_range * sa.max_weight, levels)
+    held_values = update.astype(np.float32).astype(np.float64)  # what was stored, exactly
+    expected = np.clip(held_values, -sa.clip_range, sa.clip_range) * 40.0
+    assert np.max(np.abs(held_values - update)) <= 1e-7  # float32 storage: below the model's own precision
+    assert np.max(np.abs(weighted - expected)) <= step + 1e-9
+    assert dequantize_sum(encoded[-1:], 1, float(sa.max_weight), levels)[0] == pytest.approx(40.0, abs=step)
+    with pytest.raises(ValueError, match="NaN"):
+        hold_update(context, np.array([np.inf]), 1.0, cfg, model)
+
+
+class _SlowGrid:
+    """Answers each pushed message on the ``answer_after``-th pull (or never)."""
+
+    def __init__(self, answer_after: int | None) -> None:
+        self.answer_after, self.pulls, self.pushed = answer_after, 0, []
+
+    def push_messages(self, messages):
+        self.pushed = [f"id-{i}" for i, _ in enumerate(messages)]
+        return list(self.pushed)
+
+    def pull_messages(self, message_ids):
+        from types import SimpleNamespace
+
+        self.pulls += 1
+        if self.answer_after is None or self.pulls < self.answer_after:
+            return []
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in message_ids]
+
+
+def test_stage_exchange_polls_at_the_configured_interval_and_honours_the_timeout(monkeypatch):
+    import server.secure_aggregation as exchange
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(exchange.time, "sleep", sleeps.append)
+    grid = _SlowGrid(answer_after=4)
+    replies = exchange.send_and_collect(grid, [object(), object()], timeout=10.0, poll_interval=0.005)
+    assert len(replies) == 2 and grid.pulls == 4 and sleeps == [0.005] * 3
+
+    monkeypatch.setattr(exchange.time, "sleep", lambda seconds: None)
+    clock = iter(np.arange(0.0, 100.0, 1.0))
+    monkeypatch.setattr(exchange.time, "monotonic", lambda: float(next(clock)))
+    silent = _SlowGrid(answer_after=None)
+    assert exchange.send_and_collect(silent, [object()], timeout=3.0, poll_interval=0.01) == []
+    assert silent.pulls == 3  # gave up once the timeout passed
+
+
+def test_poll_interval_is_configured_and_checked():
+    from conf import ConfigError
+
+    assert _cfg().secure_agg.stage_poll_interval == pytest.approx(0.01)
+    with pytest.raises(ConfigError, match="stage_poll_interval"):
+        _cfg("secure_agg.stage_poll_interval=0")
+    with pytest.raises(ConfigError, match="stage_poll_interval"):
+        _cfg("secure_agg.stage_timeout=1", "secure_agg.stage_poll_interval=2")
+
+
+@pytest.mark.parametrize(
+    ("neighbours", "clients", "num_shares"), [(4, 10, 5), (4, 100, 5), (5, 100, 7), (6, 100, 7), (4, 5, 5), (8, 5, 5)]
+)
+def test_flower_comparison_uses_the_nearest_valid_share_count(neighbours, clients, num_shares):
+    from simulations.bench_secagg_flower import FlowerSecAggSettings
+
+    settings = FlowerSecAggSettings.from_fedguard(neighbours, 3, 120.0, clients)
+    assert settings.num_shares == num_shares and settings.reconstruction_threshold == 3
+    assert settings.num_shares % 2 == 1 or settings.num_shares == clients
+    with pytest.raises(ValueError, match="threshold"):
+        FlowerSecAggSettings.from_fedguard(4, 5, 120.0, 10)
+
+
+def test_masked_inputs_of_the_wrong_form_are_refused_before_summing():
+    params = SecAggParams(BITS, 2, 2)
+    server = ServerSession(params, 1, neighbour_graph([1, 2, 3], 2, 0))
+    good = np.zeros(4, dtype=np.uint64)
+    for bad in (np.zeros(5, dtype=np.uint64), np.zeros(4, dtype=np.int64), np.zeros((2, 2), dtype=np.uint64)):
+        with pytest.raises(SecAggError, match="uint64 vectors of one length"):
+            server.aggregate({1: good, 2: good, 3: bad}, {1, 2, 3}, {})

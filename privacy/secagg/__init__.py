@@ -1,7 +1,8 @@
-"""Building blocks for SecAgg+ (Bonawitz et al. 2017; Bell et al. 2020) on vetted primitives.
+"""fedguard's SecAgg+ (Bonawitz et al. 2017; Bell et al. 2020) on vetted primitives.
 
-Work in progress towards fedguard's own SecAgg+ on Flower's Message API: these modules
-hold the cryptography and arithmetic (key agreement, authenticated share encryption,
-Shamir sharing, cryptographic mask expansion, quantization); the protocol stages and
-their wiring into the ServerApp/ClientApp are not built yet.
+``keys`` (X25519 + HKDF), ``envelope`` (AES-GCM share encryption), ``shamir``
+(pycryptodome's Shamir sharing), ``masking`` (ChaCha20 masks, quantization, in-place
+modular arithmetic) and ``protocol`` (the four stages as transport-free client and
+server sessions). The Flower wiring lives in ``clients/secure_aggregation.py`` and
+``server/secure_aggregation.py``.
 """

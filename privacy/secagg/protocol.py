@@ -29,7 +29,7 @@ from privacy.secagg.keys import (
     private_key_bytes,
     private_key_from_bytes,
 )
-from privacy.secagg.masking import add_mod, expand_mask, sub_mod
+from privacy.secagg.masking import ADD, SUBTRACT, apply_masks
 from privacy.secagg.shamir import combine_shares, split_secret
 
 SEED_BYTES = 32
@@ -174,7 +174,12 @@ class ClientSession:
         return sealed
 
     # Stage 2
-    def mask(self, received: dict[int, bytes], quantized: np.ndarray) -> np.ndarray:
+    def mask(self, received: dict[int, bytes], quantized: np.ndarray, *, overwrite_input: bool = False) -> np.ndarray:
+        """The quantized input plus all its masks, mod 2^bits.
+
+        ``overwrite_input`` masks a contiguous uint64 ``quantized`` in place (the caller's
+        copy of the clear input is then gone), sparing a model-sized copy.
+        """
         bits = self.params.modulus_bits
         for sender, ciphertext in received.items():
             if sender not in self.neighbours:
@@ -186,13 +191,21 @@ class ClientSession:
         # Mask only with neighbours that completed stage 1: a neighbour that never shared its
         # mask key could not be unmasked if it dropped later.
         self.neighbours = set(received)
-        length = len(quantized)
-        masked = add_mod(quantized.astype(np.uint64), expand_mask(self._self_seed, length, bits), bits)
-        for peer in self.neighbours:
-            pairwise = expand_mask(
-                derive_shared_key(self._mask_keys.private, self._peer_keys[peer][1], MASK_PURPOSE), length, bits
+        # One pass over the vector for all masks: the self-mask, then +mask towards each
+        # neighbour with a larger id and -mask towards each with a smaller one, so every
+        # pair's masks cancel in the sum.
+        masks = [(self._self_seed, ADD)] + [
+            (
+                derive_shared_key(self._mask_keys.private, self._peer_keys[peer][1], MASK_PURPOSE),
+                ADD if self.node_id < peer else SUBTRACT,
             )
-            masked = add_mod(masked, pairwise, bits) if self.node_id < peer else sub_mod(masked, pairwise, bits)
+            for peer in sorted(self.neighbours)
+        ]
+        flags = quantized.flags
+        in_place = overwrite_input and quantized.dtype == np.uint64 and quantized.ndim == 1
+        in_place = in_place and flags.c_contiguous and flags.writeable
+        masked = quantized if in_place else np.array(quantized, dtype=np.uint64).reshape(-1)
+        apply_masks(masked, masks, bits)
         self._masked_sent = True
         return masked
 
@@ -247,23 +260,27 @@ class ServerSession:
             raise SecAggError(f"masked inputs from clients that never shared keys: {sorted(survivors - sharers)}")
         if len(survivors) < threshold:
             raise SecAggError(f"only {len(survivors)} clients sent masked inputs; threshold is {threshold}")
-        total = np.zeros_like(next(iter(masked.values())))
-        for vector in masked.values():
-            total = add_mod(total, vector, bits)
-        length = len(total)
-        for node in sharers:
+        shapes = {(np.asarray(v).dtype, np.shape(v)) for v in masked.values()}
+        if len(shapes) != 1 or next(iter(shapes))[0] != np.uint64 or len(next(iter(shapes))[1]) != 1:
+            raise SecAggError(f"masked inputs must be uint64 vectors of one length; got {sorted(map(str, shapes))}")
+        vectors = iter(masked.values())
+        total = np.array(next(vectors), dtype=np.uint64, copy=True)
+        for vector in vectors:
+            np.add(total, vector, out=total)  # uint64 wrap-around is congruent mod 2^bits
+        removals: list[tuple[bytes, int]] = []
+        for node in sorted(sharers):
             kind = "seed" if node in survivors else "key"
             shares = [by_peer[node][1] for by_peer in revealed.values() if node in by_peer and by_peer[node][0] == kind]
             if len(shares) < threshold:
                 raise SecAggError(f"only {len(shares)} shares to unmask client {node}; threshold is {threshold}")
             secret = combine_shares(shares, threshold)
             if kind == "seed":
-                total = sub_mod(total, expand_mask(secret, length, bits), bits)
+                removals.append((secret, SUBTRACT))
                 continue
             mask_private = private_key_from_bytes(secret)
-            for peer in self.graph[node] & survivors:  # they received `node`'s shares, so masked with it
+            for peer in sorted(self.graph[node] & survivors):  # they received `node`'s shares, so masked with it
                 key = derive_shared_key(mask_private, self.public_keys[peer][1], MASK_PURPOSE)
-                pairwise = expand_mask(key, length, bits)
                 # survivor `peer` added +mask if peer < node, else -mask: undo exactly that
-                total = sub_mod(total, pairwise, bits) if peer < node else add_mod(total, pairwise, bits)
+                removals.append((key, SUBTRACT if peer < node else ADD))
+        apply_masks(total, removals, bits)
         return total, len(survivors)

@@ -1,0 +1,102 @@
+"""``fedguard client``: join a federation from a site, as a Flower SuperNode over TLS with its own key.
+
+The site's settings become the SuperNode's node config, checked here with the same schema
+the ClientApp reads (clients/site.py), so a typo fails now, on this site, not mid-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from clients.site import (
+    DATA_ROOT_KEY,
+    DEVICE_KEY,
+    EPSILON_BUDGET_KEY,
+    NUM_PARTITIONS_KEY,
+    PARTITION_ID_KEY,
+    STATE_DIR_KEY,
+    SiteConfigError,
+    read_site_settings,
+)
+from privacy.key_commands import DEFAULT_KEYS_DIR
+from privacy.key_material import NODE_PRIVATE_KEY_FILE, KeyMaterialError, check_certificate_files, check_node_private_key
+
+DEFAULT_SITE_DIR = "fedguard-site"
+# The SuperNode's local API (ClientApp processes talk to it); one free port per SuperNode on a host.
+DEFAULT_RUNTIME_PORT = 9094
+# How long a SuperNode keeps retrying an unreachable SuperLink before it gives up (seconds).
+DEFAULT_MAX_WAIT = 600.0
+
+
+def node_config_text(settings: dict[str, Any]) -> str:
+    """Flower's --node-config syntax: space-separated key=TOML-value pairs (strings quoted)."""
+    parts = []
+    for key, value in settings.items():
+        if value is None:
+            continue
+        rendered = json.dumps(value) if isinstance(value, str) else repr(value)
+        parts.append(f"{key}={rendered}")
+    return " ".join(parts)
+
+
+def supernode_command(args: argparse.Namespace, node_config: str) -> list[str]:
+    return [
+        shutil.which("flower-supernode") or "flower-supernode",
+        "--superlink", args.server,
+        "--root-certificates", str(args.ca.resolve()),
+        "--auth-supernode-private-key", str(args.key.resolve()),
+        "--node-config", node_config,
+        "--host", "127.0.0.1",
+        "--port", str(args.runtime_port),
+        "--max-wait-time", str(args.max_wait),
+    ]
+
+
+def client_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedguard client",
+        description="Join the federation at --server as this site (Flower SuperNode, TLS, authenticated by its key).",
+    )
+    parser.add_argument("--server", required=True, help="the SuperLink's HOST:PORT")
+    parser.add_argument("--ca", type=Path, required=True, help="the federation's CA certificate (ca.crt)")
+    parser.add_argument("--key", type=Path, default=Path(DEFAULT_KEYS_DIR) / NODE_PRIVATE_KEY_FILE,
+                        help="this site's private key from `fedguard keys`")
+    parser.add_argument("--partition-id", type=int, required=True, help="this site's partition (0-based)")
+    parser.add_argument("--num-partitions", type=int, required=True, help="how many partitions the data is split in")
+    parser.add_argument("--data-root", help="where this site's dataset files are (default: the dataset's own path)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the run's device on this site")
+    parser.add_argument("--epsilon-budget", type=float, help="this site's own sample-level epsilon budget")
+    parser.add_argument("--state-dir", type=Path, default=Path(DEFAULT_SITE_DIR),
+                        help="where this site keeps its privacy state across server restarts")
+    parser.add_argument("--runtime-port", type=int, default=DEFAULT_RUNTIME_PORT,
+                        help=f"local port of the SuperNode's own API (default {DEFAULT_RUNTIME_PORT})")
+    parser.add_argument("--max-wait", type=float, default=DEFAULT_MAX_WAIT,
+                        help="seconds to keep retrying an unreachable server before giving up")
+    args = parser.parse_args(argv)
+    settings = {
+        PARTITION_ID_KEY: args.partition_id,
+        NUM_PARTITIONS_KEY: args.num_partitions,
+        DATA_ROOT_KEY: str(Path(args.data_root).resolve()) if args.data_root else None,
+        DEVICE_KEY: args.device,
+        EPSILON_BUDGET_KEY: args.epsilon_budget,
+        STATE_DIR_KEY: str(args.state_dir.resolve()),
+    }
+    try:
+        read_site_settings({k: v for k, v in settings.items() if v is not None})
+        check_certificate_files(args.ca)
+        check_node_private_key(args.key)
+    except (SiteConfigError, KeyMaterialError) as err:
+        print(f"fedguard client: {err}", file=sys.stderr)
+        return 1
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    command = supernode_command(args, node_config_text(settings))
+    print(f"fedguard client: partition {args.partition_id}/{args.num_partitions} joining https://{args.server}", flush=True)
+    # The SuperNode keeps its Flower files (installed app bundles) in this site's state dir.
+    os.environ["FLWR_HOME"] = str((args.state_dir / "flwr").resolve())
+    os.execv(command[0], command)

@@ -1,0 +1,9 @@
+"""Audit of a privacy ledger: integrity (``verify``), independent recomputation
+(``recompute``, ``spend``), the decision (``runner``) and what a reviewer reads (``report``).
+
+``run_audit`` is the Python entry point; ``fedguard audit`` (``privacy.audit.cli``) the command.
+"""
+
+from privacy.audit.runner import AuditResult, AuditSetupError, ExitCode, run_audit
+
+__all__ = ["AuditResult", "AuditSetupError", "ExitCode", "run_audit"]

@@ -1,0 +1,220 @@
+"""The federation's client-level (DP-FedAvg) accountant: one Gaussian release per round.
+
+Each round releases the sum of clipped updates (sensitivity C) plus N(0, (σ_eff·C)²),
+where σ_eff is the noise that really went into the released sum. Epsilon is always
+recomputed from the whole history, which is what a checkpoint carries.
+
+* ``poisson`` cohorts: Opacus RDP over [(σ_eff, q, 1) per round] (subsampled Gaussian,
+  add/remove-one client), the analysis Poisson sampling is proven for.
+* ``fixed`` cohorts (m of N without replacement): Opacus has no analysis for them, so
+  dp_accounting's RDP for sampling without replacement is used. That analysis is for
+  replace-one neighbours, under which the clipped sum's sensitivity is 2C, not C: the
+  Gaussian event is therefore given noise multiplier σ_eff / 2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from dp_accounting.rdp import rdp_privacy_accountant
+from opacus.accountants.rdp import RDPAccountant
+
+from omegaconf import DictConfig
+
+from conf.schema import clients_per_round, config_to_yaml
+from privacy.accounting import PrivacyConfigError, calibrate_noise_multiplier, compute_epsilon
+
+POISSON, FIXED = "poisson", "fixed"
+# Replace-one neighbours change one clipped update for another: the sum moves by up to 2C.
+REPLACE_ONE_SENSITIVITY_FACTOR = 2.0
+# Fixed-size calibration: bracket growth limit, and the relative precision of sigma (the
+# result is the upper end of the final bracket, so it always fits the target).
+MAX_SIGMA = 1e6
+CALIBRATION_RTOL = 1e-3
+# Opacus's default RDP orders, so Poisson and fixed-size figures use one grid.
+RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
+
+
+@dataclass(frozen=True)
+class Release:
+    """What one round released, as the accountant needs it."""
+
+    noise_multiplier: float  # σ_eff: noise std of the released sum / C
+    sample_rate: float  # q (Poisson) or cohort / population (fixed)
+    population: int
+    cohort: int
+
+    def to_payload(self) -> list[float]:
+        return [self.noise_multiplier, self.sample_rate, float(self.population), float(self.cohort)]
+
+    @classmethod
+    def from_payload(cls, values: list[float]) -> Release:
+        sigma, rate, population, cohort = values
+        return cls(float(sigma), float(rate), int(population), int(cohort))
+
+
+@lru_cache(maxsize=None)
+def _fixed_rdp_per_round(noise_multiplier: float, population: int, cohort: int) -> np.ndarray:
+    """RDP of one round (``cohort`` of ``population`` without replacement) at every order.
+
+    The per-event formula dp_accounting's ``RdpAccountant.compose`` applies to a
+    ``SampledWithoutReplacementDpEvent`` (replace-one), computed once per distinct round:
+    it costs about half a second, and a run's history repeats the same round.
+    tests/test_client_dp.py checks it against the public accountant.
+    """
+    gaussian_sigma = noise_multiplier / REPLACE_ONE_SENSITIVITY_FACTOR
+    vector = np.asarray(
+        rdp_privacy_accountant._compute_rdp_sample_wor_gaussian(  # noqa: SLF001
+            q=cohort / population, noise_multiplier=gaussian_sigma, orders=RDP_ORDERS
+        ),
+        dtype=np.float64,
+    )
+    vector.setflags(write=False)
+    return vector
+
+
+def _fixed_epsilon(releases: list[Release], delta: float) -> float:
+    if any(release.noise_multiplier == 0 for release in releases):
+        return math.inf
+    rdp = sum(_fixed_rdp_per_round(r.noise_multiplier, r.population, r.cohort) for r in releases)
+    epsilon, _ = rdp_privacy_accountant.compute_epsilon(RDP_ORDERS, rdp, delta)
+    return float(epsilon)
+
+
+def epsilon_of(releases: list[Release], sampling: str, delta: float) -> float:
+    """Client-level epsilon of a whole history of releases."""
+    if not releases:
+        return 0.0
+    if sampling == POISSON:
+        if any(r.noise_multiplier == 0 for r in releases):
+            return math.inf
+        return compute_epsilon([(r.noise_multiplier, r.sample_rate, 1) for r in releases], delta, "rdp").epsilon
+    if sampling == FIXED:
+        return _fixed_epsilon(releases, delta)
+    raise PrivacyConfigError(f"privacy.client_sampling={sampling!r}; allowed: {POISSON}, {FIXED}")
+
+
+def calibrate_sigma(*, target_epsilon: float, delta: float, sampling: str, plan: Release, rounds: int) -> float:
+    """Smallest σ (to bisection precision, rounded up) whose ``rounds`` planned releases stay within the target."""
+    if sampling == POISSON:
+        return calibrate_noise_multiplier(
+            target_epsilon=target_epsilon, delta=delta, sample_rate=plan.sample_rate, steps=rounds, accountant="rdp"
+        )
+
+    def fits(sigma: float) -> bool:
+        planned = Release(sigma, plan.sample_rate, plan.population, plan.cohort)
+        return epsilon_of([planned] * rounds, sampling, delta) <= target_epsilon
+
+    high = 1.0
+    while not fits(high):
+        high *= 2
+        if high > MAX_SIGMA:
+            raise PrivacyConfigError(f"no noise level reaches privacy.client_target_epsilon={target_epsilon}")
+    low = high / 2
+    while high / low > 1 + CALIBRATION_RTOL:  # geometric bisection: each step costs one new RDP vector
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
+
+
+@dataclass
+class FederationAccountant:
+    """History of the federation's releases; what the checkpoint's run state carries."""
+
+    sampling: str
+    delta: float
+    noise_multiplier: float  # the planned σ (before dropouts), fixed for the run
+    releases: list[Release] = field(default_factory=list)
+
+    @property
+    def epsilon(self) -> float:
+        return epsilon_of(self.releases, self.sampling, self.delta)
+
+    def epsilon_if(self, release: Release) -> float:
+        """Epsilon after one more release like ``release`` (for stopping before it)."""
+        return epsilon_of([*self.releases, release], self.sampling, self.delta)
+
+    def record(self, release: Release) -> float:
+        self.releases.append(release)
+        return self.epsilon
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "sampling": self.sampling,
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "releases": [r.to_payload() for r in self.releases],
+        }
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> FederationAccountant:
+        return cls(
+            sampling=str(payload["sampling"]),
+            delta=float(payload["delta"]),
+            noise_multiplier=float(payload["noise_multiplier"]),
+            releases=[Release.from_payload(list(values)) for values in payload["releases"]],
+        )
+
+
+def expected_cohort(cfg: DictConfig, population: int | None = None) -> float:
+    """The cohort size the mean divides by and distributed noise shares are sized for:
+    q·N for Poisson (never the realised size, which depends on who joined), m for fixed."""
+    population = int(cfg.simulation.num_clients) if population is None else population
+    if cfg.privacy.client_sampling == POISSON:
+        return float(cfg.simulation.fraction_train) * population
+    return float(min(population, clients_per_round(cfg)))
+
+
+def planned_release(cfg: DictConfig, sigma: float, population: int) -> Release:
+    """A round's release at noise ``sigma`` if nobody drops out."""
+    rate = float(cfg.simulation.fraction_train)
+    if cfg.privacy.client_sampling == POISSON:
+        return Release(sigma, rate, population, max(1, round(rate * population)))
+    cohort = min(population, clients_per_round(cfg))
+    return Release(sigma, cohort / population, population, cohort)
+
+
+def planned_epsilon(cfg: DictConfig, sigma: float) -> float:
+    """Epsilon the whole planned run spends at ``sigma`` if nobody drops out (printed before round 1)."""
+    plan = planned_release(cfg, sigma, int(cfg.simulation.num_clients))
+    return epsilon_of([plan] * int(cfg.simulation.rounds), str(cfg.privacy.client_sampling), float(cfg.privacy.delta))
+
+
+# σ per resolved config text: calibration costs seconds and clients ask every round.
+_SIGMA_CACHE: dict[str, float] = {}
+SIGMA_CACHE_SIZE = 8
+
+
+def planned_noise_multiplier(cfg: DictConfig) -> float:
+    """σ of the run: fixed, or calibrated for the planned rounds. A pure function of the
+    config, so clients adding distributed noise derive it themselves (not trusting a number
+    the server sends) and get exactly the server's figure."""
+    dp = cfg.privacy
+    if dp.client_noise_multiplier is not None:
+        return float(dp.client_noise_multiplier)
+    key = config_to_yaml(cfg)
+    if key not in _SIGMA_CACHE:
+        if len(_SIGMA_CACHE) >= SIGMA_CACHE_SIZE:
+            _SIGMA_CACHE.clear()
+        _SIGMA_CACHE[key] = calibrate_sigma(
+            target_epsilon=float(dp.client_target_epsilon), delta=float(dp.delta), sampling=str(dp.client_sampling),
+            plan=planned_release(cfg, 1.0, int(cfg.simulation.num_clients)), rounds=int(cfg.simulation.rounds),
+        )
+    return _SIGMA_CACHE[key]
+
+
+def noise_share_std(cfg: DictConfig) -> float:
+    """Std of the Gaussian each client adds under distributed noise: σC/√n, so that n
+    shares sum to the central mechanism's N(0, (σC)²)."""
+    return planned_noise_multiplier(cfg) * float(cfg.privacy.client_clip_norm) / math.sqrt(expected_cohort(cfg))
+
+
+def build_accountant(cfg: DictConfig) -> FederationAccountant:
+    """The run's accountant, σ fixed or calibrated before round 1."""
+    return FederationAccountant(
+        sampling=str(cfg.privacy.client_sampling), delta=float(cfg.privacy.delta), noise_multiplier=planned_noise_multiplier(cfg)
+    )

@@ -1,0 +1,285 @@
+"""Server side of client-level DP (DP-FedAvg) as a wrapper around any sum-based strategy.
+
+Per round the wrapper (1) draws the cohort with the sampler the accountant assumes
+(Poisson: every available client independently with rate q; fixed: the inner strategy's
+uniform sample without replacement), (2) checks that every update it can see has L2
+norm <= C, (3) adds N(0, (σC)²) to the *sum* of clipped updates and divides by the
+expected cohort size (qN for Poisson, so the cohort's real size, which depends on who
+joined, is never divided by), (4) writes the round's ``ClientDpRelease`` to the ledger
+and only then (5) hands the inner strategy one reply holding global + noised mean, so
+FedAvg takes it as is and FedAdam & co. apply their server step to it (post-processing).
+With ``privacy.noise=distributed`` step (3) adds nothing: the clients' noise shares are
+already in the SecAgg+ sum, and the accountant records σ·√(survivors/n), the noise that
+survived dropouts, never the planned σ.
+
+Why uniform weights: see clients/client_dp.py. The wrapper ignores ``num-examples``
+of plain replies altogether; under SecAgg+ clients send weight 1, so the aggregate's
+total weight is the number of survivors.
+
+Noise comes from the OS's entropy (``secrets``), never from the run's seed: noise anyone
+can regenerate protects nothing. Cohorts are drawn the same way, for the same reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from omegaconf import DictConfig
+
+from clients import protocol
+from clients.secure_aggregation import array_view, flatten_update
+from privacy.ledger_events import ClientDpRelease
+from privacy.client_dp_accounting import (
+    POISSON,
+    FederationAccountant,
+    Release,
+    build_accountant,
+    expected_cohort,
+    planned_epsilon,
+    planned_release,
+)
+from server.client_pool import ExcludingGrid
+
+logger = logging.getLogger(__name__)
+
+# A plain update may exceed C by float round-off of the norm's summation order only
+# (the client mod already makes the stored update's norm <= C).
+CLIP_CHECK_RTOL = 1e-9
+ReleaseCallback = Callable[[ClientDpRelease], None]
+
+
+def add_central_noise(total: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """total + N(0, std²) per coordinate: the Gaussian mechanism on the sum of clipped updates."""
+    return total + rng.normal(0.0, std, size=total.shape) if std > 0 else total.copy()
+
+
+def unflatten_onto(base: ArrayRecord, delta: np.ndarray) -> ArrayRecord:
+    """base + delta (flat, in base's key order), in base's dtypes."""
+    arrays, offset = {}, 0
+    for key in base.keys():
+        values = array_view(base[key])
+        part = delta[offset : offset + values.size].reshape(values.shape)
+        arrays[key] = Array((values.astype(np.float64) + part).astype(values.dtype))
+        offset += values.size
+    return ArrayRecord(arrays)
+
+
+@dataclass
+class RoundPlan:
+    """What configure_train decided, for aggregate_train and the accountant."""
+
+    global_arrays: ArrayRecord
+    population: int
+    cohort: int
+    instructions: dict[int, Message]
+
+
+class ClientDpStrategy(Strategy):
+    """DP-FedAvg around ``inner``; see the module docstring."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        cfg: DictConfig,
+        accountant: FederationAccountant,
+        *,
+        secure_aggregation: bool,
+        on_release: ReleaseCallback | None = None,
+    ) -> None:
+        self.inner = inner
+        self.cfg = cfg
+        self.accountant = accountant
+        self.secure_aggregation = secure_aggregation
+        self.on_release = on_release
+        self.clip_norm = float(cfg.privacy.client_clip_norm)
+        self.sampling = str(cfg.privacy.client_sampling)
+        self.rate = float(cfg.simulation.fraction_train)
+        self.max_epsilon = cfg.privacy.client_max_epsilon
+        self.distributed = cfg.privacy.noise == "distributed"
+        self.min_available_nodes = int(getattr(inner, "min_available_nodes", 1))
+        self.rng = np.random.default_rng(secrets.randbits(128))
+        self.sampler = secrets.SystemRandom()
+        self.plan: RoundPlan | None = None
+        self.last_release: dict[str, Any] | None = None
+        if self.sampling == POISSON:
+            # The wrapper picks the cohort; the inner strategy then takes exactly the nodes it is shown.
+            inner.fraction_train, inner.min_train_nodes, inner.min_available_nodes = 1.0, 0, 0
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.accountant.noise_multiplier
+
+    def stop_reason(self, server_round: int, grid: Grid) -> str | None:
+        """Why round ``server_round`` must not run (it would exceed client_max_epsilon), or None."""
+        if self.max_epsilon is None:
+            return None
+        population = len(list(grid.get_node_ids()))
+        if population == 0:
+            return None
+        after = self.accountant.epsilon_if(planned_release(self.cfg, self.noise_multiplier, population))
+        if after > self.max_epsilon:
+            return (
+                f"round {server_round} would take the federation's client-level epsilon to {after:.4g}, over "
+                f"privacy.client_max_epsilon={self.max_epsilon} (spent so far: {self.accountant.epsilon:.4g})"
+            )
+        return None
+
+    def effective_noise_multiplier(self, survivors: int) -> float:
+        """σ of the noise really in the released sum, over C.
+
+        Central: the server's N(0, (σC)²). Distributed: each survivor added N(0, σ²C²/n) with
+        n the planned cohort the clients sized their shares for, so the sum holds
+        σ²C²·s/n: dropouts (s < n) leave less noise, and the accountant must see that.
+        """
+        if not self.distributed:
+            return self.noise_multiplier
+        return self.noise_multiplier * math.sqrt(survivors / expected_cohort(self.cfg))
+
+    def account_recorded(self, bodies: list[dict[str, Any]]) -> None:
+        """Count releases the ledger holds but the checkpoint's accountant does not (the server
+        crashed between the two): they may have been seen, so they are spent."""
+        for body in bodies:
+            population = int(body.get("population") or body["cohort_size"])
+            self.accountant.record(Release(float(body["noise_multiplier"]), float(body["sample_rate"]), population, int(body["cohort_size"])))
+            logger.warning("round %s's release was recorded but not checkpointed; counted as spent", body["round"])
+
+    # -- training ---------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        population = list(grid.get_node_ids())
+        view = grid
+        if self.sampling == POISSON:
+            view = ExcludingGrid(grid)
+            for node in population:
+                if self.sampler.random() >= self.rate:
+                    view.exclude(node, "not in this round's Poisson cohort")
+        # Fixed cohorts: the accountant records the (cohort, population) Flower's sampler really drew.
+        messages = list(self.inner.configure_train(server_round, arrays, config, view))
+        self.plan = RoundPlan(arrays, len(population), len(messages), {m.metadata.dst_node_id: m for m in messages})
+        logger.info("round %d: client-level DP cohort %d of %d (%s)", server_round, len(messages), len(population), self.sampling)
+        return messages
+
+    def _plain_sum(self, server_round: int, replies: Iterable[Message], base: ArrayRecord) -> tuple[np.ndarray, list[Message]]:
+        """Sum of the plain updates whose norm is within C; others are rejected (and logged)."""
+        total, accepted = None, []
+        limit = self.clip_norm * (1 + CLIP_CHECK_RTOL)
+        for reply in replies:
+            update = flatten_update(reply.content[protocol.ARRAYS_KEY], base)
+            norm = float(np.linalg.norm(update))
+            if not np.isfinite(norm) or norm > limit:
+                logger.warning(
+                    "round %d: rejected the update of client node %d: norm %.6g exceeds privacy.client_clip_norm=%g",
+                    server_round, reply.metadata.src_node_id, norm, self.clip_norm,
+                )
+                continue
+            total = update if total is None else total + update
+            accepted.append(reply)
+        if total is None:
+            total = np.zeros(sum(array_view(base[key]).size for key in base.keys()))
+        return total, accepted
+
+    def _secure_sum(self, replies: list[Message], base: ArrayRecord) -> tuple[np.ndarray, int]:
+        """The SecAgg+ aggregate reply holds global + sum / survivors (weights are 1)."""
+        if len(replies) != 1:
+            raise ValueError(f"secure aggregation hands over one aggregate reply, not {len(replies)}")
+        survivors = int(round(float(replies[0].content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])))
+        return flatten_update(replies[0].content[protocol.ARRAYS_KEY], base) * survivors, survivors
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        plan = self.plan
+        if plan is None:
+            raise RuntimeError("aggregate_train before configure_train")
+        if self.secure_aggregation:
+            total, survivors = self._secure_sum(replies, plan.global_arrays)
+            losses = [float(replies[0].content[protocol.METRICS_KEY][protocol.TRAIN_LOSS_KEY])]
+        else:
+            total, accepted = self._plain_sum(server_round, replies, plan.global_arrays)
+            survivors = len(accepted)
+            losses = [float(r.content[protocol.METRICS_KEY][protocol.TRAIN_LOSS_KEY]) for r in accepted]
+        sigma = self.effective_noise_multiplier(survivors)
+        std = sigma * self.clip_norm  # of the released sum
+        denominator = self.rate * plan.population if self.sampling == POISSON else float(plan.cohort)
+        central_std = 0.0 if self.distributed else std
+        mean_update = add_central_noise(total, central_std, self.rng) / denominator
+        rate = self.rate if self.sampling == POISSON else plan.cohort / plan.population
+        release = Release(sigma, rate, plan.population, plan.cohort)
+        epsilon = self.accountant.record(release)
+        event = ClientDpRelease(
+            round=server_round, clip_norm=self.clip_norm, noise_std=std, noise_multiplier=sigma,
+            sampling=self.sampling, sample_rate=rate, cohort_size=plan.cohort, survivors=min(survivors, plan.cohort),
+            delta=self.accountant.delta, accountant="rdp", epsilon=epsilon, population=plan.population,
+        )
+        if self.on_release is not None:
+            self.on_release(event)  # on the record before the release leaves this method
+        self.last_release = {
+            "clip_norm": self.clip_norm, "noise_std": std, "noise_multiplier": sigma, "noise": self.cfg.privacy.noise,
+            "cohort_size": plan.cohort, "survivors": survivors, "expected_cohort": denominator,
+            "sample_rate": rate, "population": plan.population, "epsilon": epsilon,
+        }
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        content = RecordDict(
+            {
+                protocol.ARRAYS_KEY: unflatten_onto(plan.global_arrays, mean_update),
+                protocol.METRICS_KEY: MetricRecord({protocol.NUM_EXAMPLES_KEY: 1, protocol.TRAIN_LOSS_KEY: loss}),
+            }
+        )
+        anchor = plan.instructions[min(plan.instructions)]
+        self.plan = None
+        return self.inner.aggregate_train(server_round, [Message(content, reply_to=anchor)])
+
+    # -- evaluation and summary pass through --------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def federation_summary(self) -> dict[str, Any]:
+        """summary.json's ``privacy.federation`` (rounds: releases accounted, across resumes)."""
+        last = self.accountant.releases[-1] if self.accountant.releases else None
+        return {
+            "epsilon": self.accountant.epsilon,
+            "delta": self.accountant.delta,
+            "accountant": "rdp" if self.sampling == POISSON else "rdp (dp_accounting, sampling without replacement)",
+            "sampling": self.sampling,
+            "sample_rate": last.sample_rate if last else self.rate,
+            "noise_multiplier": self.noise_multiplier,
+            "clip_norm": self.clip_norm,
+            "rounds": len(self.accountant.releases),
+            "budget_epsilon": self.max_epsilon,
+        }
+
+
+def wrap_for_client_dp(cfg: DictConfig, strategy: Strategy, saved: dict[str, Any] | None) -> ClientDpStrategy:
+    """The DP-FedAvg layer for a run: a resumed run continues its saved accounting, a new one
+    calibrates (or takes) σ and prints the epsilon the planned run will spend."""
+    if saved is not None:
+        accountant = FederationAccountant.from_payload(saved)
+        logger.warning(
+            "client-level DP resumed: sigma %.4g, epsilon so far %.4g after %d releases",
+            accountant.noise_multiplier, accountant.epsilon, len(accountant.releases),
+        )
+    else:
+        accountant = build_accountant(cfg)
+        logger.warning(
+            "client-level DP: clip norm %g, noise multiplier %.4g, %s sampling at rate %g: %d rounds spend "
+            "epsilon %.4g at delta %g (client level)",
+            cfg.privacy.client_clip_norm, accountant.noise_multiplier, accountant.sampling,
+            cfg.simulation.fraction_train, cfg.simulation.rounds,
+            planned_epsilon(cfg, accountant.noise_multiplier), accountant.delta,
+        )
+    return ClientDpStrategy(strategy, cfg, accountant, secure_aggregation=cfg.secure_agg.mode != "off")

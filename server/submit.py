@@ -1,0 +1,124 @@
+"""``fedguard run [hydra overrides]``: submit a run to a SuperLink with ``flwr run``, over TLS.
+
+The config is composed and validated here, with the same overrides ``fedguard simulate``
+takes, and travels in the run config as ``fedguard-config``: the ServerApp and every
+ClientApp read exactly what was validated on the submitting machine.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from clients import protocol
+from conf.schema import ConfigError, config_to_yaml
+from privacy.key_material import KeyMaterialError
+from server.app import RUNS_DIR
+from server.launch import CONNECTION_NAME, flower_cli_home
+
+# Run states as Flower's SuperLink reports them (`flwr ls`).
+FINISHED = "finished"
+FINISHED_COMPLETED = "finished:completed"
+# After the log stream ends, how long to wait for the SuperLink to mark the run finished.
+STATUS_WAIT_SECONDS = 120.0
+STATUS_POLL_SECONDS = 2.0
+
+# The directory holding fedguard's pyproject.toml with its [tool.flwr.app] section: the app `flwr run` ships.
+APP_DIR = Path(__file__).resolve().parents[1]
+USAGE = """usage: fedguard run [hydra overrides]
+
+Submits a run to the SuperLink at deployment.superlink (TLS, CA deployment.ca_cert), e.g.
+  fedguard run deployment.superlink=server.example.org:9092 deployment.ca_cert=ca.crt \\
+      dataset=digits simulation.num_clients=3 simulation.rounds=5 privacy=sample_dp
+Continue a crashed run (a run directory on the server, relative to its state dir):
+  fedguard run <same overrides> resume=runs/run-<id>
+"""
+
+
+def run_config_toml(config_yaml: str, run_dir: str) -> str:
+    """A --run-config file: TOML basic strings take JSON's escapes, so json.dumps quotes them safely."""
+    return (
+        f"{protocol.RUN_CONFIG_FEDGUARD} = {json.dumps(config_yaml)}\n"
+        f"{protocol.RUN_CONFIG_RUN_DIR} = {json.dumps(run_dir)}\n"
+    )
+
+
+def run_main(argv: list[str]) -> int:
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(USAGE)
+        return 0
+    from conf import compose_config
+
+    try:
+        cfg = compose_config(argv)
+    except ConfigError as err:
+        print(f"fedguard run: bad config: {err}", file=sys.stderr)
+        return 2
+    if not (APP_DIR / "pyproject.toml").is_file():
+        print(f"fedguard run: {APP_DIR} is not fedguard's source tree; install fedguard with `pip install -e`", file=sys.stderr)
+        return 2
+    run_dir = str(cfg.resume or "")
+    try:
+        with flower_cli_home(str(cfg.deployment.superlink), Path(cfg.deployment.ca_cert)) as env, \
+                tempfile.NamedTemporaryFile("w", suffix=".toml", encoding="utf-8") as run_config:
+            run_config.write(run_config_toml(config_to_yaml(cfg), run_dir))
+            run_config.flush()
+            run_id = _start_run(env, run_config.name)
+            if run_id is None:
+                return 1
+            print(f"fedguard run: run {run_id} started; results on the server under "
+                  f"{run_dir or f'{RUNS_DIR}/run-{run_id}'} (relative to its --state-dir)", flush=True)
+            if not cfg.deployment.stream:
+                return 0  # submitted; follow it with `flwr log`
+            subprocess.run([_flwr(), "log", str(run_id), CONNECTION_NAME, "--stream"], env=env, check=False)
+            return _final_status(env, run_id)
+    except (KeyMaterialError, ValueError) as err:
+        print(f"fedguard run: {err}", file=sys.stderr)
+        return 2
+
+
+def _flwr() -> str:
+    return shutil.which("flwr") or "flwr"
+
+
+def _flwr_json(env: dict[str, str], *args: str) -> dict[str, Any]:
+    proc = subprocess.run([_flwr(), *args, "--format", "json"], env=env, capture_output=True, text=True, check=False)
+    try:
+        answer = json.loads(proc.stdout)
+    except ValueError:
+        answer = {}
+    if not isinstance(answer, dict):
+        answer = {}
+    if proc.returncode != 0 or not answer.get("success", False):
+        detail = str(answer.get("error-message") or proc.stderr or proc.stdout).strip()
+        print(f"fedguard run: `flwr {args[0]}` failed: {detail}", file=sys.stderr)
+        return {}
+    return answer
+
+
+def _start_run(env: dict[str, str], run_config_path: str) -> int | None:
+    answer = _flwr_json(env, "run", str(APP_DIR), CONNECTION_NAME, "--run-config", run_config_path)
+    return int(answer["run-id"]) if answer.get("run-id") else None
+
+
+def _final_status(env: dict[str, str], run_id: int) -> int:
+    """0 only when the SuperLink reports the run finished:completed (a failed ServerApp is a failure)."""
+    deadline = time.monotonic() + STATUS_WAIT_SECONDS
+    status = "unknown"
+    while time.monotonic() < deadline:
+        runs = _flwr_json(env, "ls", CONNECTION_NAME, "--run-id", str(run_id)).get("runs", [])
+        status = str(runs[0].get("status", "unknown")) if runs else "unknown"
+        if status.startswith(FINISHED):
+            break
+        time.sleep(STATUS_POLL_SECONDS)
+    if status == FINISHED_COMPLETED:
+        print(f"fedguard run: run {run_id} {status}", flush=True)
+        return 0
+    print(f"fedguard run: run {run_id} ended as {status}; see its log above (or `flwr log {run_id}`)", file=sys.stderr)
+    return 1

@@ -1,0 +1,165 @@
+"""A whole federation of real processes on loopback: `fedguard server`, `register`, `client`, `run`.
+
+Used by the deployment tests and `fedguard bench deployment`. Every process starts in its
+own session so that stopping it stops its children too (SuperExec, ServerApp and ClientApp
+processes); `Federation.close` stops everything, and callers use it in a `finally`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FEDGUARD = [sys.executable, "-m", "simulations.cli"]
+LOOPBACK = "127.0.0.1"
+STOP_GRACE_SECONDS = 10.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            if sock.connect_ex((LOOPBACK, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {LOOPBACK}:{port} after {timeout} s")
+
+
+def fedguard(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*FEDGUARD, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal the whole session, then make sure it is gone."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=STOP_GRACE_SECONDS)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=STOP_GRACE_SECONDS)
+
+
+@dataclass
+class Federation:
+    root: Path
+    port: int = field(default_factory=free_port)
+    server: subprocess.Popen | None = None
+    clients: dict[int, subprocess.Popen] = field(default_factory=dict)
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def server_dir(self) -> Path:
+        return self.root / "server"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.server_dir / "certs" / "ca.crt"
+
+    def site_dir(self, partition: int) -> Path:
+        return self.root / f"site{partition}"
+
+    def spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+        log = open(self.root / log_name, "ab")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(
+            [*FEDGUARD, *args], cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.processes.append(proc)
+        return proc
+
+    def make_certs(self) -> None:
+        done = fedguard("certs", "--out", str(self.ca_cert.parent), "--host", LOOPBACK, "--host", "localhost", cwd=self.root)
+        if done.returncode != 0:
+            raise RuntimeError(f"fedguard certs failed: {done.stderr}")
+
+    def make_site_keys(self, partition: int) -> Path:
+        keys = self.site_dir(partition) / "keys"
+        done = fedguard("keys", "--out", str(keys), cwd=self.root)
+        if done.returncode != 0:
+            raise RuntimeError(f"fedguard keys failed: {done.stderr}")
+        return keys / "node_key"
+
+    def start_server(self, timeout: float = 60) -> None:
+        self.server = self.spawn(
+            ["server", "--certs", str(self.ca_cert.parent), "--listen", self.address, "--state-dir", str(self.server_dir)],
+            "server.log",
+        )
+        wait_for_port(self.port, timeout)
+
+    def stop_server(self, sig: int = signal.SIGKILL) -> None:
+        if self.server is not None:
+            stop_process(self.server, sig)
+
+    def register(self, public_key: Path) -> subprocess.CompletedProcess:
+        return fedguard("register", str(public_key), "--superlink", self.address, "--ca", str(self.ca_cert), cwd=self.root)
+
+    def start_client(self, partition: int, num_partitions: int, *extra: str, key: Path | None = None) -> subprocess.Popen:
+        key = key or self.site_dir(partition) / "keys" / "node_key"
+        proc = self.spawn(
+            [
+                "client", "--server", self.address, "--ca", str(self.ca_cert), "--key", str(key),
+                "--partition-id", str(partition), "--num-partitions", str(num_partitions),
+                "--state-dir", str(self.site_dir(partition)), "--runtime-port", str(free_port()), *extra,
+            ],
+            f"client{partition}.log",
+        )
+        self.clients[partition] = proc
+        return proc
+
+    def connected_nodes(self) -> int:
+        """SuperNodes the SuperLink reports online (via Flower's CLI, over TLS)."""
+        from server.launch import CONNECTION_NAME, flower_cli_home
+
+        with flower_cli_home(self.address, self.ca_cert) as env:
+            listing = subprocess.run(
+                ["flwr", "supernode", "list", CONNECTION_NAME, "--format", "json"],
+                env=env, capture_output=True, text=True, timeout=60, check=False,
+            )
+        try:
+            nodes = json.loads(listing.stdout).get("nodes", [])
+        except ValueError:
+            return 0
+        return sum(1 for node in nodes if node.get("status") == "online")
+
+    def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.connected_nodes() >= count:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"fewer than {count} SuperNodes online after {timeout} s; see {self.root}/client*.log")
+
+    def submit(self, *overrides: str, timeout: float = 600) -> subprocess.Popen:
+        """`fedguard run` in the background (its output in run.log)."""
+        args = ["run", f"deployment.superlink={self.address}", f"deployment.ca_cert={self.ca_cert}", "progress=false",
+                *overrides]
+        return self.spawn(args, "run.log")
+
+    def run_dirs(self) -> list[Path]:
+        runs = self.server_dir / "runs"
+        return sorted(runs.iterdir(), key=lambda p: p.stat().st_mtime) if runs.exists() else []
+
+    def close(self) -> None:
+        for proc in reversed(self.processes):
+            stop_process(proc)

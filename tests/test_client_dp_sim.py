@@ -1,0 +1,81 @@
+"""Client-level DP end to end: a tiny digits simulation under privacy=client_dp.
+
+One run serves every test: Poisson cohorts (q = 0.8 of 5 clients), a fixed noise
+multiplier, and a client_max_epsilon between the epsilon of 2 and of 3 rounds, so the
+run must stop cleanly before round 3. The audit must then confirm the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from privacy.audit import recompute
+from privacy.client_dp_accounting import Release, epsilon_of
+from tests.test_simulation import FEDGUARD, fedguard
+
+SIGMA, CLIP, RATE, CLIENTS, DELTA = 0.8, 0.5, 0.8, 5, 1e-5
+PLANNED_ROUNDS = 3
+
+
+def _epsilon_after(rounds: int) -> float:
+    return epsilon_of([Release(SIGMA, RATE, CLIENTS, 4)] * rounds, "poisson", DELTA)
+
+
+MAX_EPSILON = (_epsilon_after(2) + _epsilon_after(3)) / 2
+
+
+@pytest.fixture(scope="module")
+def client_dp_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("client_dp") / "run"
+    fedguard(
+        "simulate", "dataset=digits", "model=mlp", "simulation=tiny", "privacy=client_dp", "progress=false",
+        f"simulation.rounds={PLANNED_ROUNDS}", f"simulation.fraction_train={RATE}",
+        "privacy.client_target_epsilon=null", f"privacy.client_noise_multiplier={SIGMA}",
+        f"privacy.client_clip_norm={CLIP}", f"privacy.client_max_epsilon={MAX_EPSILON}", f"privacy.delta={DELTA}",
+        f"hydra.run.dir={run_dir}",
+    )
+    return run_dir
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_run_stops_before_exceeding_client_max_epsilon(client_dp_run):
+    summary = json.loads((client_dp_run / "summary.json").read_text())
+    assert summary["rounds"] == 2 < PLANNED_ROUNDS
+    assert "client_max_epsilon" in summary["stop_reason"]
+    assert summary["privacy"]["federation"]["epsilon"] <= MAX_EPSILON
+
+
+def test_federation_epsilon_equals_recomputation_from_recorded_history(client_dp_run):
+    federation = json.loads((client_dp_run / "summary.json").read_text())["privacy"]["federation"]
+    rounds = _rounds(client_dp_run)
+    history = [(r["client_dp"]["noise_multiplier"], r["client_dp"]["sample_rate"], 1) for r in rounds]
+    independent = recompute.rdp_epsilon(recompute.merge(history), federation["delta"])  # dp_accounting, not Opacus
+    assert federation["epsilon"] == pytest.approx(independent, rel=recompute.DEFAULT_TOLERANCE)
+    assert federation["rounds"] == len(rounds)
+    assert (federation["sampling"], federation["sample_rate"], federation["noise_multiplier"]) == ("poisson", RATE, SIGMA)
+    assert rounds[-1]["client_dp"]["epsilon"] == federation["epsilon"]
+
+
+def test_every_round_records_the_released_noise_and_cohort(client_dp_run):
+    for record in _rounds(client_dp_run):
+        dp = record["client_dp"]
+        assert dp["clip_norm"] == CLIP and dp["noise_std"] == pytest.approx(SIGMA * CLIP)
+        assert 0 <= dp["survivors"] <= dp["cohort_size"] <= CLIENTS
+        assert dp["expected_cohort"] == pytest.approx(RATE * CLIENTS)
+
+
+def test_audit_confirms_the_client_dp_ledger(client_dp_run):
+    proc = subprocess.run(
+        [*FEDGUARD, "audit", str(client_dp_run), "--json", "--no-report"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    federation = json.loads(proc.stdout)["federation"]
+    assert federation["status"] == "ok" and federation["mismatches"] == []
+    assert federation["rounds"] == 2 and federation["budget"] == pytest.approx(MAX_EPSILON)

@@ -1,0 +1,193 @@
+"""Separate sites on loopback: `fedguard server`, `register`, `client` and `run` as real OS processes.
+
+One SuperLink (TLS + SuperNode authentication) and three registered SuperNodes serve the
+module; each test adds what it needs (an unregistered site, a killed site, a killed server).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from privacy.accounting import compute_epsilon
+from server.checkpoint import CHECKPOINT_DIR, LATEST_NAME, read_checkpoint
+from simulations.local_federation import Federation, free_port, stop_process
+
+pytestmark = pytest.mark.deployment
+
+SITES = 3
+RUN_TIMEOUT = 600
+# Small and fast: logistic regression on digits, a few local steps per round.
+# A site may lose a reply when the server dies under it (Flower drops a stale run's messages), so
+# rounds wait at most a minute for stragglers instead of the default ten.
+FAST_RUN = ("dataset=digits", "model=logreg", f"simulation.num_clients={SITES}", "train.max_steps=4",
+            "deployment.wait_for_clients=120", "simulation.round_timeout=60")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    fed = Federation(tmp_path_factory.mktemp("federation"))
+    try:
+        fed.make_certs()
+        fed.start_server()
+        for site in range(SITES):
+            key = fed.make_site_keys(site)
+            registered = fed.register(key.with_suffix(".pub"))
+            assert registered.returncode == 0, registered.stderr
+            assert "registered" in registered.stdout
+        for site in range(SITES):
+            fed.start_client(site, SITES)
+        fed.wait_for_nodes(SITES)
+        yield fed
+    finally:
+        fed.close()
+
+
+def finish(fed: Federation, run: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> Path:
+    try:
+        run.wait(timeout=timeout)
+    finally:
+        stop_process(run)
+    log = (fed.root / "run.log").read_text(errors="replace")
+    assert run.returncode == 0, log[-5000:]
+    # `fedguard run` names the run directory, relative to the server's state dir.
+    run_dir = fed.server_dir / re.findall(r"results on the server under (\S+)", log)[-1]
+    assert (run_dir / "summary.json").is_file(), log[-5000:]
+    return run_dir
+
+
+def test_files_are_private(federation):
+    for path in (federation.server_dir / "certs" / "ca.key", federation.server_dir / "certs" / "server.key",
+                 federation.site_dir(0) / "keys" / "node_key"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    again = subprocess.run(
+        ["python", "-m", "simulations.cli", "certs", "--out", str(federation.ca_cert.parent), "--host", "127.0.0.1"],
+        capture_output=True, text=True, check=False,
+    )
+    assert again.returncode != 0 and "--force" in again.stderr
+
+
+def test_dp_and_secure_aggregation_across_sites(federation):
+    run = federation.submit(
+        "dataset=digits", "model=mlp", f"simulation.num_clients={SITES}", "simulation.rounds=2",
+        "train.learning_rate=0.2", "privacy=sample_dp", "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0",
+        "secure_agg=secaggplus", "secure_agg.threshold=2",
+    )
+    run_dir = finish(federation, run)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "completed all rounds" and summary["rounds"] == 2
+    assert summary["secure_aggregation"] == "secaggplus"
+    # 10 classes: chance is 0.1; the same config in simulation reaches 0.725 after 2 rounds.
+    assert summary["final"]["accuracy"] > 0.5
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients_replied"] for r in rounds] == [SITES, SITES]
+    reports = rounds[-1]["privacy"]
+    assert sorted(r["partition-id"] for r in reports) == list(range(SITES))
+    for report in reports:
+        pid = report["partition-id"]
+        steps = [r["steps_round"] for line in rounds for r in line["privacy"] if r["partition-id"] == pid]
+        assert len(steps) == 2 and report["steps_total"] == sum(steps) > 0
+        history = [(report["noise_multiplier"], report["sample_rate"], report["steps_total"])]
+        assert report["epsilon"] == pytest.approx(compute_epsilon(history, report["delta"], "rdp").epsilon)
+
+
+def test_unregistered_site_is_refused(federation):
+    key = federation.make_site_keys(SITES)  # a site whose key nobody registered
+    proc = federation.start_client(SITES, SITES + 1, "--max-wait", "15", key=key)
+    proc.wait(timeout=120)
+    log = (federation.root / f"client{SITES}.log").read_text(errors="replace")
+    assert proc.returncode != 0
+    assert "Failed to activate SuperNode" in log or "could not establish a connection" in log
+
+
+def test_plaintext_site_is_refused(federation):
+    """A SuperNode without TLS cannot talk to the SuperLink (which only speaks HTTPS)."""
+    log_path = federation.root / "plaintext.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["flower-supernode", "--insecure", "--superlink", federation.address, "--port", str(free_port()),
+             "--max-wait-time", "10", "--node-config", "partition-id=0 num-partitions=3"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=120)
+        finally:
+            stop_process(proc)  # its SuperExec child too
+    assert proc.returncode != 0
+    assert "could not establish a connection" in log_path.read_text(errors="replace")
+
+
+def test_client_without_ca_or_key_fails_clearly(federation, tmp_path):
+    no_ca = subprocess.run(
+        ["python", "-m", "simulations.cli", "client", "--server", federation.address, "--ca", str(tmp_path / "missing.crt"),
+         "--key", str(federation.site_dir(0) / "keys" / "node_key"), "--partition-id", "0", "--num-partitions", "3"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert no_ca.returncode == 1 and "missing TLS file" in no_ca.stderr
+    bad_partition = subprocess.run(
+        ["python", "-m", "simulations.cli", "client", "--server", federation.address, "--ca", str(federation.ca_cert),
+         "--key", str(federation.site_dir(0) / "keys" / "node_key"), "--partition-id", "3", "--num-partitions", "3"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert bad_partition.returncode == 1 and "partition-id" in bad_partition.stderr
+
+
+def _wait_for_checkpoint(fed: Federation, completed_round: int, known: list[Path], timeout: float = RUN_TIMEOUT) -> Path:
+    """The new run's directory (not one in ``known``) once it has checkpointed ``completed_round``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run_dir in set(fed.run_dirs()) - set(known):
+            latest = run_dir / CHECKPOINT_DIR / LATEST_NAME
+            if latest.is_file() and read_checkpoint(latest)["round"] >= completed_round:
+                return run_dir
+        time.sleep(0.5)
+    raise TimeoutError(f"no checkpoint of round {completed_round} after {timeout} s")
+
+
+def test_server_crash_and_resume_keeps_privacy_accounting_exact(federation):
+    rounds = 3
+    overrides = (*FAST_RUN, f"simulation.rounds={rounds}", "privacy=sample_dp", "privacy.target_epsilon=null",
+                 "privacy.noise_multiplier=1.0")
+    known = federation.run_dirs()
+    first = federation.submit(*overrides)
+    run_dir = _wait_for_checkpoint(federation, 1, known)
+    federation.stop_server()  # SIGKILL to the SuperLink and its ServerApp: a crash
+    stop_process(first)
+    federation.start_server()
+    federation.wait_for_nodes(SITES)
+    resumed_round = read_checkpoint(run_dir / CHECKPOINT_DIR / LATEST_NAME)["round"]
+    second = federation.submit(*overrides, f"resume=runs/{run_dir.name}")
+    finish(federation, second)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "completed all rounds"
+    assert summary["resumed_after_round"] == resumed_round >= 1
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == list(range(1, rounds + 1))
+    # Exactly `rounds` rounds of spend per site, as an uninterrupted run: none lost, none doubled.
+    for report in lines[-1]["privacy"]:
+        steps_per_round = 4
+        assert report["steps_total"] == rounds * steps_per_round
+        assert report["rounds_participated"] == rounds
+        history = [(report["noise_multiplier"], report["sample_rate"], rounds * steps_per_round)]
+        assert report["epsilon"] == pytest.approx(compute_epsilon(history, report["delta"], "rdp").epsilon)
+    for site in range(SITES):
+        saved = list((federation.site_dir(site) / "privacy").glob("*.json"))
+        assert saved, f"site {site} kept no privacy state"
+
+
+def test_killed_site_does_not_hang_the_server(federation):
+    known = federation.run_dirs()
+    run = federation.submit(*FAST_RUN, "simulation.rounds=3")
+    _wait_for_checkpoint(federation, 1, known)
+    stop_process(federation.clients[SITES - 1])  # one site goes away mid-run
+    run_dir = finish(federation, run)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "completed all rounds" and summary["rounds"] == 3
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["clients_replied"] == SITES - 1
