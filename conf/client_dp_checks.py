@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from conf.schema import ConfigError, _choice, _range
+from conf.schema import ConfigError, _choice, _range, check_noise_setting
 
 CLIENT_SAMPLING_METHODS = ("poisson", "fixed")
 NOISE_PLACEMENTS = ("central", "distributed")
@@ -34,22 +34,7 @@ def validate_client_dp(cfg: DictConfig) -> None:
     _range("privacy.delta", dp.delta, 0.0, 1.0, low_open=True)
     if dp.delta >= 1.0:
         raise ConfigError(f"privacy.delta={dp.delta} must be < 1")
-    if (dp.client_target_epsilon is None) == (dp.client_noise_multiplier is None):
-        raise ConfigError(
-            "set exactly one of privacy.client_target_epsilon (calibrate the client-level noise) and "
-            "privacy.client_noise_multiplier (fix it)"
-        )
-    if dp.client_target_epsilon is not None:
-        _range("privacy.client_target_epsilon", dp.client_target_epsilon, 0.0, None, low_open=True)
-    if dp.client_noise_multiplier is not None:
-        _range("privacy.client_noise_multiplier", dp.client_noise_multiplier, 0.0, None)
-        if dp.client_noise_multiplier == 0 and not dp.allow_zero_noise:
-            raise ConfigError(
-                "privacy.client_noise_multiplier=0 gives no client-level privacy; set privacy.allow_zero_noise=true "
-                "if that is really what you want"
-            )
-    if dp.client_max_epsilon is not None:
-        _range("privacy.client_max_epsilon", dp.client_max_epsilon, 0.0, None, low_open=True)
+    check_noise_setting(dp, "client_target_epsilon", "client_noise_multiplier", "client_max_epsilon")
     if cfg.strategy.name not in SUM_BASED_STRATEGIES:
         raise ConfigError(
             f"strategy={cfg.strategy.name} does not aggregate a sum of updates, so client-level DP's sensitivity "

@@ -229,22 +229,7 @@ def _validate_privacy(cfg: DictConfig) -> None:
         return
     _choice("privacy.accountant", dp.accountant, ACCOUNTANT_NAMES)
     _choice("privacy.grad_sample_mode", dp.grad_sample_mode, GRAD_SAMPLE_MODES)
-    if (dp.target_epsilon is None) == (dp.noise_multiplier is None):
-        raise ConfigError(
-            "set exactly one of privacy.target_epsilon (calibrate the noise) and "
-            "privacy.noise_multiplier (fix the noise)"
-        )
-    if dp.target_epsilon is not None:
-        _range("privacy.target_epsilon", dp.target_epsilon, 0.0, None, low_open=True)
-    if dp.noise_multiplier is not None:
-        _range("privacy.noise_multiplier", dp.noise_multiplier, 0.0, None)
-        if dp.noise_multiplier == 0 and not dp.allow_zero_noise:
-            raise ConfigError(
-                "privacy.noise_multiplier=0 gives no privacy at all; set privacy.allow_zero_noise=true "
-                "if that is really what you want (e.g. to measure clipping alone)"
-            )
-    if dp.max_epsilon is not None:
-        _range("privacy.max_epsilon", dp.max_epsilon, 0.0, None, low_open=True)
+    check_noise_setting(dp, "target_epsilon", "noise_multiplier", "max_epsilon")
     _range("privacy.delta", dp.delta, 0.0, 1.0, low_open=True)
     if dp.delta >= 1.0:
         raise ConfigError(f"privacy.delta={dp.delta} must be < 1")
@@ -256,6 +241,27 @@ def _validate_privacy(cfg: DictConfig) -> None:
             "privacy.grad_sample_mode=ghost cannot add FedProx's proximal term to its loss; "
             "use grad_sample_mode=hooks or functorch with strategy=fedprox"
         )
+
+
+def check_noise_setting(dp: DictConfig, target_key: str, noise_key: str, max_key: str) -> None:
+    """Exactly one of a target epsilon (calibrate the noise) and a noise multiplier (fix it);
+    zero noise only when asked for explicitly. Shared by sample- and client-level DP."""
+    target, noise, ceiling = dp[target_key], dp[noise_key], dp[max_key]
+    if (target is None) == (noise is None):
+        raise ConfigError(
+            f"set exactly one of privacy.{target_key} (calibrate the noise) and privacy.{noise_key} (fix the noise)"
+        )
+    if target is not None:
+        _range(f"privacy.{target_key}", target, 0.0, None, low_open=True)
+    if noise is not None:
+        _range(f"privacy.{noise_key}", noise, 0.0, None)
+        if noise == 0 and not dp.allow_zero_noise:
+            raise ConfigError(
+                f"privacy.{noise_key}=0 gives no privacy at all; set privacy.allow_zero_noise=true "
+                "if that is really what you want (e.g. to measure clipping alone)"
+            )
+    if ceiling is not None:
+        _range(f"privacy.{max_key}", ceiling, 0.0, None, low_open=True)
 
 
 def _validate_secure_agg(cfg: DictConfig) -> None:

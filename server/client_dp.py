@@ -149,7 +149,8 @@ class ClientDpStrategy(Strategy):
         crashed between the two): they may have been seen, so they are spent."""
         for body in bodies:
             population = int(body.get("population") or body["cohort_size"])
-            self.accountant.record(Release(float(body["noise_multiplier"]), float(body["sample_rate"]), population, int(body["cohort_size"])))
+            sigma, rate = float(body["noise_multiplier"]), float(body["sample_rate"])
+            self.accountant.record(Release(sigma, rate, population, int(body["cohort_size"])))
             logger.warning("round %s's release was recorded but not checkpointed; counted as spent", body["round"])
 
     # -- training ---------------------------------------------------------------------------

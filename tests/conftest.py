@@ -17,3 +17,14 @@ def compose():
     from conf import compose_config
 
     return compose_config
+
+
+@pytest.fixture(scope="module")
+def flower_task_identity():
+    """Messages built outside a running app need the run/task/node identity Flower sets there."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("_run_id", "_task_id", "_node_id"):
+            patch.setattr(TaskIdentity, name, 1)
+        yield

@@ -81,7 +81,8 @@ def mutate_array(draw: Any, array: Array) -> Array:
     if kind == "stype":
         return Array(dtype=array.dtype, shape=tuple(array.shape), stype=draw(st.text(max_size=12)), data=array.data)
     if kind == "extreme" and values.dtype.kind == "f":
-        return Array((values.astype(np.float64) * 1e300).astype(values.dtype))
+        # np.asarray: a 0-d array (an earlier "scalar" draw) times a float is a numpy scalar, not an ndarray.
+        return Array(np.asarray((values.astype(np.float64) * 1e300).astype(values.dtype)))
     if kind == "far_beyond":
         return Array(np.zeros(draw(st.sampled_from([10**5, 10**6])), dtype=values.dtype))
     if kind == "scalar":

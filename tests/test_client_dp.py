@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
 from clients import protocol
@@ -39,6 +38,9 @@ SHAPES = {"w": (64, 50), "b": (50,)}
 DIMENSION = sum(math.prod(s) for s in SHAPES.values())
 
 
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
+
 def _arrays(rng: np.random.Generator, scale: float = 1.0) -> ArrayRecord:
     return ArrayRecord({k: Array((rng.standard_normal(s) * scale).astype(np.float32)) for k, s in SHAPES.items()})
 
@@ -57,15 +59,6 @@ def _variance_in_chi2_range(samples: np.ndarray, std: float) -> tuple[float, flo
     n = samples.size
     statistic = (n - 1) * float(np.var(samples, ddof=1)) / std**2
     return statistic, float(stats.chi2.ppf(ALPHA / 2, n - 1)), float(stats.chi2.ppf(1 - ALPHA / 2, n - 1))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _task_identity():
-    # Messages built outside a running app need the identity Flower sets there.
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("_run_id", "_task_id", "_node_id"):
-            patch.setattr(TaskIdentity, name, 1)
-        yield
 
 
 # -- client side: clipping -------------------------------------------------------------------
@@ -228,13 +221,18 @@ def test_poisson_epsilon_matches_an_independent_recomputation():
 
 
 def test_fixed_size_accounting_uses_replace_one_sensitivity_2c():
+    import dp_accounting
+
     history = [Release(2.0, 0.1, 100, 10)] * 20
     ours = epsilon_of(history, "fixed", 1e-5)
-    # dp_accounting's reading of sigma as std / sensitivity: ours must equal sigma/2 there, and exceed sigma
-    halved = recompute.fixed_size_rdp_epsilon(((1.0, 100, 10),) * 20, 1e-5)
-    naive = recompute.fixed_size_rdp_epsilon(((2.0, 100, 10),) * 20, 1e-5)
-    assert ours == pytest.approx(halved, rel=1e-9)
-    assert ours > naive
+    # Straight from dp_accounting: replace-one neighbours, noise relative to the sensitivity 2C, i.e. sigma / 2.
+    direct = dp_accounting.rdp.RdpAccountant(
+        orders=recompute.RDP_ORDERS, neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
+    direct.compose(dp_accounting.SampledWithoutReplacementDpEvent(100, 10, dp_accounting.GaussianDpEvent(1.0)), 20)
+    assert ours == pytest.approx(direct.get_epsilon(1e-5), rel=1e-6)
+    # The audit's independent recomputation, fed the recorded sigma (relative to C), agrees.
+    assert ours == pytest.approx(recompute.fixed_size_rdp_epsilon(((2.0, 100, 10),) * 20, 1e-5), rel=1e-6)
 
 
 @pytest.mark.parametrize("sampling", ["poisson", "fixed"])

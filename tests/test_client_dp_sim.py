@@ -79,3 +79,29 @@ def test_audit_confirms_the_client_dp_ledger(client_dp_run):
     federation = json.loads(proc.stdout)["federation"]
     assert federation["status"] == "ok" and federation["mismatches"] == []
     assert federation["rounds"] == 2 and federation["budget"] == pytest.approx(MAX_EPSILON)
+
+
+@pytest.fixture(scope="module")
+def distributed_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("client_dp_distributed") / "run"
+    fedguard(
+        "simulate", "dataset=digits", "model=mlp", "simulation=tiny", "privacy=client_dp", "progress=false",
+        "privacy.noise=distributed", "secure_agg=secaggplus", "secure_agg.clip_range=8", "simulation.rounds=2",
+        "simulation.fraction_train=1.0", "privacy.client_target_epsilon=null", f"privacy.client_noise_multiplier={SIGMA}",
+        f"privacy.client_clip_norm={CLIP}", f"hydra.run.dir={run_dir}",
+    )
+    return run_dir
+
+
+def test_distributed_noise_under_secure_aggregation_is_accounted_and_audited(distributed_run):
+    for record in _rounds(distributed_run):
+        dp = record["client_dp"]
+        assert dp["noise"] == "distributed" and dp["cohort_size"] == CLIENTS
+        # the noise that really reached the sum: sigma * sqrt(survivors / expected cohort)
+        assert dp["noise_multiplier"] == pytest.approx(SIGMA * (dp["survivors"] / CLIENTS) ** 0.5)
+        assert dp["noise_std"] == pytest.approx(dp["noise_multiplier"] * CLIP)
+    proc = subprocess.run(
+        [*FEDGUARD, "audit", str(distributed_run), "--json", "--no-report"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["federation"]["status"] == "ok"

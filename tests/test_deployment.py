@@ -94,6 +94,15 @@ def test_dp_and_secure_aggregation_across_sites(federation):
         assert len(steps) == 2 and report["steps_total"] == sum(steps) > 0
         history = [(report["noise_multiplier"], report["sample_rate"], report["steps_total"])]
         assert report["epsilon"] == pytest.approx(compute_epsilon(history, report["delta"], "rdp").epsilon)
+    # Every site signed its spend on its own disk, and the server's ledger audits clean.
+    for site in range(SITES):
+        assert list((federation.site_dir(site) / "ledger").glob("*.jsonl")), f"site {site} kept no ledger"
+    audit = subprocess.run(
+        ["python", "-m", "simulations.cli", "audit", str(run_dir), "--json"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]
+    assert len(json.loads(audit.stdout)["clients"]) == SITES
 
 
 def test_unregistered_site_is_refused(federation):

@@ -15,10 +15,10 @@ import math
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from fuzz_support import FUZZ_SETTINGS, CONFIG_VALUES, mutate_content, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
+from omegaconf import DictConfig
 
 from clients import protocol
 from clients.app import app as client_app
@@ -33,18 +33,12 @@ from server.reply_checks import PRIVACY_REPORT_KEYS, usable_evaluate_replies
 from server.run_record import _json_safe
 from server.strategies import STRATEGY_CLASSES
 
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.usefixtures("flower_task_identity"),
+]
 NODE_CONFIG = {"partition-id": 0, "num-partitions": 4}
 ROBUST = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _task_identity():
-    # Messages built outside a running app need the identity Flower sets there.
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("_run_id", "_task_id", "_node_id"):
-            patch.setattr(TaskIdentity, name, 1)
-        yield
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,7 +53,7 @@ def _parse_failing_config_once():
     real = schema.config_from_yaml
     last_failure: dict[str, Exception] = {}
 
-    def parse(text: str):
+    def parse(text: str) -> DictConfig:
         if text in last_failure:
             raise last_failure[text]
         try:

@@ -15,7 +15,8 @@ Speed: a whole protocol round per case (key generation, Shamir sharing, sealing,
 for four clients) made the 7,000 cases take minutes. Every case starts from the same
 snapshot instead: the honest round is run once, the honest clients' answers and states
 are kept per request history (``HonestClients``), and a case recomputes only what its
-mutated message changes. The server side still runs every stage in every case.
+mutated message changes. The server side still runs every stage in every case (Shamir
+reconstruction is memoized per distinct set of shares, see ``_recombine_once``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import uuid
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from fuzz_support import FUZZ_SETTINGS, mutate_content, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
@@ -36,13 +36,16 @@ from clients.app import app as client_app
 from clients.datasets import load_dataset
 from clients.models import build_model
 from clients.secure_aggregation import secure_aggregation_mod
+from conf.schema import config_to_yaml
 from privacy.secagg import protocol as secagg_protocol
 from privacy.secagg.shamir import combine_shares
-from conf.schema import config_to_yaml
 from server.reply_checks import stage_reply_problem, train_reply_problem
 from server.secure_aggregation import SecureAggregationExchange
 
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.usefixtures("flower_task_identity"),
+]
 NODES = (11, 22, 33, 44)
 TARGET = 22
 STAGE_KEYS = {
@@ -64,14 +67,6 @@ STEP_UNIT, STEP_SPREAD, EXAMPLES = 0.001, 7, 30
 FLOAT32_TOLERANCE = 1e-6
 # Seconds the exchange may wait for train replies; the in-process grid answers at once.
 TRAIN_TIMEOUT = 5.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _task_identity():
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("_run_id", "_task_id", "_node_id"):
-            patch.setattr(TaskIdentity, name, 1)
-        yield
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -127,7 +122,9 @@ def _local_training(msg: Message, context: Context) -> Message:
     """Stand-in for local training: a small deterministic update, as the real handler would reply."""
     arrays = msg.content[protocol.ARRAYS_KEY]
     trained = ArrayRecord({key: Array(arrays[key].numpy() + _step(context.node_id)) for key in arrays.keys()})
-    metrics = MetricRecord({protocol.NUM_EXAMPLES_KEY: EXAMPLES, protocol.TRAIN_LOSS_KEY: 0.5, protocol.TRAIN_STEPS_KEY: 1})
+    metrics = MetricRecord(
+        {protocol.NUM_EXAMPLES_KEY: EXAMPLES, protocol.TRAIN_LOSS_KEY: 0.5, protocol.TRAIN_STEPS_KEY: 1}
+    )
     return Message(RecordDict({protocol.ARRAYS_KEY: trained, protocol.METRICS_KEY: metrics}), reply_to=msg)
 
 
@@ -166,7 +163,9 @@ def _fingerprint(message: Message) -> tuple:
     for name in message.content.keys():
         record = message.content[name]
         if isinstance(record, ArrayRecord):
-            items = tuple((k, record[k].dtype, tuple(record[k].shape), record[k].stype, record[k].data) for k in record.keys())
+            items = tuple(
+                (k, record[k].dtype, tuple(record[k].shape), record[k].stype, record[k].data) for k in record.keys()
+            )
         else:
             items = tuple((k, _typed(v)) for k, v in record.items())
         records.append((name, type(record), items))
@@ -174,8 +173,8 @@ def _fingerprint(message: Message) -> tuple:
 
 
 def _context(node: int, state: RecordDict) -> Context:
-    return Context(run_id=1, node_id=node, node_config={"partition-id": NODES.index(node), "num-partitions": len(NODES)},
-                   state=state, run_config={})
+    node_config = {"partition-id": NODES.index(node), "num-partitions": len(NODES)}
+    return Context(run_id=1, node_id=node, node_config=node_config, state=state, run_config={})
 
 
 class HonestClients:

@@ -10,17 +10,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
 
+from privacy.audit.empirical import DEFAULT_CANARIES
 from privacy.audit.recompute import DEFAULT_TOLERANCE
 from privacy.audit.runner import AUDIT_DIR, AuditSetupError, ExitCode, run_audit
 
 logger = logging.getLogger(__name__)
 
 PIPED_CONSOLE_WIDTH = 140
+DEFAULT_EMPIRICAL_EPSILONS = (1.0, 3.0, 8.0)
+EMPIRICAL_FILE = "empirical.json"
+# One client trains once on its whole training split: the accountant plans exactly that.
+EMPIRICAL_BASE_OVERRIDES = (
+    "simulation.num_clients=1", "simulation.rounds=1", "simulation.min_clients_per_round=1",
+    "train.local_epochs=30", "progress=false",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Verify a fedguard privacy ledger (hash chain, signatures) and recompute every epsilon "
         "with Google's dp_accounting. " + __doc__.split("\n\n", 1)[1].replace("\n", " "),
     )
-    parser.add_argument("path", type=Path, help="run directory (holding ledger.jsonl) or a ledger file")
+    parser.add_argument("path", type=Path, nargs="?", help="run directory (holding ledger.jsonl) or a ledger file")
     parser.add_argument(
         "--keys",
         type=Path,
@@ -49,17 +60,55 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-pld", action="store_true", help="skip the informational PLD column for RDP runs (faster on huge ledgers)"
     )
-    # Reserved: the empirical (membership-inference) audit will hang off this flag.
-    parser.add_argument("--empirical", action="store_true", help="empirical privacy test (not implemented yet)")
+    empirical = parser.add_argument_group(
+        "empirical audit (--empirical; no PATH)",
+        "train one client with canaries, non-privately and at each --epsilons, and report the membership-inference "
+        "lower bound on epsilon beside the claim (Steinke, Nasr & Jagielski 2023); exit 6 if a bound exceeds its claim",
+    )
+    empirical.add_argument("--empirical", action="store_true", help="run the empirical audit instead of a ledger audit")
+    empirical.add_argument("--epsilons", type=float, nargs="+", default=list(DEFAULT_EMPIRICAL_EPSILONS))
+    empirical.add_argument("--canaries", type=int, default=DEFAULT_CANARIES)
+    empirical.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="a Hydra override for the audited training (repeat), e.g. --set dataset=fashion_mnist")
     return parser
 
 
+def run_empirical(args: argparse.Namespace) -> int:
+    from privacy.audit.empirical import run_empirical_audit
+
+    base = [*EMPIRICAL_BASE_OVERRIDES, *args.overrides]
+    audits = [run_empirical_audit(base, canaries=args.canaries)]
+    for epsilon in args.epsilons:
+        private = [*base, "privacy=sample_dp", f"privacy.target_epsilon={epsilon}"]
+        audits.append(run_empirical_audit(private, canaries=args.canaries))
+    rows = [audit.as_dict() for audit in audits]
+    out_dir = args.out or Path(AUDIT_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    measured = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "platform": platform.platform(),
+                "cpus": os.cpu_count()}
+    (out_dir / EMPIRICAL_FILE).write_text(
+        json.dumps({"measured": measured, "overrides": base, "audits": rows}, indent=2) + "\n"
+    )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            claim = "none (non-private)" if row["claimed_epsilon"] is None else f"{row['claimed_epsilon']:.3f}"
+            print(f"claimed epsilon {claim:>20}  empirical lower bound {row['epsilon_lower_bound']:.3f}  "
+                  f"({row['correct']}/{row['guesses']} guesses right, {row['confidence']:.0%} confidence)"
+                  f"{'  VIOLATION' if row['violates_claim'] else ''}")
+        print(f"wrote {out_dir / EMPIRICAL_FILE}")
+    return int(ExitCode.EMPIRICAL_VIOLATION) if any(a.violates_claim for a in audits) else int(ExitCode.OK)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.empirical:
-        print("fedguard audit: --empirical is not implemented yet", file=sys.stderr)
-        return int(ExitCode.USAGE)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.empirical:
+        return run_empirical(args)
+    if args.path is None:
+        parser.error("PATH is required (or --empirical)")
     try:
         result = run_audit(args.path, args.keys, args.tolerance, with_pld=not args.no_pld)
     except AuditSetupError as err:

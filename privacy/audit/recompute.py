@@ -139,6 +139,10 @@ def pld_epsilon(history: History, delta: float) -> float:
     return float(composed.get_epsilon_for_delta(delta))
 
 
+# Replace-one sensitivity of a sum of updates clipped to C, in units of C.
+REPLACE_ONE_SENSITIVITY = 2.0
+
+
 @lru_cache(maxsize=None)
 def fixed_size_rdp_epsilon(
     rounds: tuple[tuple[float, int, int], ...], delta: float
@@ -147,6 +151,9 @@ def fixed_size_rdp_epsilon(
 
     dp_accounting supports this sampling only for replace-one neighbours, the relation
     under which its amplification is proven; the figure is therefore replace-one epsilon.
+    Its Gaussian noise multiplier is relative to the replace-one sensitivity of the clipped
+    sum, 2C (one client's update swapped for another's), so the recorded sigma (relative
+    to C) is halved.
     """
     if not rounds:
         return 0.0
@@ -157,7 +164,9 @@ def fixed_size_rdp_epsilon(
         if sigma == 0:
             return math.inf
         accountant.compose(
-            dp_accounting.SampledWithoutReplacementDpEvent(population, cohort, dp_accounting.GaussianDpEvent(sigma))
+            dp_accounting.SampledWithoutReplacementDpEvent(
+                population, cohort, dp_accounting.GaussianDpEvent(sigma / REPLACE_ONE_SENSITIVITY)
+            )
         )
     return float(accountant.get_epsilon(delta))
 

@@ -38,6 +38,7 @@ class ExitCode(IntEnum):
     INTEGRITY = 3  # tampering: unparsable/truncated line, hash or seq break, bad/unknown/missing signature
     BUDGET_EXCEEDED = 4  # a client's or the federation's spend is over its budget
     MISMATCH = 5  # a reported epsilon is below the independent recomputation (or inconsistent)
+    EMPIRICAL_VIOLATION = 6  # --empirical: a private run leaked more than the epsilon it claims
 
 
 class AuditSetupError(ValueError):

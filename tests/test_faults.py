@@ -1,0 +1,231 @@
+"""Faults in simulation: bad local data on one site, a client that crashes mid-training,
+a client that hangs past the round timeout.
+
+Each test runs fedguard's real ServerApp and, for every site, fedguard's real ClientApp
+inside a test-only ClientApp that injects one fault into one chosen partition (as
+simulations/bench_poisoning.py injects its attack). The fault spec reaches the Ray
+workers (other processes) through the environment, which they inherit from this one.
+
+Properties: the run completes with the other clients; the faulty client is counted as
+failed, and the server says why in one log line; the global model is exactly the
+example-weighted mean of the survivors' replies (so nothing of the faulty client's is in
+it, not even a late reply); a hung client holds up neither the round nor the shutdown.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from clients import protocol
+from clients.app import app as fedguard_client
+from clients.datasets import FASHION_MNIST_FILES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC
+from clients.site import DATA_ROOT_KEY, PARTITION_ID_KEY
+from conf.schema import config_to_yaml
+from server.app import main as fedguard_server_main
+from server.checkpoint import load_global_model
+from simulations.simulate import backend_config, launch
+
+pytestmark = pytest.mark.simulation
+
+FAULT_ENV = "FEDGUARD_TEST_FAULT"
+NUM_CLIENTS = 3
+FAULTY = 1  # the partition the fault hits; the others must carry the round
+BASE = [
+    "model=logreg", f"simulation.num_clients={NUM_CLIENTS}", "simulation.rounds=1",
+    "simulation.min_clients_per_round=2",
+    "train.max_steps=2", "progress=false", "device=cpu", "log_level=WARNING",
+]
+# Seconds the warm-up may take: Ray starts the workers and each imports torch and fedguard.
+WARM_UP_TIMEOUT = 240.0
+WARM_UP_POLL = 0.2
+# The hang test's round timeout (workers are warm by then: a round of 2 steps takes ~1 s)
+# and how long after it the hung client answers: late, but it does answer, so Flower's
+# engine can shut its worker down when the run ends.
+ROUND_TIMEOUT = 5.0
+HANG_PAST_TIMEOUT = 4.0
+# Tiny Fashion-MNIST-format data (IDX files): examples per split, pixels per side.
+GOOD_TRAIN, GOOD_TEST, FASHION_SIDE, FASHION_CLASSES = 90, 30, 28, 10
+WRONG_SIDE = 20
+DATA_SEED = 0
+OUT_OF_RANGE_LABEL = FASHION_CLASSES + 2
+# FedAvg's mean is computed in float32 by Flower; ours in float64.
+MEAN_TOLERANCE = 1e-5
+
+fault_client = ClientApp()
+fault_server = ServerApp()
+
+
+@fault_server.main()
+def _warm_then_serve(grid: Grid, context: Context) -> None:
+    """Wake every simulated client, then run fedguard's real ServerApp main.
+
+    A cold Ray worker starts and imports torch on its first message, which on a small
+    machine takes longer than the hang test's round timeout; the warm-up (one query per
+    client) keeps that out of the rounds, so their timeouts measure the fault.
+    """
+    deadline = time.monotonic() + WARM_UP_TIMEOUT
+    while len(nodes := list(grid.get_node_ids())) < NUM_CLIENTS and time.monotonic() < deadline:
+        time.sleep(WARM_UP_POLL)
+    wake = [Message(RecordDict(), dst_node_id=node, message_type="query") for node in nodes]
+    grid.send_and_receive(wake, timeout=max(deadline - time.monotonic(), 0.0))
+    fedguard_server_main(grid, context)
+
+
+@fault_client.query()
+def _awake(msg: Message, context: Context) -> Message:
+    return Message(RecordDict(), reply_to=msg)
+
+
+def _spec() -> dict[str, Any]:
+    return json.loads(os.environ.get(FAULT_ENV, "{}") or "{}")
+
+
+def _record_reply(spec: dict[str, Any], partition: int, reply: Message, late: bool) -> None:
+    """Keep what a client sent (arrays and example count), for the test to recompute the aggregate."""
+    if reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
+        return
+    arrays = reply.content[protocol.ARRAYS_KEY]
+    examples = float(reply.content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])
+    tag = "late" if late else "sent"
+    np.savez(Path(spec["replies"]) / f"{tag}-{partition}.npz", __examples__=np.float64(examples),
+             **{key: arrays[key].numpy() for key in arrays.keys()})
+
+
+@fault_client.train()
+def _faulty_train(msg: Message, context: Context) -> Message:
+    """fedguard's real train handler (mods included), with the spec's fault on partition FAULTY."""
+    spec = _spec()
+    partition = int(context.node_config[PARTITION_ID_KEY])
+    fault = spec.get("fault") if partition == FAULTY else None
+    if fault == "bad-data":
+        context.node_config[DATA_ROOT_KEY] = spec["bad_root"]
+    reply = fedguard_client(msg, context)
+    if fault == "crash":
+        # Trained, then died before replying: the work done must not reach the server.
+        raise RuntimeError(f"partition {partition}: simulated crash in the middle of local training")
+    if fault == "hang":
+        time.sleep(float(spec["hang_seconds"]))
+    _record_reply(spec, partition, reply, late=fault == "hang")
+    return reply
+
+
+@fault_client.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    return fedguard_client(msg, context)
+
+
+def _write_idx(folder: Path, stem: str, magic: int, values: np.ndarray) -> None:
+    header = struct.pack(">II", magic, len(values))
+    if magic == IDX_IMAGES_MAGIC:
+        header += struct.pack(">II", *values.shape[1:])
+    with gzip.open(folder / f"{stem}.gz", "wb") as handle:
+        handle.write(header + values.astype(np.uint8).tobytes())
+
+
+def _fashion_folder(folder: Path, side: int = FASHION_SIDE, label_shift: int = 0) -> Path:
+    """Four IDX files in Fashion-MNIST's format: random images, ``side`` pixels square, labels + ``label_shift``."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(DATA_SEED)
+    for split, count in (("train", GOOD_TRAIN), ("test", GOOD_TEST)):
+        prefix = "train" if split == "train" else "test"
+        images = rng.integers(0, 256, size=(count, side, side))
+        labels = np.arange(count) % FASHION_CLASSES + label_shift
+        _write_idx(folder, FASHION_MNIST_FILES[f"{prefix}_images"], IDX_IMAGES_MAGIC, images)
+        _write_idx(folder, FASHION_MNIST_FILES[f"{prefix}_labels"], IDX_LABELS_MAGIC, labels)
+    return folder
+
+
+def _simulate(compose, tmp_path: Path, overrides: list[str], spec: dict[str, Any], monkeypatch) -> dict[str, Any]:
+    """One fedguard run in Flower's simulation engine with the test ClientApp; returns what it wrote."""
+    cfg = compose([*BASE, *overrides])
+    run_dir, replies = tmp_path / "run", tmp_path / "replies"
+    replies.mkdir()
+    monkeypatch.setenv(FAULT_ENV, json.dumps({**spec, "replies": str(replies)}))
+    run_config = {protocol.RUN_CONFIG_FEDGUARD: config_to_yaml(cfg), protocol.RUN_CONFIG_RUN_DIR: str(run_dir)}
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    started = time.monotonic()
+    launch(fault_server, fault_client, NUM_CLIENTS, backend_config(cfg), context)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {
+        "summary": summary,
+        "rounds": [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()],
+        "sent": {int(p.stem.split("-")[1]): dict(np.load(p)) for p in replies.glob("sent-*.npz")},
+        "late": {int(p.stem.split("-")[1]): dict(np.load(p)) for p in replies.glob("late-*.npz")},
+        "seconds": time.monotonic() - started,
+    }
+
+
+def _assert_model_is_mean_of(run: dict[str, Any], partitions: set[int]) -> None:
+    """The global model after round 1 is the example-weighted mean of exactly these partitions' replies."""
+    assert set(run["sent"]) == partitions
+    final = load_global_model(run["summary"]["checkpoint"]).state_dict()
+    weights = {p: float(run["sent"][p]["__examples__"]) for p in partitions}
+    for key, tensor in final.items():
+        mean = sum(weights[p] * run["sent"][p][key].astype(np.float64) for p in partitions) / sum(weights.values())
+        np.testing.assert_allclose(tensor.numpy(), mean, atol=MEAN_TOLERANCE, err_msg=key)
+
+
+def _server_lines(caplog, needle: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("server") and needle in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("side", "label_shift", "reason"),
+    [
+        (WRONG_SIDE, 0, f"examples are {WRONG_SIDE}x{WRONG_SIDE}, the dataset needs {FASHION_SIDE}x{FASHION_SIDE}"),
+        (FASHION_SIDE, OUT_OF_RANGE_LABEL, f"label(s) outside 0..{FASHION_CLASSES - 1}"),
+    ],
+    ids=["wrong-image-size", "labels-out-of-range"],
+)
+def test_bad_local_data_is_one_clean_refusal(compose, tmp_path, monkeypatch, caplog, side, label_shift, reason):
+    good = _fashion_folder(tmp_path / "fashion")
+    bad = _fashion_folder(tmp_path / "bad-site", side=side, label_shift=label_shift)
+    caplog.set_level(logging.WARNING)
+    run = _simulate(compose, tmp_path, ["dataset=fashion_mnist", f"dataset.root={good}"],
+                    {"fault": "bad-data", "bad_root": str(bad)}, monkeypatch)
+    assert run["summary"]["stop_reason"] == "completed all rounds"
+    (round_one,) = run["rounds"]
+    assert round_one["clients_replied"] == NUM_CLIENTS - 1 and round_one["clients_failed"] == 1
+    failures = _server_lines(caplog, "failed: LocalDataError")
+    assert len(failures) == 1 and reason in failures[0], failures
+    _assert_model_is_mean_of(run, set(range(NUM_CLIENTS)) - {FAULTY})
+
+
+def test_client_crash_mid_training_fails_only_that_client(compose, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING)
+    run = _simulate(compose, tmp_path, ["dataset=digits"], {"fault": "crash"}, monkeypatch)
+    assert run["summary"]["stop_reason"] == "completed all rounds"
+    (round_one,) = run["rounds"]
+    assert round_one["clients_replied"] == NUM_CLIENTS - 1 and round_one["clients_failed"] == 1
+    failures = _server_lines(caplog, "failed:")
+    assert len(failures) == 1 and "simulated crash in the middle of local training" in failures[0], failures
+    _assert_model_is_mean_of(run, set(range(NUM_CLIENTS)) - {FAULTY})
+
+
+def test_hung_client_misses_the_round_and_does_not_hold_it(compose, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING)
+    hang = ROUND_TIMEOUT + HANG_PAST_TIMEOUT
+    run = _simulate(compose, tmp_path, ["dataset=digits", f"simulation.round_timeout={ROUND_TIMEOUT}"],
+                    {"fault": "hang", "hang_seconds": hang}, monkeypatch)
+    assert run["summary"]["stop_reason"] == "completed all rounds"
+    (round_one,) = run["rounds"]
+    assert round_one["clients_replied"] == NUM_CLIENTS - 1 and round_one["clients_failed"] == 1
+    assert round_one["round_seconds"] < hang  # the server closed the round before the late reply came
+    silent = _server_lines(caplog, "no reply within")
+    assert len(silent) == 1 and f"1 of {NUM_CLIENTS} client(s)" in silent[0], silent
+    # The late reply was computed and sent, and is not in the model.
+    assert set(run["late"]) == {FAULTY}
+    _assert_model_is_mean_of(run, set(range(NUM_CLIENTS)) - {FAULTY})
