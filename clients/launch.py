@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from clients.site import (
 )
 from privacy.key_commands import DEFAULT_KEYS_DIR
 from privacy.key_material import NODE_PRIVATE_KEY_FILE, KeyMaterialError, check_certificate_files, check_node_private_key
+from simulations.flower_tools import environment_with_flower, flower_executable
 
 DEFAULT_SITE_DIR = "fedguard-site"
 # The SuperNode's local API (ClientApp processes talk to it); one free port per SuperNode on a host.
@@ -47,7 +47,7 @@ def node_config_text(settings: dict[str, Any]) -> str:
 
 def supernode_command(args: argparse.Namespace, node_config: str) -> list[str]:
     return [
-        shutil.which("flower-supernode") or "flower-supernode",
+        flower_executable("flower-supernode"),
         "--superlink", args.server,
         "--root-certificates", str(args.ca.resolve()),
         "--auth-supernode-private-key", str(args.key.resolve()),
@@ -99,4 +99,4 @@ def client_main(argv: list[str]) -> int:
     print(f"fedguard client: partition {args.partition_id}/{args.num_partitions} joining https://{args.server}", flush=True)
     # The SuperNode keeps its Flower files (installed app bundles) in this site's state dir.
     os.environ["FLWR_HOME"] = str((args.state_dir / "flwr").resolve())
-    os.execv(command[0], command)
+    os.execve(command[0], command, environment_with_flower())

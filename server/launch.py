@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from privacy.key_commands import DEFAULT_CERTS_DIR
 from server.privacy_ledger import FEDGUARD_HOME_ENV
+from simulations.flower_tools import environment_with_flower, flower_executable
 from privacy.key_material import (
     CA_CERT_FILE,
     SERVER_CERT_FILE,
@@ -48,7 +48,7 @@ def superlink_command(certs_dir: Path, listen: str, state_dir: Path) -> list[str
     host, port = _split_address(listen)
     certs_dir = certs_dir.resolve()
     return [
-        shutil.which("flower-superlink") or "flower-superlink",
+        flower_executable("flower-superlink"),
         "--ssl-ca-certfile", str(certs_dir / CA_CERT_FILE),
         "--ssl-certfile", str(certs_dir / SERVER_CERT_FILE),
         "--ssl-keyfile", str(certs_dir / SERVER_KEY_FILE),
@@ -85,7 +85,7 @@ def server_main(argv: list[str]) -> int:
     # The server's ledger signing key (server/privacy_ledger.py) stays in the state dir too.
     os.environ[FEDGUARD_HOME_ENV] = str(args.state_dir.resolve())
     os.chdir(args.state_dir)
-    os.execv(command[0], command)
+    os.execve(command[0], command, environment_with_flower())
 
 
 @contextmanager
@@ -101,7 +101,7 @@ def flower_cli_home(superlink: str, ca_cert: Path) -> Iterator[dict[str, str]]:
             f"root-certificates = {json.dumps(str(ca_cert.resolve()))}\n"
         )
         Path(home, FLOWER_CONFIG_FILE).write_text(config, encoding="utf-8")
-        yield {**os.environ, "FLWR_HOME": home}
+        yield {**environment_with_flower(), "FLWR_HOME": home}
 
 
 def register_main(argv: list[str]) -> int:
@@ -116,7 +116,7 @@ def register_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         with flower_cli_home(args.superlink, args.ca) as env:
-            command = [shutil.which("flwr") or "flwr", "supernode", "register", str(args.public_key), CONNECTION_NAME,
+            command = [flower_executable("flwr"), "supernode", "register", str(args.public_key), CONNECTION_NAME,
                        "--format", "json"]
             proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     except (KeyMaterialError, ValueError) as err:

@@ -8,7 +8,6 @@ ClientApp read exactly what was validated on the submitting machine.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from conf.schema import ConfigError, config_to_yaml
 from privacy.key_material import KeyMaterialError
 from server.app import RUNS_DIR
 from server.launch import CONNECTION_NAME, flower_cli_home
+from simulations.flower_tools import flower_executable
 
 # Run states as Flower's SuperLink reports them (`flwr ls`).
 FINISHED = "finished"
@@ -84,7 +84,7 @@ def run_main(argv: list[str]) -> int:
 
 
 def _flwr() -> str:
-    return shutil.which("flwr") or "flwr"
+    return flower_executable("flwr")
 
 
 def _flwr_json(env: dict[str, str], *args: str) -> dict[str, Any]:

@@ -130,10 +130,11 @@ class Federation:
     def connected_nodes(self) -> int:
         """SuperNodes the SuperLink reports online (via Flower's CLI, over TLS)."""
         from server.launch import CONNECTION_NAME, flower_cli_home
+        from simulations.flower_tools import flower_executable
 
         with flower_cli_home(self.address, self.ca_cert) as env:
             listing = subprocess.run(
-                ["flwr", "supernode", "list", CONNECTION_NAME, "--format", "json"],
+                [flower_executable("flwr"), "supernode", "list", CONNECTION_NAME, "--format", "json"],
                 env=env, capture_output=True, text=True, timeout=60, check=False,
             )
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from privacy.accounting import compute_epsilon
 from server.checkpoint import CHECKPOINT_DIR, LATEST_NAME, read_checkpoint
+from simulations.flower_tools import environment_with_flower, flower_executable
 from simulations.local_federation import Federation, free_port, stop_process
 
 pytestmark = pytest.mark.deployment
@@ -66,7 +68,7 @@ def test_files_are_private(federation):
                  federation.site_dir(0) / "keys" / "node_key"):
         assert path.stat().st_mode & 0o777 == 0o600, path
     again = subprocess.run(
-        ["python", "-m", "simulations.cli", "certs", "--out", str(federation.ca_cert.parent), "--host", "127.0.0.1"],
+        [sys.executable, "-m", "simulations.cli", "certs", "--out", str(federation.ca_cert.parent), "--host", "127.0.0.1"],
         capture_output=True, text=True, check=False,
     )
     assert again.returncode != 0 and "--force" in again.stderr
@@ -98,7 +100,7 @@ def test_dp_and_secure_aggregation_across_sites(federation):
     for site in range(SITES):
         assert list((federation.site_dir(site) / "ledger").glob("*.jsonl")), f"site {site} kept no ledger"
     audit = subprocess.run(
-        ["python", "-m", "simulations.cli", "audit", str(run_dir), "--json"],
+        [sys.executable, "-m", "simulations.cli", "audit", str(run_dir), "--json"],
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]
@@ -119,9 +121,9 @@ def test_plaintext_site_is_refused(federation):
     log_path = federation.root / "plaintext.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            ["flower-supernode", "--insecure", "--superlink", federation.address, "--port", str(free_port()),
+            [flower_executable("flower-supernode"), "--insecure", "--superlink", federation.address, "--port", str(free_port()),
              "--max-wait-time", "10", "--node-config", "partition-id=0 num-partitions=3"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=environment_with_flower(),
         )
         try:
             proc.wait(timeout=120)
@@ -133,13 +135,13 @@ def test_plaintext_site_is_refused(federation):
 
 def test_client_without_ca_or_key_fails_clearly(federation, tmp_path):
     no_ca = subprocess.run(
-        ["python", "-m", "simulations.cli", "client", "--server", federation.address, "--ca", str(tmp_path / "missing.crt"),
+        [sys.executable, "-m", "simulations.cli", "client", "--server", federation.address, "--ca", str(tmp_path / "missing.crt"),
          "--key", str(federation.site_dir(0) / "keys" / "node_key"), "--partition-id", "0", "--num-partitions", "3"],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert no_ca.returncode == 1 and "missing TLS file" in no_ca.stderr
     bad_partition = subprocess.run(
-        ["python", "-m", "simulations.cli", "client", "--server", federation.address, "--ca", str(federation.ca_cert),
+        [sys.executable, "-m", "simulations.cli", "client", "--server", federation.address, "--ca", str(federation.ca_cert),
          "--key", str(federation.site_dir(0) / "keys" / "node_key"), "--partition-id", "3", "--num-partitions", "3"],
         capture_output=True, text=True, timeout=60, check=False,
     )
