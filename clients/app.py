@@ -263,7 +263,17 @@ def _reply_content(cached: CachedReply, site: SiteSettings) -> RecordDict:
     return content
 
 
-def _train_reply(msg, state, cfg, site, data, model, device, request) -> Message:
+def _train_reply(
+    msg: Message,
+    state: RecordDict,
+    cfg: DictConfig,
+    site: SiteSettings,
+    data: LocalData,
+    model: torch.nn.Module,
+    device: torch.device,
+    request: Request,
+) -> Message:
+    """Train on the site's data (privately if configured) and build the reply, or a budget refusal."""
     server_round, mu = request.server_round, request.proximal_mu
     regularizer = proximal_regularizer(model, mu) if mu > 0 else None
     setup = make_training_setup(model, data.train_x, data.train_y, cfg.train, _round_seed(cfg, site, server_round))
