@@ -29,11 +29,13 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from clients import protocol
@@ -155,6 +157,11 @@ class SiteStateStore:
         _fsync_write(self.replay_path, lambda handle: torch.save(payload, handle))
 
 
+    @cached_property
+    def _signing_key(self) -> Ed25519PrivateKey:
+        """The site's ledger key, read (or created) once per store: signing and the reply both need it."""
+        return load_or_create_signing_key(self.ledger_key_path)
+
     def record_spend(self, report: dict[str, Any], *, partition_id: int, server_round: int, max_grad_norm: float) -> None:
         """Append this round's training (or refusal) to the site ledger, durably, before the reply leaves."""
         if report.get("refused"):
@@ -171,14 +178,13 @@ class SiteStateStore:
             event = SampleDpTraining.from_report(
                 report, client=partition_id, server_round=server_round, max_grad_norm=max_grad_norm
             )
-        key = load_or_create_signing_key(self.ledger_key_path)
-        with LedgerWriter(self.ledger_path, key, client_party(partition_id), ledger_id=f"{self.lineage}-{partition_id}") as ledger:
+        with LedgerWriter(self.ledger_path, self._signing_key, client_party(partition_id), ledger_id=f"{self.lineage}-{partition_id}") as ledger:
             ledger.append(event)
 
     def ledger_record(self) -> ConfigRecord:
         """The site's whole chain for this lineage and its public key, for the server to embed what it lacks."""
         entries = read_ledger(self.ledger_path) if self.ledger_path.exists() else []
-        public_key = load_or_create_signing_key(self.ledger_key_path).public_key()
+        public_key = self._signing_key.public_key()
         return ConfigRecord(
             {
                 protocol.LEDGER_ENTRIES_FIELD: [entry_to_wire(entry) for entry in entries],

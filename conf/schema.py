@@ -361,10 +361,19 @@ def validate_config(cfg: DictConfig) -> None:
     _validate_deployment(cfg)
 
 
-def _validate_deployment(cfg: DictConfig) -> None:
-    host, sep, port = str(cfg.deployment.superlink).rpartition(":")
+def split_host_port(address: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 in brackets) as (host, port); ValueError naming the address otherwise."""
+    host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"deployment.superlink={cfg.deployment.superlink!r} must be HOST:PORT (port 1-65535)")
+        raise ValueError(f"address {address!r} must be HOST:PORT (port 1-65535)")
+    return host.strip("[]"), int(port)
+
+
+def _validate_deployment(cfg: DictConfig) -> None:
+    try:
+        split_host_port(str(cfg.deployment.superlink))
+    except ValueError:
+        raise ConfigError(f"deployment.superlink={cfg.deployment.superlink!r} must be HOST:PORT (port 1-65535)") from None
     _range("deployment.wait_for_clients", cfg.deployment.wait_for_clients, 0.0, None)
 
 

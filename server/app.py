@@ -35,6 +35,7 @@ from conf.schema import (
 from server.client_dp import wrap_for_client_dp
 from server.checkpoint import CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, BackgroundCheckpointWriter, save_checkpoint
 from server.federation import run_federation
+from server.launch import RUNS_DIR
 from server.privacy_ledger import FederationLedger
 from server.run_record import RoundRecord, RunRecorder
 from server.run_state import (
@@ -52,8 +53,6 @@ logger = logging.getLogger(__name__)
 
 app = ServerApp()
 
-# Under `fedguard server`, a run without an explicit run-dir lands in <state dir>/runs/run-<id>.
-RUNS_DIR = "runs"
 # How often the server looks for newly connected sites while it waits for them.
 CLIENT_POLL_SECONDS = 1.0
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from conf.schema import split_host_port
 from privacy.key_commands import DEFAULT_CERTS_DIR
 from server.privacy_ledger import FEDGUARD_HOME_ENV
 from simulations.flower_tools import environment_with_flower, flower_executable
@@ -29,6 +30,8 @@ from privacy.key_material import (
 )
 
 DEFAULT_SERVER_DIR = "fedguard-server"
+# Under `fedguard server`, a run without an explicit run-dir lands in <state dir>/runs/run-<id>.
+RUNS_DIR = "runs"
 DEFAULT_LISTEN = "0.0.0.0:9092"
 DEFAULT_SUPERLINK = "127.0.0.1:9092"
 SUPERLINK_DB = "superlink.db"
@@ -36,16 +39,9 @@ CONNECTION_NAME = "fedguard"
 FLOWER_CONFIG_FILE = "config.toml"
 
 
-def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"address {address!r} must be HOST:PORT (port 1-65535)")
-    return host.strip("[]"), int(port)
-
-
 def superlink_command(certs_dir: Path, listen: str, state_dir: Path) -> list[str]:
     """The SuperLink invocation: TLS files, node authentication, a persistent state database."""
-    host, port = _split_address(listen)
+    host, port = split_host_port(listen)
     certs_dir = certs_dir.resolve()
     return [
         flower_executable("flower-superlink"),
@@ -91,7 +87,7 @@ def server_main(argv: list[str]) -> int:
 @contextmanager
 def flower_cli_home(superlink: str, ca_cert: Path) -> Iterator[dict[str, str]]:
     """A throwaway Flower CLI home whose one connection is this SuperLink over TLS; yields the env to use."""
-    _split_address(superlink)
+    split_host_port(superlink)
     check_certificate_files(ca_cert)
     with tempfile.TemporaryDirectory(prefix="fedguard-flwr-") as home:
         config = (

@@ -18,8 +18,7 @@ from typing import Any
 from clients import protocol
 from conf.schema import ConfigError, config_to_yaml
 from privacy.key_material import KeyMaterialError
-from server.app import RUNS_DIR
-from server.launch import CONNECTION_NAME, flower_cli_home
+from server.launch import CONNECTION_NAME, RUNS_DIR, flower_cli_home
 from simulations.flower_tools import flower_executable
 
 # Run states as Flower's SuperLink reports them (`flwr ls`).
