@@ -26,6 +26,10 @@ LEDGER_PUBLIC_KEY_FIELD = "public-key"  # and the site's ledger public key (Open
 # Secure aggregation: the train reply's public keys, and each protocol stage's request and answer.
 SECAGG_KEY = "secagg"
 SECAGG_MESSAGE_TYPE = "train.secagg"
+# ConfigRecord beside the mask answer: the senders whose shares failed authentication
+# (the client left them out of its masks), under SECAGG_REJECTED_FIELD.
+SECAGG_REJECTED_KEY = "secagg-rejected"
+SECAGG_REJECTED_FIELD = "from"
 
 # Inside the MetricRecord clients reply with.
 NUM_EXAMPLES_KEY = "num-examples"

@@ -179,7 +179,8 @@ def handle_stage(msg: Message, context: Context) -> Message:
         del context.state[INPUT_STATE_KEY]  # the clear input is no longer needed
         del context.state[ENCODING_STATE_KEY]
         context.state[SESSION_STATE_KEY] = session.to_record()
-        reply = RecordDict({protocol.SECAGG_KEY: ArrayRecord({"masked": Array(masked)})})
+        rejected = ConfigRecord({protocol.SECAGG_REJECTED_FIELD: sorted(session.rejected_senders)})
+        reply = RecordDict({protocol.SECAGG_KEY: ArrayRecord({"masked": Array(masked)}), protocol.SECAGG_REJECTED_KEY: rejected})
         return Message(reply, reply_to=msg)
     elif stage == "unmask":
         revealed = session.unmask({int(n) for n in request["survivors"]}, {int(n) for n in request["dropped"]})

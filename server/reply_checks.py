@@ -208,15 +208,20 @@ def usable_evaluate_replies(server_round: int, replies: list[Message]) -> list[M
 
 
 def _check_stage_answer(stage: str, content, vector_length: int | None) -> None:
-    only_records(content, {protocol.SECAGG_KEY})
     if stage == "mask":
+        only_records(content, {protocol.SECAGG_KEY, protocol.SECAGG_REJECTED_KEY})
         record = require_record(content, protocol.SECAGG_KEY, ArrayRecord)
         if list(record.keys()) != [MASKED_ARRAY]:
             raise MalformedMessage(f"a mask answer holds exactly one array '{MASKED_ARRAY}'")
         array = record[MASKED_ARRAY]
         length = vector_length if vector_length is not None else (tuple(array.shape) or (0,))[0]
         decode_array(MASKED_ARRAY, array, (length,), np.uint64)
+        rejected = require_record(content, protocol.SECAGG_REJECTED_KEY, ConfigRecord)
+        node_ids(rejected, protocol.SECAGG_REJECTED_FIELD, MAX_PEERS)
+        if list(rejected.keys()) != [protocol.SECAGG_REJECTED_FIELD]:
+            raise MalformedMessage(f"a mask answer's rejected-senders record holds only '{protocol.SECAGG_REJECTED_FIELD}'")
         return
+    only_records(content, {protocol.SECAGG_KEY})
     record = require_record(content, protocol.SECAGG_KEY, ConfigRecord)
     if stage == "share":
         peers = node_ids(record, "to", MAX_PEERS)

@@ -89,6 +89,21 @@ def _answers(
     return answers
 
 
+def _rejected_senders(mask_answers: dict[int, Message], inbox: dict[int, dict[int, bytes]]) -> dict[int, set[int]]:
+    """Each masking client's rejected senders; a client naming one that sent it nothing counts as dropped."""
+    rejected: dict[int, set[int]] = {}
+    for node, reply in mask_answers.items():
+        named = {int(n) for n in reply.content[protocol.SECAGG_REJECTED_KEY][protocol.SECAGG_REJECTED_FIELD]}
+        if not named <= set(inbox.get(node, {})):
+            logger.warning(
+                "secure aggregation mask: client node %d dropped: it rejected shares it was never sent (%s)",
+                node, sorted(named - set(inbox.get(node, {}))),
+            )
+            continue
+        rejected[node] = named
+    return rejected
+
+
 class SecureAggregationExchange:
     """One training round's message exchange under SecAgg+."""
 
@@ -173,8 +188,17 @@ class SecureAggregationExchange:
             1 + sum(int(np.prod(global_arrays[key].shape)) for key in global_arrays.keys()),
             poll_interval=self.poll_interval,
         )
-        masked = {node: array_view(r.content[protocol.SECAGG_KEY]["masked"]) for node, r in mask_answers.items()}
-        survivors, dropped = set(masked), set(shares) - set(masked)
+        rejected = _rejected_senders(mask_answers, inbox)
+        survivors, masked_with = session.settle(set(rejected), inbox, rejected)
+        for node in sorted(set(rejected) - survivors):
+            accusers = sorted(peer for peer, senders in rejected.items() if node in senders)
+            logger.warning(
+                "round %d: secure aggregation: client node %d left out of this round's sum: its shares to %s "
+                "failed authentication or never arrived",
+                server_round, node, accusers or "some neighbours",
+            )
+        masked = {node: array_view(mask_answers[node].content[protocol.SECAGG_KEY]["masked"]) for node in survivors}
+        dropped = set(shares) - survivors
         if len(survivors) < self.params.threshold:
             raise SecAggError(f"{len(survivors)} clients sent masked inputs; threshold is {self.params.threshold}")
         unmask_answers = _answers(
@@ -200,7 +224,7 @@ class SecureAggregationExchange:
             for node, r in unmask_answers.items()
         }
         started = time.perf_counter()
-        total, count = session.aggregate(masked, set(shares), revealed)
+        total, count = session.aggregate(masked, set(shares), revealed, masked_with)
         content = self._aggregate_content(total, count, survivors, keyed, global_arrays)
         elapsed = time.perf_counter() - started
         logger.debug("round %d: secagg unmasking and dequantization took %.3f s", server_round, elapsed)

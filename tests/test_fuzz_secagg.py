@@ -52,7 +52,7 @@ STAGE_KEYS = {
     "advertise": {protocol.METRICS_KEY: [protocol.NUM_EXAMPLES_KEY, protocol.TRAIN_LOSS_KEY],
                   protocol.SECAGG_KEY: ["stage", "envelope_key", "mask_key"]},
     "share": {protocol.SECAGG_KEY: ["to", "ciphertexts"]},
-    "mask": {protocol.SECAGG_KEY: []},
+    "mask": {protocol.SECAGG_KEY: [], protocol.SECAGG_REJECTED_KEY: [protocol.SECAGG_REJECTED_FIELD]},
     "unmask": {protocol.SECAGG_KEY: ["for", "kinds", "shares"]},
 }
 REQUEST_KEYS = {
@@ -328,6 +328,8 @@ def _answer_property(setup: Setup, data, stage: str) -> None:
                stage_reply_problem(stage, reply, 1 + sum(int(np.prod(setup.arrays[k].shape)) for k in setup.arrays.keys())))
     if problem is not None:  # a dropout the protocol tolerates: the other three complete the round
         assert result.contributed >= len(NODES) - 1, problem
+    if stage == "share":  # forged, re-addressed or missing shares cost the round at most the sender's input
+        assert result.contributed >= len(NODES) - 1
 
 
 def _request_property(setup: Setup, data, stage: str) -> None:
@@ -344,6 +346,23 @@ def test_replayed_round_is_the_honest_round(setup):
     assert setup.clients.computed == computed  # every answer came from the snapshot
     assert result.contributed == len(NODES)
     mean_step = float(np.mean([_step(node) for node in NODES]))
+    aggregate = result.usable[0].content[protocol.ARRAYS_KEY]
+    for key in setup.arrays.keys():
+        expected = setup.arrays[key].numpy() + np.float32(mean_step)
+        np.testing.assert_allclose(aggregate[key].numpy(), expected, atol=FLOAT32_TOLERANCE)
+
+
+def test_a_client_forging_every_share_loses_only_its_own_input(setup):
+    """Node TARGET flips a byte in each share it sends: its neighbours leave it out, the rest is the exact mean."""
+
+    def forge(content: RecordDict) -> RecordDict:
+        record = content[protocol.SECAGG_KEY]
+        forged = [c[:-1] + bytes([c[-1] ^ 1]) for c in record["ciphertexts"]]
+        return RecordDict({protocol.SECAGG_KEY: ConfigRecord({**record, "ciphertexts": forged})})
+
+    _sampled, result = _exchange(setup, FuzzGrid(setup.clients, "share", forge, on_answer=True))
+    assert result.contributed == len(NODES) - 1
+    mean_step = float(np.mean([_step(node) for node in NODES if node != TARGET]))
     aggregate = result.usable[0].content[protocol.ARRAYS_KEY]
     for key in setup.arrays.keys():
         expected = setup.arrays[key].numpy() + np.float32(mean_step)

@@ -12,7 +12,15 @@ from privacy.secagg.protocol import ClientSession, SecAggError, SecAggParams, Se
 BITS, CLIP, LENGTH = 32, 1.0, 300
 
 
-def _run(num_clients, neighbours, threshold, drop_after_keys=(), drop_after_shares=(), drop_after_mask=(), seed=0):
+def _flip_last_byte(ciphertext: bytes) -> bytes:
+    return ciphertext[:-1] + bytes([ciphertext[-1] ^ 1])
+
+
+def _run(
+    num_clients, neighbours, threshold, drop_after_keys=(), drop_after_shares=(), drop_after_mask=(), seed=0,
+    tampered=(),
+):
+    """One round; ``tampered`` holds (sender, receiver) pairs whose share ciphertext gets one byte flipped."""
     rng = np.random.default_rng(seed)
     params = SecAggParams(modulus_bits=BITS, neighbours=neighbours, threshold=threshold)
     params.validate(num_clients)
@@ -26,16 +34,19 @@ def _run(num_clients, neighbours, threshold, drop_after_keys=(), drop_after_shar
     advertised = {node: c.advertise() for node, c in clients.items() if node not in drop_after_keys}
     routed = server.route_keys(advertised)
     shares = {node: clients[node].share(keys) for node, keys in routed.items() if node not in drop_after_shares}
+    for sender, receiver in tampered:
+        shares[sender][receiver] = _flip_last_byte(shares[sender][receiver])
     inbox = server.route_shares(shares)
     masked = {
         node: clients[node].mask(inbox[node], quantize(updates[node], CLIP, levels, rng))
         for node in shares
         if node not in drop_after_mask
     }
-    survivors = set(masked)
+    rejected = {node: clients[node].rejected_senders for node in masked}
+    survivors, masked_with = server.settle(set(masked), inbox, rejected)
     dropped = set(shares) - survivors
     revealed = {node: clients[node].unmask(survivors & clients[node].neighbours, dropped) for node in survivors}
-    total, count = server.aggregate(masked, set(shares), revealed)
+    total, count = server.aggregate({n: masked[n] for n in survivors}, set(shares), revealed, masked_with)
     expected = sum(updates[node] for node in survivors)
     return dequantize_sum(total, count, CLIP, levels), expected, count, 2 * CLIP / levels
 
@@ -76,17 +87,55 @@ def test_a_client_refuses_to_reveal_both_secrets_of_one_peer():
         client.unmask({2, 3}, {3})
 
 
-def test_a_tampered_share_is_rejected_at_the_masking_stage():
+def test_a_tampered_share_leaves_its_sender_out_of_the_receivers_masks():
     params = SecAggParams(BITS, 2, 2)
     nodes = [1, 2, 3]
     server = ServerSession(params, 1, neighbour_graph(nodes, 2, 0))
     clients = {n: ClientSession(n, params, 1) for n in nodes}
     routed = server.route_keys({n: c.advertise() for n, c in clients.items()})
     inbox = server.route_shares({n: clients[n].share(routed[n]) for n in nodes})
-    sender = next(iter(inbox[1]))
-    inbox[1][sender] = inbox[1][sender][:-1] + bytes([inbox[1][sender][-1] ^ 1])
-    with pytest.raises(ShareAuthenticationError):
-        clients[1].mask(inbox[1], np.zeros(4, dtype=np.uint64))
+    sender = min(inbox[1])
+    inbox[1][sender] = _flip_last_byte(inbox[1][sender])
+    clients[1].mask(inbox[1], np.zeros(4, dtype=np.uint64))
+    assert clients[1].rejected_senders == {sender}
+    assert sender not in clients[1].neighbours
+    with pytest.raises(ShareAuthenticationError):  # the envelope itself still refuses it
+        from privacy.secagg.envelope import open_sealed
+        from privacy.secagg.keys import derive_shared_key
+        from privacy.secagg.protocol import SHARE_PURPOSE
+
+        key = derive_shared_key(clients[1]._envelope_keys.private, routed[1][sender][0], SHARE_PURPOSE)
+        open_sealed(key, inbox[1][sender], sender=sender, receiver=1, server_round=1)
+
+
+@pytest.mark.parametrize("receivers", [1, 2, 6], ids=["one-share", "two-shares", "all-shares"])
+def test_a_client_forging_shares_loses_only_its_own_input(receivers):
+    """10 clients, 6 neighbours, threshold 3: the forger's input is left out, every other input is summed exactly."""
+    nodes = [100 + 7 * i for i in range(10)]
+    forger = nodes[0]
+    peers = sorted(neighbour_graph(nodes, 6, 4)[forger])
+    recovered, expected, count, step = _run(10, 6, 3, seed=4, tampered=[(forger, p) for p in peers[:receivers]])
+    assert count == 9
+    assert np.max(np.abs(recovered - expected)) <= count * step
+
+
+def test_forged_shares_leaving_too_few_valid_ones_fail_the_round_naming_the_forger():
+    """5 of 6 shares forged: one survivor masked with the forger, but only 1 valid share of its key exists."""
+    nodes = [100 + 7 * i for i in range(10)]
+    forger = nodes[0]
+    peers = sorted(neighbour_graph(nodes, 6, 4)[forger])
+    with pytest.raises(SecAggError, match=f"client {forger}: only 1 valid share"):
+        _run(10, 6, 3, seed=4, tampered=[(forger, p) for p in peers[:5]])
+
+
+def test_a_receiver_rejecting_an_honest_share_costs_that_sender_this_round_only():
+    """A lying receiver can leave an honest sender out of one sum; the rest is still exact."""
+    nodes = [100 + 7 * i for i in range(8)]
+    liar = nodes[3]
+    victim = sorted(neighbour_graph(nodes, 4, 9)[liar])[0]
+    recovered, expected, count, step = _run(8, 4, 3, seed=9, tampered=[(victim, liar)])
+    assert count == 7
+    assert np.max(np.abs(recovered - expected)) <= count * step
 
 
 def test_neighbour_graph_is_regular_and_sparse():
@@ -128,7 +177,7 @@ def test_client_session_survives_a_round_trip_through_state_between_stages():
     for n in nodes:
         reload(n)
     revealed = {n: clients[n].unmask(set(nodes) & clients[n].neighbours, set()) for n in nodes}
-    total, count = server.aggregate(masked, set(nodes), revealed)
+    total, count = server.aggregate(masked, set(nodes), revealed, {n: clients[n].neighbours for n in nodes})
     assert count == 3 and total.tolist() == [6] * 6
 
 
@@ -160,7 +209,7 @@ def test_masking_in_place_gives_the_same_sum_and_copies_otherwise():
         masked[n] = clients[n].mask(inbox[n], inputs[n], overwrite_input=True)
         assert masked[n] is inputs[n]
     revealed = {n: clients[n].unmask(set(nodes), set()) for n in nodes}
-    total, count = server.aggregate(masked, set(nodes), revealed)
+    total, count = server.aggregate(masked, set(nodes), revealed, {n: clients[n].neighbours for n in nodes})
     assert count == 3 and total.tolist() == [6] * 5
 
 
@@ -292,4 +341,4 @@ def test_masked_inputs_of_the_wrong_form_are_refused_before_summing():
     good = np.zeros(4, dtype=np.uint64)
     for bad in (np.zeros(5, dtype=np.uint64), np.zeros(4, dtype=np.int64), np.zeros((2, 2), dtype=np.uint64)):
         with pytest.raises(SecAggError, match="uint64 vectors of one length"):
-            server.aggregate({1: good, 2: good, 3: bad}, {1, 2, 3}, {})
+            server.aggregate({1: good, 2: good, 3: bad}, {1, 2, 3}, {}, {})

@@ -9,10 +9,20 @@ Stages: (0) advertise public keys; (1) share the self-mask seed and the mask pri
 key among neighbours, encrypted per recipient; (2) send the masked, quantized input;
 (3) for each neighbour, reveal the self-mask share if it survived, the mask-key share
 if it dropped, never both, so the server can remove exactly the masks left in the sum.
+
+A share that fails authentication (tampered, re-addressed, replayed) does not stop the
+honest receiver: it leaves that sender out of its masks and names it in its stage-2
+answer. The server then leaves the named sender's input out of the round (as if it had
+dropped) and cancels only the masks the survivors really added, so one hostile client
+can cost the round its own input but not the others' (unless it corrupted so many of
+its shares that fewer than ``threshold`` valid ones remain, which fails that round with
+a message naming it). The server cannot tell whether the sender or the receiver lied;
+it never excludes anyone beyond the current round.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -21,7 +31,7 @@ import numpy as np
 
 from flwr.app import ConfigRecord
 
-from privacy.secagg.envelope import open_sealed, seal
+from privacy.secagg.envelope import ShareAuthenticationError, open_sealed, seal
 from privacy.secagg.keys import (
     KeyPair,
     derive_shared_key,
@@ -36,6 +46,8 @@ SEED_BYTES = 32
 MASK_PURPOSE = b"pairwise-mask"
 SHARE_PURPOSE = b"share-envelope"
 SELF_MASK_PURPOSE = b"self-mask"
+
+logger = logging.getLogger(__name__)
 
 
 class SecAggError(RuntimeError):
@@ -102,6 +114,7 @@ class ClientSession:
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}
         self._held_shares: dict[int, tuple[bytes, bytes]] = {}  # peer -> (self-seed share, mask-key share)
         self._masked_sent = False
+        self.rejected_senders: set[int] = set()  # shares that failed authentication at the mask stage
 
     def to_record(self) -> ConfigRecord:
         """Everything the session holds, for a client's Context.state between stages.
@@ -181,16 +194,23 @@ class ClientSession:
         copy of the clear input is then gone), sparing a model-sized copy.
         """
         bits = self.params.modulus_bits
+        unknown = sorted(set(received) - self.neighbours)
+        if unknown:
+            raise SecAggError(f"client {self.node_id}: share(s) from non-neighbour(s) {unknown}")
+        self.rejected_senders = set()
         for sender, ciphertext in received.items():
-            if sender not in self.neighbours:
-                raise SecAggError(f"client {self.node_id}: share from non-neighbour {sender}")
             key = derive_shared_key(self._envelope_keys.private, self._peer_keys[sender][0], SHARE_PURPOSE)
-            payload = open_sealed(key, ciphertext, sender=sender, receiver=self.node_id, server_round=self.server_round)
+            try:
+                payload = open_sealed(key, ciphertext, sender=sender, receiver=self.node_id, server_round=self.server_round)
+            except ShareAuthenticationError as err:
+                logger.warning("client %d: leaving neighbour %d out of its masks: %s", self.node_id, sender, err)
+                self.rejected_senders.add(sender)
+                continue
             seed_length = int.from_bytes(payload[:2], "big")
             self._held_shares[sender] = (payload[2 : 2 + seed_length], payload[2 + seed_length :])
-        # Mask only with neighbours that completed stage 1: a neighbour that never shared its
-        # mask key could not be unmasked if it dropped later.
-        self.neighbours = set(received)
+        # Mask only with neighbours whose shares this client holds: a neighbour that never
+        # shared its mask key (or whose share was forged) could not be unmasked if it dropped.
+        self.neighbours = set(self._held_shares)
         # One pass over the vector for all masks: the self-mask, then +mask towards each
         # neighbour with a larger id and -mask towards each with a smaller one, so every
         # pair's masks cancel in the sum.
@@ -240,20 +260,45 @@ class ServerSession:
         return {node: {peer: advertised[peer] for peer in self.graph[node] & alive} for node in alive}
 
     def route_shares(self, shares: dict[int, dict[int, bytes]]) -> dict[int, dict[int, bytes]]:
+        """Deliver each share to its addressee, if that is a neighbour of its sender that shared too."""
         inbox: dict[int, dict[int, bytes]] = {node: {} for node in shares}
         for sender, sealed in shares.items():
             for receiver, ciphertext in sealed.items():
-                if receiver in inbox:
+                if receiver in inbox and receiver in self.graph.get(sender, set()):
                     inbox[receiver][sender] = ciphertext
         return inbox
+
+    def settle(
+        self, masked_nodes: set[int], inbox: dict[int, dict[int, bytes]], rejected: dict[int, set[int]]
+    ) -> tuple[set[int], dict[int, set[int]]]:
+        """Which inputs enter the sum, and whom each of those clients masked with.
+
+        A client masked with the senders it received shares from minus those it rejected.
+        Survivors' pairwise masks cancel only where both sides masked with each other, so a
+        client that some survivor did not mask with (its share was rejected, or it never sent
+        one) is left out of the sum, which needs its mask key instead of its self-mask seed.
+        """
+        masked_with = {node: set(inbox.get(node, {})) - rejected.get(node, set()) for node in masked_nodes}
+        left_out = {
+            other
+            for node in masked_nodes
+            for other in masked_nodes - {node}
+            if node in masked_with[other] and other not in masked_with[node]
+        }
+        return masked_nodes - left_out, masked_with
 
     def aggregate(
         self,
         masked: dict[int, np.ndarray],
         sharers: set[int],
         revealed: dict[int, dict[int, tuple[str, bytes]]],
+        masked_with: dict[int, set[int]],
     ) -> tuple[np.ndarray, int]:
-        """Sum of the survivors' quantized inputs (mod 2^bits) and how many survived."""
+        """Sum of the survivors' quantized inputs (mod 2^bits) and how many survived.
+
+        ``masked`` holds exactly the inputs to sum (see ``settle``); ``masked_with`` says,
+        for each of them, which peers it added a pairwise mask with.
+        """
         bits, threshold = self.params.modulus_bits, self.params.threshold
         survivors = set(masked)
         if not survivors <= sharers:
@@ -270,15 +315,22 @@ class ServerSession:
         removals: list[tuple[bytes, int]] = []
         for node in sorted(sharers):
             kind = "seed" if node in survivors else "key"
+            maskers = {peer for peer in survivors if node in masked_with.get(peer, set())}
+            if kind == "key" and not maskers:
+                continue  # nobody in the sum masked with it: nothing of it to remove
             shares = [by_peer[node][1] for by_peer in revealed.values() if node in by_peer and by_peer[node][0] == kind]
             if len(shares) < threshold:
-                raise SecAggError(f"only {len(shares)} shares to unmask client {node}; threshold is {threshold}")
+                what = "its self-mask" if kind == "seed" else f"the masks {len(maskers)} survivor(s) added with it"
+                raise SecAggError(
+                    f"client {node}: only {len(shares)} valid share(s) revealed, threshold is {threshold}; "
+                    f"cannot remove {what}"
+                )
             secret = combine_shares(shares, threshold)
             if kind == "seed":
                 removals.append((secret, SUBTRACT))
                 continue
             mask_private = private_key_from_bytes(secret)
-            for peer in sorted(self.graph[node] & survivors):  # they received `node`'s shares, so masked with it
+            for peer in sorted(maskers):
                 key = derive_shared_key(mask_private, self.public_keys[peer][1], MASK_PURPOSE)
                 # survivor `peer` added +mask if peer < node, else -mask: undo exactly that
                 removals.append((key, SUBTRACT if peer < node else ADD))
