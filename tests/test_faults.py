@@ -1,5 +1,5 @@
-"""Faults in simulation: bad local data on one site, a client that crashes mid-training,
-a client that hangs past the round timeout.
+"""Faults in simulation: bad local data on one site, a client that crashes or hangs
+mid-training, mid-protocol (a SecAgg+ stage) or mid-evaluation.
 
 Each test runs fedguard's real ServerApp and, for every site, fedguard's real ClientApp
 inside a test-only ClientApp that injects one fault into one chosen partition (as
@@ -9,7 +9,8 @@ workers (other processes) through the environment, which they inherit from this 
 Properties: the run completes with the other clients; the faulty client is counted as
 failed, and the server says why in one log line; the global model is exactly the
 example-weighted mean of the survivors' replies (so nothing of the faulty client's is in
-it, not even a late reply); a hung client holds up neither the round nor the shutdown.
+it, not even a late reply; under SecAgg+, exactly the clients that sent masked inputs);
+a hung client holds up neither the round nor the shutdown.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from clients import protocol
 from clients.app import app as fedguard_client
 from clients.datasets import FASHION_MNIST_FILES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC
 from clients.site import DATA_ROOT_KEY, PARTITION_ID_KEY
+from clients.secure_aggregation import ENCODING_STATE_KEY, INPUT_ARRAY, INPUT_STATE_KEY, WEIGHT
 from conf.schema import config_to_yaml
 from server.app import main as fedguard_server_main
 from server.checkpoint import load_global_model
@@ -77,7 +79,8 @@ def _warm_then_serve(grid: Grid, context: Context) -> None:
     client) keeps that out of the rounds, so their timeouts measure the fault.
     """
     deadline = time.monotonic() + WARM_UP_TIMEOUT
-    while len(nodes := list(grid.get_node_ids())) < NUM_CLIENTS and time.monotonic() < deadline:
+    expected = int(_spec().get("clients", NUM_CLIENTS))
+    while len(nodes := list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
         time.sleep(WARM_UP_POLL)
     wake = [Message(RecordDict(), dst_node_id=node, message_type="query") for node in nodes]
     grid.send_and_receive(wake, timeout=max(deadline - time.monotonic(), 0.0))
@@ -109,7 +112,7 @@ def _faulty_train(msg: Message, context: Context) -> Message:
     """fedguard's real train handler (mods included), with the spec's fault on partition FAULTY."""
     spec = _spec()
     partition = int(context.node_config[PARTITION_ID_KEY])
-    fault = spec.get("fault") if partition == FAULTY else None
+    fault = _fault_for(context, "train")
     if fault == "bad-data":
         context.node_config[DATA_ROOT_KEY] = spec["bad_root"]
     reply = fedguard_client(msg, context)
@@ -119,12 +122,48 @@ def _faulty_train(msg: Message, context: Context) -> Message:
     if fault == "hang":
         time.sleep(float(spec["hang_seconds"]))
     _record_reply(spec, partition, reply, late=fault == "hang")
+    if INPUT_STATE_KEY in context.state:  # under SecAgg+ the update stays on the client until masked
+        held = context.state[INPUT_STATE_KEY][INPUT_ARRAY].numpy()
+        weight = float(context.state[ENCODING_STATE_KEY][WEIGHT])
+        np.savez(Path(spec["replies"]) / f"held-{partition}.npz", update=held, weight=weight)
+    return reply
+
+
+def _fault_for(context: Context, phase: str) -> str | None:
+    spec = _spec()
+    faulty = int(context.node_config[PARTITION_ID_KEY]) == FAULTY and spec.get("phase", "train") == phase
+    return spec.get("fault") if faulty else None
+
+
+def _inject(fault: str | None, where: str) -> None:
+    if fault == "crash":
+        raise RuntimeError(f"partition {FAULTY}: simulated crash in the middle of {where}")
+    if fault == "hang":
+        time.sleep(float(_spec()["hang_seconds"]))
+
+
+@fault_client.train("secagg")
+def _faulty_stage(msg: Message, context: Context) -> Message:
+    """fedguard's real SecAgg+ stage handler; the fault hits partition FAULTY at the spec's stage."""
+    stage = str(msg.content[protocol.SECAGG_KEY]["stage"])
+    reply = fedguard_client(msg, context)
+    _inject(_fault_for(context, stage), f"the secure aggregation {stage} stage")
     return reply
 
 
 @fault_client.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
-    return fedguard_client(msg, context)
+    """fedguard's real evaluate handler; every reply is kept so the test can recompute the average."""
+    reply = fedguard_client(msg, context)
+    fault = _fault_for(context, "evaluate")
+    _inject(fault, "evaluation")
+    if not reply.has_error():
+        metrics = reply.content[protocol.METRICS_KEY]
+        kept = {key: float(metrics[key]) for key in (protocol.NUM_EXAMPLES_KEY, protocol.EVAL_ACCURACY_KEY)}
+        tag = "late" if fault == "hang" else "sent"
+        partition = int(context.node_config[PARTITION_ID_KEY])
+        (Path(_spec()["replies"]) / f"eval-{tag}-{partition}.json").write_text(json.dumps(kept))
+    return reply
 
 
 def _write_idx(folder: Path, stem: str, magic: int, values: np.ndarray) -> None:
@@ -148,22 +187,27 @@ def _fashion_folder(folder: Path, side: int = FASHION_SIDE, label_shift: int = 0
     return folder
 
 
-def _simulate(compose, tmp_path: Path, overrides: list[str], spec: dict[str, Any], monkeypatch) -> dict[str, Any]:
+def _simulate(
+    compose, tmp_path: Path, overrides: list[str], spec: dict[str, Any], monkeypatch, clients: int = NUM_CLIENTS
+) -> dict[str, Any]:
     """One fedguard run in Flower's simulation engine with the test ClientApp; returns what it wrote."""
-    cfg = compose([*BASE, *overrides])
+    cfg = compose([*BASE, f"simulation.num_clients={clients}", *overrides])
     run_dir, replies = tmp_path / "run", tmp_path / "replies"
     replies.mkdir()
-    monkeypatch.setenv(FAULT_ENV, json.dumps({**spec, "replies": str(replies)}))
+    monkeypatch.setenv(FAULT_ENV, json.dumps({**spec, "replies": str(replies), "clients": clients}))
     run_config = {protocol.RUN_CONFIG_FEDGUARD: config_to_yaml(cfg), protocol.RUN_CONFIG_RUN_DIR: str(run_dir)}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     started = time.monotonic()
-    launch(fault_server, fault_client, NUM_CLIENTS, backend_config(cfg), context)
+    launch(fault_server, fault_client, clients, backend_config(cfg), context)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
         "summary": summary,
         "rounds": [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()],
         "sent": {int(p.stem.split("-")[1]): dict(np.load(p)) for p in replies.glob("sent-*.npz")},
         "late": {int(p.stem.split("-")[1]): dict(np.load(p)) for p in replies.glob("late-*.npz")},
+        "held": {int(p.stem.split("-")[1]): dict(np.load(p)) for p in replies.glob("held-*.npz")},
+        "evaluated": {int(p.stem.split("-")[2]): json.loads(p.read_text()) for p in replies.glob("eval-sent-*.json")},
+        "evaluated_late": {int(p.stem.split("-")[2]) for p in replies.glob("eval-late-*.json")},
         "seconds": time.monotonic() - started,
     }
 
@@ -176,6 +220,29 @@ def _assert_model_is_mean_of(run: dict[str, Any], partitions: set[int]) -> None:
     for key, tensor in final.items():
         mean = sum(weights[p] * run["sent"][p][key].astype(np.float64) for p in partitions) / sum(weights.values())
         np.testing.assert_allclose(tensor.numpy(), mean, atol=MEAN_TOLERANCE, err_msg=key)
+
+
+def _assert_secure_sum_is_mean_of(run: dict[str, Any], cfg, partitions: set[int]) -> None:
+    """Global model after round 1 = initial model + the example-weighted mean of these partitions' held updates."""
+    from clients.datasets import load_dataset
+    from clients.models import build_model
+    import torch
+
+    held = run["held"]
+    assert partitions <= set(held)
+    bundle = load_dataset(cfg.dataset, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    initial = build_model(cfg.model, bundle.input_shape, bundle.num_classes).state_dict()
+    final = load_global_model(run["summary"]["checkpoint"]).state_dict()
+    weights = {p: float(held[p]["weight"]) for p in partitions}
+    mean = sum(weights[p] * held[p]["update"].astype(np.float64) for p in partitions) / sum(weights.values())
+    offset = 0
+    for key, tensor in final.items():
+        size = tensor.numel()
+        expected = initial[key].numpy().astype(np.float64) + mean[offset:offset + size].reshape(tensor.shape)
+        np.testing.assert_allclose(tensor.numpy(), expected, atol=MEAN_TOLERANCE, err_msg=key)
+        offset += size
+    assert offset == mean.size
 
 
 def _server_lines(caplog, needle: str) -> list[str]:
@@ -229,3 +296,60 @@ def test_hung_client_misses_the_round_and_does_not_hold_it(compose, tmp_path, mo
     # The late reply was computed and sent, and is not in the model.
     assert set(run["late"]) == {FAULTY}
     _assert_model_is_mean_of(run, set(range(NUM_CLIENTS)) - {FAULTY})
+
+
+# SecAgg+ faults need 4 clients: with threshold 2 over a complete neighbour graph, every
+# client's shares survive the loss of any one other client.
+SECAGG_CLIENTS = 4
+STAGE_TIMEOUT = 5.0
+SECAGG = ["secure_agg=secaggplus", "secure_agg.neighbours=3", "secure_agg.threshold=2",
+          f"secure_agg.stage_timeout={STAGE_TIMEOUT}", "secure_agg.clip_range=8"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "stage", "summed"),
+    [("crash", "mask", SECAGG_CLIENTS - 1), ("hang", "unmask", SECAGG_CLIENTS)],
+    ids=["crash-before-masked-input", "hang-after-masked-input"],
+)
+def test_secure_aggregation_survives_a_client_lost_mid_protocol(compose, tmp_path, monkeypatch, caplog, fault, stage,
+                                                                  summed):
+    """A client lost before its masked input leaves the sum; one lost after it stays in (its seed comes from its peers)."""
+    caplog.set_level(logging.WARNING)
+    hang = STAGE_TIMEOUT + HANG_PAST_TIMEOUT
+    run = _simulate(compose, tmp_path, ["dataset=digits", *SECAGG], {"fault": fault, "phase": stage, "hang_seconds": hang},
+                    monkeypatch, clients=SECAGG_CLIENTS)
+    assert run["summary"]["stop_reason"] == "completed all rounds"
+    (round_one,) = run["rounds"]
+    assert round_one["clients_replied"] == summed
+    _assert_secure_sum_is_mean_of(run, compose([*BASE, "dataset=digits"]),
+                                  set(range(SECAGG_CLIENTS)) - ({FAULTY} if summed < SECAGG_CLIENTS else set()))
+    dropped = _server_lines(caplog, f"secure aggregation {stage}")
+    reason = "simulated crash" if fault == "crash" else "dropped out"
+    assert dropped and any(reason in line for line in dropped), dropped
+    if fault == "hang":
+        assert round_one["round_seconds"] < hang
+
+
+@pytest.mark.parametrize("fault", ["crash", "hang"])
+def test_evaluation_goes_on_without_a_failed_client(compose, tmp_path, monkeypatch, caplog, fault):
+    """The federated evaluation is the example-weighted mean of exactly the clients that answered in time."""
+    caplog.set_level(logging.WARNING)
+    hang = ROUND_TIMEOUT + HANG_PAST_TIMEOUT
+    run = _simulate(compose, tmp_path,
+                    ["dataset=digits", "evaluate.fraction_clients=1.0", f"simulation.round_timeout={ROUND_TIMEOUT}"],
+                    {"fault": fault, "phase": "evaluate", "hang_seconds": hang}, monkeypatch)
+    assert run["summary"]["stop_reason"] == "completed all rounds"
+    (round_one,) = run["rounds"]
+    assert round_one["clients_replied"] == NUM_CLIENTS
+    answered = run["evaluated"]
+    assert set(answered) == set(range(NUM_CLIENTS)) - {FAULTY}
+    weights = {p: answered[p][protocol.NUM_EXAMPLES_KEY] for p in answered}
+    mean = sum(weights[p] * answered[p][protocol.EVAL_ACCURACY_KEY] for p in answered) / sum(weights.values())
+    assert round_one["federated_eval_accuracy"] == pytest.approx(mean, abs=MEAN_TOLERANCE)
+    if fault == "crash":
+        failed = _server_lines(caplog, "evaluation on client node")
+        assert len(failed) == 1 and "simulated crash in the middle of evaluation" in failed[0], failed
+    else:
+        assert run["evaluated_late"] == {FAULTY}
+        silent = _server_lines(caplog, "no reply within")
+        assert len(silent) == 1 and f"1 of {NUM_CLIENTS} client(s)" in silent[0], silent
