@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from clients import protocol
-from clients.client_dp import ClipError, client_dp_mod
+from clients.client_dp import ClipError, client_dp_mod, round_clip_norm
 from clients.datasets import DatasetBundle, DatasetError, LocalDataError, expected_layout, load_dataset
 from clients.message_checks import (
     MAX_PEERS,
@@ -197,6 +197,8 @@ def _privacy_record(report: dict, site: SiteSettings) -> ConfigRecord:
 
 def train(msg: Message, context: Context) -> Message:
     cfg, site, data, model, device, request = _unpack(msg, context)
+    # Adaptive clipping: refuse a bad clip norm from the server before training spends anything.
+    round_clip_norm(cfg, msg.content[protocol.CONFIG_KEY], request.server_round)
     store = _site_state_store(cfg, site, msg, context)
     if store is None:
         return _train_reply(msg, context.state, cfg, site, data, model, device, request)

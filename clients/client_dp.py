@@ -13,22 +13,33 @@ metrics) reveal each client's data size. So the reply's ``num-examples`` becomes
 Distributed noise: σ comes from the config itself (privacy/client_dp_accounting.py
 calibrates it deterministically), not from a number the server sends, so a server cannot
 talk clients into adding less noise.
+
+Adaptive clipping (privacy/adaptive_clipping.py): the round's C comes from the server (it
+is post-processing of released counts), checked in :func:`round_clip_norm` before training;
+σ_Δ and σ_b still come from the config. The client adds its centred clip indicator b − ½
+(plus its share N(0, σ_b²/n) under distributed noise) as the ``clip-indicator`` record: in
+the clear to a server that adds central noise, or, under SecAgg+, appended by the
+secure-aggregation mod to the masked vector, so the server only ever sees the noisy sum.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.app import Context
 from flwr.clientapp.typing import ClientAppCallable
+from omegaconf import DictConfig
 
 from clients import protocol
+from clients.message_checks import MalformedMessage, finite_number
 from clients.secure_aggregation import array_view, flatten_update
-from conf.schema import cached_config_from_yaml, client_level_dp
-from privacy.client_dp_accounting import noise_share_std
+from conf.schema import cached_config_from_yaml, client_level_dp, uses_adaptive_clipping
+from privacy.adaptive_clipping import clip_indicator, round_clip_norm_problem
+from privacy.client_dp_accounting import count_share_std, noise_share_std
 
 logger = logging.getLogger(__name__)
 
@@ -87,18 +98,40 @@ def add_noise_share(new: ArrayRecord, old: ArrayRecord, std: float, rng: np.rand
     return _apply(old, update + rng.normal(0.0, std, size=update.shape), 1.0)
 
 
+def round_clip_norm(cfg: DictConfig, config: ConfigRecord, server_round: int) -> float:
+    """The clip norm C of this round: the server's under adaptive clipping (checked; raises
+    MalformedMessage), else ``privacy.client_clip_norm``."""
+    if not uses_adaptive_clipping(cfg):
+        return float(cfg.privacy.client_clip_norm)
+    value = float(finite_number(config, protocol.CLIENT_CLIP_NORM_KEY, 0.0, math.inf))
+    if (problem := round_clip_norm_problem(cfg, value, server_round)) is not None:
+        raise MalformedMessage(f"'{protocol.CLIENT_CLIP_NORM_KEY}': {problem}")
+    return value
+
+
 def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Train as usual, then clip the reply's update to ``privacy.client_clip_norm`` and weigh it 1."""
+    """Train as usual, then clip the reply's update to the round's C and weigh it 1; under
+    adaptive clipping add the clip indicator (see the module docstring)."""
     reply = call_next(msg, context)
-    cfg = cached_config_from_yaml(str(msg.content[protocol.CONFIG_KEY][protocol.FEDGUARD_CONFIG_KEY]))
+    config = msg.content[protocol.CONFIG_KEY]
+    cfg = cached_config_from_yaml(str(config[protocol.FEDGUARD_CONFIG_KEY]))
     if not client_level_dp(cfg) or reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
         return reply  # no client-level DP, errors and budget refusals pass through unchanged
-    clip_norm = float(cfg.privacy.client_clip_norm)
-    clipped, norm = clip_arrays(reply.content[protocol.ARRAYS_KEY], msg.content[protocol.ARRAYS_KEY], clip_norm)
+    # The train handler has already checked the server's C (before training); this cannot fail now.
+    clip_norm = round_clip_norm(cfg, config, int(config.get(protocol.SERVER_ROUND_KEY, 0)))
+    old = msg.content[protocol.ARRAYS_KEY]
+    clipped, norm = clip_arrays(reply.content[protocol.ARRAYS_KEY], old, clip_norm)
     logger.debug("client-level DP: update norm %.4g clipped to %.4g", norm, min(norm, clip_norm))
-    if cfg.privacy.noise == "distributed":  # OS entropy: a share anyone could regenerate protects nothing
-        clipped = add_noise_share(clipped, msg.content[protocol.ARRAYS_KEY], noise_share_std(cfg), _noise_rng())
+    distributed = cfg.privacy.noise == "distributed"
+    rng = _noise_rng() if distributed else None  # OS entropy: a share anyone could regenerate protects nothing
+    if rng is not None:
+        clipped = add_noise_share(clipped, old, noise_share_std(cfg, clip_norm), rng)
     reply.content[protocol.ARRAYS_KEY] = clipped
+    if uses_adaptive_clipping(cfg):
+        indicator = clip_indicator(norm, clip_norm)
+        if rng is not None:
+            indicator += float(rng.normal(0.0, count_share_std(cfg)))
+        reply.content[protocol.CLIP_INDICATOR_KEY] = ConfigRecord({protocol.CLIP_INDICATOR_FIELD: indicator})
     metrics = dict(reply.content[protocol.METRICS_KEY])
     metrics[protocol.NUM_EXAMPLES_KEY] = UNIFORM_WEIGHT
     reply.content[protocol.METRICS_KEY] = MetricRecord(metrics)

@@ -14,6 +14,8 @@ SERVER_ROUND_KEY = "server-round"
 PROXIMAL_MU_KEY = "proximal-mu"
 # The federation's id across resumes; sites key their saved privacy state on it.
 LINEAGE_KEY = "lineage-id"
+# Client-level DP with adaptive clipping: the round's clip norm C, set by the server.
+CLIENT_CLIP_NORM_KEY = "client-clip-norm"
 
 # ConfigRecord in train replies with the client's privacy report (sample-level DP);
 # a reply holding only this record, with refused=True, is a budget refusal.
@@ -30,6 +32,12 @@ SECAGG_MESSAGE_TYPE = "train.secagg"
 # (the client left them out of its masks), under SECAGG_REJECTED_FIELD.
 SECAGG_REJECTED_KEY = "secagg-rejected"
 SECAGG_REJECTED_FIELD = "from"
+# Client-level DP with adaptive clipping (privacy/adaptive_clipping.py): ConfigRecord holding
+# the client's centred clip indicator b - 1/2 under CLIP_INDICATOR_FIELD. Sent as is in plain
+# train replies; under SecAgg+ the client's secure-aggregation mod appends it (with its noise
+# share) to the masked vector instead, and the aggregate reply carries the sum under the same key.
+CLIP_INDICATOR_KEY = "clip-indicator"
+CLIP_INDICATOR_FIELD = "value"
 
 # Inside the MetricRecord clients reply with.
 NUM_EXAMPLES_KEY = "num-examples"

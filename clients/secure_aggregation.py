@@ -143,6 +143,8 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     if cfg.secure_agg.mode == "off" or reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
         return reply  # plain runs, errors and budget refusals pass through unchanged
     update = flatten_update(reply.content[protocol.ARRAYS_KEY], msg.content[protocol.ARRAYS_KEY])
+    if protocol.CLIP_INDICATOR_KEY in reply.content:  # client-level DP's (noised) clip indicator: summed masked, never sent
+        update = np.append(update, float(reply.content[protocol.CLIP_INDICATOR_KEY][protocol.CLIP_INDICATOR_FIELD]))
     weight = float(reply.content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])
     hold_update(context, update, weight, cfg, msg.content[protocol.ARRAYS_KEY])
     server_round = int(msg.content[protocol.CONFIG_KEY].get(protocol.SERVER_ROUND_KEY, 0))

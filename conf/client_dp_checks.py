@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from conf.schema import ConfigError, _choice, _range, check_noise_setting
+from conf.schema import CLIENT_DP_MODES, ConfigError, _choice, _range, check_noise_setting
 
 CLIENT_SAMPLING_METHODS = ("poisson", "fixed")
+CLIENT_CLIPPING_MODES = ("fixed", "adaptive")
 NOISE_PLACEMENTS = ("central", "distributed")
 # Client-level DP bounds the *sum* of clipped updates; these strategies average (then
 # optionally apply a server optimiser to) that sum, so the released model is post-processing.
@@ -22,6 +23,17 @@ CLIENT_ACCOUNTANTS = ("rdp",)
 # this many noise-share stds beyond the clip norm (a clamp then has probability < 1.3e-15 per
 # coordinate, which the accounting does not add to delta).
 DISTRIBUTED_TAIL_STDS = 8
+
+
+def validate_client_clipping(cfg: DictConfig) -> None:
+    """``privacy.client_clipping`` is a known mode, and adaptive only where client-level DP is on."""
+    dp = cfg.privacy
+    _choice("privacy.client_clipping", dp.client_clipping, CLIENT_CLIPPING_MODES)
+    if dp.client_clipping == "adaptive" and dp.mode not in CLIENT_DP_MODES:
+        raise ConfigError(
+            f"privacy.client_clipping=adaptive adapts client-level DP's clip norm, which privacy.mode={dp.mode} "
+            f"does not use; choose privacy=client_dp or sample_and_client_dp, or privacy.client_clipping=fixed"
+        )
 
 
 def validate_client_dp(cfg: DictConfig) -> None:
@@ -41,8 +53,49 @@ def validate_client_dp(cfg: DictConfig) -> None:
             f"bound does not hold; with privacy.mode={dp.mode} use one of: {', '.join(SUM_BASED_STRATEGIES)}"
         )
     _validate_sampling(cfg)
+    if dp.client_clipping == "adaptive":
+        _validate_adaptive(cfg)
     if dp.noise == "distributed":
         _validate_distributed(cfg)
+
+
+def _validate_adaptive(cfg: DictConfig) -> None:
+    """Adaptive clipping is accounted as one Gaussian of the run's σ split between update and
+    count (σ⁻² = σ_Δ⁻² + (2σ_b)⁻²); refuse settings where that split does not exist."""
+    from privacy.accounting import PrivacyConfigError
+    from privacy.client_dp_accounting import (  # imports conf.schema
+        CLIP_COUNT_SENSITIVITY,
+        count_noise_std,
+        count_share_std,
+        planned_noise_multiplier,
+    )
+
+    dp, ac = cfg.privacy, cfg.privacy.adaptive_clipping
+    _range("privacy.adaptive_clipping.target_quantile", ac.target_quantile, 0.0, 1.0)
+    _range("privacy.adaptive_clipping.learning_rate", ac.learning_rate, 0.0, None, low_open=True)
+    if ac.clipped_count_stddev is not None:
+        _range("privacy.adaptive_clipping.clipped_count_stddev", ac.clipped_count_stddev, 0.0, None)
+    try:
+        sigma = planned_noise_multiplier(cfg)
+    except PrivacyConfigError as err:
+        raise ConfigError(f"privacy.client_target_epsilon={dp.client_target_epsilon}: {err}") from None
+    count_std = count_noise_std(cfg)
+    if sigma > 0 and count_std / CLIP_COUNT_SENSITIVITY <= sigma:
+        given = "null (expected cohort / 20)" if ac.clipped_count_stddev is None else ac.clipped_count_stddev
+        raise ConfigError(
+            f"privacy.adaptive_clipping.clipped_count_stddev={given} (sigma_b = {count_std:.4g}) is "
+            f"too small for the run's noise multiplier sigma = {sigma:.4g}: adaptive clipping splits sigma between the "
+            f"update (sigma_delta) and the clip count as sigma^-2 = sigma_delta^-2 + (2 sigma_b)^-2, which needs "
+            f"2 sigma_b > sigma; set it above {sigma * CLIP_COUNT_SENSITIVITY:.4g}, or use privacy.client_clipping=fixed"
+        )
+    if cfg.secure_agg.mode != "off":  # the indicator rides in the masked vector, clamped to clip_range
+        tail = DISTRIBUTED_TAIL_STDS * count_share_std(cfg) if dp.noise == "distributed" else 0.0
+        if cfg.secure_agg.clip_range < CLIP_COUNT_SENSITIVITY + tail:
+            raise ConfigError(
+                f"secure_agg.clip_range={cfg.secure_agg.clip_range} would clamp the clients' clip indicators "
+                f"(+-{CLIP_COUNT_SENSITIVITY} + {DISTRIBUTED_TAIL_STDS} x their noise share std under distributed "
+                f"noise); it must be >= {CLIP_COUNT_SENSITIVITY + tail:.4g} with privacy.client_clipping=adaptive"
+            )
 
 
 def _validate_distributed(cfg: DictConfig) -> None:
@@ -58,9 +111,11 @@ def _validate_distributed(cfg: DictConfig) -> None:
 
     needed = dp.client_clip_norm + DISTRIBUTED_TAIL_STDS * noise_share_std(cfg)
     if sa.clip_range < needed:
+        adaptive = " (the initial clip norm; the server never raises C beyond what clip_range allows)"
         raise ConfigError(
             f"secure_agg.clip_range={sa.clip_range} would clamp clients' noised updates (clip norm "
-            f"{dp.client_clip_norm} + {DISTRIBUTED_TAIL_STDS} x noise share std); it must be >= {needed:.4g}"
+            f"{dp.client_clip_norm}{adaptive if dp.client_clipping == 'adaptive' else ''} + {DISTRIBUTED_TAIL_STDS} x "
+            f"noise share std); it must be >= {needed:.4g}"
         )
 
 

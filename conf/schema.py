@@ -33,6 +33,8 @@ SECURE_AGG_MODES = ("off", "secaggplus")
 # Robust aggregators look at individual updates, which secure aggregation hides.
 NEEDS_INDIVIDUAL_UPDATES = ("fedmedian", "fedtrimmedavg", "krum")
 MAX_MODULUS_BITS = 62
+# scikit-learn's random_state (the seeded test split) takes seeds in [0, 2**32 - 1].
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -66,6 +68,15 @@ class StrategyConfig:
 
 
 @dataclass
+class AdaptiveClippingConfig:
+    """Adaptive clipping of client-level DP (privacy.client_clipping=adaptive): see conf/privacy/client_dp.yaml."""
+
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+    clipped_count_stddev: float | None = None
+
+
+@dataclass
 class PrivacyConfig:
     mode: str = "none"
     target_epsilon: float | None = None
@@ -85,6 +96,8 @@ class PrivacyConfig:
     client_max_epsilon: float | None = None
     client_sampling: str = "poisson"
     noise: str = "central"
+    client_clipping: str = "fixed"
+    adaptive_clipping: AdaptiveClippingConfig = field(default_factory=AdaptiveClippingConfig)
 
 
 @dataclass
@@ -221,9 +234,10 @@ def _check_against_schema(cfg: DictConfig) -> None:
 def _validate_privacy(cfg: DictConfig) -> None:
     dp = cfg.privacy
     _choice("privacy.mode", dp.mode, PRIVACY_MODES)
-    if dp.mode in CLIENT_DP_MODES:
-        from conf.client_dp_checks import validate_client_dp  # imports this module
+    from conf.client_dp_checks import validate_client_clipping, validate_client_dp  # imports this module
 
+    validate_client_clipping(cfg)
+    if dp.mode in CLIENT_DP_MODES:
         validate_client_dp(cfg)
     if dp.mode not in SAMPLE_DP_MODES:
         return
@@ -303,6 +317,7 @@ def validate_config(cfg: DictConfig) -> None:
     _choice("partition.name", cfg.partition.name, PARTITIONS)
     _choice("device", cfg.device, DEVICES)
     _choice("log_level", cfg.log_level, LOG_LEVELS)
+    _range("seed", cfg.seed, 0, MAX_SEED)
     _validate_strategy(cfg)
     _validate_privacy(cfg)
     _validate_secure_agg(cfg)
@@ -415,6 +430,11 @@ def trains_privately(cfg: DictConfig) -> bool:
 def client_level_dp(cfg: DictConfig) -> bool:
     """Whether updates are clipped and noised for client-level DP (DP-FedAvg)."""
     return cfg.privacy.mode in CLIENT_DP_MODES
+
+
+def uses_adaptive_clipping(cfg: DictConfig) -> bool:
+    """Whether client-level DP adapts its clip norm each round (Andrew et al. 2021)."""
+    return client_level_dp(cfg) and cfg.privacy.client_clipping == "adaptive"
 
 
 def clients_per_round(cfg: DictConfig) -> int:

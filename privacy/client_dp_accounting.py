@@ -10,6 +10,13 @@ recomputed from the whole history, which is what a checkpoint carries.
   dp_accounting's RDP for sampling without replacement is used. That analysis is for
   replace-one neighbours, under which the clipped sum's sensitivity is 2C, not C: the
   Gaussian event is therefore given noise multiplier σ_eff / 2.
+
+Adaptive clipping (Andrew et al. 2021, Theorem 1) releases two sums per round: the
+clipped updates with noise σ_Δ·C and the clients' centred clip indicators b − ½ (one
+client moves that sum by at most ½) with noise σ_b. Together they are one Gaussian
+mechanism of noise multiplier σ, σ⁻² = σ_Δ⁻² + (2σ_b)⁻², in both neighbour relations (under
+replace-one both sensitivities double). The accountant records σ; the run's σ (given or
+calibrated) is that combined σ, and the update gets σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2).
 """
 
 from __future__ import annotations
@@ -37,6 +44,11 @@ MAX_SIGMA = 1e6
 CALIBRATION_RTOL = 1e-3
 # Opacus's default RDP orders, so Poisson and fixed-size figures use one grid.
 RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
+# Adaptive clipping: one client moves the sum of centred clip indicators (b - 1/2) by at most this.
+CLIP_COUNT_SENSITIVITY = 0.5
+# Andrew et al.'s recommended noise on the clip count when none is configured: expected cohort / 20.
+DEFAULT_COUNT_STDDEV_PER_CLIENT = 1 / 20
+ADAPTIVE = "adaptive"
 
 
 @dataclass(frozen=True)
@@ -207,10 +219,78 @@ def planned_noise_multiplier(cfg: DictConfig) -> float:
     return _SIGMA_CACHE[key]
 
 
-def noise_share_std(cfg: DictConfig) -> float:
-    """Std of the Gaussian each client adds under distributed noise: σC/√n, so that n
-    shares sum to the central mechanism's N(0, (σC)²)."""
-    return planned_noise_multiplier(cfg) * float(cfg.privacy.client_clip_norm) / math.sqrt(expected_cohort(cfg))
+def combined_noise_multiplier(update_sigma: float, count_std: float | None) -> float:
+    """σ of the one Gaussian mechanism that releasing the update sum at σ_Δ and the clip count
+    at σ_b amounts to: σ⁻² = σ_Δ⁻² + (2σ_b)⁻² (σ_Δ itself when no count is released)."""
+    if count_std is None:
+        return float(update_sigma)
+    if update_sigma <= 0 or count_std <= 0:
+        return 0.0  # a noiseless part reveals its sum exactly
+    return float((update_sigma**-2 + (count_std / CLIP_COUNT_SENSITIVITY) ** -2) ** -0.5)
+
+
+def update_noise_multiplier(sigma: float, count_std: float | None) -> float:
+    """σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2): what is left of the run's σ for the update once the
+    count took its share. PrivacyConfigError where 2σ_b ≤ σ (σ_Δ would be imaginary)."""
+    if count_std is None or sigma == 0:
+        return float(sigma)
+    count_sigma = count_std / CLIP_COUNT_SENSITIVITY
+    if count_sigma <= sigma:
+        raise PrivacyConfigError(
+            f"adaptive clipping needs 2 x clipped_count_stddev > noise multiplier: 2 x {count_std:.4g} <= {sigma:.4g}"
+        )
+    return float((sigma**-2 - count_sigma**-2) ** -0.5)
+
+
+@dataclass(frozen=True)
+class NoiseSplit:
+    """One round's noise: σ (combined; what the accountant records), σ_Δ (update sum's noise
+    std over C) and σ_b (clip count's noise std; None under fixed clipping)."""
+
+    sigma: float
+    update_sigma: float
+    count_std: float | None
+
+    @classmethod
+    def of(cls, sigma: float, count_std: float | None) -> NoiseSplit:
+        return cls(float(sigma), update_noise_multiplier(sigma, count_std), count_std)
+
+    def surviving(self, fraction: float) -> NoiseSplit:
+        """Distributed noise after dropouts: s of n shares are in the sums, so each part keeps
+        √(s/n) of its std, and σ is recombined from what really survived."""
+        if fraction == 1.0:
+            return self
+        scale = math.sqrt(fraction)
+        update = self.update_sigma * scale
+        count = None if self.count_std is None else self.count_std * scale
+        return NoiseSplit(combined_noise_multiplier(update, count), update, count)
+
+
+def count_noise_std(cfg: DictConfig) -> float | None:
+    """σ_b of the run: configured, or expected cohort / 20; None under fixed clipping."""
+    if cfg.privacy.client_clipping != ADAPTIVE:
+        return None
+    configured = cfg.privacy.adaptive_clipping.clipped_count_stddev
+    return float(configured) if configured is not None else expected_cohort(cfg) * DEFAULT_COUNT_STDDEV_PER_CLIENT
+
+
+def noise_split(cfg: DictConfig) -> NoiseSplit:
+    """The run's planned (σ, σ_Δ, σ_b), a pure function of the config (clients derive it too)."""
+    return NoiseSplit.of(planned_noise_multiplier(cfg), count_noise_std(cfg))
+
+
+def noise_share_std(cfg: DictConfig, clip_norm: float | None = None) -> float:
+    """Std of the Gaussian each client adds to its update under distributed noise: σ_Δ·C/√n,
+    so that n shares sum to the central mechanism's N(0, (σ_Δ·C)²). C: the round's clip norm
+    (adaptive clipping), else ``privacy.client_clip_norm``."""
+    clip_norm = float(cfg.privacy.client_clip_norm) if clip_norm is None else clip_norm
+    return noise_split(cfg).update_sigma * clip_norm / math.sqrt(expected_cohort(cfg))
+
+
+def count_share_std(cfg: DictConfig) -> float:
+    """Std each client adds to its clip indicator under distributed noise: σ_b/√n."""
+    count_std = count_noise_std(cfg)
+    return 0.0 if count_std is None else count_std / math.sqrt(expected_cohort(cfg))
 
 
 def build_accountant(cfg: DictConfig) -> FederationAccountant:

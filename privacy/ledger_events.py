@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 ACCOUNTANTS = ("rdp", "prv")
 SAMPLING_METHODS = ("poisson", "fixed")
+CLIPPING_MODES = ("fixed", "adaptive")
 # ClientPrivacyState.report writes -1 for "no budget"; the ledger writes null.
 NO_BUDGET_SENTINEL = -1.0
 
@@ -147,6 +148,11 @@ class ClientDpRelease(LedgerEvent):
 
     ``epsilon`` is the federation's cumulative client-level epsilon reported after it.
     ``population`` (clients in the federation) is needed to audit ``fixed`` sampling.
+    ``noise_std`` is the std of the noise on the update sum, ``clip_norm`` the round's C.
+    With ``clipping="adaptive"`` the round also released the clip count, with noise std
+    ``count_noise_std`` (σ_b); ``update_noise_multiplier`` is σ_Δ = noise_std / clip_norm and
+    ``noise_multiplier`` the combined σ (σ⁻² = σ_Δ⁻² + (2σ_b)⁻²) the accountant used. All are
+    the noise that really reached the released sums (after dropouts under distributed noise).
     """
 
     kind: ClassVar[str] = "client_dp_release"
@@ -162,9 +168,19 @@ class ClientDpRelease(LedgerEvent):
     accountant: str
     epsilon: float
     population: int | None = None
+    clipping: str = "fixed"
+    update_noise_multiplier: float | None = None
+    count_noise_std: float | None = None
 
     def __post_init__(self) -> None:
         _finite("clip_norm", self.clip_norm, positive=True)
+        if self.clipping not in CLIPPING_MODES:
+            raise EventError(f"clipping={self.clipping!r}; allowed: {', '.join(CLIPPING_MODES)}")
+        if self.clipping == "adaptive" and (self.update_noise_multiplier is None or self.count_noise_std is None):
+            raise EventError("an adaptive-clipping release must state update_noise_multiplier and count_noise_std")
+        for name in ("update_noise_multiplier", "count_noise_std"):
+            if getattr(self, name) is not None:
+                _finite(name, getattr(self, name))
         _finite("noise_std", self.noise_std)
         _finite("noise_multiplier", self.noise_multiplier)
         _rate("sample_rate", self.sample_rate)

@@ -128,7 +128,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if client_dp is not None:
             record = replace(record, client_dp=client_dp.last_release)
         recorder.record_round(record)
-        accounting = client_dp.accountant.to_payload() if client_dp is not None else None
+        accounting = client_dp.state_payload() if client_dp is not None else None
         state = capture_run_state(run_state.lineage, record.round, strategy, excluded, accounting)
         checkpoints.submit(
             checkpoint_dir / LATEST_NAME,

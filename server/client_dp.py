@@ -12,6 +12,13 @@ With ``privacy.noise=distributed`` step (3) adds nothing: the clients' noise sha
 already in the SecAgg+ sum, and the accountant records σ·√(survivors/n), the noise that
 survived dropouts, never the planned σ.
 
+Adaptive clipping (``privacy.client_clipping=adaptive``, privacy/adaptive_clipping.py):
+configure_train sends the current C with the train config; aggregate_train sums the
+clients' centred clip indicators (each plain reply's ``clip-indicator``, or the one sum
+SecAgg+ unmasked), adds N(0, σ_b²) when noise is central, and moves C for the next round.
+The update noise is then σ_Δ·C, and the accountant records the combined σ
+(privacy/client_dp_accounting.py); C is part of the checkpointed state.
+
 Why uniform weights: see clients/client_dp.py. The wrapper ignores ``num-examples``
 of plain replies altogether; under SecAgg+ clients send weight 1, so the aggregate's
 total weight is the number of survivors.
@@ -23,7 +30,6 @@ can regenerate protects nothing. Cohorts are drawn the same way, for the same re
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,12 +43,16 @@ from omegaconf import DictConfig
 
 from clients import protocol
 from clients.secure_aggregation import array_view, flatten_update
+from conf.schema import uses_adaptive_clipping
+from privacy.adaptive_clipping import INDICATOR_OFFSET, AdaptiveClipState
 from privacy.ledger_events import ClientDpRelease
 from privacy.client_dp_accounting import (
     POISSON,
     FederationAccountant,
+    NoiseSplit,
     Release,
     build_accountant,
+    count_noise_std,
     expected_cohort,
     planned_epsilon,
     planned_release,
@@ -55,6 +65,8 @@ logger = logging.getLogger(__name__)
 # (the client mod already makes the stored update's norm <= C).
 CLIP_CHECK_RTOL = 1e-9
 ReleaseCallback = Callable[[ClientDpRelease], None]
+# Key of the current clip norm in the checkpointed client-level DP state (adaptive clipping).
+CLIP_NORM_STATE_KEY = "clip_norm"
 
 
 def add_central_noise(total: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
@@ -81,6 +93,7 @@ class RoundPlan:
     population: int
     cohort: int
     instructions: dict[int, Message]
+    clip_norm: float  # C of this round (adaptive clipping moves it after aggregation)
 
 
 class ClientDpStrategy(Strategy):
@@ -94,13 +107,17 @@ class ClientDpStrategy(Strategy):
         *,
         secure_aggregation: bool,
         on_release: ReleaseCallback | None = None,
+        clip_norm: float | None = None,
     ) -> None:
         self.inner = inner
         self.cfg = cfg
         self.accountant = accountant
         self.secure_aggregation = secure_aggregation
         self.on_release = on_release
-        self.clip_norm = float(cfg.privacy.client_clip_norm)
+        self.fixed_clip_norm = float(cfg.privacy.client_clip_norm)
+        # Adaptive clipping: C starts at client_clip_norm, or where a checkpoint left it (``clip_norm``).
+        self.adaptive = AdaptiveClipState.from_config(cfg, clip_norm) if uses_adaptive_clipping(cfg) else None
+        self.split = NoiseSplit.of(accountant.noise_multiplier, count_noise_std(cfg))  # planned σ, σ_Δ, σ_b
         self.sampling = str(cfg.privacy.client_sampling)
         self.rate = float(cfg.simulation.fraction_train)
         self.max_epsilon = cfg.privacy.client_max_epsilon
@@ -118,6 +135,22 @@ class ClientDpStrategy(Strategy):
     def noise_multiplier(self) -> float:
         return self.accountant.noise_multiplier
 
+    @property
+    def clip_norm(self) -> float:
+        """C of the next round."""
+        return self.adaptive.clip_norm if self.adaptive is not None else self.fixed_clip_norm
+
+    @property
+    def clipping(self) -> str:
+        return "adaptive" if self.adaptive is not None else "fixed"
+
+    def state_payload(self) -> dict[str, Any]:
+        """What a checkpoint carries: the accountant's history, and C under adaptive clipping."""
+        payload = self.accountant.to_payload()
+        if self.adaptive is not None:
+            payload[CLIP_NORM_STATE_KEY] = self.adaptive.clip_norm
+        return payload
+
     def stop_reason(self, server_round: int, grid: Grid) -> str | None:
         """Why round ``server_round`` must not run (it would exceed client_max_epsilon), or None."""
         if self.max_epsilon is None:
@@ -133,16 +166,17 @@ class ClientDpStrategy(Strategy):
             )
         return None
 
-    def effective_noise_multiplier(self, survivors: int) -> float:
-        """σ of the noise really in the released sum, over C.
+    def effective_noise(self, survivors: int) -> NoiseSplit:
+        """(σ, σ_Δ, σ_b) of the noise really in the released sums.
 
-        Central: the server's N(0, (σC)²). Distributed: each survivor added N(0, σ²C²/n) with
-        n the planned cohort the clients sized their shares for, so the sum holds
-        σ²C²·s/n: dropouts (s < n) leave less noise, and the accountant must see that.
+        Central: the server's N(0, (σ_Δ·C)²) and N(0, σ_b²). Distributed: each survivor added
+        N(0, σ_Δ²C²/n) and N(0, σ_b²/n) with n the planned cohort the clients sized their
+        shares for, so the sums hold s/n of those variances: dropouts (s < n) leave less
+        noise, and the accountant must see that (σ recombined from what survived).
         """
         if not self.distributed:
-            return self.noise_multiplier
-        return self.noise_multiplier * math.sqrt(survivors / expected_cohort(self.cfg))
+            return self.split
+        return self.split.surviving(survivors / expected_cohort(self.cfg))
 
     def account_recorded(self, bodies: list[dict[str, Any]]) -> None:
         """Count releases the ledger holds but the checkpoint's accountant does not (the server
@@ -164,37 +198,55 @@ class ClientDpStrategy(Strategy):
             for node in population:
                 if self.sampler.random() >= self.rate:
                     view.exclude(node, "not in this round's Poisson cohort")
+        if self.adaptive is not None:  # clients clip to the server's C (and check it); see clients/client_dp.py
+            config[protocol.CLIENT_CLIP_NORM_KEY] = self.clip_norm
         # Fixed cohorts: the accountant records the (cohort, population) Flower's sampler really drew.
         messages = list(self.inner.configure_train(server_round, arrays, config, view))
-        self.plan = RoundPlan(arrays, len(population), len(messages), {m.metadata.dst_node_id: m for m in messages})
+        instructions = {m.metadata.dst_node_id: m for m in messages}
+        self.plan = RoundPlan(arrays, len(population), len(messages), instructions, self.clip_norm)
         logger.info("round %d: client-level DP cohort %d of %d (%s)", server_round, len(messages), len(population), self.sampling)
         return messages
 
-    def _plain_sum(self, server_round: int, replies: Iterable[Message], base: ArrayRecord) -> tuple[np.ndarray, list[Message]]:
-        """Sum of the plain updates whose norm is within C; others are rejected (and logged)."""
-        total, accepted = None, []
-        limit = self.clip_norm * (1 + CLIP_CHECK_RTOL)
+    def _plain_sum(
+        self, server_round: int, replies: Iterable[Message], plan: RoundPlan
+    ) -> tuple[np.ndarray, list[Message], float]:
+        """Sum of the plain updates whose norm is within the round's C, and of their clip
+        indicators (adaptive clipping); other replies are rejected (and logged)."""
+        total, accepted, indicators = None, [], 0.0
+        limit = plan.clip_norm * (1 + CLIP_CHECK_RTOL)
         for reply in replies:
-            update = flatten_update(reply.content[protocol.ARRAYS_KEY], base)
+            update = flatten_update(reply.content[protocol.ARRAYS_KEY], plan.global_arrays)
             norm = float(np.linalg.norm(update))
+            problem = None
             if not np.isfinite(norm) or norm > limit:
-                logger.warning(
-                    "round %d: rejected the update of client node %d: norm %.6g exceeds privacy.client_clip_norm=%g",
-                    server_round, reply.metadata.src_node_id, norm, self.clip_norm,
-                )
+                problem = f"norm {norm:.6g} exceeds the round's clip norm {plan.clip_norm:g}"
+            elif self.adaptive is not None and protocol.CLIP_INDICATOR_KEY not in reply.content:
+                problem = "it carries no clip indicator, which adaptive clipping needs"
+            if problem is not None:
+                node = reply.metadata.src_node_id
+                logger.warning("round %d: rejected the update of client node %d: %s", server_round, node, problem)
                 continue
+            if self.adaptive is not None:
+                indicators += float(reply.content[protocol.CLIP_INDICATOR_KEY][protocol.CLIP_INDICATOR_FIELD])
             total = update if total is None else total + update
             accepted.append(reply)
         if total is None:
-            total = np.zeros(sum(array_view(base[key]).size for key in base.keys()))
-        return total, accepted
+            total = np.zeros(sum(array_view(plan.global_arrays[key]).size for key in plan.global_arrays.keys()))
+        return total, accepted, indicators
 
-    def _secure_sum(self, replies: list[Message], base: ArrayRecord) -> tuple[np.ndarray, int]:
-        """The SecAgg+ aggregate reply holds global + sum / survivors (weights are 1)."""
+    def _secure_sum(self, replies: list[Message], base: ArrayRecord) -> tuple[np.ndarray, int, float]:
+        """The SecAgg+ aggregate reply holds global + sum / survivors (weights are 1) and, under
+        adaptive clipping, the sum of the (noised) clip indicators."""
         if len(replies) != 1:
             raise ValueError(f"secure aggregation hands over one aggregate reply, not {len(replies)}")
-        survivors = int(round(float(replies[0].content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])))
-        return flatten_update(replies[0].content[protocol.ARRAYS_KEY], base) * survivors, survivors
+        content = replies[0].content
+        survivors = int(round(float(content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])))
+        indicators = 0.0
+        if self.adaptive is not None:
+            if protocol.CLIP_INDICATOR_KEY not in content:
+                raise ValueError("the secure aggregate lacks the sum of clip indicators that adaptive clipping needs")
+            indicators = float(content[protocol.CLIP_INDICATOR_KEY][protocol.CLIP_INDICATOR_FIELD])
+        return flatten_update(content[protocol.ARRAYS_KEY], base) * survivors, survivors, indicators
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
@@ -202,32 +254,44 @@ class ClientDpStrategy(Strategy):
         if plan is None:
             raise RuntimeError("aggregate_train before configure_train")
         if self.secure_aggregation:
-            total, survivors = self._secure_sum(replies, plan.global_arrays)
+            total, survivors, indicators = self._secure_sum(replies, plan.global_arrays)
             losses = [float(replies[0].content[protocol.METRICS_KEY][protocol.TRAIN_LOSS_KEY])]
         else:
-            total, accepted = self._plain_sum(server_round, replies, plan.global_arrays)
+            total, accepted, indicators = self._plain_sum(server_round, replies, plan)
             survivors = len(accepted)
             losses = [float(r.content[protocol.METRICS_KEY][protocol.TRAIN_LOSS_KEY]) for r in accepted]
-        sigma = self.effective_noise_multiplier(survivors)
-        std = sigma * self.clip_norm  # of the released sum
+        noise = self.effective_noise(survivors)
+        std = noise.update_sigma * plan.clip_norm  # of the released update sum
         denominator = self.rate * plan.population if self.sampling == POISSON else float(plan.cohort)
         central_std = 0.0 if self.distributed else std
         mean_update = add_central_noise(total, central_std, self.rng) / denominator
+        noisy_count = None
+        if self.adaptive is not None:  # the noised sum of centred clip indicators: part of this release
+            count_std = 0.0 if self.distributed else float(self.split.count_std)
+            noisy_count = float(add_central_noise(np.array([indicators]), count_std, self.rng)[0])
         rate = self.rate if self.sampling == POISSON else plan.cohort / plan.population
-        release = Release(sigma, rate, plan.population, plan.cohort)
+        release = Release(noise.sigma, rate, plan.population, plan.cohort)
         epsilon = self.accountant.record(release)
         event = ClientDpRelease(
-            round=server_round, clip_norm=self.clip_norm, noise_std=std, noise_multiplier=sigma,
+            round=server_round, clip_norm=plan.clip_norm, noise_std=std, noise_multiplier=noise.sigma,
             sampling=self.sampling, sample_rate=rate, cohort_size=plan.cohort, survivors=min(survivors, plan.cohort),
             delta=self.accountant.delta, accountant="rdp", epsilon=epsilon, population=plan.population,
+            clipping=self.clipping, update_noise_multiplier=noise.update_sigma, count_noise_std=noise.count_std,
         )
         if self.on_release is not None:
             self.on_release(event)  # on the record before the release leaves this method
         self.last_release = {
-            "clip_norm": self.clip_norm, "noise_std": std, "noise_multiplier": sigma, "noise": self.cfg.privacy.noise,
+            "clip_norm": plan.clip_norm, "noise_std": std, "noise_multiplier": noise.sigma, "noise": self.cfg.privacy.noise,
             "cohort_size": plan.cohort, "survivors": survivors, "expected_cohort": denominator,
-            "sample_rate": rate, "population": plan.population, "epsilon": epsilon,
+            "sample_rate": rate, "population": plan.population, "epsilon": epsilon, "clipping": self.clipping,
+            "update_noise_multiplier": noise.update_sigma, "count_noise_std": noise.count_std,
         }
+        if self.adaptive is not None and noisy_count is not None:
+            fraction = self.adaptive.update(noisy_count, denominator)
+            self.last_release.update(
+                unclipped_count=noisy_count + INDICATOR_OFFSET * denominator,  # noisy estimate of the clients within C
+                unclipped_fraction=fraction, next_clip_norm=self.adaptive.clip_norm,
+            )
         loss = sum(losses) / len(losses) if losses else float("nan")
         content = RecordDict(
             {
@@ -259,20 +323,35 @@ class ClientDpStrategy(Strategy):
             "sampling": self.sampling,
             "sample_rate": last.sample_rate if last else self.rate,
             "noise_multiplier": self.noise_multiplier,
-            "clip_norm": self.clip_norm,
+            "clip_norm": self.clip_norm,  # adaptive clipping: where C ended (the next round's)
+            "clipping": self.clipping,
             "rounds": len(self.accountant.releases),
             "budget_epsilon": self.max_epsilon,
+            **(self._adaptive_summary() if self.adaptive is not None else {}),
+        }
+
+    def _adaptive_summary(self) -> dict[str, Any]:
+        ac = self.cfg.privacy.adaptive_clipping
+        return {
+            "initial_clip_norm": self.fixed_clip_norm,
+            "target_quantile": float(ac.target_quantile),
+            "learning_rate": float(ac.learning_rate),
+            "update_noise_multiplier": self.split.update_sigma,  # planned σ_Δ (σ above is the combined one)
+            "count_noise_std": self.split.count_std,  # planned σ_b
         }
 
 
 def wrap_for_client_dp(cfg: DictConfig, strategy: Strategy, saved: dict[str, Any] | None) -> ClientDpStrategy:
     """The DP-FedAvg layer for a run: a resumed run continues its saved accounting, a new one
     calibrates (or takes) σ and prints the epsilon the planned run will spend."""
+    clip_norm = None
     if saved is not None:
         accountant = FederationAccountant.from_payload(saved)
+        clip_norm = saved.get(CLIP_NORM_STATE_KEY)  # adaptive clipping continues from the saved C
         logger.warning(
-            "client-level DP resumed: sigma %.4g, epsilon so far %.4g after %d releases",
+            "client-level DP resumed: sigma %.4g, epsilon so far %.4g after %d releases%s",
             accountant.noise_multiplier, accountant.epsilon, len(accountant.releases),
+            "" if clip_norm is None else f", clip norm {clip_norm:.4g}",
         )
     else:
         accountant = build_accountant(cfg)
@@ -283,4 +362,14 @@ def wrap_for_client_dp(cfg: DictConfig, strategy: Strategy, saved: dict[str, Any
             cfg.simulation.fraction_train, cfg.simulation.rounds,
             planned_epsilon(cfg, accountant.noise_multiplier), accountant.delta,
         )
-    return ClientDpStrategy(strategy, cfg, accountant, secure_aggregation=cfg.secure_agg.mode != "off")
+    wrapper = ClientDpStrategy(
+        strategy, cfg, accountant, secure_aggregation=cfg.secure_agg.mode != "off", clip_norm=clip_norm
+    )
+    if wrapper.adaptive is not None and saved is None:
+        logger.warning(
+            "adaptive clipping (target quantile %g, learning rate %g): sigma %.4g is split into %.4g on the update "
+            "and std %.4g on the clip count (sigma^-2 = sigma_update^-2 + (2 sigma_b)^-2)",
+            wrapper.adaptive.target_quantile, wrapper.adaptive.learning_rate, wrapper.split.sigma,
+            wrapper.split.update_sigma, wrapper.split.count_std,
+        )
+    return wrapper

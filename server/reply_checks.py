@@ -65,6 +65,8 @@ MAX_TEXT_CHARS = 1000
 SECAGG_STAGES = ("share", "mask", "unmask")
 SHARE_KINDS = ("seed", "key")
 MASKED_ARRAY = "masked"
+# A plain reply's clip indicator b - 1/2 (adaptive clipping, central noise): exactly one of these.
+CLIP_INDICATOR_VALUES = (-0.5, 0.5)
 
 
 def _privacy_report(content) -> ConfigRecord | None:
@@ -127,6 +129,16 @@ def _train_metrics(content) -> None:
         count(metrics, protocol.TRAIN_STEPS_KEY, minimum=0)
 
 
+def _clip_indicator(content) -> None:
+    if protocol.CLIP_INDICATOR_KEY not in content:
+        return
+    record = require_record(content, protocol.CLIP_INDICATOR_KEY, ConfigRecord)
+    if list(record.keys()) != [protocol.CLIP_INDICATOR_FIELD]:
+        raise MalformedMessage(f"clip indicator record must hold exactly '{protocol.CLIP_INDICATOR_FIELD}'")
+    if number(record, protocol.CLIP_INDICATOR_FIELD) not in CLIP_INDICATOR_VALUES:
+        raise MalformedMessage(f"clip indicator must be one of {CLIP_INDICATOR_VALUES} (clipped, within the clip norm)")
+
+
 def _advertised_keys(content) -> None:
     record = require_record(content, protocol.SECAGG_KEY, ConfigRecord)
     if set(record.keys()) != {"stage", "envelope_key", "mask_key"} or record.get("stage") != "advertise":
@@ -144,9 +156,11 @@ def _check_train_reply(content, expected_arrays: ArrayRecord | None) -> None:
     if report is not None and report[REFUSED_KEY]:
         only_records(content, {protocol.PRIVACY_KEY, protocol.LEDGER_KEY})  # a budget refusal carries nothing else
         return
+    # Under SecAgg+ the clip indicator travels masked, never in the clear: a reply showing it is refused.
+    plain_only = {protocol.ARRAYS_KEY, protocol.CLIP_INDICATOR_KEY}
     only_records(
         content,
-        {protocol.METRICS_KEY, protocol.PRIVACY_KEY, protocol.LEDGER_KEY, protocol.SECAGG_KEY if secure else protocol.ARRAYS_KEY},
+        {protocol.METRICS_KEY, protocol.PRIVACY_KEY, protocol.LEDGER_KEY, *({protocol.SECAGG_KEY} if secure else plain_only)},
     )
     _train_metrics(content)
     if secure:
@@ -154,6 +168,7 @@ def _check_train_reply(content, expected_arrays: ArrayRecord | None) -> None:
             _advertised_keys(content)
         return
     decode_arrays(content.get(protocol.ARRAYS_KEY), layout_of(expected_arrays))
+    _clip_indicator(content)
 
 
 def train_reply_problem(reply: Message, expected_arrays: ArrayRecord | None) -> str | None:

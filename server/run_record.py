@@ -42,7 +42,8 @@ class RoundRecord:
     # noise multiplier, sample rate, steps this round and in total, accountant, refused.
     privacy: list[dict[str, Any]] = field(default_factory=list)
     # Client-level DP (DP-FedAvg) of this round: clip norm, noise std of the released sum,
-    # cohort size, survivors, the federation's epsilon so far; None when off.
+    # cohort size, survivors, the federation's epsilon so far; with adaptive clipping also
+    # sigma_update, sigma_b, the noisy count and fraction within C, and the next C; None when off.
     client_dp: dict[str, Any] | None = None
 
 

@@ -64,7 +64,8 @@ class RunState:
     strategy: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     excluded_clients: dict[int, str] = field(default_factory=dict)
     sampler_rng: tuple | None = None
-    # The federation's client-level accountant (privacy.client_dp_accounting.py), when on.
+    # The federation's client-level accountant (privacy.client_dp_accounting.py), when on, and the
+    # current clip norm under adaptive clipping (server/client_dp.py ClientDpStrategy.state_payload).
     client_dp: dict[str, Any] | None = None
 
     def to_payload(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from clients import protocol
 from clients.secure_aggregation import array_view, params_from
+from conf.schema import uses_adaptive_clipping
 from privacy.secagg.masking import dequantize_sum, levels_for
 from privacy.secagg.protocol import SecAggError, ServerSession, neighbour_graph
 from server.federation import TrainReplies, exchange_messages, sort_train_replies
@@ -113,6 +114,8 @@ class SecureAggregationExchange:
         self.levels = levels_for(self.params.modulus_bits, int(cfg.simulation.num_clients))
         self.stage_timeout = float(cfg.secure_agg.stage_timeout)
         self.poll_interval = float(cfg.secure_agg.get("stage_poll_interval", DEFAULT_POLL_INTERVAL))
+        # Client-level DP's adaptive clipping: each masked input holds the client's clip indicator after the update.
+        self.extra = 1 if uses_adaptive_clipping(cfg) else 0
 
     def train(
         self, grid: Grid, messages: Iterable[Message], global_arrays: ArrayRecord, server_round: int, timeout: float
@@ -185,7 +188,7 @@ class SecureAggregationExchange:
             },
             self.stage_timeout,
             "mask",
-            1 + sum(int(np.prod(global_arrays[key].shape)) for key in global_arrays.keys()),
+            1 + self.extra + sum(int(np.prod(global_arrays[key].shape)) for key in global_arrays.keys()),
             poll_interval=self.poll_interval,
         )
         rejected = _rejected_senders(mask_answers, inbox)
@@ -244,7 +247,8 @@ class SecureAggregationExchange:
         total_weight = float(dequantize_sum(total[-1:], count, float(sa.max_weight), self.levels)[0])
         if total_weight <= 0:
             raise SecAggError(f"the unmasked total weight is {total_weight}; the aggregate is unusable")
-        mean_update = weighted_sum / total_weight
+        model_size = weighted_sum.size - self.extra
+        mean_update = weighted_sum[:model_size] / total_weight
         arrays, offset = {}, 0
         for key in global_arrays.keys():
             base = array_view(global_arrays[key])
@@ -254,9 +258,12 @@ class SecureAggregationExchange:
         metrics = [keyed[node].content[protocol.METRICS_KEY] for node in survivors]
         weights = [float(m[protocol.NUM_EXAMPLES_KEY]) for m in metrics]
         loss = sum(w * float(m[protocol.TRAIN_LOSS_KEY]) for w, m in zip(weights, metrics)) / sum(weights)
-        return RecordDict(
+        content = RecordDict(
             {
                 protocol.ARRAYS_KEY: ArrayRecord(arrays),
                 protocol.METRICS_KEY: MetricRecord({protocol.NUM_EXAMPLES_KEY: sum(weights), protocol.TRAIN_LOSS_KEY: loss}),
             }
         )
+        if self.extra:  # the sum of the clip indicators, for server/client_dp.py
+            content[protocol.CLIP_INDICATOR_KEY] = ConfigRecord({protocol.CLIP_INDICATOR_FIELD: float(weighted_sum[model_size])})
+        return content

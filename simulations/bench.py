@@ -76,6 +76,16 @@ def main(argv: list[str]) -> int:
     deployment.add_argument("--dataset", default="digits")
     deployment.add_argument("--model", default="mlp")
     deployment.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    client_dp = sub.add_parser("client-dp", help="accuracy vs client-level epsilon at 1,000 clients; wall time, memory")
+    client_dp.add_argument("--clients", type=int, default=1000)
+    client_dp.add_argument("--rounds", type=int, default=20)
+    client_dp.add_argument("--sample-rate", type=float, default=0.1, help="Poisson rate q per round")
+    client_dp.add_argument("--epsilons", type=float, nargs="+", default=[2.0, 5.0, 10.0])
+    client_dp.add_argument("--clip-norm", type=float, default=1.0)
+    client_dp.add_argument("--dataset", default="fashion_mnist")
+    client_dp.add_argument("--model", default="logreg")
+    client_dp.add_argument("--local-epochs", type=int, default=1)
+    client_dp.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     args = parser.parse_args(argv)
     from simulations.simulate import configure_logging
 
@@ -100,6 +110,13 @@ def main(argv: list[str]) -> int:
         from simulations.bench_deployment import run_deployment_benchmark
 
         result = run_deployment_benchmark(args.sites, args.rounds, args.dataset, args.model)
+    elif args.name == "client-dp":
+        from simulations.bench_client_dp import run_client_dp_benchmark
+
+        result = run_client_dp_benchmark(
+            args.clients, args.rounds, args.sample_rate, args.epsilons, args.clip_norm, args.dataset, args.model,
+            args.local_epochs,
+        )
     else:
         return 2
     path = write_result(args.out, args.name, result)

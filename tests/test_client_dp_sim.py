@@ -1,19 +1,23 @@
 """Client-level DP end to end: a tiny digits simulation under privacy=client_dp.
 
-One run serves every test: Poisson cohorts (q = 0.8 of 5 clients), a fixed noise
+One run serves most tests: Poisson cohorts (q = 0.8 of 5 clients), a fixed noise
 multiplier, and a client_max_epsilon between the epsilon of 2 and of 3 rounds, so the
-run must stop cleanly before round 3. The audit must then confirm the ledger.
+run must stop cleanly before round 3. The audit must then confirm the ledger. Two short
+SecAgg+ runs check distributed noise, one of them with adaptive clipping.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import subprocess
 from pathlib import Path
 
+import dp_accounting
 import pytest
 
-from privacy.audit import recompute
+from privacy.audit import ExitCode, recompute, run_audit
 from privacy.client_dp_accounting import Release, epsilon_of
 from tests.test_simulation import FEDGUARD, fedguard
 
@@ -105,3 +109,59 @@ def test_distributed_noise_under_secure_aggregation_is_accounted_and_audited(dis
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads(proc.stdout)["federation"]["status"] == "ok"
+
+
+# Adaptive clipping under distributed noise: the clip indicators ride masked in SecAgg+.
+COUNT_STD, QUANTILE, LEARNING_RATE, CLIP_RANGE = 1.0, 0.5, 0.2, 8.0
+
+
+@pytest.fixture(scope="module")
+def adaptive_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("client_dp_adaptive") / "run"
+    fedguard(
+        "simulate", "dataset=digits", "model=mlp", "simulation=tiny", "privacy=client_dp", "progress=false",
+        "privacy.client_clipping=adaptive", f"privacy.adaptive_clipping.clipped_count_stddev={COUNT_STD}",
+        "privacy.noise=distributed", "secure_agg=secaggplus", f"secure_agg.clip_range={CLIP_RANGE}", "simulation.rounds=3",
+        "simulation.fraction_train=1.0", "privacy.client_target_epsilon=null", f"privacy.client_noise_multiplier={SIGMA}",
+        f"privacy.client_clip_norm={CLIP}", f"hydra.run.dir={run_dir}",
+    )
+    return run_dir
+
+
+def test_adaptive_clipping_under_secure_aggregation_moves_c_and_accounts_the_count(adaptive_run):
+    update_sigma = (SIGMA**-2 - (2 * COUNT_STD) ** -2) ** -0.5  # Andrew et al. 2021, Theorem 1
+    ceiling = CLIP_RANGE / (1 + 8 * update_sigma / CLIENTS**0.5)  # C whose noised update the clamp cannot cut
+    rounds, clip = _rounds(adaptive_run), CLIP
+    accountant = dp_accounting.rdp.RdpAccountant(orders=recompute.RDP_ORDERS)
+    for record in rounds:
+        dp = record["client_dp"]
+        assert dp["clipping"] == "adaptive" and dp["clip_norm"] == pytest.approx(clip)  # C0, then what the rule gave
+        kept = (dp["survivors"] / CLIENTS) ** 0.5  # the noise shares that reached the sums
+        assert dp["update_noise_multiplier"] == pytest.approx(update_sigma * kept)
+        assert dp["count_noise_std"] == pytest.approx(COUNT_STD * kept)
+        assert dp["noise_multiplier"] == pytest.approx(SIGMA * kept)
+        assert dp["noise_std"] == pytest.approx(dp["update_noise_multiplier"] * dp["clip_norm"])
+        assert 0 <= dp["unclipped_fraction"] <= 1
+        clip = min(ceiling, clip * math.exp(-LEARNING_RATE * (dp["unclipped_fraction"] - QUANTILE)))
+        assert dp["next_clip_norm"] == pytest.approx(clip)
+        sigma = (dp["update_noise_multiplier"] ** -2 + (2 * dp["count_noise_std"]) ** -2) ** -0.5
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(dp["sample_rate"], dp_accounting.GaussianDpEvent(sigma)))
+    federation = json.loads((adaptive_run / "summary.json").read_text())["privacy"]["federation"]
+    assert (federation["clipping"], federation["rounds"], federation["clip_norm"]) == ("adaptive", 3, pytest.approx(clip))
+    assert federation["epsilon"] == pytest.approx(accountant.get_epsilon(DELTA), rel=recompute.DEFAULT_TOLERANCE)
+
+
+def test_audit_confirms_an_adaptive_run_and_fails_on_a_tampered_sigma(adaptive_run, tmp_path):
+    proc = subprocess.run([*FEDGUARD, "audit", str(adaptive_run), "--json", "--no-report"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    federation = json.loads(proc.stdout)["federation"]
+    assert federation["status"] == "ok" and "adaptive clipping" in federation["assumptions"]
+    tampered = Path(shutil.copytree(adaptive_run, tmp_path / "run"))
+    lines = (tampered / "ledger.jsonl").read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if '"client_dp_release"' in line)
+    entry = json.loads(lines[index])
+    entry["body"]["noise_multiplier"] *= 2  # claim twice the noise that was added
+    lines[index] = json.dumps(entry, sort_keys=True)
+    (tampered / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+    assert run_audit(tampered, tampered / "keys", with_pld=False).exit_code == ExitCode.INTEGRITY

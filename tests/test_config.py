@@ -44,6 +44,7 @@ def test_config_round_trips_through_yaml():
         (["simulation.num_clients=0"], ["simulation.num_clients", ">= 1"]),
         (["dataset=breast_cancer", "model=cnn"], ["model=cnn", "image dataset"]),
         (["device=gpu"], ["device", "auto, cpu, cuda"]),
+        (["seed=-1"], ["seed", ">= 0"]),
         (["+strategy.params.learning_rate=0.1"], ["strategy.params.learning_rate", "allowed"]),
         (["+strategy.params.fraction_train=0.5"], ["strategy.params.fraction_train"]),
         (["train.learning_rate=0"], ["train.learning_rate"]),

@@ -7,7 +7,9 @@ module; each test adds what it needs (an unregistered site, a killed site, a kil
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -190,6 +192,28 @@ def test_server_crash_and_resume_keeps_privacy_accounting_exact(federation):
     for site in range(SITES):
         saved = list((federation.site_dir(site) / "privacy").glob("*.json"))
         assert saved, f"site {site} kept no privacy state"
+
+
+HUNG_ROUND_TIMEOUT = 20
+
+
+def test_hung_site_does_not_hang_the_server(federation):
+    """A SuperNode frozen (SIGSTOP, whole process group) mid-run: its rounds close at the round timeout."""
+    known = federation.run_dirs()
+    overrides = [o for o in FAST_RUN if not o.startswith("simulation.round_timeout=")]
+    run = federation.submit(*overrides, "simulation.rounds=2", f"simulation.round_timeout={HUNG_ROUND_TIMEOUT}")
+    _wait_for_checkpoint(federation, 1, known)
+    hung = federation.clients[0]
+    os.killpg(hung.pid, signal.SIGSTOP)
+    try:
+        run_dir = finish(federation, run)
+    finally:
+        os.killpg(hung.pid, signal.SIGCONT)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "completed all rounds" and summary["rounds"] == 2
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["clients_replied"] == SITES - 1 and last["clients_failed"] == 1
+    assert last["round_seconds"] < 2 * HUNG_ROUND_TIMEOUT
 
 
 def test_killed_site_does_not_hang_the_server(federation):

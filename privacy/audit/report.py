@@ -129,7 +129,9 @@ def write_report(result: AuditResult, out_dir: Path, plots: list[str]) -> Path:
         "- Client level (federation): one Gaussian release of the clipped sum per round; Poisson cohorts as above "
         "with add/remove-one client; fixed-size cohorts as sampling without replacement under replace-one-client "
         "neighbours (the relation for which that bound is proven). The noise multiplier used is the smaller of the "
-        "stated one and noise std / clip norm.",
+        "stated one and noise std / clip norm; with adaptive clipping, the smaller of the stated one and the one "
+        "Gaussian that the update sum (noise std / clip norm) and the clip count (noise std σ_b, sensitivity 1/2) "
+        "amount to together, (σ_Δ⁻² + (2σ_b)⁻²)^(−1/2) (Andrew et al. 2021, Theorem 1).",
         "- Assumed, not checkable from the ledger: that sampling really was Poisson (or fixed) as recorded, that "
         "gradients were clipped at the recorded norm, and that no release happened without a ledger entry.",
         f"- A mismatch is flagged when the recomputation exceeds the reported epsilon by more than "

@@ -9,6 +9,10 @@ Check rules (documented in the report):
 * federation (``client_dp_release``): every event, Poisson via RDP or PLD as above,
   fixed-size cohorts via RDP without replacement (replace-one neighbours). The noise
   multiplier used is ``min(stated, noise_std / clip_norm)``: what the noise really was.
+  With adaptive clipping the round also released the clip count (noise ``count_noise_std``
+  σ_b on a sum of sensitivity ½), and the figure from the noise is the one Gaussian both
+  parts amount to, (σ_Δ⁻² + (2σ_b)⁻²)^(−1/2) with σ_Δ = noise_std / clip_norm (Andrew et al.
+  2021, Theorem 1), written out here rather than taken from the code under audit.
 * a budget is exceeded when the reported epsilon is over it, or the same-method
   recomputation is over it by more than the tolerance.
 """
@@ -26,6 +30,8 @@ from privacy.ledger_events import BudgetRefusal, ClientDpRelease, RunStarted, Sa
 
 # A stated noise multiplier may differ from noise_std / clip_norm by float round-off only.
 NOISE_CONSISTENCY_RTOL = 1e-6
+# Adaptive clipping: one client moves the sum of centred clip indicators (b - 1/2) by at most this.
+CLIP_COUNT_SENSITIVITY = 0.5
 # Reported budgets are compared with reported epsilons at the client's own slack.
 BUDGET_SLACK = 1e-9
 
@@ -153,13 +159,28 @@ def audit_client(name: str, events: list[AttributedEvent], tolerance: float, wit
     return audit
 
 
+def _with_clip_count(update_sigma: float, count_std: float) -> float:
+    """One Gaussian equivalent to the update sum at σ_Δ plus the clip count at noise std σ_b."""
+    count_sigma = count_std / CLIP_COUNT_SENSITIVITY
+    if update_sigma <= 0 or count_sigma <= 0:
+        return 0.0
+    return (update_sigma**-2 + count_sigma**-2) ** -0.5
+
+
 def _effective_sigma(body: dict[str, Any], audit: SpendAudit) -> float:
     from_noise = body["noise_std"] / body["clip_norm"]
+    what = "noise_std/clip_norm"
+    if body.get("clipping", "fixed") == "adaptive":
+        stated_update = body["update_noise_multiplier"]
+        if not math.isclose(from_noise, stated_update, rel_tol=NOISE_CONSISTENCY_RTOL):
+            audit.mismatches.append(
+                f"round {body['round']}: update_noise_multiplier {stated_update:g} but noise_std/clip_norm = {from_noise:g}"
+            )
+        from_noise = _with_clip_count(min(from_noise, stated_update), body["count_noise_std"])
+        what = "(noise_std/clip_norm, count_noise_std) combined"
     stated = body["noise_multiplier"]
     if not math.isclose(from_noise, stated, rel_tol=NOISE_CONSISTENCY_RTOL):
-        audit.mismatches.append(
-            f"round {body['round']}: noise_multiplier {stated:g} but noise_std/clip_norm = {from_noise:g}"
-        )
+        audit.mismatches.append(f"round {body['round']}: noise_multiplier {stated:g} but {what} = {from_noise:g}")
     return min(stated, from_noise)
 
 
@@ -172,6 +193,7 @@ def audit_federation(
     audit = SpendAudit(name="federation", budget=budget)
     poisson: list[tuple[float, float, int]] = []
     fixed: list[tuple[float, int, int]] = []
+    adaptive = any(event.body.get("clipping") == "adaptive" for event in releases)
     for event in releases:
         body = event.body
         sigma = _effective_sigma(body, audit)
@@ -208,6 +230,8 @@ def audit_federation(
                 audit.mismatches.append(f"final: reported {audit.epsilon_reported:.6g}, PLD {audit.epsilon_pld:.6g}")
         else:
             audit.epsilon_same_method = audit.timeline[-1].recomputed
+    if adaptive:
+        audit.assumptions += "; adaptive clipping: update sum and clip count as one Gaussian (Andrew et al. 2021, Thm 1)"
     _check_monotone(audit)
     _check_budget(audit, tolerance)
     return audit
