@@ -107,6 +107,13 @@ def _validate_distributed(cfg: DictConfig) -> None:
             f"privacy.noise=distributed needs secure_agg=secaggplus (got secure_agg={sa.mode}): each client's "
             f"noise share alone is too small to protect it; use privacy.noise=central without secure aggregation"
         )
+    if dp.client_sampling != "fixed":
+        raise ConfigError(
+            f"privacy.noise=distributed needs privacy.client_sampling=fixed (got {dp.client_sampling}): each "
+            f"client adds a share of the noise, so under Poisson sampling the released noise would grow with "
+            f"whether a client took part, which the subsampled Gaussian analysis does not cover; a fixed-size "
+            f"cohort keeps the number of shares independent of any one client"
+        )
     from privacy.client_dp_accounting import noise_share_std  # imports conf.schema
 
     needed = dp.client_clip_norm + DISTRIBUTED_TAIL_STDS * noise_share_std(cfg)

@@ -1,8 +1,8 @@
 """Server side of client-level DP (DP-FedAvg) as a wrapper around any sum-based strategy.
 
 Per round the wrapper (1) draws the cohort with the sampler the accountant assumes
-(Poisson: every available client independently with rate q; fixed: the inner strategy's
-uniform sample without replacement), (2) checks that every update it can see has L2
+(Poisson: every available client independently with rate q; fixed: a uniform sample of
+Flower's cohort size without replacement; both from OS randomness), (2) checks that every update it can see has L2
 norm <= C, (3) adds N(0, (σC)²) to the *sum* of clipped updates and divides by the
 expected cohort size (qN for Poisson, so the cohort's real size, which depends on who
 joined, is never divided by), (4) writes the round's ``ClientDpRelease`` to the ledger
@@ -127,9 +127,12 @@ class ClientDpStrategy(Strategy):
         self.sampler = secrets.SystemRandom()
         self.plan: RoundPlan | None = None
         self.last_release: dict[str, Any] | None = None
-        if self.sampling == POISSON:
-            # The wrapper picks the cohort; the inner strategy then takes exactly the nodes it is shown.
-            inner.fraction_train, inner.min_train_nodes, inner.min_available_nodes = 1.0, 0, 0
+        # Fixed cohorts have Flower's size: fraction of the available nodes, at least min_train_nodes.
+        self.min_cohort = int(getattr(inner, "min_train_nodes", 0))
+        # The wrapper picks the cohort, from OS randomness: amplification by sampling holds only
+        # while nobody can tell who was sampled, and Flower's sampler draws from the seeded
+        # `random`. The inner strategy then takes exactly the nodes it is shown.
+        inner.fraction_train, inner.min_train_nodes, inner.min_available_nodes = 1.0, 0, 0
 
     @property
     def noise_multiplier(self) -> float:
@@ -192,15 +195,20 @@ class ClientDpStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         population = list(grid.get_node_ids())
-        view = grid
+        view = ExcludingGrid(grid)
         if self.sampling == POISSON:
-            view = ExcludingGrid(grid)
             for node in population:
                 if self.sampler.random() >= self.rate:
                     view.exclude(node, "not in this round's Poisson cohort")
+        else:
+            size = min(max(int(len(population) * self.rate), self.min_cohort), len(population))
+            cohort = set(self.sampler.sample(population, size))
+            for node in population:
+                if node not in cohort:
+                    view.exclude(node, "not in this round's fixed-size cohort")
         if self.adaptive is not None:  # clients clip to the server's C (and check it); see clients/client_dp.py
             config[protocol.CLIENT_CLIP_NORM_KEY] = self.clip_norm
-        # Fixed cohorts: the accountant records the (cohort, population) Flower's sampler really drew.
+        # The accountant records the (cohort, population) really drawn.
         messages = list(self.inner.configure_train(server_round, arrays, config, view))
         instructions = {m.metadata.dst_node_id: m for m in messages}
         self.plan = RoundPlan(arrays, len(population), len(messages), instructions, self.clip_norm)

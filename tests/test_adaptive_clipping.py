@@ -50,7 +50,7 @@ NODES = [1, 2, 3, 4, 5]
 ADAPTIVE = ["privacy=client_dp", "privacy.client_clipping=adaptive", "privacy.client_target_epsilon=null",
             f"privacy.client_noise_multiplier={SIGMA}", f"privacy.adaptive_clipping.clipped_count_stddev={COUNT_STD}",
             f"privacy.client_clip_norm={CLIP}", "simulation.num_clients=5", "simulation.fraction_train=1.0"]
-DISTRIBUTED = [*ADAPTIVE, "privacy.noise=distributed", "secure_agg=secaggplus", "secure_agg.clip_range=8"]
+DISTRIBUTED = [*ADAPTIVE, "privacy.noise=distributed", "privacy.client_sampling=fixed", "secure_agg=secaggplus", "secure_agg.clip_range=8"]
 
 
 def _wrapper(cfg, releases: list | None = None, secure: bool = False) -> ClientDpStrategy:

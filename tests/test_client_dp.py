@@ -8,6 +8,7 @@ zero updates over many coordinates.
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -153,6 +154,24 @@ def test_released_sum_of_zero_updates_has_noise_std_sigma_c(compose, sampling):
     assert releases[-1].epsilon == pytest.approx(strategy.accountant.epsilon)
 
 
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+def test_cohorts_come_from_os_randomness_not_the_runs_seed(compose, sampling):
+    """Amplification by sampling needs a secret cohort: the seeded `random` Flower samples with must not decide it."""
+    cfg = compose(["privacy=client_dp", f"privacy.client_sampling={sampling}", "privacy.client_target_epsilon=null",
+                   "privacy.client_noise_multiplier=1.0", "simulation.num_clients=100", "simulation.fraction_train=0.1"])
+    population = list(range(1, 101))
+    cohorts = []
+    for _ in range(2):
+        random.seed(cfg.seed)  # what server/app.py does for Flower's sampler
+        strategy = _wrapper(cfg, 1.0, [])
+        cohorts.append({m.metadata.dst_node_id for m in strategy.configure_train(1, _arrays(np.random.default_rng(0)),
+                                                                                 ConfigRecord({}), _Grid(population))})
+    assert cohorts[0] != cohorts[1]  # equal with probability < 1e-12 (fixed) or far less (Poisson)
+    if sampling == "fixed":
+        assert [len(c) for c in cohorts] == [10, 10]
+        assert [strategy.plan.cohort, strategy.plan.population] == [10, 100]
+
+
 def test_over_norm_updates_are_rejected_and_the_release_is_recorded_first(compose):
     clip_norm = 1.0
     cfg = compose(["privacy=client_dp", f"privacy.client_clip_norm={clip_norm}", "privacy.client_target_epsilon=null",
@@ -176,7 +195,7 @@ def test_over_norm_updates_are_rejected_and_the_release_is_recorded_first(compos
     assert seen_at_inner == [1]  # the ledger event existed before the strategy saw the release
 
 
-DISTRIBUTED = ["privacy=client_dp", "privacy.noise=distributed", "secure_agg=secaggplus", "secure_agg.clip_range=8",
+DISTRIBUTED = ["privacy=client_dp", "privacy.noise=distributed", "privacy.client_sampling=fixed", "secure_agg=secaggplus", "secure_agg.clip_range=8",
                "privacy.client_target_epsilon=null", "privacy.client_noise_multiplier=1.2", "privacy.client_clip_norm=0.5",
                "simulation.num_clients=5", "simulation.fraction_train=1.0"]
 
@@ -278,7 +297,9 @@ def test_accountant_survives_the_checkpoint_round_trip(compose):
         (["privacy=client_dp", "privacy.client_sampling=stratified"], "privacy.client_sampling"),
         (["privacy=client_dp", "privacy.noise=everywhere"], "privacy.noise"),
         (["privacy=client_dp", "privacy.noise=distributed"], "secure_agg=secaggplus"),
-        (["privacy=client_dp", "privacy.noise=distributed", "secure_agg=secaggplus"], "secure_agg.clip_range"),
+        (["privacy=client_dp", "privacy.noise=distributed", "secure_agg=secaggplus"], "privacy.client_sampling=fixed"),
+        (["privacy=client_dp", "privacy.noise=distributed", "privacy.client_sampling=fixed", "secure_agg=secaggplus"],
+         "secure_agg.clip_range"),
         (["privacy=client_dp", "privacy.client_clip_norm=0"], "privacy.client_clip_norm"),
         (["privacy=client_dp", "privacy.accountant=prv"], "privacy.accountant"),
         (["privacy=client_dp", "privacy.client_target_epsilon=null", "privacy.client_noise_multiplier=0"],

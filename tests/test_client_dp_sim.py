@@ -90,7 +90,7 @@ def distributed_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("client_dp_distributed") / "run"
     fedguard(
         "simulate", "dataset=digits", "model=mlp", "simulation=tiny", "privacy=client_dp", "progress=false",
-        "privacy.noise=distributed", "secure_agg=secaggplus", "secure_agg.clip_range=8", "simulation.rounds=2",
+        "privacy.noise=distributed", "privacy.client_sampling=fixed", "secure_agg=secaggplus", "secure_agg.clip_range=8", "simulation.rounds=2",
         "simulation.fraction_train=1.0", "privacy.client_target_epsilon=null", f"privacy.client_noise_multiplier={SIGMA}",
         f"privacy.client_clip_norm={CLIP}", f"hydra.run.dir={run_dir}",
     )
@@ -121,7 +121,7 @@ def adaptive_run(tmp_path_factory) -> Path:
     fedguard(
         "simulate", "dataset=digits", "model=mlp", "simulation=tiny", "privacy=client_dp", "progress=false",
         "privacy.client_clipping=adaptive", f"privacy.adaptive_clipping.clipped_count_stddev={COUNT_STD}",
-        "privacy.noise=distributed", "secure_agg=secaggplus", f"secure_agg.clip_range={CLIP_RANGE}", "simulation.rounds=3",
+        "privacy.noise=distributed", "privacy.client_sampling=fixed", "secure_agg=secaggplus", f"secure_agg.clip_range={CLIP_RANGE}", "simulation.rounds=3",
         "simulation.fraction_train=1.0", "privacy.client_target_epsilon=null", f"privacy.client_noise_multiplier={SIGMA}",
         f"privacy.client_clip_norm={CLIP}", f"hydra.run.dir={run_dir}",
     )
@@ -132,7 +132,10 @@ def test_adaptive_clipping_under_secure_aggregation_moves_c_and_accounts_the_cou
     update_sigma = (SIGMA**-2 - (2 * COUNT_STD) ** -2) ** -0.5  # Andrew et al. 2021, Theorem 1
     ceiling = CLIP_RANGE / (1 + 8 * update_sigma / CLIENTS**0.5)  # C whose noised update the clamp cannot cut
     rounds, clip = _rounds(adaptive_run), CLIP
-    accountant = dp_accounting.rdp.RdpAccountant(orders=recompute.RDP_ORDERS)
+    # Fixed-size cohorts (distributed noise needs them): replace-one neighbours, so the sensitivity is 2C.
+    accountant = dp_accounting.rdp.RdpAccountant(
+        orders=recompute.RDP_ORDERS, neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
     for record in rounds:
         dp = record["client_dp"]
         assert dp["clipping"] == "adaptive" and dp["clip_norm"] == pytest.approx(clip)  # C0, then what the rule gave
@@ -145,7 +148,8 @@ def test_adaptive_clipping_under_secure_aggregation_moves_c_and_accounts_the_cou
         clip = min(ceiling, clip * math.exp(-LEARNING_RATE * (dp["unclipped_fraction"] - QUANTILE)))
         assert dp["next_clip_norm"] == pytest.approx(clip)
         sigma = (dp["update_noise_multiplier"] ** -2 + (2 * dp["count_noise_std"]) ** -2) ** -0.5
-        accountant.compose(dp_accounting.PoissonSampledDpEvent(dp["sample_rate"], dp_accounting.GaussianDpEvent(sigma)))
+        replace_one = dp_accounting.GaussianDpEvent(sigma / 2)
+        accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(CLIENTS, dp["cohort_size"], replace_one))
     federation = json.loads((adaptive_run / "summary.json").read_text())["privacy"]["federation"]
     assert (federation["clipping"], federation["rounds"], federation["clip_norm"]) == ("adaptive", 3, pytest.approx(clip))
     assert federation["epsilon"] == pytest.approx(accountant.get_epsilon(DELTA), rel=recompute.DEFAULT_TOLERANCE)
