@@ -4,8 +4,9 @@ Each run is a real ``fedguard simulate`` in its own process (its own Ray instanc
 its wall time and the peak memory of its whole process tree (driver, Ray daemons and
 workers, see simulations/process_memory.py) are those of one user's run. Variants: a
 non-private baseline, then for each target epsilon client-level DP with central noise
-(trusted server) and with distributed noise under SecAgg+ (the server never sees an
-un-noised sum). All runs share the population, the clip norm, the rounds and q, so the
+(trusted server, Poisson cohorts) and with distributed noise under SecAgg+ (the server
+never sees an un-noised sum; fixed-size cohorts, which distributed noise requires, so
+replace-one accounting with sensitivity 2C). All runs share the population, the clip norm, the rounds and q, so the
 epsilon is the only thing that moves along a row.
 """
 
@@ -36,7 +37,8 @@ def _variants(epsilons: list[float], clip_norm: float) -> list[tuple[str, float 
         client_dp = ["privacy=client_dp", f"privacy.client_target_epsilon={epsilon}", f"privacy.client_clip_norm={clip_norm}"]
         secagg = ["secure_agg=secaggplus", f"secure_agg.clip_range={SECAGG_RANGE_IN_CLIP_NORMS * clip_norm}"]
         runs.append(("central", epsilon, [*client_dp, "privacy.noise=central"]))
-        runs.append(("distributed", epsilon, [*client_dp, "privacy.noise=distributed", *secagg]))
+        distributed = ["privacy.noise=distributed", "privacy.client_sampling=fixed", *secagg]  # needs fixed cohorts
+        runs.append(("distributed", epsilon, [*client_dp, *distributed]))
     return runs
 
 
@@ -99,7 +101,8 @@ def run_client_dp_benchmark(
     return {
         "config": {
             "clients": clients, "rounds": rounds, "sample_rate": sample_rate, "clip_norm": clip_norm,
-            "dataset": dataset, "model": model, "local_epochs": local_epochs, "client_sampling": "poisson",
+            "dataset": dataset, "model": model, "local_epochs": local_epochs,
+            "client_sampling": {"central": "poisson", "distributed": "fixed"},
         },
         "runs": results,
     }
