@@ -4,9 +4,10 @@ Each run is a real ``fedguard simulate`` in its own process (its own Ray instanc
 its wall time and the peak memory of its whole process tree (driver, Ray daemons and
 workers, see simulations/process_memory.py) are those of one user's run. Variants: a
 non-private baseline, then for each target epsilon client-level DP with central noise
-(trusted server, Poisson cohorts) and with distributed noise under SecAgg+ (the server
-never sees an un-noised sum; fixed-size cohorts, which distributed noise requires, so
-replace-one accounting with sensitivity 2C). All runs share the population, the clip norm, the rounds and q, so the
+(trusted server) on Poisson and on fixed-size cohorts, and with distributed noise under
+SecAgg+ (the server never sees an un-noised sum; fixed-size cohorts, which distributed
+noise requires: replace-one accounting with sensitivity 2C, so a larger σ than Poisson's
+for the same epsilon). All runs share the population, the clip norm, the rounds and q, so the
 epsilon is the only thing that moves along a row.
 """
 
@@ -37,6 +38,9 @@ def _variants(epsilons: list[float], clip_norm: float) -> list[tuple[str, float 
         client_dp = ["privacy=client_dp", f"privacy.client_target_epsilon={epsilon}", f"privacy.client_clip_norm={clip_norm}"]
         secagg = ["secure_agg=secaggplus", f"secure_agg.clip_range={SECAGG_RANGE_IN_CLIP_NORMS * clip_norm}"]
         runs.append(("central", epsilon, [*client_dp, "privacy.noise=central"]))
+        # Central noise on fixed-size cohorts too: the same accounting as distributed, so the
+        # pair isolates where the noise is added.
+        runs.append(("central-fixed", epsilon, [*client_dp, "privacy.noise=central", "privacy.client_sampling=fixed"]))
         distributed = ["privacy.noise=distributed", "privacy.client_sampling=fixed", *secagg]  # needs fixed cohorts
         runs.append(("distributed", epsilon, [*client_dp, *distributed]))
     return runs
@@ -64,6 +68,7 @@ def _run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     cohorts = [r["client_dp"]["cohort_size"] for r in rounds if r.get("client_dp")]
     return {
         "final_accuracy": summary["final"]["accuracy"],
+        "accuracy_by_round": [r["test_accuracy"] for r in rounds],
         "rounds_completed": summary["rounds"],
         "stop_reason": summary["stop_reason"],
         "client_epsilon": federation.get("epsilon"),
@@ -93,7 +98,7 @@ def run_client_dp_benchmark(
             outcome = _run([*common, *overrides], Path(tmp) / f"run-{index}")
             results.append({"noise": noise, "target_epsilon": epsilon, **outcome})
             print(
-                f"{noise:>11} eps={epsilon if epsilon is not None else '-':>4}: accuracy {outcome['final_accuracy']:.4f}, "
+                f"{noise:>13} eps={epsilon if epsilon is not None else '-':>4}: accuracy {outcome['final_accuracy']:.4f}, "
                 f"client eps {outcome['client_epsilon']}, {outcome['wall_seconds']:.0f} s, "
                 f"peak PSS {outcome['peak_tree_pss_gib']:.2f} GiB ({outcome['peak_processes']} processes)",
                 file=sys.stderr,
@@ -102,7 +107,7 @@ def run_client_dp_benchmark(
         "config": {
             "clients": clients, "rounds": rounds, "sample_rate": sample_rate, "clip_norm": clip_norm,
             "dataset": dataset, "model": model, "local_epochs": local_epochs,
-            "client_sampling": {"central": "poisson", "distributed": "fixed"},
+            "client_sampling": {"central": "poisson", "central-fixed": "fixed", "distributed": "fixed"},
         },
         "runs": results,
     }
