@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
@@ -65,6 +65,8 @@ logger = logging.getLogger(__name__)
 # (the client mod already makes the stored update's norm <= C).
 CLIP_CHECK_RTOL = 1e-9
 ReleaseCallback = Callable[[ClientDpRelease], None]
+# Destination of the stand-in train message an empty cohort's release replies to (no real node).
+EMPTY_COHORT_NODE = 0
 # Key of the current clip norm in the checkpointed client-level DP state (adaptive clipping).
 CLIP_NORM_STATE_KEY = "clip_norm"
 
@@ -133,6 +135,16 @@ class ClientDpStrategy(Strategy):
         # while nobody can tell who was sampled, and Flower's sampler draws from the seeded
         # `random`. The inner strategy then takes exactly the nodes it is shown.
         inner.fraction_train, inner.min_train_nodes, inner.min_available_nodes = 1.0, 0, 0
+
+    @property
+    def releases_without_replies(self) -> bool:
+        """An empty Poisson cohort still gets its release: noise only, accounted like any round.
+
+        DP-FedAvg's guarantee covers the round whoever was drawn; skipping (or stopping at)
+        empty rounds would change the mechanism the accountant assumes. Under SecAgg+ there
+        is no aggregate to carry the release, and fixed-size cohorts are never empty.
+        """
+        return self.sampling == POISSON and not self.secure_aggregation
 
     @property
     def noise_multiplier(self) -> float:
@@ -307,7 +319,10 @@ class ClientDpStrategy(Strategy):
                 protocol.METRICS_KEY: MetricRecord({protocol.NUM_EXAMPLES_KEY: 1, protocol.TRAIN_LOSS_KEY: loss}),
             }
         )
-        anchor = plan.instructions[min(plan.instructions)]
+        # Shaped as the reply to one train message; an empty cohort has none, so a stand-in.
+        anchor = plan.instructions[min(plan.instructions)] if plan.instructions else Message(
+            RecordDict(), dst_node_id=EMPTY_COHORT_NODE, message_type=MessageType.TRAIN
+        )
         self.plan = None
         return self.inner.aggregate_train(server_round, [Message(content, reply_to=anchor)])
 

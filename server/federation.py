@@ -209,8 +209,12 @@ def run_federation(
             pool.exclude(node, reason)
             logger.warning("round %d: client node %d no longer sampled: %s", server_round, node, reason)
 
+        # Client-level DP releases noise even for an empty Poisson cohort (see server/client_dp.py).
+        releases_anyway = sampled == 0 and bool(getattr(strategy, "releases_without_replies", False))
         new_arrays, train_metrics = (
-            strategy.aggregate_train(server_round, sorted_replies.usable) if sorted_replies.usable else (None, None)
+            strategy.aggregate_train(server_round, sorted_replies.usable)
+            if sorted_replies.usable or releases_anyway
+            else (None, None)
         )
         if new_arrays is not None:
             arrays = in_model_dtypes(new_arrays, initial_arrays)

@@ -172,6 +172,28 @@ def test_cohorts_come_from_os_randomness_not_the_runs_seed(compose, sampling):
         assert [strategy.plan.cohort, strategy.plan.population] == [10, 100]
 
 
+def test_an_empty_poisson_cohort_gets_a_noise_only_release(compose, monkeypatch):
+    clip_norm, sigma, rate, clients = 0.5, 2.0, 0.2, 5
+    cfg = compose(["privacy=client_dp", f"privacy.client_clip_norm={clip_norm}", "privacy.client_target_epsilon=null",
+                   f"privacy.client_noise_multiplier={sigma}", f"simulation.num_clients={clients}",
+                   f"simulation.fraction_train={rate}", "simulation.min_clients_per_round=1"])
+    releases: list[ClientDpRelease] = []
+    strategy = _wrapper(cfg, sigma, releases)
+    assert strategy.releases_without_replies
+    monkeypatch.setattr(strategy.sampler, "random", lambda: 1.0)  # nobody joins
+    global_arrays = _arrays(np.random.default_rng(4))
+    samples = []
+    for server_round in range(1, 41):
+        assert list(strategy.configure_train(server_round, global_arrays, ConfigRecord({}), _Grid([1, 2, 3, 4, 5]))) == []
+        released, _ = strategy.aggregate_train(server_round, [])
+        samples.append(np.concatenate([(released[k].numpy().astype(np.float64) - global_arrays[k].numpy()).ravel()
+                                       for k in global_arrays.keys()]) * rate * clients)
+    statistic, low, high = _variance_in_chi2_range(np.concatenate(samples), sigma * clip_norm)
+    assert low <= statistic <= high  # the noise of a full round, on an empty sum
+    assert [(e.cohort_size, e.survivors) for e in releases] == [(0, 0)] * 40
+    assert releases[-1].epsilon == pytest.approx(strategy.accountant.epsilon) and releases[-1].epsilon > 0
+
+
 def test_over_norm_updates_are_rejected_and_the_release_is_recorded_first(compose):
     clip_norm = 1.0
     cfg = compose(["privacy=client_dp", f"privacy.client_clip_norm={clip_norm}", "privacy.client_target_epsilon=null",

@@ -169,3 +169,30 @@ def test_audit_confirms_an_adaptive_run_and_fails_on_a_tampered_sigma(adaptive_r
     lines[index] = json.dumps(entry, sort_keys=True)
     (tampered / "ledger.jsonl").write_text("\n".join(lines) + "\n")
     assert run_audit(tampered, tampered / "keys", with_pld=False).exit_code == ExitCode.INTEGRITY
+
+
+# One client a round expected (the fewest the config allows): a cohort is empty with probability
+# 0.8^5 = 0.33 per round, so 25 rounds hold at least one empty round except with probability 5e-5.
+EMPTY_RATE, EMPTY_CLIENTS, EMPTY_ROUNDS = 0.2, 5, 25
+
+
+def test_empty_poisson_cohorts_still_release_noise_and_are_accounted(tmp_path):
+    """DP-FedAvg's round happens whoever is drawn: an empty cohort gets a noise-only release, on the ledger."""
+    run_dir = tmp_path / "run"
+    fedguard(
+        "simulate", "dataset=digits", "model=logreg", "simulation=tiny", "privacy=client_dp", "progress=false",
+        f"simulation.num_clients={EMPTY_CLIENTS}", f"simulation.rounds={EMPTY_ROUNDS}",
+        f"simulation.fraction_train={EMPTY_RATE}", "simulation.min_clients_per_round=1", "train.max_steps=2",
+        "privacy.client_target_epsilon=null",
+        f"privacy.client_noise_multiplier={SIGMA}", f"privacy.client_clip_norm={CLIP}", f"hydra.run.dir={run_dir}",
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "completed all rounds" and summary["rounds"] == EMPTY_ROUNDS
+    releases = [r["client_dp"] for r in _rounds(run_dir)]
+    assert len(releases) == EMPTY_ROUNDS and any(r["cohort_size"] == 0 for r in releases)
+    for release in releases:
+        assert release["noise_std"] == pytest.approx(SIGMA * CLIP) and release["sample_rate"] == EMPTY_RATE
+    proc = subprocess.run([*FEDGUARD, "audit", str(run_dir), "--json", "--no-report"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["federation"]["rounds"] == EMPTY_ROUNDS
