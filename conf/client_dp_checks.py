@@ -25,6 +25,15 @@ CLIENT_ACCOUNTANTS = ("rdp",)
 DISTRIBUTED_TAIL_STDS = 8
 
 
+def clamp_headroom(cfg: DictConfig) -> float:
+    """Under distributed noise, secure_agg.clip_range must be at least C times this: the
+    update plus DISTRIBUTED_TAIL_STDS noise-share stds, per unit of C. One rule for the
+    config check here and for the largest C adaptive clipping may reach."""
+    from privacy.client_dp_accounting import noise_share_std  # imports conf.schema
+
+    return 1.0 + DISTRIBUTED_TAIL_STDS * noise_share_std(cfg, clip_norm=1.0)
+
+
 def validate_client_clipping(cfg: DictConfig) -> None:
     """``privacy.client_clipping`` is a known mode, and adaptive only where client-level DP is on."""
     dp = cfg.privacy
@@ -114,9 +123,7 @@ def _validate_distributed(cfg: DictConfig) -> None:
             f"whether a client took part, which the subsampled Gaussian analysis does not cover; a fixed-size "
             f"cohort keeps the number of shares independent of any one client"
         )
-    from privacy.client_dp_accounting import noise_share_std  # imports conf.schema
-
-    needed = dp.client_clip_norm + DISTRIBUTED_TAIL_STDS * noise_share_std(cfg)
+    needed = dp.client_clip_norm * clamp_headroom(cfg)
     if sa.clip_range < needed:
         adaptive = " (the initial clip norm; the server never raises C beyond what clip_range allows)"
         raise ConfigError(

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from conf.client_dp_checks import DISTRIBUTED_TAIL_STDS
-from privacy.client_dp_accounting import expected_cohort, noise_split
+from conf.client_dp_checks import clamp_headroom
 
 # b - 1/2: what a client sends instead of its bit b (see the module docstring).
 INDICATOR_OFFSET = 0.5
@@ -64,8 +63,7 @@ def max_clip_norm(cfg: DictConfig) -> float:
     conf/client_dp_checks.py; unbounded otherwise (clamping a clipped update only shrinks it)."""
     if cfg.privacy.noise != "distributed":
         return math.inf
-    share_per_clip = noise_split(cfg).update_sigma / math.sqrt(expected_cohort(cfg))
-    return float(cfg.secure_agg.clip_range) / (1.0 + DISTRIBUTED_TAIL_STDS * share_per_clip)
+    return float(cfg.secure_agg.clip_range) / clamp_headroom(cfg)
 
 
 def round_clip_norm_problem(cfg: DictConfig, value: float, server_round: int) -> str | None:

@@ -32,7 +32,7 @@ from opacus.accountants.rdp import RDPAccountant
 
 from omegaconf import DictConfig
 
-from conf.schema import clients_per_round, config_to_yaml
+from conf.schema import clients_per_round, config_to_yaml, uses_adaptive_clipping
 from privacy.accounting import PrivacyConfigError, calibrate_noise_multiplier, compute_epsilon
 
 POISSON, FIXED = "poisson", "fixed"
@@ -48,7 +48,6 @@ RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
 CLIP_COUNT_SENSITIVITY = 0.5
 # Andrew et al.'s recommended noise on the clip count when none is configured: expected cohort / 20.
 DEFAULT_COUNT_STDDEV_PER_CLIENT = 1 / 20
-ADAPTIVE = "adaptive"
 
 
 @dataclass(frozen=True)
@@ -268,7 +267,7 @@ class NoiseSplit:
 
 def count_noise_std(cfg: DictConfig) -> float | None:
     """σ_b of the run: configured, or expected cohort / 20; None under fixed clipping."""
-    if cfg.privacy.client_clipping != ADAPTIVE:
+    if not uses_adaptive_clipping(cfg):
         return None
     configured = cfg.privacy.adaptive_clipping.clipped_count_stddev
     return float(configured) if configured is not None else expected_cohort(cfg) * DEFAULT_COUNT_STDDEV_PER_CLIENT

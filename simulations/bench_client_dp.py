@@ -48,8 +48,9 @@ def _variants(epsilons: list[float], clip_norm: float) -> list[tuple[str, float 
 
 def _run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     command = [sys.executable, "-m", "simulations.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"]
+    log_path = run_dir.parent / f"{run_dir.name}.log"
     started = time.perf_counter()
-    with open(run_dir.parent / f"{run_dir.name}.log", "wb") as log:
+    with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         memory = TreeMemoryPeak(process.pid).start()
         try:
@@ -60,7 +61,7 @@ def _run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
                 process.kill()
     wall = time.perf_counter() - started
     if returncode != 0:
-        tail = (run_dir.parent / f"{run_dir.name}.log").read_text(errors="replace")[-3000:]
+        tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"fedguard simulate {' '.join(overrides)} failed:\n{tail}")
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
