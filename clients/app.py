@@ -23,10 +23,10 @@ from flwr.common.constant import ErrorCode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from clients import protocol
-from clients.client_dp import ClipError, client_dp_mod, round_clip_norm
-from clients.datasets import DatasetBundle, DatasetError, LocalDataError, expected_layout, load_dataset
-from clients.message_checks import (
+from fedguard.clients import protocol
+from fedguard.clients.client_dp import ClipError, client_dp_mod, round_clip_norm
+from fedguard.clients.datasets import DatasetBundle, DatasetError, LocalDataError, expected_layout, load_dataset
+from fedguard.clients.message_checks import (
     MAX_PEERS,
     MAX_SHARE_BYTES,
     PUBLIC_KEY_BYTES,
@@ -40,17 +40,17 @@ from clients.message_checks import (
     require_record,
     text,
 )
-from clients.models import build_model, model_from_state, resolve_device
-from clients.partition import PartitionError, partition_indices, split_train_validation
-from clients.private_training import BudgetExhausted, build_trainer
-from clients.secure_aggregation import INPUT_STATE_KEY, SESSION_STATE_KEY, handle_stage, secure_aggregation_mod
-from clients.site import PARTITION_ID_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings, read_site_settings
-from clients.site_state import CachedReply, SiteStateError, SiteStateStore, arrays_digest
-from clients.training import evaluate_model, make_training_setup, proximal_regularizer
-from conf.schema import ConfigError, cached_config_from_yaml, config_to_yaml, trains_privately
-from privacy.secagg.envelope import ShareAuthenticationError
-from privacy.secagg.protocol import SecAggError
-from privacy.secagg.shamir import ShamirError
+from fedguard.clients.models import build_model, model_from_state, resolve_device
+from fedguard.clients.partition import PartitionError, partition_indices, split_train_validation
+from fedguard.clients.private_training import BudgetExhausted, build_trainer
+from fedguard.clients.secure_aggregation import INPUT_STATE_KEY, SESSION_STATE_KEY, handle_stage, secure_aggregation_mod
+from fedguard.clients.site import PARTITION_ID_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings, read_site_settings
+from fedguard.clients.site_state import CachedReply, SiteStateError, SiteStateStore, arrays_digest
+from fedguard.clients.training import evaluate_model, make_training_setup, proximal_regularizer
+from fedguard.conf.schema import ConfigError, cached_config_from_yaml, config_to_yaml, trains_privately
+from fedguard.privacy.secagg.envelope import ShareAuthenticationError
+from fedguard.privacy.secagg.protocol import SecAggError
+from fedguard.privacy.secagg.shamir import ShamirError
 
 logger = logging.getLogger(__name__)
 

@@ -34,12 +34,12 @@ from flwr.app import Context
 from flwr.clientapp.typing import ClientAppCallable
 from omegaconf import DictConfig
 
-from clients import protocol
-from clients.message_checks import MalformedMessage, finite_number
-from clients.secure_aggregation import array_view, flatten_update
-from conf.schema import cached_config_from_yaml, client_level_dp, uses_adaptive_clipping
-from privacy.adaptive_clipping import clip_indicator, round_clip_norm_problem
-from privacy.client_dp_accounting import count_share_std, noise_share_std
+from fedguard.clients import protocol
+from fedguard.clients.message_checks import MalformedMessage, finite_number
+from fedguard.clients.secure_aggregation import array_view, flatten_update
+from fedguard.conf.schema import cached_config_from_yaml, client_level_dp, uses_adaptive_clipping
+from fedguard.privacy.adaptive_clipping import clip_indicator, round_clip_norm_problem
+from fedguard.privacy.client_dp_accounting import count_share_std, noise_share_std
 
 logger = logging.getLogger(__name__)
 

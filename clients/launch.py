@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clients.site import (
+from fedguard.clients.site import (
     DATA_ROOT_KEY,
     DEVICE_KEY,
     EPSILON_BUDGET_KEY,
@@ -23,9 +23,9 @@ from clients.site import (
     SiteConfigError,
     read_site_settings,
 )
-from privacy.key_commands import DEFAULT_KEYS_DIR
-from privacy.key_material import NODE_PRIVATE_KEY_FILE, KeyMaterialError, check_certificate_files, check_node_private_key
-from simulations.flower_tools import environment_with_flower, flower_executable
+from fedguard.privacy.key_commands import DEFAULT_KEYS_DIR
+from fedguard.privacy.key_material import NODE_PRIVATE_KEY_FILE, KeyMaterialError, check_certificate_files, check_node_private_key
+from fedguard.simulations.flower_tools import environment_with_flower, flower_executable
 
 DEFAULT_SITE_DIR = "fedguard-site"
 # The SuperNode's local API (ClientApp processes talk to it); one free port per SuperNode on a host.

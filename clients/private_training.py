@@ -20,10 +20,10 @@ from omegaconf import DictConfig
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-from clients.training import LossRegularizer, TrainingSetup, TrainOutcome, run_epochs
-from conf.schema import clients_per_round, trains_privately
-from privacy.accounting import calibrate_noise_multiplier, merge_history
-from privacy.client_budget import STATE_KEY, ClientPrivacyState
+from fedguard.clients.training import LossRegularizer, TrainingSetup, TrainOutcome, run_epochs
+from fedguard.conf.schema import clients_per_round, trains_privately
+from fedguard.privacy.accounting import calibrate_noise_multiplier, merge_history
+from fedguard.privacy.client_budget import STATE_KEY, ClientPrivacyState
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from clients import protocol
-from conf.schema import cached_config_from_yaml
-from privacy.secagg.masking import levels_for, quantize
-from privacy.secagg.protocol import ClientSession, SecAggParams
+from fedguard.clients import protocol
+from fedguard.conf.schema import cached_config_from_yaml
+from fedguard.privacy.secagg.masking import levels_for, quantize
+from fedguard.privacy.secagg.protocol import ClientSession, SecAggParams
 
 logger = logging.getLogger(__name__)
 

@@ -38,11 +38,11 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from clients import protocol
-from privacy.client_budget import STATE_KEY
-from privacy.ledger import LedgerWriter, entry_to_wire, read_ledger
-from privacy.ledger_events import BudgetRefusal, SampleDpTraining
-from privacy.signing import client_party, load_or_create_signing_key, public_key_openssh
+from fedguard.clients import protocol
+from fedguard.privacy.client_budget import STATE_KEY
+from fedguard.privacy.ledger import LedgerWriter, entry_to_wire, read_ledger
+from fedguard.privacy.ledger_events import BudgetRefusal, SampleDpTraining
+from fedguard.privacy.signing import client_party, load_or_create_signing_key, public_key_openssh
 
 logger = logging.getLogger(__name__)
 

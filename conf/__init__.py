@@ -11,7 +11,7 @@ from .schema import ConfigError, register_schema, validate_config
 
 register_schema()
 
-CONFIG_MODULE = "conf"
+CONFIG_MODULE = "fedguard.conf"
 CONFIG_NAME = "config"
 
 

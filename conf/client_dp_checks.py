@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from conf.schema import CLIENT_DP_MODES, ConfigError, _choice, _range, check_noise_setting
+from fedguard.conf.schema import CLIENT_DP_MODES, ConfigError, _choice, _range, check_noise_setting
 
 CLIENT_SAMPLING_METHODS = ("poisson", "fixed")
 CLIENT_CLIPPING_MODES = ("fixed", "adaptive")
@@ -29,7 +29,7 @@ def clamp_headroom(cfg: DictConfig) -> float:
     """Under distributed noise, secure_agg.clip_range must be at least C times this: the
     update plus DISTRIBUTED_TAIL_STDS noise-share stds, per unit of C. One rule for the
     config check here and for the largest C adaptive clipping may reach."""
-    from privacy.client_dp_accounting import noise_share_std  # imports conf.schema
+    from fedguard.privacy.client_dp_accounting import noise_share_std  # imports conf.schema
 
     return 1.0 + DISTRIBUTED_TAIL_STDS * noise_share_std(cfg, clip_norm=1.0)
 
@@ -71,8 +71,8 @@ def validate_client_dp(cfg: DictConfig) -> None:
 def _validate_adaptive(cfg: DictConfig) -> None:
     """Adaptive clipping is accounted as one Gaussian of the run's σ split between update and
     count (σ⁻² = σ_Δ⁻² + (2σ_b)⁻²); refuse settings where that split does not exist."""
-    from privacy.accounting import PrivacyConfigError
-    from privacy.client_dp_accounting import (  # imports conf.schema
+    from fedguard.privacy.accounting import PrivacyConfigError
+    from fedguard.privacy.client_dp_accounting import (  # imports conf.schema
         CLIP_COUNT_SENSITIVITY,
         count_noise_std,
         count_share_std,

@@ -209,7 +209,7 @@ def _range(key: str, value: float, low: float | None, high: float | None, *, low
 
 def _validate_strategy(cfg: DictConfig) -> None:
     # Imported here so that loading the schema does not import Flower.
-    from server.strategies import STRATEGY_CLASSES, RESERVED_STRATEGY_PARAMS
+    from fedguard.server.strategies import STRATEGY_CLASSES, RESERVED_STRATEGY_PARAMS
 
     _choice("strategy.name", cfg.strategy.name, tuple(STRATEGY_CLASSES))
     accepted = set(inspect.signature(STRATEGY_CLASSES[cfg.strategy.name].__init__).parameters)
@@ -234,7 +234,7 @@ def _check_against_schema(cfg: DictConfig) -> None:
 def _validate_privacy(cfg: DictConfig) -> None:
     dp = cfg.privacy
     _choice("privacy.mode", dp.mode, PRIVACY_MODES)
-    from conf.client_dp_checks import validate_client_clipping, validate_client_dp  # imports this module
+    from fedguard.conf.client_dp_checks import validate_client_clipping, validate_client_dp  # imports this module
 
     validate_client_clipping(cfg)
     if dp.mode in CLIENT_DP_MODES:

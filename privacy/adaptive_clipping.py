@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from conf.client_dp_checks import clamp_headroom
+from fedguard.conf.client_dp_checks import clamp_headroom
 
 # b - 1/2: what a client sends instead of its bit b (see the module docstring).
 INDICATOR_OFFSET = 0.5

@@ -14,7 +14,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
-from privacy.accounting import HistoryEntry, compute_epsilon, merge_history
+from fedguard.privacy.accounting import HistoryEntry, compute_epsilon, merge_history
 
 STATE_KEY = "fedguard.sample-dp"
 # Budget comparisons allow for float round-off in the accountant, nothing more.

@@ -32,8 +32,8 @@ from opacus.accountants.rdp import RDPAccountant
 
 from omegaconf import DictConfig
 
-from conf.schema import clients_per_round, config_to_yaml, uses_adaptive_clipping
-from privacy.accounting import PrivacyConfigError, calibrate_noise_multiplier, compute_epsilon
+from fedguard.conf.schema import clients_per_round, config_to_yaml, uses_adaptive_clipping
+from fedguard.privacy.accounting import PrivacyConfigError, calibrate_noise_multiplier, compute_epsilon
 
 POISSON, FIXED = "poisson", "fixed"
 # Replace-one neighbours change one clipped update for another: the sum moves by up to 2C.

@@ -29,7 +29,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from privacy.ledger_events import (  # noqa: F401  (re-exported: one import for callers)
+from fedguard.privacy.ledger_events import (  # noqa: F401  (re-exported: one import for callers)
     CLIENT_ENTRY_KIND,
     KNOWN_KINDS,
     BudgetRefusal,
@@ -41,7 +41,7 @@ from privacy.ledger_events import (  # noqa: F401  (re-exported: one import for 
     SampleDpTraining,
     config_hash,
 )
-from privacy.signing import KeyRegistry, key_id, sign_bytes, verify_bytes
+from fedguard.privacy.signing import KeyRegistry, key_id, sign_bytes, verify_bytes
 
 logger = logging.getLogger(__name__)
 

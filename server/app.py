@@ -19,11 +19,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from clients import protocol
-from clients.datasets import load_dataset
-from clients.models import build_model, count_parameters, resolve_device
-from clients.training import evaluate_model
-from conf.schema import (
+from fedguard.clients import protocol
+from fedguard.clients.datasets import load_dataset
+from fedguard.clients.models import build_model, count_parameters, resolve_device
+from fedguard.clients.training import evaluate_model
+from fedguard.conf.schema import (
     ConfigError,
     client_level_dp,
     clients_per_round,
@@ -32,13 +32,13 @@ from conf.schema import (
     resume_mismatches,
     trains_privately,
 )
-from server.client_dp import wrap_for_client_dp
-from server.checkpoint import CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, BackgroundCheckpointWriter, save_checkpoint
-from server.federation import run_federation
-from server.launch import RUNS_DIR
-from server.privacy_ledger import FederationLedger
-from server.run_record import RoundRecord, RunRecorder
-from server.run_state import (
+from fedguard.server.client_dp import wrap_for_client_dp
+from fedguard.server.checkpoint import CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, BackgroundCheckpointWriter, save_checkpoint
+from fedguard.server.federation import run_federation
+from fedguard.server.launch import RUNS_DIR
+from fedguard.server.privacy_ledger import FederationLedger
+from fedguard.server.run_record import RoundRecord, RunRecorder
+from fedguard.server.run_state import (
     ResumePoint,
     RunState,
     capture_run_state,
@@ -46,8 +46,8 @@ from server.run_state import (
     read_resume_point,
     restore_strategy_state,
 )
-from server.secure_aggregation import SecureAggregationExchange
-from server.strategies import build_strategy
+from fedguard.server.secure_aggregation import SecureAggregationExchange
+from fedguard.server.strategies import build_strategy
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Global-model checkpoints: written atomically after every round, loadable with one call.
 
-    from server.checkpoint import load_global_model
+    from fedguard.server.checkpoint import load_global_model
     model = load_global_model("outputs/2026-11-23/12-00-00/checkpoints/final.pt")
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from clients.models import build_model
-from conf.schema import config_from_yaml, trains_privately
+from fedguard.clients.models import build_model
+from fedguard.conf.schema import config_from_yaml, trains_privately
 
 CHECKPOINT_FORMAT = "fedguard-checkpoint/1"
 CHECKPOINT_DIR = "checkpoints"

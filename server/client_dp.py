@@ -41,12 +41,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 
-from clients import protocol
-from clients.secure_aggregation import array_view, flatten_update
-from conf.schema import uses_adaptive_clipping
-from privacy.adaptive_clipping import INDICATOR_OFFSET, AdaptiveClipState
-from privacy.ledger_events import ClientDpRelease
-from privacy.client_dp_accounting import (
+from fedguard.clients import protocol
+from fedguard.clients.secure_aggregation import array_view, flatten_update
+from fedguard.conf.schema import uses_adaptive_clipping
+from fedguard.privacy.adaptive_clipping import INDICATOR_OFFSET, AdaptiveClipState
+from fedguard.privacy.ledger_events import ClientDpRelease
+from fedguard.privacy.client_dp_accounting import (
     POISSON,
     FederationAccountant,
     NoiseSplit,
@@ -57,7 +57,7 @@ from privacy.client_dp_accounting import (
     planned_epsilon,
     planned_release,
 )
-from server.client_pool import ExcludingGrid
+from fedguard.server.client_pool import ExcludingGrid
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from clients import protocol
-from server.client_pool import ExcludingGrid
-from server.reply_checks import metric_key_outliers, train_reply_problem, usable_evaluate_replies
-from server.run_record import RoundRecord
+from fedguard.clients import protocol
+from fedguard.server.client_pool import ExcludingGrid
+from fedguard.server.reply_checks import metric_key_outliers, train_reply_problem, usable_evaluate_replies
+from fedguard.server.run_record import RoundRecord
 
 logger = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from conf.schema import split_host_port
-from privacy.key_commands import DEFAULT_CERTS_DIR
-from server.privacy_ledger import FEDGUARD_HOME_ENV
-from simulations.flower_tools import environment_with_flower, flower_executable
-from privacy.key_material import (
+from fedguard.conf.schema import split_host_port
+from fedguard.privacy.key_commands import DEFAULT_CERTS_DIR
+from fedguard.server.privacy_ledger import FEDGUARD_HOME_ENV
+from fedguard.simulations.flower_tools import environment_with_flower, flower_executable
+from fedguard.privacy.key_material import (
     CA_CERT_FILE,
     SERVER_CERT_FILE,
     SERVER_KEY_FILE,

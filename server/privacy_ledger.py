@@ -20,8 +20,8 @@ from typing import Any
 
 from flwr.app import Message
 
-from clients import protocol
-from privacy.ledger import (
+from fedguard.clients import protocol
+from fedguard.privacy.ledger import (
     LEDGER_FILE,
     LedgerError,
     LedgerWriter,
@@ -30,8 +30,8 @@ from privacy.ledger import (
     read_ledger,
     verify_entry,
 )
-from privacy.ledger_events import CLIENT_ENTRY_KIND, ClientDpRelease, RunFinished, RunResumed, RunStarted, config_hash
-from privacy.signing import KeyFileError, KeyRegistry, key_id, load_or_create_signing_key, parse_public_key
+from fedguard.privacy.ledger_events import CLIENT_ENTRY_KIND, ClientDpRelease, RunFinished, RunResumed, RunStarted, config_hash
+from fedguard.privacy.signing import KeyFileError, KeyRegistry, key_id, load_or_create_signing_key, parse_public_key
 
 logger = logging.getLogger(__name__)
 

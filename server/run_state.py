@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from flwr.serverapp.strategy import Strategy
 
-from server.checkpoint import CHECKPOINT_DIR, LATEST_NAME, CheckpointError, read_checkpoint
+from fedguard.server.checkpoint import CHECKPOINT_DIR, LATEST_NAME, CheckpointError, read_checkpoint
 
 RUN_STATE_KEY = "run_state"
 

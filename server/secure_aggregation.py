@@ -19,13 +19,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
-from clients import protocol
-from clients.secure_aggregation import array_view, params_from
-from conf.schema import uses_adaptive_clipping
-from privacy.secagg.masking import dequantize_sum, levels_for
-from privacy.secagg.protocol import SecAggError, ServerSession, neighbour_graph
-from server.federation import TrainReplies, exchange_messages, sort_train_replies
-from server.reply_checks import stage_reply_problem
+from fedguard.clients import protocol
+from fedguard.clients.secure_aggregation import array_view, params_from
+from fedguard.conf.schema import uses_adaptive_clipping
+from fedguard.privacy.secagg.masking import dequantize_sum, levels_for
+from fedguard.privacy.secagg.protocol import SecAggError, ServerSession, neighbour_graph
+from fedguard.server.federation import TrainReplies, exchange_messages, sort_train_replies
+from fedguard.server.reply_checks import stage_reply_problem
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from flwr.serverapp.strategy import (
 )
 from omegaconf import DictConfig, OmegaConf
 
-from clients import protocol
-from conf.schema import min_clients_per_round
+from fedguard.clients import protocol
+from fedguard.conf.schema import min_clients_per_round
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clients import protocol
-from conf.schema import ConfigError, config_to_yaml
-from privacy.key_material import KeyMaterialError
-from server.launch import CONNECTION_NAME, RUNS_DIR, flower_cli_home
-from simulations.flower_tools import flower_executable
+from fedguard.clients import protocol
+from fedguard.conf.schema import ConfigError, config_to_yaml
+from fedguard.privacy.key_material import KeyMaterialError
+from fedguard.server.launch import CONNECTION_NAME, RUNS_DIR, flower_cli_home
+from fedguard.simulations.flower_tools import flower_executable
 
 # Run states as Flower's SuperLink reports them (`flwr ls`).
 FINISHED = "finished"
@@ -52,7 +52,7 @@ def run_main(argv: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         print(USAGE)
         return 0
-    from conf import compose_config
+    from fedguard.conf import compose_config
 
     try:
         cfg = compose_config(argv)

@@ -87,31 +87,31 @@ def main(argv: list[str]) -> int:
     client_dp.add_argument("--local-epochs", type=int, default=1)
     client_dp.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     args = parser.parse_args(argv)
-    from simulations.simulate import configure_logging
+    from fedguard.simulations.simulate import configure_logging
 
     configure_logging("WARNING")
     if args.name == "overhead":
-        from simulations.bench_overhead import run_overhead_benchmark
+        from fedguard.simulations.bench_overhead import run_overhead_benchmark
 
         result = run_overhead_benchmark(args.clients, args.rounds, args.hidden, args.repeats)
     elif args.name == "dp":
-        from simulations.bench_dp import run_dp_benchmark
+        from fedguard.simulations.bench_dp import run_dp_benchmark
 
         result = run_dp_benchmark(args.dataset, args.model, args.batch_size, args.warmup_steps, args.steps)
     elif args.name == "secagg":
-        from simulations.bench_secagg import run_secagg_benchmark
+        from fedguard.simulations.bench_secagg import run_secagg_benchmark
 
         result = run_secagg_benchmark(args.clients, args.parameters, args.rounds, args.repeats, args.flower)
     elif args.name == "poisoning":
-        from simulations.bench_poisoning import run_poisoning_benchmark
+        from fedguard.simulations.bench_poisoning import run_poisoning_benchmark
 
         result = run_poisoning_benchmark(args.rounds, args.factor, args.model, args.local_epochs)
     elif args.name == "deployment":
-        from simulations.bench_deployment import run_deployment_benchmark
+        from fedguard.simulations.bench_deployment import run_deployment_benchmark
 
         result = run_deployment_benchmark(args.sites, args.rounds, args.dataset, args.model)
     elif args.name == "client-dp":
-        from simulations.bench_client_dp import run_client_dp_benchmark
+        from fedguard.simulations.bench_client_dp import run_client_dp_benchmark
 
         result = run_client_dp_benchmark(
             args.clients, args.rounds, args.sample_rate, args.epsilons, args.clip_norm, args.dataset, args.model,

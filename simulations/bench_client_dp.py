@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.process_memory import TreeMemoryPeak
+from fedguard.simulations.process_memory import TreeMemoryPeak
 
 GIB = 1024**3
 # A run that takes longer than this is reported as failed, not waited for.
@@ -47,7 +47,7 @@ def _variants(epsilons: list[float], clip_norm: float) -> list[tuple[str, float 
 
 
 def _run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    command = [sys.executable, "-m", "simulations.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"]
+    command = [sys.executable, "-m", "fedguard.simulations.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"]
     log_path = run_dir.parent / f"{run_dir.name}.log"
     started = time.perf_counter()
     with open(log_path, "wb") as log:

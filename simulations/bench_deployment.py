@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.local_federation import Federation, stop_process
+from fedguard.simulations.local_federation import Federation, stop_process
 
 POLL_SECONDS = 0.2
 RUN_TIMEOUT = 1800.0
@@ -63,7 +63,7 @@ def _deployment(root: Path, sites: int, overrides: list[str]) -> dict[str, Any]:
 def _simulation(root: Path, overrides: list[str]) -> dict[str, Any]:
     run_dir = root / "simulation"
     subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "fedguard.simulations.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"],
         check=True, capture_output=True, timeout=RUN_TIMEOUT,
     )
     rounds = _round_lines(run_dir)

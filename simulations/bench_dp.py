@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from flwr.app import RecordDict
 
-from clients.datasets import load_dataset
-from clients.models import build_model, count_parameters
-from clients.private_training import PlainTrainer, SampleDPTrainer
-from clients.training import make_training_setup
-from conf import compose_config
+from fedguard.clients.datasets import load_dataset
+from fedguard.clients.models import build_model, count_parameters
+from fedguard.clients.private_training import PlainTrainer, SampleDPTrainer
+from fedguard.clients.training import make_training_setup
+from fedguard.conf import compose_config
 
 MODES = ("hooks", "functorch", "ghost")
 NOISE_MULTIPLIER = 1.0

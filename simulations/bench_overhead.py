@@ -24,10 +24,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from clients.datasets import load_dataset
-from clients.models import build_model, count_parameters
-from conf import compose_config
-from simulations.simulate import launch, run_simulation
+from fedguard.clients.datasets import load_dataset
+from fedguard.clients.models import build_model, count_parameters
+from fedguard.conf import compose_config
+from fedguard.simulations.simulate import launch, run_simulation
 
 logger = logging.getLogger(__name__)
 

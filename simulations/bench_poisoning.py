@@ -21,11 +21,11 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import protocol
-from clients.app import app as fedguard_client
-from conf import compose_config
-from conf.schema import config_to_yaml
-from simulations.simulate import backend_config, launch
+from fedguard.clients import protocol
+from fedguard.clients.app import app as fedguard_client
+from fedguard.conf import compose_config
+from fedguard.conf.schema import config_to_yaml
+from fedguard.simulations.simulate import backend_config, launch
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
 
 
 def _run_one(overrides: list[str], attackers: int, factor: float) -> dict[str, Any]:
-    from server.app import app as server_app
+    from fedguard.server.app import app as server_app
 
     cfg = compose_config(overrides)
     backend = backend_config(cfg)

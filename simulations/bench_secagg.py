@@ -20,10 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conf import compose_config
-from simulations.bench_overhead import _plain_model, run_fedguard
-from simulations.bench_secagg_flower import FlowerSecAggSettings, run_flower_legacy
-from clients.models import count_parameters
+from fedguard.conf import compose_config
+from fedguard.simulations.bench_overhead import _plain_model, run_fedguard
+from fedguard.simulations.bench_secagg_flower import FlowerSecAggSettings, run_flower_legacy
+from fedguard.clients.models import count_parameters
 
 DIGITS_INPUTS = 64
 DIGITS_CLASSES = 10

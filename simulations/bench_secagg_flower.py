@@ -42,8 +42,8 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from torch import nn
 
-from simulations.bench_overhead import BATCH_SIZE, LEARNING_RATE, _plain_model
-from simulations.simulate import launch
+from fedguard.simulations.bench_overhead import BATCH_SIZE, LEARNING_RATE, _plain_model
+from fedguard.simulations.simulate import launch
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ import sys
 
 # Separate-sites commands: name -> (module, function taking the remaining argv).
 DEPLOYMENT_COMMANDS = {
-    "certs": ("privacy.key_commands", "certs_main"),
-    "keys": ("privacy.key_commands", "keys_main"),
-    "server": ("server.launch", "server_main"),
-    "register": ("server.launch", "register_main"),
-    "client": ("clients.launch", "client_main"),
-    "run": ("server.submit", "run_main"),
+    "certs": ("fedguard.privacy.key_commands", "certs_main"),
+    "keys": ("fedguard.privacy.key_commands", "keys_main"),
+    "server": ("fedguard.server.launch", "server_main"),
+    "register": ("fedguard.server.launch", "register_main"),
+    "client": ("fedguard.clients.launch", "client_main"),
+    "run": ("fedguard.server.submit", "run_main"),
 }
 
 USAGE = """usage: fedguard <command> [hydra overrides or options]
@@ -45,18 +45,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command == "simulate":
-        import conf  # registers the schema  # noqa: F401
-        from simulations.simulate import simulate
+        import fedguard.conf  # registers the schema  # noqa: F401
+        from fedguard.simulations.simulate import simulate
 
         sys.argv = ["fedguard simulate", *rest]
         simulate()
         return 0
     if command == "bench":
-        from simulations.bench import main as bench_main
+        from fedguard.simulations.bench import main as bench_main
 
         return bench_main(rest)
     if command == "audit":
-        from privacy.audit.cli import main as audit_main
+        from fedguard.privacy.audit.cli import main as audit_main
 
         return audit_main(rest)
     if command in DEPLOYMENT_COMMANDS:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FEDGUARD = [sys.executable, "-m", "simulations.cli"]
+FEDGUARD = [sys.executable, "-m", "fedguard.simulations.cli"]
 LOOPBACK = "127.0.0.1"
 STOP_GRACE_SECONDS = 10.0
 
@@ -129,8 +129,8 @@ class Federation:
 
     def connected_nodes(self) -> int:
         """SuperNodes the SuperLink reports online (via Flower's CLI, over TLS)."""
-        from server.launch import CONNECTION_NAME, flower_cli_home
-        from simulations.flower_tools import flower_executable
+        from fedguard.server.launch import CONNECTION_NAME, flower_cli_home
+        from fedguard.simulations.flower_tools import flower_executable
 
         with flower_cli_home(self.address, self.ca_cert) as env:
             listing = subprocess.run(

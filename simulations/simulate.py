@@ -15,11 +15,11 @@ from flwr.serverapp import ServerApp
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from clients import protocol
-from conf import validate_config
-from conf.schema import ConfigError, config_to_yaml
-from server.checkpoint import CheckpointError
-from server.run_record import SUMMARY_FILE
+from fedguard.clients import protocol
+from fedguard.conf import validate_config
+from fedguard.conf.schema import ConfigError, config_to_yaml
+from fedguard.server.checkpoint import CheckpointError
+from fedguard.server.run_record import SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +101,9 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     The resolved config travels in the run config exactly as `flwr run` carries it on
     real sites, so simulation exercises the deployment code path.
     """
-    from clients.app import build_client_app
-    from server.app import app as server_app
-    from server.app import load_resume_point
+    from fedguard.clients.app import build_client_app
+    from fedguard.server.app import app as server_app
+    from fedguard.server.app import load_resume_point
 
     check_resources(cfg)
     load_resume_point(cfg, run_dir)  # fail here, not inside the engine, if it cannot resume
@@ -121,7 +121,7 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return json.loads(summary_path.read_text(encoding="utf-8"))
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://fedguard.conf", config_name="config")
 def simulate(cfg: DictConfig) -> float:
     configure_logging(cfg.log_level)
     run_dir = Path(cfg.resume) if cfg.resume else Path(HydraConfig.get().runtime.output_dir)

@@ -14,7 +14,7 @@ os.environ.setdefault("FEDGUARD_HOME", tempfile.mkdtemp(prefix="fedguard-home-")
 
 @pytest.fixture(scope="session")
 def compose():
-    from conf import compose_config
+    from fedguard.conf import compose_config
 
     return compose_config
 

@@ -16,18 +16,18 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from clients import protocol
-from clients.client_dp import client_dp_mod, round_clip_norm, update_norm
-from clients.message_checks import MalformedMessage
-from clients.secure_aggregation import INPUT_ARRAY, INPUT_STATE_KEY, encode_held_update, secure_aggregation_mod
-from conf import ConfigError, compose_config
-from conf.schema import config_to_yaml
-from privacy.accounting import PrivacyConfigError
-from privacy.adaptive_clipping import AdaptiveClipState, clip_indicator, next_clip_norm, reachable_clip_norms
-from privacy.audit import recompute
-from privacy.audit.spend import MISMATCH, OK, audit_federation
-from privacy.audit.verify import AttributedEvent
-from privacy.client_dp_accounting import (
+from fedguard.clients import protocol
+from fedguard.clients.client_dp import client_dp_mod, round_clip_norm, update_norm
+from fedguard.clients.message_checks import MalformedMessage
+from fedguard.clients.secure_aggregation import INPUT_ARRAY, INPUT_STATE_KEY, encode_held_update, secure_aggregation_mod
+from fedguard.conf import ConfigError, compose_config
+from fedguard.conf.schema import config_to_yaml
+from fedguard.privacy.accounting import PrivacyConfigError
+from fedguard.privacy.adaptive_clipping import AdaptiveClipState, clip_indicator, next_clip_norm, reachable_clip_norms
+from fedguard.privacy.audit import recompute
+from fedguard.privacy.audit.spend import MISMATCH, OK, audit_federation
+from fedguard.privacy.audit.verify import AttributedEvent
+from fedguard.privacy.client_dp_accounting import (
     FederationAccountant,
     combined_noise_multiplier,
     count_share_std,
@@ -35,12 +35,12 @@ from privacy.client_dp_accounting import (
     noise_split,
     update_noise_multiplier,
 )
-from privacy.ledger_events import ClientDpRelease, EventError
-from privacy.secagg.masking import add_mod
-from server.client_dp import ClientDpStrategy, wrap_for_client_dp
-from server.federation import sort_train_replies
-from server.run_state import RunState
-from server.secure_aggregation import SecureAggregationExchange
+from fedguard.privacy.ledger_events import ClientDpRelease, EventError
+from fedguard.privacy.secagg.masking import add_mod
+from fedguard.server.client_dp import ClientDpStrategy, wrap_for_client_dp
+from fedguard.server.federation import sort_train_replies
+from fedguard.server.run_state import RunState
+from fedguard.server.secure_aggregation import SecureAggregationExchange
 from tests.test_client_dp import DIMENSION, _arrays, _Grid, _shifted, _variance_in_chi2_range
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -194,9 +194,9 @@ def test_client_refuses_a_clip_norm_the_rule_cannot_have_produced(compose):
 
 def test_client_app_refuses_a_bad_clip_norm_before_training(compose, monkeypatch):
     """Through the real ClientApp (mods included): the refusal comes before any training or spend."""
-    import clients.app as client_app_module
-    from clients.datasets import load_dataset
-    from clients.models import build_model
+    import fedguard.clients.app as client_app_module
+    from fedguard.clients.datasets import load_dataset
+    from fedguard.clients.models import build_model
 
     cfg = compose([*ADAPTIVE, "model=logreg", "train.max_steps=1", "device=cpu"])
     bundle = load_dataset(cfg.dataset, cfg.seed)

@@ -15,18 +15,18 @@ from dp_accounting import pld as dp_pld
 from dp_accounting import rdp as dp_rdp
 from opacus.accountants import RDPAccountant
 
-from privacy.accounting import compute_epsilon
-from privacy.audit import ExitCode, run_audit
-from privacy.audit import recompute, verify
-from privacy.audit.cli import main as audit_main
-from privacy.audit.recompute import DEFAULT_TOLERANCE, RDP_ORDERS
-from privacy.audit.report import ACCURACY_PLOT, EPSILON_PLOT, REPORT_FILE
-from privacy.audit.spend import MISMATCH, OK, audit_federation
-from privacy.audit.synthetic import DEFAULT_DELTA, build_synthetic_run
-from privacy.audit.verify import AttributedEvent, verify_ledger
-from privacy.ledger import LEDGER_FILE, LedgerWriter, read_ledger
-from privacy.ledger_events import ClientDpRelease
-from privacy.signing import KeyRegistry, generate_signing_key
+from fedguard.privacy.accounting import compute_epsilon
+from fedguard.privacy.audit import ExitCode, run_audit
+from fedguard.privacy.audit import recompute, verify
+from fedguard.privacy.audit.cli import main as audit_main
+from fedguard.privacy.audit.recompute import DEFAULT_TOLERANCE, RDP_ORDERS
+from fedguard.privacy.audit.report import ACCURACY_PLOT, EPSILON_PLOT, REPORT_FILE
+from fedguard.privacy.audit.spend import MISMATCH, OK, audit_federation
+from fedguard.privacy.audit.synthetic import DEFAULT_DELTA, build_synthetic_run
+from fedguard.privacy.audit.verify import AttributedEvent, verify_ledger
+from fedguard.privacy.ledger import LEDGER_FILE, LedgerWriter, read_ledger
+from fedguard.privacy.ledger_events import ClientDpRelease
+from fedguard.privacy.signing import KeyRegistry, generate_signing_key
 
 CLIENTS, ROUNDS = 3, 3
 PNG_MAGIC = b"\x89PNG"
@@ -302,7 +302,7 @@ def test_report_plots_and_json(run_dir, capsys):
 
 def test_cli_end_to_end_in_a_subprocess(run_dir, tmp_path):
     lines = ledger_lines(run_dir)
-    args = [sys.executable, "-m", "simulations.cli", "audit", str(run_dir), "--keys", str(run_dir / "keys"),
+    args = [sys.executable, "-m", "fedguard.simulations.cli", "audit", str(run_dir), "--keys", str(run_dir / "keys"),
             "--json", "--no-pld", "--out", str(tmp_path / "out")]
     done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -16,14 +16,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg
 from scipy import stats
 
-from clients import protocol
-from clients.client_dp import UNIFORM_WEIGHT, add_noise_share, clip_arrays, client_dp_mod, update_norm
-from conf import ConfigError, compose_config
-from conf.schema import config_to_yaml
-from privacy.audit import recompute
-from privacy.ledger_events import ClientDpRelease
-from server.client_dp import ClientDpStrategy, add_central_noise, build_accountant, planned_epsilon
-from privacy.client_dp_accounting import (
+from fedguard.clients import protocol
+from fedguard.clients.client_dp import UNIFORM_WEIGHT, add_noise_share, clip_arrays, client_dp_mod, update_norm
+from fedguard.conf import ConfigError, compose_config
+from fedguard.conf.schema import config_to_yaml
+from fedguard.privacy.audit import recompute
+from fedguard.privacy.ledger_events import ClientDpRelease
+from fedguard.server.client_dp import ClientDpStrategy, add_central_noise, build_accountant, planned_epsilon
+from fedguard.privacy.client_dp_accounting import (
     FederationAccountant,
     Release,
     calibrate_sigma,
@@ -31,7 +31,7 @@ from privacy.client_dp_accounting import (
     expected_cohort,
     noise_share_std,
 )
-from server.run_state import RunState
+from fedguard.server.run_state import RunState
 
 # Two-sided significance of the variance tests: a correct mechanism fails them once in 10^6 runs.
 ALPHA = 1e-6
@@ -336,7 +336,7 @@ def test_impossible_client_dp_settings_are_refused(overrides, names):
 
 
 def test_client_dp_alone_does_not_switch_on_dp_sgd(compose):
-    from conf.schema import client_level_dp, trains_privately
+    from fedguard.conf.schema import client_level_dp, trains_privately
 
     assert client_level_dp(compose(["privacy=client_dp"])) and not trains_privately(compose(["privacy=client_dp"]))
     both = compose(["privacy=sample_and_client_dp"])
@@ -345,7 +345,7 @@ def test_client_dp_alone_does_not_switch_on_dp_sgd(compose):
 
 def test_resume_counts_a_release_the_ledger_holds_but_the_checkpoint_lacks(compose, tmp_path):
     """A crash after the ledger write but before the checkpoint: the resumed accountant counts it."""
-    from server.privacy_ledger import FederationLedger
+    from fedguard.server.privacy_ledger import FederationLedger
 
     cfg = compose(["privacy=client_dp", "privacy.client_target_epsilon=null", "privacy.client_noise_multiplier=1.0"])
     ledger = FederationLedger(tmp_path, "lineage", config_to_yaml(cfg), resumed_after=None)

@@ -17,8 +17,8 @@ from pathlib import Path
 import dp_accounting
 import pytest
 
-from privacy.audit import ExitCode, recompute, run_audit
-from privacy.client_dp_accounting import Release, epsilon_of
+from fedguard.privacy.audit import ExitCode, recompute, run_audit
+from fedguard.privacy.client_dp_accounting import Release, epsilon_of
 from tests.test_simulation import FEDGUARD, fedguard
 
 SIGMA, CLIP, RATE, CLIENTS, DELTA = 0.8, 0.5, 0.8, 5, 1e-5

@@ -6,8 +6,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conf import ConfigError, compose_config
-from conf.schema import clients_per_round, config_from_yaml, config_to_yaml
+from fedguard.conf import ConfigError, compose_config
+from fedguard.conf.schema import clients_per_round, config_from_yaml, config_to_yaml
 
 
 def test_default_config_composes_and_validates():
@@ -100,7 +100,7 @@ def test_carried_config_is_validated_again():
 def test_gpu_share_without_a_gpu_is_refused():
     import torch
 
-    from simulations.simulate import check_resources
+    from fedguard.simulations.simulate import check_resources
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.datasets import DatasetError, load_dataset, read_idx
-from clients.partition import PartitionError, partition_indices, split_train_validation
-from conf import compose_config
+from fedguard.clients.datasets import DatasetError, load_dataset, read_idx
+from fedguard.clients.partition import PartitionError, partition_indices, split_train_validation
+from fedguard.conf import compose_config
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 

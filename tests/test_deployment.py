@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from privacy.accounting import compute_epsilon
-from server.checkpoint import CHECKPOINT_DIR, LATEST_NAME, read_checkpoint
-from simulations.flower_tools import environment_with_flower, flower_executable
-from simulations.local_federation import Federation, free_port, stop_process
+from fedguard.privacy.accounting import compute_epsilon
+from fedguard.server.checkpoint import CHECKPOINT_DIR, LATEST_NAME, read_checkpoint
+from fedguard.simulations.flower_tools import environment_with_flower, flower_executable
+from fedguard.simulations.local_federation import Federation, free_port, stop_process
 
 pytestmark = pytest.mark.deployment
 
@@ -70,7 +70,7 @@ def test_files_are_private(federation):
                  federation.site_dir(0) / "keys" / "node_key"):
         assert path.stat().st_mode & 0o777 == 0o600, path
     again = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "certs", "--out", str(federation.ca_cert.parent), "--host", "127.0.0.1"],
+        [sys.executable, "-m", "fedguard.simulations.cli", "certs", "--out", str(federation.ca_cert.parent), "--host", "127.0.0.1"],
         capture_output=True, text=True, check=False,
     )
     assert again.returncode != 0 and "--force" in again.stderr
@@ -102,7 +102,7 @@ def test_dp_and_secure_aggregation_across_sites(federation):
     for site in range(SITES):
         assert list((federation.site_dir(site) / "ledger").glob("*.jsonl")), f"site {site} kept no ledger"
     audit = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "audit", str(run_dir), "--json"],
+        [sys.executable, "-m", "fedguard.simulations.cli", "audit", str(run_dir), "--json"],
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]
@@ -137,13 +137,13 @@ def test_plaintext_site_is_refused(federation):
 
 def test_client_without_ca_or_key_fails_clearly(federation, tmp_path):
     no_ca = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "client", "--server", federation.address, "--ca", str(tmp_path / "missing.crt"),
+        [sys.executable, "-m", "fedguard.simulations.cli", "client", "--server", federation.address, "--ca", str(tmp_path / "missing.crt"),
          "--key", str(federation.site_dir(0) / "keys" / "node_key"), "--partition-id", "0", "--num-partitions", "3"],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert no_ca.returncode == 1 and "missing TLS file" in no_ca.stderr
     bad_partition = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "client", "--server", federation.address, "--ca", str(federation.ca_cert),
+        [sys.executable, "-m", "fedguard.simulations.cli", "client", "--server", federation.address, "--ca", str(federation.ca_cert),
          "--key", str(federation.site_dir(0) / "keys" / "node_key"), "--partition-id", "3", "--num-partitions", "3"],
         capture_output=True, text=True, timeout=60, check=False,
     )

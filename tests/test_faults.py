@@ -30,15 +30,15 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from clients import protocol
-from clients.app import app as fedguard_client
-from clients.datasets import FASHION_MNIST_FILES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC
-from clients.site import DATA_ROOT_KEY, PARTITION_ID_KEY
-from clients.secure_aggregation import ENCODING_STATE_KEY, INPUT_ARRAY, INPUT_STATE_KEY, WEIGHT
-from conf.schema import config_to_yaml
-from server.app import main as fedguard_server_main
-from server.checkpoint import load_global_model
-from simulations.simulate import backend_config, launch
+from fedguard.clients import protocol
+from fedguard.clients.app import app as fedguard_client
+from fedguard.clients.datasets import FASHION_MNIST_FILES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC
+from fedguard.clients.site import DATA_ROOT_KEY, PARTITION_ID_KEY
+from fedguard.clients.secure_aggregation import ENCODING_STATE_KEY, INPUT_ARRAY, INPUT_STATE_KEY, WEIGHT
+from fedguard.conf.schema import config_to_yaml
+from fedguard.server.app import main as fedguard_server_main
+from fedguard.server.checkpoint import load_global_model
+from fedguard.simulations.simulate import backend_config, launch
 
 pytestmark = pytest.mark.simulation
 
@@ -224,8 +224,8 @@ def _assert_model_is_mean_of(run: dict[str, Any], partitions: set[int]) -> None:
 
 def _assert_secure_sum_is_mean_of(run: dict[str, Any], cfg, partitions: set[int]) -> None:
     """Global model after round 1 = initial model + the example-weighted mean of these partitions' held updates."""
-    from clients.datasets import load_dataset
-    from clients.models import build_model
+    from fedguard.clients.datasets import load_dataset
+    from fedguard.clients.models import build_model
     import torch
 
     held = run["held"]

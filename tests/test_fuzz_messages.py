@@ -20,18 +20,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from omegaconf import DictConfig
 
-from clients import protocol
-from clients.app import app as client_app
-from clients.app import decode_request
-from clients.datasets import load_dataset
-from clients.message_checks import MalformedMessage
-from clients.models import build_model
-from conf import schema
-from conf.schema import config_to_yaml
-from server.federation import sort_train_replies
-from server.reply_checks import PRIVACY_REPORT_KEYS, usable_evaluate_replies
-from server.run_record import _json_safe
-from server.strategies import STRATEGY_CLASSES
+from fedguard.clients import protocol
+from fedguard.clients.app import app as client_app
+from fedguard.clients.app import decode_request
+from fedguard.clients.datasets import load_dataset
+from fedguard.clients.message_checks import MalformedMessage
+from fedguard.clients.models import build_model
+from fedguard.conf import schema
+from fedguard.conf.schema import config_to_yaml
+from fedguard.server.federation import sort_train_replies
+from fedguard.server.reply_checks import PRIVACY_REPORT_KEYS, usable_evaluate_replies
+from fedguard.server.run_record import _json_safe
+from fedguard.server.strategies import STRATEGY_CLASSES
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),

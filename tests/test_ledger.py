@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from privacy.client_budget import ClientPrivacyState
-from privacy.ledger import (
+from fedguard.privacy.client_budget import ClientPrivacyState
+from fedguard.privacy.ledger import (
     LEDGER_FILE,
     LedgerError,
     LedgerFormatError,
@@ -26,8 +26,8 @@ from privacy.ledger import (
     sign_entry,
     verify_entry,
 )
-from privacy.ledger_events import ClientDpRelease, EventError
-from privacy.signing import (
+from fedguard.privacy.ledger_events import ClientDpRelease, EventError
+from fedguard.privacy.signing import (
     KEY_ID_HEX_CHARS,
     KeyFileError,
     KeyRegistry,

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from privacy.accounting import compute_epsilon
-from privacy.ledger import LEDGER_FILE, read_ledger
-from server.checkpoint import CHECKPOINT_DIR, LATEST_NAME, read_checkpoint
+from fedguard.privacy.accounting import compute_epsilon
+from fedguard.privacy.ledger import LEDGER_FILE, read_ledger
+from fedguard.server.checkpoint import CHECKPOINT_DIR, LATEST_NAME, read_checkpoint
 
 pytestmark = pytest.mark.simulation
 
-FEDGUARD = [sys.executable, "-m", "simulations.cli"]
+FEDGUARD = [sys.executable, "-m", "fedguard.simulations.cli"]
 ROUNDS = 3
 RUN = (
     "dataset=digits", "model=mlp", "simulation.num_clients=3", f"simulation.rounds={ROUNDS}",

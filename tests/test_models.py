@@ -6,10 +6,10 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from clients.datasets import load_dataset
-from clients.models import build_model, resolve_device
-from conf import compose_config
-from conf.schema import IMAGE_DATASETS
+from fedguard.clients.datasets import load_dataset
+from fedguard.clients.models import build_model, resolve_device
+from fedguard.conf import compose_config
+from fedguard.conf.schema import IMAGE_DATASETS
 
 FAKE_SHAPES = {"fashion_mnist": (1, 28, 28)}
 
@@ -54,7 +54,7 @@ def test_device_choice_without_gpu():
 
 
 def test_fixable_layers_are_replaced_with_a_log_line(caplog):
-    from clients.models import make_dp_compatible
+    from fedguard.clients.models import make_dp_compatible
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
     fixed = make_dp_compatible(model)
@@ -64,7 +64,7 @@ def test_fixable_layers_are_replaced_with_a_log_line(caplog):
 
 
 def test_unfixable_models_are_refused_before_training():
-    from clients.models import IncompatibleModelError, make_dp_compatible
+    from fedguard.clients.models import IncompatibleModelError, make_dp_compatible
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 2)).eval()  # Opacus needs training mode; fix() cannot change it
     with pytest.raises(IncompatibleModelError, match="cannot train privately"):
@@ -72,7 +72,7 @@ def test_unfixable_models_are_refused_before_training():
 
 
 def test_model_from_state_matches_the_state():
-    from clients.models import model_from_state
+    from fedguard.clients.models import model_from_state
 
     cfg = compose_config(["model=cnn"])
     source = build_model(cfg.model, (1, 8, 8), 10)

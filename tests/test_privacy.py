@@ -13,13 +13,13 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from clients.app import load_local_data
-from clients.private_training import BudgetExhausted, PlainTrainer, SampleDPTrainer, build_trainer
-from clients.site import read_site_settings
-from clients.training import make_training_setup
-from conf import ConfigError, compose_config
-from privacy.accounting import calibrate_noise_multiplier, compute_epsilon
-from privacy.client_budget import STATE_KEY, ClientPrivacyState
+from fedguard.clients.app import load_local_data
+from fedguard.clients.private_training import BudgetExhausted, PlainTrainer, SampleDPTrainer, build_trainer
+from fedguard.clients.site import read_site_settings
+from fedguard.clients.training import make_training_setup
+from fedguard.conf import ConfigError, compose_config
+from fedguard.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
+from fedguard.privacy.client_budget import STATE_KEY, ClientPrivacyState
 
 DP = ["privacy=sample_dp"]
 
@@ -80,7 +80,7 @@ def test_privacy_state_round_trips_through_context_state():
 def test_malformed_privacy_state_is_refused():
     record = ClientPrivacyState(1.0, 0.1, 1e-5, "rdp", None, [(1.0, 0.1, 5)]).to_record()
     record["history_rate"] = [1.5]
-    from privacy.client_budget import PrivacyStateError
+    from fedguard.privacy.client_budget import PrivacyStateError
 
     with pytest.raises(PrivacyStateError, match="impossible"):
         ClientPrivacyState.from_record(record)
@@ -89,7 +89,7 @@ def test_malformed_privacy_state_is_refused():
 def _digits_setup(cfg, seed: int = 5):
     site = read_site_settings({"partition-id": 0, "num-partitions": cfg.simulation.num_clients})
     data = load_local_data(cfg, site)
-    from clients.models import build_model
+    from fedguard.clients.models import build_model
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.bundle.input_shape, data.bundle.num_classes, private=True)
@@ -173,7 +173,7 @@ def test_simulation_budget_for_two_rounds_stops_cleanly_with_exact_accounting(tm
     budget = (compute_epsilon([(1.0, q, 8)], 1e-5, "rdp").epsilon + compute_epsilon([(1.0, q, 12)], 1e-5, "rdp").epsilon) / 2
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "simulate", *overrides, f"privacy.max_epsilon={budget}",
+        [sys.executable, "-m", "fedguard.simulations.cli", "simulate", *overrides, f"privacy.max_epsilon={budget}",
          f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, timeout=600,
     )

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from simulations.process_memory import TreeMemoryPeak, descendants
+from fedguard.simulations.process_memory import TreeMemoryPeak, descendants
 
 MIB = 1024**2
 HELD_MIB = 200

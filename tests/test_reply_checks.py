@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.federation import sort_train_replies
+from fedguard.server.federation import sort_train_replies
 
 def _record(arrays: dict) -> ArrayRecord:
     return ArrayRecord({key: Array(value) for key, value in arrays.items()})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from privacy.secagg.envelope import ShareAuthenticationError, open_sealed, seal
-from privacy.secagg.keys import derive_shared_key, generate_key_pair, private_key_bytes, private_key_from_bytes
-from privacy.secagg.masking import (
+from fedguard.privacy.secagg.envelope import ShareAuthenticationError, open_sealed, seal
+from fedguard.privacy.secagg.keys import derive_shared_key, generate_key_pair, private_key_bytes, private_key_from_bytes
+from fedguard.privacy.secagg.masking import (
     QuantizationError,
     add_mod,
     dequantize_sum,
@@ -16,7 +16,7 @@ from privacy.secagg.masking import (
     quantize,
     sub_mod,
 )
-from privacy.secagg.shamir import ShamirError, combine_shares, split_secret
+from fedguard.privacy.secagg.shamir import ShamirError, combine_shares, split_secret
 
 BITS = 32
 
@@ -128,8 +128,7 @@ def _reference_mask(key: bytes, length: int, bits: int) -> np.ndarray:
 
 @pytest.mark.parametrize("bits", [20, 48, 62])
 def test_in_place_masking_equals_separate_masks_across_chunks(monkeypatch, bits):
-    import privacy.secagg.masking as masking
-
+    import fedguard.privacy.secagg.masking as masking
     monkeypatch.setattr(masking, "CHUNK_WORDS", 7)  # many chunks and a ragged last one
     length, modulus = 23, np.uint64((1 << bits) - 1)
     rng = np.random.default_rng(bits)
@@ -150,7 +149,7 @@ def test_in_place_masking_equals_separate_masks_across_chunks(monkeypatch, bits)
 
 
 def test_apply_masks_refuses_what_it_cannot_mask_in_place():
-    from privacy.secagg.masking import ADD, apply_masks
+    from fedguard.privacy.secagg.masking import ADD, apply_masks
 
     with pytest.raises(ValueError, match="uint64"):
         apply_masks(np.zeros(4, dtype=np.int64), [(bytes(32), ADD)], BITS)
@@ -161,8 +160,7 @@ def test_apply_masks_refuses_what_it_cannot_mask_in_place():
 
 
 def test_chunked_quantization_fills_out_and_stays_unbiased(monkeypatch):
-    import privacy.secagg.masking as masking
-
+    import fedguard.privacy.secagg.masking as masking
     monkeypatch.setattr(masking, "QUANTIZE_CHUNK", 1000)
     rng = np.random.default_rng(5)
     levels = levels_for(24, 10)

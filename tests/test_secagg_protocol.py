@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from privacy.secagg.envelope import ShareAuthenticationError
-from privacy.secagg.masking import dequantize_sum, levels_for, quantize
-from privacy.secagg.protocol import ClientSession, SecAggError, SecAggParams, ServerSession, neighbour_graph
+from fedguard.privacy.secagg.envelope import ShareAuthenticationError
+from fedguard.privacy.secagg.masking import dequantize_sum, levels_for, quantize
+from fedguard.privacy.secagg.protocol import ClientSession, SecAggError, SecAggParams, ServerSession, neighbour_graph
 
 BITS, CLIP, LENGTH = 32, 1.0, 300
 
@@ -100,9 +100,9 @@ def test_a_tampered_share_leaves_its_sender_out_of_the_receivers_masks():
     assert clients[1].rejected_senders == {sender}
     assert sender not in clients[1].neighbours
     with pytest.raises(ShareAuthenticationError):  # the envelope itself still refuses it
-        from privacy.secagg.envelope import open_sealed
-        from privacy.secagg.keys import derive_shared_key
-        from privacy.secagg.protocol import SHARE_PURPOSE
+        from fedguard.privacy.secagg.envelope import open_sealed
+        from fedguard.privacy.secagg.keys import derive_shared_key
+        from fedguard.privacy.secagg.protocol import SHARE_PURPOSE
 
         key = derive_shared_key(clients[1]._envelope_keys.private, routed[1][sender][0], SHARE_PURPOSE)
         open_sealed(key, inbox[1][sender], sender=sender, receiver=1, server_round=1)
@@ -182,8 +182,8 @@ def test_client_session_survives_a_round_trip_through_state_between_stages():
 
 
 def test_client_refuses_to_encode_non_finite_or_overweight_updates():
-    from clients.secure_aggregation import encode_weighted_update
-    from conf import compose_config
+    from fedguard.clients.secure_aggregation import encode_weighted_update
+    from fedguard.conf import compose_config
 
     cfg = compose_config(["secure_agg=secaggplus"])
     with pytest.raises(ValueError, match="NaN"):
@@ -226,7 +226,7 @@ def test_masking_in_place_gives_the_same_sum_and_copies_otherwise():
 def test_array_view_reads_flower_arrays_without_copying(values):
     from flwr.app import Array
 
-    from clients.secure_aggregation import array_view
+    from fedguard.clients.secure_aggregation import array_view
 
     array = Array(values)
     view = array_view(array)
@@ -236,7 +236,7 @@ def test_array_view_reads_flower_arrays_without_copying(values):
 
 
 def _cfg(*overrides):
-    from conf import compose_config
+    from fedguard.conf import compose_config
 
     return compose_config(["secure_agg=secaggplus", *overrides])
 
@@ -244,7 +244,7 @@ def _cfg(*overrides):
 def test_held_update_is_stored_compactly_and_encodes_like_the_direct_path():
     from flwr.app import Array, ArrayRecord, Context, RecordDict
 
-    from clients.secure_aggregation import (
+    from fedguard.clients.secure_aggregation import (
         ENCODING_STATE_KEY,
         INPUT_ARRAY,
         INPUT_STATE_KEY,
@@ -296,8 +296,7 @@ class _SlowGrid:
 
 
 def test_stage_exchange_polls_at_the_configured_interval_and_honours_the_timeout(monkeypatch):
-    import server.secure_aggregation as exchange
-
+    import fedguard.server.secure_aggregation as exchange
     sleeps: list[float] = []
     monkeypatch.setattr(exchange.time, "sleep", sleeps.append)
     grid = _SlowGrid(answer_after=4)
@@ -313,7 +312,7 @@ def test_stage_exchange_polls_at_the_configured_interval_and_honours_the_timeout
 
 
 def test_poll_interval_is_configured_and_checked():
-    from conf import ConfigError
+    from fedguard.conf import ConfigError
 
     assert _cfg().secure_agg.stage_poll_interval == pytest.approx(0.01)
     with pytest.raises(ConfigError, match="stage_poll_interval"):
@@ -326,7 +325,7 @@ def test_poll_interval_is_configured_and_checked():
     ("neighbours", "clients", "num_shares"), [(4, 10, 5), (4, 100, 5), (5, 100, 7), (6, 100, 7), (4, 5, 5), (8, 5, 5)]
 )
 def test_flower_comparison_uses_the_nearest_valid_share_count(neighbours, clients, num_shares):
-    from simulations.bench_secagg_flower import FlowerSecAggSettings
+    from fedguard.simulations.bench_secagg_flower import FlowerSecAggSettings
 
     settings = FlowerSecAggSettings.from_fedguard(neighbours, 3, 120.0, clients)
     assert settings.num_shares == num_shares and settings.reconstruction_threshold == 3

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from clients.datasets import load_dataset
-from clients.training import evaluate_model
-from conf.schema import config_from_yaml
-from server.checkpoint import load_global_model
+from fedguard.clients.datasets import load_dataset
+from fedguard.clients.training import evaluate_model
+from fedguard.conf.schema import config_from_yaml
+from fedguard.server.checkpoint import load_global_model
 
 pytestmark = pytest.mark.simulation
 
-FEDGUARD = [sys.executable, "-m", "simulations.cli"]
+FEDGUARD = [sys.executable, "-m", "fedguard.simulations.cli"]
 SUMMARY_KEYS = {"rounds", "final", "wall_seconds", "clients", "stop_reason", "checkpoint"}
 ROUND_KEYS = {"round", "test_loss", "test_accuracy", "train_loss", "round_seconds", "clients_replied"}
 

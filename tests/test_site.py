@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clients.site import SiteConfigError, read_site_settings
+from fedguard.clients.site import SiteConfigError, read_site_settings
 
 
 def test_simulation_style_node_config():

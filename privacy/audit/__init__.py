@@ -4,6 +4,6 @@
 ``run_audit`` is the Python entry point; ``fedguard audit`` (``privacy.audit.cli``) the command.
 """
 
-from privacy.audit.runner import AuditResult, AuditSetupError, ExitCode, run_audit
+from fedguard.privacy.audit.runner import AuditResult, AuditSetupError, ExitCode, run_audit
 
 __all__ = ["AuditResult", "AuditSetupError", "ExitCode", "run_audit"]

@@ -31,12 +31,12 @@ from scipy.optimize import brentq
 from scipy.stats import binom
 from torch import nn
 
-from clients.datasets import load_dataset
-from clients.models import build_model, resolve_device
-from clients.private_training import build_trainer
-from clients.training import make_training_setup
-from conf import compose_config
-from conf.schema import trains_privately
+from fedguard.clients.datasets import load_dataset
+from fedguard.clients.models import build_model, resolve_device
+from fedguard.clients.private_training import build_trainer
+from fedguard.clients.training import make_training_setup
+from fedguard.conf import compose_config
+from fedguard.conf.schema import trains_privately
 
 logger = logging.getLogger(__name__)
 

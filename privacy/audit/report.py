@@ -12,9 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from privacy.audit.recompute import PLD_VALUE_DISCRETIZATION, RDP_ORDERS  # noqa: E402
-from privacy.audit.runner import AuditResult, ExitCode  # noqa: E402
-from privacy.audit.spend import OK, SpendAudit  # noqa: E402
+from fedguard.privacy.audit.recompute import PLD_VALUE_DISCRETIZATION, RDP_ORDERS  # noqa: E402
+from fedguard.privacy.audit.runner import AuditResult, ExitCode  # noqa: E402
+from fedguard.privacy.audit.spend import OK, SpendAudit  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

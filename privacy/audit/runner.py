@@ -13,12 +13,12 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from privacy.audit.recompute import DEFAULT_TOLERANCE
-from privacy.audit.spend import SpendResult, audit_spend
-from privacy.audit.verify import VerificationResult, verify_ledger
-from privacy.ledger import LEDGER_FILE
-from privacy.ledger_events import RunFinished
-from privacy.signing import KeyFileError, KeyRegistry
+from fedguard.privacy.audit.recompute import DEFAULT_TOLERANCE
+from fedguard.privacy.audit.spend import SpendResult, audit_spend
+from fedguard.privacy.audit.verify import VerificationResult, verify_ledger
+from fedguard.privacy.ledger import LEDGER_FILE
+from fedguard.privacy.ledger_events import RunFinished
+from fedguard.privacy.signing import KeyFileError, KeyRegistry
 
 logger = logging.getLogger(__name__)
 

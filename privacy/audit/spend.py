@@ -24,9 +24,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from privacy.audit import recompute
-from privacy.audit.verify import AttributedEvent
-from privacy.ledger_events import BudgetRefusal, ClientDpRelease, RunStarted, SampleDpTraining
+from fedguard.privacy.audit import recompute
+from fedguard.privacy.audit.verify import AttributedEvent
+from fedguard.privacy.ledger_events import BudgetRefusal, ClientDpRelease, RunStarted, SampleDpTraining
 
 # A stated noise multiplier may differ from noise_std / clip_norm by float round-off only.
 NOISE_CONSISTENCY_RTOL = 1e-6

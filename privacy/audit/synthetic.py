@@ -22,8 +22,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from privacy.accounting import compute_epsilon
-from privacy.ledger import (
+from fedguard.privacy.accounting import compute_epsilon
+from fedguard.privacy.ledger import (
     CLIENT_ENTRY_KIND,
     LEDGER_FILE,
     LINE_END,
@@ -33,8 +33,8 @@ from privacy.ledger import (
     sign_entry,
     utc_now,
 )
-from privacy.ledger_events import ClientDpRelease, LedgerEvent, RunFinished, RunStarted, SampleDpTraining
-from privacy.signing import SERVER_PARTY, KeyRegistry, client_party, generate_signing_key
+from fedguard.privacy.ledger_events import ClientDpRelease, LedgerEvent, RunFinished, RunStarted, SampleDpTraining
+from fedguard.privacy.signing import SERVER_PARTY, KeyRegistry, client_party, generate_signing_key
 
 # Dataset sizes cycled over clients: a few distinct sample rates, as in a real federation.
 DEFAULT_DATASET_SIZES = (400, 600, 800, 1200)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--participation", type=float, default=0.1)
     parser.add_argument("--no-pld", action="store_true")
     args = parser.parse_args(argv)
-    from privacy.audit.runner import run_audit
+    from fedguard.privacy.audit.runner import run_audit
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()

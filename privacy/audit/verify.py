@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privacy.ledger import (
+from fedguard.privacy.ledger import (
     CLIENT_ENTRY_KIND,
     LedgerFormatError,
     check_entry_shape,
@@ -22,8 +22,8 @@ from privacy.ledger import (
     parse_line,
     verify_entry,
 )
-from privacy.ledger_events import EVENT_TYPES, BudgetRefusal, ClientDpRelease, EventError, SampleDpTraining
-from privacy.signing import SERVER_PARTY, KeyRegistry, client_party
+from fedguard.privacy.ledger_events import EVENT_TYPES, BudgetRefusal, ClientDpRelease, EventError, SampleDpTraining
+from fedguard.privacy.signing import SERVER_PARTY, KeyRegistry, client_party
 
 logger = logging.getLogger(__name__)
 

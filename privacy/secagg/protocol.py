@@ -31,16 +31,16 @@ import numpy as np
 
 from flwr.app import ConfigRecord
 
-from privacy.secagg.envelope import ShareAuthenticationError, open_sealed, seal
-from privacy.secagg.keys import (
+from fedguard.privacy.secagg.envelope import ShareAuthenticationError, open_sealed, seal
+from fedguard.privacy.secagg.keys import (
     KeyPair,
     derive_shared_key,
     generate_key_pair,
     private_key_bytes,
     private_key_from_bytes,
 )
-from privacy.secagg.masking import ADD, SUBTRACT, apply_masks
-from privacy.secagg.shamir import combine_shares, split_secret
+from fedguard.privacy.secagg.masking import ADD, SUBTRACT, apply_masks
+from fedguard.privacy.secagg.shamir import combine_shares, split_secret
 
 SEED_BYTES = 32
 MASK_PURPOSE = b"pairwise-mask"
