@@ -23,10 +23,10 @@ from flwr.common.constant import ErrorCode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from fedguard.clients import protocol
+from fedguard.clients.wire import protocol
 from fedguard.clients.client_dp import ClipError, client_dp_mod, round_clip_norm
 from fedguard.clients.datasets import DatasetBundle, DatasetError, LocalDataError, expected_layout, load_dataset
-from fedguard.clients.message_checks import (
+from fedguard.clients.wire.checks import (
     MAX_PEERS,
     MAX_SHARE_BYTES,
     PUBLIC_KEY_BYTES,
@@ -47,7 +47,9 @@ from fedguard.clients.secure_aggregation import INPUT_STATE_KEY, SESSION_STATE_K
 from fedguard.clients.site import PARTITION_ID_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings, read_site_settings
 from fedguard.clients.site_state import CachedReply, SiteStateError, SiteStateStore, arrays_digest
 from fedguard.clients.training import evaluate_model, make_training_setup, proximal_regularizer
-from fedguard.conf.schema import ConfigError, cached_config_from_yaml, config_to_yaml, trains_privately
+from fedguard.conf.plans import trains_privately
+from fedguard.conf.run_config import cached_config_from_yaml, config_to_yaml
+from fedguard.conf.schema import ConfigError
 from fedguard.privacy.secagg.envelope import ShareAuthenticationError
 from fedguard.privacy.secagg.protocol import SecAggError
 from fedguard.privacy.secagg.shamir import ShamirError

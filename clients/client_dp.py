@@ -34,10 +34,11 @@ from flwr.app import Context
 from flwr.clientapp.typing import ClientAppCallable
 from omegaconf import DictConfig
 
-from fedguard.clients import protocol
-from fedguard.clients.message_checks import MalformedMessage, finite_number
-from fedguard.clients.secure_aggregation import array_view, flatten_update
-from fedguard.conf.schema import cached_config_from_yaml, client_level_dp, uses_adaptive_clipping
+from fedguard.clients.wire import protocol
+from fedguard.clients.wire.checks import MalformedMessage, finite_number
+from fedguard.clients.wire.arrays import array_view, flatten_update
+from fedguard.conf.plans import adaptive_clip_rule, client_dp_plan, client_level_dp, uses_adaptive_clipping
+from fedguard.conf.run_config import cached_config_from_yaml
 from fedguard.privacy.adaptive_clipping import clip_indicator, round_clip_norm_problem
 from fedguard.privacy.client_dp_accounting import count_share_std, noise_share_std
 
@@ -104,7 +105,7 @@ def round_clip_norm(cfg: DictConfig, config: ConfigRecord, server_round: int) ->
     if not uses_adaptive_clipping(cfg):
         return float(cfg.privacy.client_clip_norm)
     value = float(finite_number(config, protocol.CLIENT_CLIP_NORM_KEY, 0.0, math.inf))
-    if (problem := round_clip_norm_problem(cfg, value, server_round)) is not None:
+    if (problem := round_clip_norm_problem(adaptive_clip_rule(cfg), value, server_round)) is not None:
         raise MalformedMessage(f"'{protocol.CLIENT_CLIP_NORM_KEY}': {problem}")
     return value
 
@@ -125,12 +126,12 @@ def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
     distributed = cfg.privacy.noise == "distributed"
     rng = _noise_rng() if distributed else None  # OS entropy: a share anyone could regenerate protects nothing
     if rng is not None:
-        clipped = add_noise_share(clipped, old, noise_share_std(cfg, clip_norm), rng)
+        clipped = add_noise_share(clipped, old, noise_share_std(client_dp_plan(cfg), clip_norm), rng)
     reply.content[protocol.ARRAYS_KEY] = clipped
     if uses_adaptive_clipping(cfg):
         indicator = clip_indicator(norm, clip_norm)
         if rng is not None:
-            indicator += float(rng.normal(0.0, count_share_std(cfg)))
+            indicator += float(rng.normal(0.0, count_share_std(client_dp_plan(cfg))))
         reply.content[protocol.CLIP_INDICATOR_KEY] = ConfigRecord({protocol.CLIP_INDICATOR_FIELD: indicator})
     metrics = dict(reply.content[protocol.METRICS_KEY])
     metrics[protocol.NUM_EXAMPLES_KEY] = UNIFORM_WEIGHT

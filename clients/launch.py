@@ -23,9 +23,9 @@ from fedguard.clients.site import (
     SiteConfigError,
     read_site_settings,
 )
-from fedguard.privacy.key_commands import DEFAULT_KEYS_DIR
-from fedguard.privacy.key_material import NODE_PRIVATE_KEY_FILE, KeyMaterialError, check_certificate_files, check_node_private_key
-from fedguard.simulations.flower_tools import environment_with_flower, flower_executable
+from fedguard.clients.deployment.key_commands import DEFAULT_KEYS_DIR
+from fedguard.clients.deployment.key_material import NODE_PRIVATE_KEY_FILE, KeyMaterialError, check_certificate_files, check_node_private_key
+from fedguard.clients.deployment.flower_tools import environment_with_flower, flower_executable
 
 DEFAULT_SITE_DIR = "fedguard-site"
 # The SuperNode's local API (ClientApp processes talk to it); one free port per SuperNode on a host.

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from omegaconf import DictConfig
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from fedguard.clients.training import LossRegularizer, TrainingSetup, TrainOutcome, run_epochs
-from fedguard.conf.schema import clients_per_round, trains_privately
+from fedguard.conf.plans import clients_per_round, trains_privately
 from fedguard.privacy.accounting import calibrate_noise_multiplier, merge_history
 from fedguard.privacy.client_budget import STATE_KEY, ClientPrivacyState
 
@@ -127,7 +127,7 @@ class SampleDPTrainer:
 
     def _state(self, state: RecordDict, batches_per_epoch: int) -> ClientPrivacyState:
         if STATE_KEY in state:
-            return ClientPrivacyState.from_record(state[STATE_KEY])
+            return ClientPrivacyState.from_dict(state[STATE_KEY])
         sample_rate = 1.0 / batches_per_epoch  # Opacus's own definition for its DPDataLoader
         planned = self.expected_rounds * self.planned_steps(batches_per_epoch)
         if self.dp.target_epsilon is not None:
@@ -186,7 +186,7 @@ class SampleDPTrainer:
         planned = self.planned_steps(batches_per_epoch)
         fits, epsilon_after = priv.fits_budget(planned)
         if not fits:
-            state[STATE_KEY] = priv.to_record()
+            state[STATE_KEY] = ConfigRecord(priv.to_dict())
             reason = (
                 f"budget exhausted: {planned} more steps would reach epsilon {epsilon_after:.3f} "
                 f"> budget {priv.budget_epsilon:.3f}"
@@ -202,7 +202,7 @@ class SampleDPTrainer:
         outcome = self.inner.train(private_setup, state=state, device=device, regularizer=regularizer).outcome
         priv.history = merge_history(engine.accountant.history)
         priv.rounds_participated += 1
-        state[STATE_KEY] = priv.to_record()
+        state[STATE_KEY] = ConfigRecord(priv.to_dict())
         return TrainResult(outcome, priv.report(steps_this_round=priv.total_steps - steps_before, refused=False))
 
 

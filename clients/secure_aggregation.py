@@ -14,16 +14,15 @@ server sees: the same clipping, levels and unbiased rounding apply.
 
 from __future__ import annotations
 
-import io
 import logging
-import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedguard.clients import protocol
-from fedguard.conf.schema import cached_config_from_yaml
+from fedguard.clients.wire import protocol
+from fedguard.clients.wire.arrays import array_view, flatten_update
+from fedguard.conf.run_config import cached_config_from_yaml
 from fedguard.privacy.secagg.masking import levels_for, quantize
 from fedguard.privacy.secagg.protocol import ClientSession, SecAggParams
 
@@ -43,42 +42,6 @@ FLOAT32_BYTES = 4
 def params_from(cfg) -> SecAggParams:
     sa = cfg.secure_agg
     return SecAggParams(modulus_bits=int(sa.modulus_bits), neighbours=int(sa.neighbours), threshold=int(sa.threshold))
-
-
-def array_view(array: Array) -> np.ndarray:
-    """Read-only ndarray over a numpy-serialized Flower ``Array``'s bytes, without a copy.
-
-    ``Array.numpy()`` parses through ``np.load`` on a BytesIO, which copies the data (and
-    touches fresh pages) each time; SecAgg+ reads model-sized arrays several times per
-    client per round. Object arrays fall back to ``Array.numpy()`` (which refuses pickles).
-    """
-    header = io.BytesIO(array.data)
-    version = np.lib.format.read_magic(header)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(header)
-    if dtype.hasobject:
-        return array.numpy()
-    values = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=header.tell())
-    return values.reshape(shape, order="F" if fortran else "C")
-
-
-def flatten_update(new: ArrayRecord, old: ArrayRecord) -> np.ndarray:
-    """new - old, flattened in the ArrayRecord's key order (the server unflattens in the same order).
-
-    Written into one preallocated float64 vector (no per-tensor temporaries).
-    """
-    if list(new.keys()) != list(old.keys()):
-        raise ValueError("the trained model's arrays differ from the global model's")
-    olds = [array_view(old[key]) for key in old.keys()]
-    flat = np.empty(sum(a.size for a in olds), dtype=np.float64)
-    offset = 0
-    for key, before in zip(old.keys(), olds):
-        after = array_view(new[key])
-        if after.shape != before.shape:
-            raise ValueError(f"array {key!r} changed shape from {before.shape} to {after.shape}")
-        np.subtract(after, before, out=flat[offset : offset + before.size].reshape(before.shape), dtype=np.float64)
-        offset += before.size
-    return flat
 
 
 def _check_weighted_update(update: np.ndarray, weight: float, max_weight: float) -> None:
@@ -150,7 +113,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     server_round = int(msg.content[protocol.CONFIG_KEY].get(protocol.SERVER_ROUND_KEY, 0))
     session = ClientSession(context.node_id, params_from(cfg), server_round)
     envelope_public, mask_public = session.advertise()
-    context.state[SESSION_STATE_KEY] = session.to_record()
+    context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
     content = RecordDict(
         {
             protocol.METRICS_KEY: reply.content[protocol.METRICS_KEY],
@@ -167,7 +130,7 @@ def handle_stage(msg: Message, context: Context) -> Message:
     """Stages 1-3 of SecAgg+ for this client; its session lives in Context.state between them."""
     request = msg.content[protocol.SECAGG_KEY]
     stage = str(request["stage"])
-    session = ClientSession.from_record(context.state[SESSION_STATE_KEY])
+    session = ClientSession.from_dict(context.state[SESSION_STATE_KEY])
     if stage == "share":
         keys = {
             int(p): (bytes(e), bytes(m))
@@ -180,7 +143,7 @@ def handle_stage(msg: Message, context: Context) -> Message:
         masked = session.mask(received, encode_held_update(context), overwrite_input=True)
         del context.state[INPUT_STATE_KEY]  # the clear input is no longer needed
         del context.state[ENCODING_STATE_KEY]
-        context.state[SESSION_STATE_KEY] = session.to_record()
+        context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
         rejected = ConfigRecord({protocol.SECAGG_REJECTED_FIELD: sorted(session.rejected_senders)})
         reply = RecordDict({protocol.SECAGG_KEY: ArrayRecord({"masked": Array(masked)}), protocol.SECAGG_REJECTED_KEY: rejected})
         return Message(reply, reply_to=msg)
@@ -197,5 +160,5 @@ def handle_stage(msg: Message, context: Context) -> Message:
         return Message(RecordDict({protocol.SECAGG_KEY: answer}), reply_to=msg)
     else:
         raise ValueError(f"unknown secure aggregation stage {stage!r}")
-    context.state[SESSION_STATE_KEY] = session.to_record()
+    context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
     return Message(RecordDict({protocol.SECAGG_KEY: answer}), reply_to=msg)

@@ -38,7 +38,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedguard.clients import protocol
+from fedguard.clients.wire import protocol
 from fedguard.privacy.client_budget import STATE_KEY
 from fedguard.privacy.ledger import LedgerWriter, entry_to_wire, read_ledger
 from fedguard.privacy.ledger_events import BudgetRefusal, SampleDpTraining

@@ -1,4 +1,5 @@
-"""fedguard's Hydra config tree (YAML files per group) and its schema."""
+"""fedguard's Hydra config tree (YAML files per group), its schema and checks, and the
+adapter that turns a config into the plain objects the layers take (:mod:`.plans`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections.abc import Sequence
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-from .schema import ConfigError, register_schema, validate_config
+from fedguard.conf.schema import ConfigError, register_schema
+from fedguard.conf.validation import validate_config
 
 register_schema()
 

@@ -1,7 +1,6 @@
 """Validation of the client-level DP (DP-FedAvg) keys of ``privacy``.
 
-Kept apart from :mod:`conf.schema` (which calls it) so that the schema module stays
-readable; every rule rejects a combination whose privacy claim could not hold, naming
+Kept apart from :mod:`fedguard.conf.validation` (which calls it); every rule rejects a combination whose privacy claim could not hold, naming
 the key and what is allowed.
 """
 
@@ -9,7 +8,18 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from fedguard.conf.schema import CLIENT_DP_MODES, ConfigError, _choice, _range, check_noise_setting
+from fedguard.conf.checks import check_noise_setting, choice, in_range
+from fedguard.conf.plans import client_dp_plan
+from fedguard.conf.schema import CLIENT_DP_MODES, ConfigError
+from fedguard.privacy.accounting import PrivacyConfigError
+from fedguard.privacy.client_dp_accounting import (
+    CLIP_COUNT_SENSITIVITY,
+    DISTRIBUTED_TAIL_STDS,
+    clamp_headroom,
+    count_noise_std,
+    count_share_std,
+    planned_noise_multiplier,
+)
 
 CLIENT_SAMPLING_METHODS = ("poisson", "fixed")
 CLIENT_CLIPPING_MODES = ("fixed", "adaptive")
@@ -19,25 +29,10 @@ NOISE_PLACEMENTS = ("central", "distributed")
 SUM_BASED_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 # Our accountant for client-level DP; PRV is not wired for the federation accountant yet.
 CLIENT_ACCOUNTANTS = ("rdp",)
-# SecAgg+ clamps each coordinate to secure_agg.clip_range; with distributed noise it must sit
-# this many noise-share stds beyond the clip norm (a clamp then has probability < 1.3e-15 per
-# coordinate, which the accounting does not add to delta).
-DISTRIBUTED_TAIL_STDS = 8
-
-
-def clamp_headroom(cfg: DictConfig) -> float:
-    """Under distributed noise, secure_agg.clip_range must be at least C times this: the
-    update plus DISTRIBUTED_TAIL_STDS noise-share stds, per unit of C. One rule for the
-    config check here and for the largest C adaptive clipping may reach."""
-    from fedguard.privacy.client_dp_accounting import noise_share_std  # imports conf.schema
-
-    return 1.0 + DISTRIBUTED_TAIL_STDS * noise_share_std(cfg, clip_norm=1.0)
-
-
 def validate_client_clipping(cfg: DictConfig) -> None:
     """``privacy.client_clipping`` is a known mode, and adaptive only where client-level DP is on."""
     dp = cfg.privacy
-    _choice("privacy.client_clipping", dp.client_clipping, CLIENT_CLIPPING_MODES)
+    choice("privacy.client_clipping", dp.client_clipping, CLIENT_CLIPPING_MODES)
     if dp.client_clipping == "adaptive" and dp.mode not in CLIENT_DP_MODES:
         raise ConfigError(
             f"privacy.client_clipping=adaptive adapts client-level DP's clip norm, which privacy.mode={dp.mode} "
@@ -48,11 +43,11 @@ def validate_client_clipping(cfg: DictConfig) -> None:
 def validate_client_dp(cfg: DictConfig) -> None:
     """Reject client-level DP settings that cannot work or whose epsilon would be wrong."""
     dp = cfg.privacy
-    _choice("privacy.client_sampling", dp.client_sampling, CLIENT_SAMPLING_METHODS)
-    _choice("privacy.noise", dp.noise, NOISE_PLACEMENTS)
-    _choice("privacy.accountant", dp.accountant, CLIENT_ACCOUNTANTS)
-    _range("privacy.client_clip_norm", dp.client_clip_norm, 0.0, None, low_open=True)
-    _range("privacy.delta", dp.delta, 0.0, 1.0, low_open=True)
+    choice("privacy.client_sampling", dp.client_sampling, CLIENT_SAMPLING_METHODS)
+    choice("privacy.noise", dp.noise, NOISE_PLACEMENTS)
+    choice("privacy.accountant", dp.accountant, CLIENT_ACCOUNTANTS)
+    in_range("privacy.client_clip_norm", dp.client_clip_norm, 0.0, None, low_open=True)
+    in_range("privacy.delta", dp.delta, 0.0, 1.0, low_open=True)
     if dp.delta >= 1.0:
         raise ConfigError(f"privacy.delta={dp.delta} must be < 1")
     check_noise_setting(dp, "client_target_epsilon", "client_noise_multiplier", "client_max_epsilon")
@@ -71,24 +66,16 @@ def validate_client_dp(cfg: DictConfig) -> None:
 def _validate_adaptive(cfg: DictConfig) -> None:
     """Adaptive clipping is accounted as one Gaussian of the run's σ split between update and
     count (σ⁻² = σ_Δ⁻² + (2σ_b)⁻²); refuse settings where that split does not exist."""
-    from fedguard.privacy.accounting import PrivacyConfigError
-    from fedguard.privacy.client_dp_accounting import (  # imports conf.schema
-        CLIP_COUNT_SENSITIVITY,
-        count_noise_std,
-        count_share_std,
-        planned_noise_multiplier,
-    )
-
     dp, ac = cfg.privacy, cfg.privacy.adaptive_clipping
-    _range("privacy.adaptive_clipping.target_quantile", ac.target_quantile, 0.0, 1.0)
-    _range("privacy.adaptive_clipping.learning_rate", ac.learning_rate, 0.0, None, low_open=True)
+    in_range("privacy.adaptive_clipping.target_quantile", ac.target_quantile, 0.0, 1.0)
+    in_range("privacy.adaptive_clipping.learning_rate", ac.learning_rate, 0.0, None, low_open=True)
     if ac.clipped_count_stddev is not None:
-        _range("privacy.adaptive_clipping.clipped_count_stddev", ac.clipped_count_stddev, 0.0, None)
+        in_range("privacy.adaptive_clipping.clipped_count_stddev", ac.clipped_count_stddev, 0.0, None)
     try:
-        sigma = planned_noise_multiplier(cfg)
+        sigma = planned_noise_multiplier(client_dp_plan(cfg))
     except PrivacyConfigError as err:
         raise ConfigError(f"privacy.client_target_epsilon={dp.client_target_epsilon}: {err}") from None
-    count_std = count_noise_std(cfg)
+    count_std = count_noise_std(client_dp_plan(cfg))
     if sigma > 0 and count_std / CLIP_COUNT_SENSITIVITY <= sigma:
         given = "null (expected cohort / 20)" if ac.clipped_count_stddev is None else ac.clipped_count_stddev
         raise ConfigError(
@@ -98,7 +85,7 @@ def _validate_adaptive(cfg: DictConfig) -> None:
             f"2 sigma_b > sigma; set it above {sigma * CLIP_COUNT_SENSITIVITY:.4g}, or use privacy.client_clipping=fixed"
         )
     if cfg.secure_agg.mode != "off":  # the indicator rides in the masked vector, clamped to clip_range
-        tail = DISTRIBUTED_TAIL_STDS * count_share_std(cfg) if dp.noise == "distributed" else 0.0
+        tail = DISTRIBUTED_TAIL_STDS * count_share_std(client_dp_plan(cfg)) if dp.noise == "distributed" else 0.0
         if cfg.secure_agg.clip_range < CLIP_COUNT_SENSITIVITY + tail:
             raise ConfigError(
                 f"secure_agg.clip_range={cfg.secure_agg.clip_range} would clamp the clients' clip indicators "
@@ -123,7 +110,7 @@ def _validate_distributed(cfg: DictConfig) -> None:
             f"whether a client took part, which the subsampled Gaussian analysis does not cover; a fixed-size "
             f"cohort keeps the number of shares independent of any one client"
         )
-    needed = dp.client_clip_norm * clamp_headroom(cfg)
+    needed = dp.client_clip_norm * clamp_headroom(client_dp_plan(cfg))
     if sa.clip_range < needed:
         adaptive = " (the initial clip norm; the server never raises C beyond what clip_range allows)"
         raise ConfigError(

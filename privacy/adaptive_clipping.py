@@ -22,10 +22,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
-
-from fedguard.conf.client_dp_checks import clamp_headroom
-
 # b - 1/2: what a client sends instead of its bit b (see the module docstring).
 INDICATOR_OFFSET = 0.5
 # Float slack on the clients' check that the server's C is one the rule can reach.
@@ -57,38 +53,46 @@ def reachable_clip_norms(initial: float, target_quantile: float, learning_rate: 
     )
 
 
-def max_clip_norm(cfg: DictConfig) -> float:
-    """The largest C the run may use: under distributed noise, the C whose noised update
-    SecAgg+'s per-coordinate clamp (secure_agg.clip_range) still cannot cut, by the rule of
-    conf/client_dp_checks.py; unbounded otherwise (clamping a clipped update only shrinks it)."""
-    if cfg.privacy.noise != "distributed":
-        return math.inf
-    return float(cfg.secure_agg.clip_range) / clamp_headroom(cfg)
+@dataclass(frozen=True)
+class AdaptiveClipRule:
+    """The rule both sides apply: C starts at ``initial`` and moves by the geometric update
+    towards the ``target_quantile``; ``ceiling`` is the largest C the run may use (under
+    distributed noise, the C whose noised update SecAgg+'s per-coordinate clamp still cannot
+    cut; unbounded otherwise, since clamping a clipped update only shrinks it)."""
+
+    initial: float
+    target_quantile: float
+    learning_rate: float
+    ceiling: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.initial) and self.initial > 0):
+            raise ValueError(f"initial clip norm {self.initial!r} must be finite and > 0")
+        if not 0 <= self.target_quantile <= 1:
+            raise ValueError(f"target quantile {self.target_quantile} must be in [0, 1]")
+        if not self.learning_rate > 0 or not self.ceiling > 0:
+            raise ValueError(f"learning rate {self.learning_rate} and ceiling {self.ceiling} must be > 0")
 
 
-def round_clip_norm_problem(cfg: DictConfig, value: float, server_round: int) -> str | None:
+def round_clip_norm_problem(rule: AdaptiveClipRule, value: float, server_round: int) -> str | None:
     """Why a client must not clip to the server's ``value`` in ``server_round``, or None.
 
-    Besides finite and > 0: no larger than :func:`max_clip_norm` (a larger C would let the
-    clamp cut the distributed noise), and reachable by round − 1 steps of the rule from
-    ``privacy.client_clip_norm`` (a server cannot jump C to a value of its choosing).
+    Besides finite and > 0: no larger than the rule's ceiling (a larger C would let the
+    clamp cut the distributed noise), and reachable by round − 1 steps of the rule from the
+    initial C (a server cannot jump C to a value of its choosing).
     """
     if not math.isfinite(value) or value <= 0:
         return f"the server's clip norm {value!r} must be finite and > 0"
-    ceiling = max_clip_norm(cfg)
-    if value > ceiling * (1 + REACHABLE_RTOL):
+    if value > rule.ceiling * (1 + REACHABLE_RTOL):
         return (
-            f"the server's clip norm {value:.6g} exceeds {ceiling:.6g}, beyond which secure_agg.clip_range "
+            f"the server's clip norm {value:.6g} exceeds {rule.ceiling:.6g}, beyond which secure_agg.clip_range "
             f"would clamp the noise"
         )
-    ac = cfg.privacy.adaptive_clipping
-    low, high = reachable_clip_norms(
-        float(cfg.privacy.client_clip_norm), float(ac.target_quantile), float(ac.learning_rate), server_round - 1
-    )
+    low, high = reachable_clip_norms(rule.initial, rule.target_quantile, rule.learning_rate, server_round - 1)
     if not low * (1 - REACHABLE_RTOL) <= value <= high * (1 + REACHABLE_RTOL):
         return (
             f"the server's clip norm {value:.6g} cannot be reached by round {server_round} from "
-            f"privacy.client_clip_norm={cfg.privacy.client_clip_norm} (possible: {low:.6g} .. {high:.6g})"
+            f"privacy.client_clip_norm={rule.initial} (possible: {low:.6g} .. {high:.6g})"
         )
     return None
 
@@ -103,11 +107,10 @@ class AdaptiveClipState:
     ceiling: float = math.inf
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, clip_norm: float | None = None) -> AdaptiveClipState:
-        """Start from ``privacy.client_clip_norm``, or continue from a checkpointed ``clip_norm``."""
-        ac = cfg.privacy.adaptive_clipping
-        start = float(cfg.privacy.client_clip_norm) if clip_norm is None else float(clip_norm)
-        return cls(start, float(ac.target_quantile), float(ac.learning_rate), max_clip_norm(cfg))
+    def start(cls, rule: AdaptiveClipRule, clip_norm: float | None = None) -> AdaptiveClipState:
+        """Start from the rule's initial C, or continue from a checkpointed ``clip_norm``."""
+        current = rule.initial if clip_norm is None else float(clip_norm)
+        return cls(current, rule.target_quantile, rule.learning_rate, rule.ceiling)
 
     def update(self, noisy_centred_sum: float, denominator: float) -> float:
         """Move C by the round's noisy count; returns b̄. Capped at the ceiling (post-processing)."""

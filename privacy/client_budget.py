@@ -1,4 +1,5 @@
-"""A client's sample-level privacy state, kept across rounds in Flower's ``Context.state``.
+"""A client's sample-level privacy state, kept across rounds in the client's persistent
+state (Flower's ``Context.state`` holds it as a ConfigRecord of these plain values).
 
 Flower's Opacus example builds a fresh PrivacyEngine each round and so reports one
 round's epsilon as if it were the run's. Here the calibrated noise, the sample rate
@@ -10,9 +11,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
-
-from flwr.app import ConfigRecord
 
 from fedguard.privacy.accounting import HistoryEntry, compute_epsilon, merge_history
 
@@ -50,24 +50,23 @@ class ClientPrivacyState:
             return True, after
         return after <= self.budget_epsilon + BUDGET_SLACK, after
 
-    def to_record(self) -> ConfigRecord:
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (numbers, strings, lists of them) for the client's persistent state."""
         merged = merge_history(self.history)
-        return ConfigRecord(
-            {
-                "noise_multiplier": float(self.noise_multiplier),
-                "sample_rate": float(self.sample_rate),
-                "delta": float(self.delta),
-                "accountant": self.accountant,
-                "budget_epsilon": -1.0 if self.budget_epsilon is None else float(self.budget_epsilon),
-                "history_sigma": [float(s) for s, _, _ in merged],
-                "history_rate": [float(q) for _, q, _ in merged],
-                "history_steps": [int(n) for _, _, n in merged],
-                "rounds_participated": int(self.rounds_participated),
-            }
-        )
+        return {
+            "noise_multiplier": float(self.noise_multiplier),
+            "sample_rate": float(self.sample_rate),
+            "delta": float(self.delta),
+            "accountant": self.accountant,
+            "budget_epsilon": -1.0 if self.budget_epsilon is None else float(self.budget_epsilon),
+            "history_sigma": [float(s) for s, _, _ in merged],
+            "history_rate": [float(q) for _, q, _ in merged],
+            "history_steps": [int(n) for _, _, n in merged],
+            "rounds_participated": int(self.rounds_participated),
+        }
 
     @classmethod
-    def from_record(cls, record: ConfigRecord) -> ClientPrivacyState:
+    def from_dict(cls, record: Mapping[str, Any]) -> ClientPrivacyState:
         try:
             sigmas, rates, steps = (list(record[k]) for k in ("history_sigma", "history_rate", "history_steps"))
             if not len(sigmas) == len(rates) == len(steps):

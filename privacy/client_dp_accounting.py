@@ -30,9 +30,6 @@ import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant
 from opacus.accountants.rdp import RDPAccountant
 
-from omegaconf import DictConfig
-
-from fedguard.conf.schema import clients_per_round, config_to_yaml, uses_adaptive_clipping
 from fedguard.privacy.accounting import PrivacyConfigError, calibrate_noise_multiplier, compute_epsilon
 
 POISSON, FIXED = "poisson", "fixed"
@@ -171,51 +168,93 @@ class FederationAccountant:
         )
 
 
-def expected_cohort(cfg: DictConfig, population: int | None = None) -> float:
-    """The cohort size the mean divides by and distributed noise shares are sized for:
-    q·N for Poisson (never the realised size, which depends on who joined), m for fixed."""
-    population = int(cfg.simulation.num_clients) if population is None else population
-    if cfg.privacy.client_sampling == POISSON:
-        return float(cfg.simulation.fraction_train) * population
-    return float(min(population, clients_per_round(cfg)))
+@dataclass(frozen=True)
+class CohortPlan:
+    """How the server draws each round's cohort, as the accountant must know it.
+
+    ``poisson``: each of ``population`` clients joins independently with probability ``rate``;
+    ``fixed``: exactly ``cohort_size`` of ``population``, without replacement.
+    """
+
+    sampling: str
+    population: int
+    rate: float
+    cohort_size: int
+
+    def __post_init__(self) -> None:
+        if self.sampling not in (POISSON, FIXED):
+            raise PrivacyConfigError(f"cohort sampling {self.sampling!r}; allowed: {POISSON}, {FIXED}")
+        if self.population < 1 or self.cohort_size < 1:
+            raise PrivacyConfigError(f"population {self.population} and cohort size {self.cohort_size} must be >= 1")
+        if not 0 < self.rate <= 1:
+            raise PrivacyConfigError(f"sample rate {self.rate} must be in (0, 1]")
+
+    def expected_size(self, population: int | None = None) -> float:
+        """The cohort size the mean divides by and distributed noise shares are sized for:
+        q·N for Poisson (never the realised size, which depends on who joined), m for fixed."""
+        population = self.population if population is None else population
+        if self.sampling == POISSON:
+            return self.rate * population
+        return float(min(population, self.cohort_size))
+
+    def release(self, sigma: float, population: int | None = None) -> Release:
+        """A round's release at noise ``sigma`` if nobody drops out."""
+        population = self.population if population is None else population
+        if self.sampling == POISSON:
+            return Release(sigma, self.rate, population, max(1, round(self.rate * population)))
+        cohort = min(population, self.cohort_size)
+        return Release(sigma, cohort / population, population, cohort)
 
 
-def planned_release(cfg: DictConfig, sigma: float, population: int) -> Release:
-    """A round's release at noise ``sigma`` if nobody drops out."""
-    rate = float(cfg.simulation.fraction_train)
-    if cfg.privacy.client_sampling == POISSON:
-        return Release(sigma, rate, population, max(1, round(rate * population)))
-    cohort = min(population, clients_per_round(cfg))
-    return Release(sigma, cohort / population, population, cohort)
+@dataclass(frozen=True)
+class ClientDpPlan:
+    """Everything client-level DP's noise and accounting depend on, as plain numbers.
+
+    Exactly one of ``noise_multiplier`` (σ fixed) and ``target_epsilon`` (σ calibrated for
+    ``rounds``) is set. ``adaptive``: the clip count is released too, with noise
+    ``count_stddev`` (None: Andrew et al.'s expected cohort / 20).
+    """
+
+    cohort: CohortPlan
+    rounds: int
+    delta: float
+    clip_norm: float
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    adaptive: bool = False
+    count_stddev: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise PrivacyConfigError("set exactly one of a noise multiplier and a target epsilon")
+        if self.rounds < 1 or not 0 < self.delta < 1 or not self.clip_norm > 0:
+            raise PrivacyConfigError(
+                f"rounds {self.rounds} must be >= 1, delta {self.delta} in (0, 1), clip norm {self.clip_norm} > 0"
+            )
+        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
+            raise PrivacyConfigError(f"noise multiplier {self.noise_multiplier} must be >= 0")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise PrivacyConfigError(f"target epsilon {self.target_epsilon} must be > 0")
 
 
-def planned_epsilon(cfg: DictConfig, sigma: float) -> float:
+def planned_epsilon(plan: ClientDpPlan, sigma: float) -> float:
     """Epsilon the whole planned run spends at ``sigma`` if nobody drops out (printed before round 1)."""
-    plan = planned_release(cfg, sigma, int(cfg.simulation.num_clients))
-    return epsilon_of([plan] * int(cfg.simulation.rounds), str(cfg.privacy.client_sampling), float(cfg.privacy.delta))
+    return epsilon_of([plan.cohort.release(sigma)] * plan.rounds, plan.cohort.sampling, plan.delta)
 
 
-# σ per resolved config text: calibration costs seconds and clients ask every round.
-_SIGMA_CACHE: dict[str, float] = {}
-SIGMA_CACHE_SIZE = 8
-
-
-def planned_noise_multiplier(cfg: DictConfig) -> float:
+@lru_cache(maxsize=8)
+def planned_noise_multiplier(plan: ClientDpPlan) -> float:
     """σ of the run: fixed, or calibrated for the planned rounds. A pure function of the
-    config, so clients adding distributed noise derive it themselves (not trusting a number
-    the server sends) and get exactly the server's figure."""
-    dp = cfg.privacy
-    if dp.client_noise_multiplier is not None:
-        return float(dp.client_noise_multiplier)
-    key = config_to_yaml(cfg)
-    if key not in _SIGMA_CACHE:
-        if len(_SIGMA_CACHE) >= SIGMA_CACHE_SIZE:
-            _SIGMA_CACHE.clear()
-        _SIGMA_CACHE[key] = calibrate_sigma(
-            target_epsilon=float(dp.client_target_epsilon), delta=float(dp.delta), sampling=str(dp.client_sampling),
-            plan=planned_release(cfg, 1.0, int(cfg.simulation.num_clients)), rounds=int(cfg.simulation.rounds),
-        )
-    return _SIGMA_CACHE[key]
+    plan, so clients adding distributed noise derive it themselves (not trusting a number
+    the server sends) and get exactly the server's figure. Cached: calibration costs
+    seconds and clients ask every round."""
+    if plan.noise_multiplier is not None:
+        return float(plan.noise_multiplier)
+    assert plan.target_epsilon is not None  # checked by ClientDpPlan
+    return calibrate_sigma(
+        target_epsilon=plan.target_epsilon, delta=plan.delta, sampling=plan.cohort.sampling,
+        plan=plan.cohort.release(1.0), rounds=plan.rounds,
+    )
 
 
 def combined_noise_multiplier(update_sigma: float, count_std: float | None) -> float:
@@ -265,35 +304,49 @@ class NoiseSplit:
         return NoiseSplit(combined_noise_multiplier(update, count), update, count)
 
 
-def count_noise_std(cfg: DictConfig) -> float | None:
+def count_noise_std(plan: ClientDpPlan) -> float | None:
     """σ_b of the run: configured, or expected cohort / 20; None under fixed clipping."""
-    if not uses_adaptive_clipping(cfg):
+    if not plan.adaptive:
         return None
-    configured = cfg.privacy.adaptive_clipping.clipped_count_stddev
-    return float(configured) if configured is not None else expected_cohort(cfg) * DEFAULT_COUNT_STDDEV_PER_CLIENT
+    if plan.count_stddev is not None:
+        return float(plan.count_stddev)
+    return plan.cohort.expected_size() * DEFAULT_COUNT_STDDEV_PER_CLIENT
 
 
-def noise_split(cfg: DictConfig) -> NoiseSplit:
-    """The run's planned (σ, σ_Δ, σ_b), a pure function of the config (clients derive it too)."""
-    return NoiseSplit.of(planned_noise_multiplier(cfg), count_noise_std(cfg))
+def noise_split(plan: ClientDpPlan) -> NoiseSplit:
+    """The run's planned (σ, σ_Δ, σ_b), a pure function of the plan (clients derive it too)."""
+    return NoiseSplit.of(planned_noise_multiplier(plan), count_noise_std(plan))
 
 
-def noise_share_std(cfg: DictConfig, clip_norm: float | None = None) -> float:
+def noise_share_std(plan: ClientDpPlan, clip_norm: float | None = None) -> float:
     """Std of the Gaussian each client adds to its update under distributed noise: σ_Δ·C/√n,
     so that n shares sum to the central mechanism's N(0, (σ_Δ·C)²). C: the round's clip norm
-    (adaptive clipping), else ``privacy.client_clip_norm``."""
-    clip_norm = float(cfg.privacy.client_clip_norm) if clip_norm is None else clip_norm
-    return noise_split(cfg).update_sigma * clip_norm / math.sqrt(expected_cohort(cfg))
+    (adaptive clipping), else the plan's."""
+    clip_norm = plan.clip_norm if clip_norm is None else clip_norm
+    return noise_split(plan).update_sigma * clip_norm / math.sqrt(plan.cohort.expected_size())
 
 
-def count_share_std(cfg: DictConfig) -> float:
+def count_share_std(plan: ClientDpPlan) -> float:
     """Std each client adds to its clip indicator under distributed noise: σ_b/√n."""
-    count_std = count_noise_std(cfg)
-    return 0.0 if count_std is None else count_std / math.sqrt(expected_cohort(cfg))
+    count_std = count_noise_std(plan)
+    return 0.0 if count_std is None else count_std / math.sqrt(plan.cohort.expected_size())
 
 
-def build_accountant(cfg: DictConfig) -> FederationAccountant:
+# SecAgg+ clamps each coordinate to its clip range; under distributed noise that range must
+# sit this many noise-share stds beyond the clip norm (a clamp then has probability < 1.3e-15
+# per coordinate, which the accounting does not add to delta).
+DISTRIBUTED_TAIL_STDS = 8
+
+
+def clamp_headroom(plan: ClientDpPlan) -> float:
+    """Under distributed noise, SecAgg+'s clip range must be at least C times this: the
+    update plus DISTRIBUTED_TAIL_STDS noise-share stds, per unit of C. One rule for the
+    config check and for the largest C adaptive clipping may reach."""
+    return 1.0 + DISTRIBUTED_TAIL_STDS * noise_share_std(plan, clip_norm=1.0)
+
+
+def build_accountant(plan: ClientDpPlan) -> FederationAccountant:
     """The run's accountant, σ fixed or calibrated before round 1."""
     return FederationAccountant(
-        sampling=str(cfg.privacy.client_sampling), delta=float(cfg.privacy.delta), noise_multiplier=planned_noise_multiplier(cfg)
+        sampling=plan.cohort.sampling, delta=plan.delta, noise_multiplier=planned_noise_multiplier(plan)
     )

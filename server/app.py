@@ -19,19 +19,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from fedguard.clients import protocol
+from fedguard.clients.wire import protocol
 from fedguard.clients.datasets import load_dataset
 from fedguard.clients.models import build_model, count_parameters, resolve_device
 from fedguard.clients.training import evaluate_model
-from fedguard.conf.schema import (
-    ConfigError,
-    client_level_dp,
-    clients_per_round,
-    config_from_yaml,
-    config_to_yaml,
-    resume_mismatches,
-    trains_privately,
-)
+from fedguard.conf.plans import client_level_dp, clients_per_round, trains_privately
+from fedguard.conf.run_config import config_from_yaml, config_to_yaml, resume_mismatches
+from fedguard.conf.schema import ConfigError
 from fedguard.server.client_dp import wrap_for_client_dp
 from fedguard.server.checkpoint import CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, BackgroundCheckpointWriter, save_checkpoint
 from fedguard.server.federation import run_federation

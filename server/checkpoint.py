@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from fedguard.clients.models import build_model
-from fedguard.conf.schema import config_from_yaml, trains_privately
+from fedguard.conf.plans import trains_privately
+from fedguard.conf.run_config import config_from_yaml
 
 CHECKPOINT_FORMAT = "fedguard-checkpoint/1"
 CHECKPOINT_DIR = "checkpoints"

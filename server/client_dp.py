@@ -41,23 +41,23 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
 
-from fedguard.clients import protocol
-from fedguard.clients.secure_aggregation import array_view, flatten_update
-from fedguard.conf.schema import uses_adaptive_clipping
+from fedguard.clients.wire import protocol
+from fedguard.clients.wire.arrays import array_view, flatten_update
+from fedguard.conf.plans import adaptive_clip_rule, client_dp_plan, uses_adaptive_clipping
 from fedguard.privacy.adaptive_clipping import INDICATOR_OFFSET, AdaptiveClipState
-from fedguard.privacy.ledger_events import ClientDpRelease
 from fedguard.privacy.client_dp_accounting import (
     POISSON,
+    ClientDpPlan,
     FederationAccountant,
     NoiseSplit,
     Release,
     build_accountant,
     count_noise_std,
-    expected_cohort,
     planned_epsilon,
-    planned_release,
 )
+from fedguard.privacy.ledger_events import ClientDpRelease
 from fedguard.server.client_pool import ExcludingGrid
+from fedguard.server.cohorts import CohortSampler, cohort_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -104,37 +104,46 @@ class ClientDpStrategy(Strategy):
     def __init__(
         self,
         inner: Strategy,
-        cfg: DictConfig,
+        plan: ClientDpPlan,
         accountant: FederationAccountant,
         *,
+        distributed_noise: bool,
         secure_aggregation: bool,
+        max_epsilon: float | None = None,
+        adaptive: AdaptiveClipState | None = None,
         on_release: ReleaseCallback | None = None,
-        clip_norm: float | None = None,
     ) -> None:
+        """``plan``: the run's client-level DP parameters (plain numbers, conf.plans builds
+        them); ``adaptive``: adaptive clipping's state (None: clip to the plan's fixed C)."""
         self.inner = inner
-        self.cfg = cfg
+        self.dp_plan = plan
         self.accountant = accountant
         self.secure_aggregation = secure_aggregation
         self.on_release = on_release
-        self.fixed_clip_norm = float(cfg.privacy.client_clip_norm)
-        # Adaptive clipping: C starts at client_clip_norm, or where a checkpoint left it (``clip_norm``).
-        self.adaptive = AdaptiveClipState.from_config(cfg, clip_norm) if uses_adaptive_clipping(cfg) else None
-        self.split = NoiseSplit.of(accountant.noise_multiplier, count_noise_std(cfg))  # planned σ, σ_Δ, σ_b
-        self.sampling = str(cfg.privacy.client_sampling)
-        self.rate = float(cfg.simulation.fraction_train)
-        self.max_epsilon = cfg.privacy.client_max_epsilon
-        self.distributed = cfg.privacy.noise == "distributed"
+        self.fixed_clip_norm = plan.clip_norm
+        self.adaptive = adaptive
+        self.split = NoiseSplit.of(accountant.noise_multiplier, count_noise_std(plan))  # planned σ, σ_Δ, σ_b
+        self.max_epsilon = max_epsilon
+        self.distributed = distributed_noise
         self.min_available_nodes = int(getattr(inner, "min_available_nodes", 1))
         self.rng = np.random.default_rng(secrets.randbits(128))
-        self.sampler = secrets.SystemRandom()
+        # Fixed cohorts have Flower's size: fraction of the available nodes, at least min_train_nodes.
+        self.cohorts: CohortSampler = cohort_sampler(
+            plan.cohort.sampling, plan.cohort.rate, int(getattr(inner, "min_train_nodes", 0))
+        )
         self.plan: RoundPlan | None = None
         self.last_release: dict[str, Any] | None = None
-        # Fixed cohorts have Flower's size: fraction of the available nodes, at least min_train_nodes.
-        self.min_cohort = int(getattr(inner, "min_train_nodes", 0))
-        # The wrapper picks the cohort, from OS randomness: amplification by sampling holds only
-        # while nobody can tell who was sampled, and Flower's sampler draws from the seeded
-        # `random`. The inner strategy then takes exactly the nodes it is shown.
+        # The wrapper picks the cohort (server/cohorts.py, OS randomness); the inner strategy
+        # then takes exactly the nodes it is shown.
         inner.fraction_train, inner.min_train_nodes, inner.min_available_nodes = 1.0, 0, 0
+
+    @property
+    def sampling(self) -> str:
+        return self.cohorts.sampling
+
+    @property
+    def rate(self) -> float:
+        return self.dp_plan.cohort.rate
 
     @property
     def releases_without_replies(self) -> bool:
@@ -173,7 +182,7 @@ class ClientDpStrategy(Strategy):
         population = len(list(grid.get_node_ids()))
         if population == 0:
             return None
-        after = self.accountant.epsilon_if(planned_release(self.cfg, self.noise_multiplier, population))
+        after = self.accountant.epsilon_if(self.dp_plan.cohort.release(self.noise_multiplier, population))
         if after > self.max_epsilon:
             return (
                 f"round {server_round} would take the federation's client-level epsilon to {after:.4g}, over "
@@ -191,7 +200,7 @@ class ClientDpStrategy(Strategy):
         """
         if not self.distributed:
             return self.split
-        return self.split.surviving(survivors / expected_cohort(self.cfg))
+        return self.split.surviving(survivors / self.dp_plan.cohort.expected_size())
 
     def account_recorded(self, bodies: list[dict[str, Any]]) -> None:
         """Count releases the ledger holds but the checkpoint's accountant does not (the server
@@ -208,16 +217,10 @@ class ClientDpStrategy(Strategy):
     ) -> Iterable[Message]:
         population = list(grid.get_node_ids())
         view = ExcludingGrid(grid)
-        if self.sampling == POISSON:
-            for node in population:
-                if self.sampler.random() >= self.rate:
-                    view.exclude(node, "not in this round's Poisson cohort")
-        else:
-            size = min(max(int(len(population) * self.rate), self.min_cohort), len(population))
-            cohort = set(self.sampler.sample(population, size))
-            for node in population:
-                if node not in cohort:
-                    view.exclude(node, "not in this round's fixed-size cohort")
+        cohort = self.cohorts.draw(population)
+        for node in population:
+            if node not in cohort:
+                view.exclude(node, f"not in this round's {self.sampling} cohort")
         if self.adaptive is not None:  # clients clip to the server's C (and check it); see clients/client_dp.py
             config[protocol.CLIENT_CLIP_NORM_KEY] = self.clip_norm
         # The accountant records the (cohort, population) really drawn.
@@ -282,14 +285,14 @@ class ClientDpStrategy(Strategy):
             losses = [float(r.content[protocol.METRICS_KEY][protocol.TRAIN_LOSS_KEY]) for r in accepted]
         noise = self.effective_noise(survivors)
         std = noise.update_sigma * plan.clip_norm  # of the released update sum
-        denominator = self.rate * plan.population if self.sampling == POISSON else float(plan.cohort)
+        denominator = self.cohorts.denominator(plan.cohort, plan.population)
         central_std = 0.0 if self.distributed else std
         mean_update = add_central_noise(total, central_std, self.rng) / denominator
         noisy_count = None
         if self.adaptive is not None:  # the noised sum of centred clip indicators: part of this release
             count_std = 0.0 if self.distributed else float(self.split.count_std)
             noisy_count = float(add_central_noise(np.array([indicators]), count_std, self.rng)[0])
-        rate = self.rate if self.sampling == POISSON else plan.cohort / plan.population
+        rate = self.cohorts.sample_rate(plan.cohort, plan.population)
         release = Release(noise.sigma, rate, plan.population, plan.cohort)
         epsilon = self.accountant.record(release)
         event = ClientDpRelease(
@@ -301,7 +304,7 @@ class ClientDpStrategy(Strategy):
         if self.on_release is not None:
             self.on_release(event)  # on the record before the release leaves this method
         self.last_release = {
-            "clip_norm": plan.clip_norm, "noise_std": std, "noise_multiplier": noise.sigma, "noise": self.cfg.privacy.noise,
+            "clip_norm": plan.clip_norm, "noise_std": std, "noise_multiplier": noise.sigma, "noise": "distributed" if self.distributed else "central",
             "cohort_size": plan.cohort, "survivors": survivors, "expected_cohort": denominator,
             "sample_rate": rate, "population": plan.population, "epsilon": epsilon, "clipping": self.clipping,
             "update_noise_multiplier": noise.update_sigma, "count_noise_std": noise.count_std,
@@ -354,11 +357,11 @@ class ClientDpStrategy(Strategy):
         }
 
     def _adaptive_summary(self) -> dict[str, Any]:
-        ac = self.cfg.privacy.adaptive_clipping
+        assert self.adaptive is not None
         return {
             "initial_clip_norm": self.fixed_clip_norm,
-            "target_quantile": float(ac.target_quantile),
-            "learning_rate": float(ac.learning_rate),
+            "target_quantile": self.adaptive.target_quantile,
+            "learning_rate": self.adaptive.learning_rate,
             "update_noise_multiplier": self.split.update_sigma,  # planned σ_Δ (σ above is the combined one)
             "count_noise_std": self.split.count_std,  # planned σ_b
         }
@@ -367,6 +370,7 @@ class ClientDpStrategy(Strategy):
 def wrap_for_client_dp(cfg: DictConfig, strategy: Strategy, saved: dict[str, Any] | None) -> ClientDpStrategy:
     """The DP-FedAvg layer for a run: a resumed run continues its saved accounting, a new one
     calibrates (or takes) σ and prints the epsilon the planned run will spend."""
+    plan = client_dp_plan(cfg)
     clip_norm = None
     if saved is not None:
         accountant = FederationAccountant.from_payload(saved)
@@ -377,16 +381,19 @@ def wrap_for_client_dp(cfg: DictConfig, strategy: Strategy, saved: dict[str, Any
             "" if clip_norm is None else f", clip norm {clip_norm:.4g}",
         )
     else:
-        accountant = build_accountant(cfg)
+        accountant = build_accountant(plan)
         logger.warning(
             "client-level DP: clip norm %g, noise multiplier %.4g, %s sampling at rate %g: %d rounds spend "
             "epsilon %.4g at delta %g (client level)",
             cfg.privacy.client_clip_norm, accountant.noise_multiplier, accountant.sampling,
             cfg.simulation.fraction_train, cfg.simulation.rounds,
-            planned_epsilon(cfg, accountant.noise_multiplier), accountant.delta,
+            planned_epsilon(plan, accountant.noise_multiplier), accountant.delta,
         )
+    # Adaptive clipping: C starts at client_clip_norm, or where a checkpoint left it.
+    adaptive = AdaptiveClipState.start(adaptive_clip_rule(cfg), clip_norm) if uses_adaptive_clipping(cfg) else None
     wrapper = ClientDpStrategy(
-        strategy, cfg, accountant, secure_aggregation=cfg.secure_agg.mode != "off", clip_norm=clip_norm
+        strategy, plan, accountant, distributed_noise=cfg.privacy.noise == "distributed",
+        secure_aggregation=cfg.secure_agg.mode != "off", max_epsilon=cfg.privacy.client_max_epsilon, adaptive=adaptive,
     )
     if wrapper.adaptive is not None and saved is None:
         logger.warning(

@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedguard.clients import protocol
+from fedguard.clients.wire import protocol
 from fedguard.server.client_pool import ExcludingGrid
 from fedguard.server.reply_checks import metric_key_outliers, train_reply_problem, usable_evaluate_replies
 from fedguard.server.run_record import RoundRecord

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedguard.conf.schema import split_host_port
-from fedguard.privacy.key_commands import DEFAULT_CERTS_DIR
+from fedguard.conf.run_address import split_host_port
+from fedguard.clients.deployment.key_commands import DEFAULT_CERTS_DIR
 from fedguard.server.privacy_ledger import FEDGUARD_HOME_ENV
-from fedguard.simulations.flower_tools import environment_with_flower, flower_executable
-from fedguard.privacy.key_material import (
+from fedguard.clients.deployment.flower_tools import environment_with_flower, flower_executable
+from fedguard.clients.deployment.key_material import (
     CA_CERT_FILE,
     SERVER_CERT_FILE,
     SERVER_KEY_FILE,

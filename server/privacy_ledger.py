@@ -20,7 +20,7 @@ from typing import Any
 
 from flwr.app import Message
 
-from fedguard.clients import protocol
+from fedguard.clients.wire import protocol
 from fedguard.privacy.ledger import (
     LEDGER_FILE,
     LedgerError,

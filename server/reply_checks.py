@@ -23,8 +23,8 @@ from collections import Counter
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from fedguard.clients import protocol
-from fedguard.clients.message_checks import (
+from fedguard.clients.wire import protocol
+from fedguard.clients.wire.checks import (
     MAX_EXAMPLE_COUNT,
     MAX_PEERS,
     MAX_SHARE_BYTES,

@@ -19,9 +19,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
-from fedguard.clients import protocol
-from fedguard.clients.secure_aggregation import array_view, params_from
-from fedguard.conf.schema import uses_adaptive_clipping
+from fedguard.clients.wire import protocol
+from fedguard.clients.secure_aggregation import params_from
+from fedguard.clients.wire.arrays import array_view
+from fedguard.conf.plans import uses_adaptive_clipping
 from fedguard.privacy.secagg.masking import dequantize_sum, levels_for
 from fedguard.privacy.secagg.protocol import SecAggError, ServerSession, neighbour_graph
 from fedguard.server.federation import TrainReplies, exchange_messages, sort_train_replies

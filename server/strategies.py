@@ -24,8 +24,8 @@ from flwr.serverapp.strategy import (
 )
 from omegaconf import DictConfig, OmegaConf
 
-from fedguard.clients import protocol
-from fedguard.conf.schema import min_clients_per_round
+from fedguard.clients.wire import protocol
+from fedguard.conf.plans import min_clients_per_round
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,

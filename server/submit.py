@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedguard.clients import protocol
-from fedguard.conf.schema import ConfigError, config_to_yaml
-from fedguard.privacy.key_material import KeyMaterialError
+from fedguard.clients.wire import protocol
+from fedguard.conf.run_config import config_to_yaml
+from fedguard.conf.schema import ConfigError
+from fedguard.clients.deployment.key_material import KeyMaterialError
 from fedguard.server.launch import CONNECTION_NAME, RUNS_DIR, flower_cli_home
-from fedguard.simulations.flower_tools import flower_executable
+from fedguard.clients.deployment.flower_tools import flower_executable
 
 # Run states as Flower's SuperLink reports them (`flwr ls`).
 FINISHED = "finished"

@@ -21,10 +21,10 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedguard.clients import protocol
+from fedguard.clients.wire import protocol
 from fedguard.clients.app import app as fedguard_client
 from fedguard.conf import compose_config
-from fedguard.conf.schema import config_to_yaml
+from fedguard.conf.run_config import config_to_yaml
 from fedguard.simulations.simulate import backend_config, launch
 
 logger = logging.getLogger(__name__)

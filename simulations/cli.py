@@ -11,8 +11,8 @@ import sys
 
 # Separate-sites commands: name -> (module, function taking the remaining argv).
 DEPLOYMENT_COMMANDS = {
-    "certs": ("fedguard.privacy.key_commands", "certs_main"),
-    "keys": ("fedguard.privacy.key_commands", "keys_main"),
+    "certs": ("fedguard.clients.deployment.key_commands", "certs_main"),
+    "keys": ("fedguard.clients.deployment.key_commands", "keys_main"),
     "server": ("fedguard.server.launch", "server_main"),
     "register": ("fedguard.server.launch", "register_main"),
     "client": ("fedguard.clients.launch", "client_main"),
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(rest)
     if command == "audit":
-        from fedguard.privacy.audit.cli import main as audit_main
+        from fedguard.simulations.audit_cli import main as audit_main
 
         return audit_main(rest)
     if command in DEPLOYMENT_COMMANDS:

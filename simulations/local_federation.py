@@ -130,7 +130,7 @@ class Federation:
     def connected_nodes(self) -> int:
         """SuperNodes the SuperLink reports online (via Flower's CLI, over TLS)."""
         from fedguard.server.launch import CONNECTION_NAME, flower_cli_home
-        from fedguard.simulations.flower_tools import flower_executable
+        from fedguard.clients.deployment.flower_tools import flower_executable
 
         with flower_cli_home(self.address, self.ca_cert) as env:
             listing = subprocess.run(

@@ -15,9 +15,10 @@ from flwr.serverapp import ServerApp
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fedguard.clients import protocol
+from fedguard.clients.wire import protocol
 from fedguard.conf import validate_config
-from fedguard.conf.schema import ConfigError, config_to_yaml
+from fedguard.conf.run_config import config_to_yaml
+from fedguard.conf.schema import ConfigError
 from fedguard.server.checkpoint import CheckpointError
 from fedguard.server.run_record import SUMMARY_FILE
 

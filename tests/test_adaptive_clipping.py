@@ -16,22 +16,21 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fedguard.clients import protocol
+from fedguard.clients.wire import protocol
 from fedguard.clients.client_dp import client_dp_mod, round_clip_norm, update_norm
-from fedguard.clients.message_checks import MalformedMessage
+from fedguard.clients.wire.checks import MalformedMessage
 from fedguard.clients.secure_aggregation import INPUT_ARRAY, INPUT_STATE_KEY, encode_held_update, secure_aggregation_mod
 from fedguard.conf import ConfigError, compose_config
-from fedguard.conf.schema import config_to_yaml
+from fedguard.conf.run_config import config_to_yaml
 from fedguard.privacy.accounting import PrivacyConfigError
 from fedguard.privacy.adaptive_clipping import AdaptiveClipState, clip_indicator, next_clip_norm, reachable_clip_norms
 from fedguard.privacy.audit import recompute
 from fedguard.privacy.audit.spend import MISMATCH, OK, audit_federation
 from fedguard.privacy.audit.verify import AttributedEvent
+from fedguard.conf.plans import adaptive_clip_rule, client_dp_plan
 from fedguard.privacy.client_dp_accounting import (
-    FederationAccountant,
     combined_noise_multiplier,
     count_share_std,
-    expected_cohort,
     noise_split,
     update_noise_multiplier,
 )
@@ -41,7 +40,7 @@ from fedguard.server.client_dp import ClientDpStrategy, wrap_for_client_dp
 from fedguard.server.federation import sort_train_replies
 from fedguard.server.run_state import RunState
 from fedguard.server.secure_aggregation import SecureAggregationExchange
-from tests.test_client_dp import DIMENSION, _arrays, _Grid, _shifted, _variance_in_chi2_range
+from tests.client_dp_support import DIMENSION, StandInGrid, client_dp_wrapper, random_arrays, shifted, train_reply, variance_in_chi2_range
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -53,23 +52,6 @@ ADAPTIVE = ["privacy=client_dp", "privacy.client_clipping=adaptive", "privacy.cl
 DISTRIBUTED = [*ADAPTIVE, "privacy.noise=distributed", "privacy.client_sampling=fixed", "secure_agg=secaggplus", "secure_agg.clip_range=8"]
 
 
-def _wrapper(cfg, releases: list | None = None, secure: bool = False) -> ClientDpStrategy:
-    inner = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0,
-                   min_available_nodes=1, weighted_by_key=protocol.NUM_EXAMPLES_KEY)
-    accountant = FederationAccountant(cfg.privacy.client_sampling, float(cfg.privacy.delta), SIGMA)
-    return ClientDpStrategy(inner, cfg, accountant, secure_aggregation=secure,
-                            on_release=None if releases is None else releases.append)
-
-
-def _reply(instruction: Message, arrays: ArrayRecord, indicator: float | None) -> Message:
-    content = RecordDict({protocol.ARRAYS_KEY: arrays, protocol.METRICS_KEY: MetricRecord(
-        {protocol.NUM_EXAMPLES_KEY: 1, protocol.TRAIN_LOSS_KEY: 1.0})})
-    if indicator is not None:
-        content[protocol.CLIP_INDICATOR_KEY] = ConfigRecord({protocol.CLIP_INDICATOR_FIELD: indicator})
-    return Message(content, reply_to=instruction)
-
-
-# -- the σ split (Andrew et al. 2021, Theorem 1) -------------------------------------------------
 @pytest.mark.parametrize(("sigma", "count_std"), [(1.0, 1.0), (0.8, 2.5), (3.0, 1.6)])
 def test_sigma_split_is_one_gaussian_mechanism(sigma, count_std):
     update_sigma = update_noise_multiplier(sigma, count_std)
@@ -93,7 +75,7 @@ def test_split_refused_where_twice_sigma_b_does_not_exceed_sigma(compose):
     overrides = [o for o in ADAPTIVE if "clipped_count_stddev" not in o]
     with pytest.raises(ConfigError, match=r"privacy\.adaptive_clipping\.clipped_count_stddev=0\.5 .*2 sigma_b > sigma"):
         compose_config([*overrides, "privacy.adaptive_clipping.clipped_count_stddev=0.5"])
-    assert noise_split(compose([*overrides, "privacy.adaptive_clipping.clipped_count_stddev=0.51"])).update_sigma > 1
+    assert noise_split(client_dp_plan(compose([*overrides, "privacy.adaptive_clipping.clipped_count_stddev=0.51"]))).update_sigma > 1
     # the default σ_b (expected cohort / 20) is far too small for 5 clients at sigma 1: refused, saying so
     with pytest.raises(ConfigError, match=r"clipped_count_stddev=null \(expected cohort / 20\)"):
         compose_config(overrides)
@@ -150,7 +132,7 @@ def _trainer(old: ArrayRecord, norm: float, seed: int = 0):
 
     def train(msg, _context):
         metrics = MetricRecord({protocol.NUM_EXAMPLES_KEY: 40, protocol.TRAIN_LOSS_KEY: 0.5})
-        arrays = _shifted(old, direction / np.linalg.norm(direction) * norm)
+        arrays = shifted(old, direction / np.linalg.norm(direction) * norm)
         return Message(RecordDict({protocol.ARRAYS_KEY: arrays, protocol.METRICS_KEY: metrics}), reply_to=msg)
 
     return train
@@ -158,7 +140,7 @@ def _trainer(old: ArrayRecord, norm: float, seed: int = 0):
 
 def test_client_clips_to_the_servers_norm_and_sends_its_centred_indicator(compose):
     cfg = compose(ADAPTIVE)
-    old = _arrays(np.random.default_rng(1))
+    old = random_arrays(np.random.default_rng(1))
     replies = []
     for node, norm in ((1, 2 * CLIP), (2, 0.5 * CLIP)):
         msg = _train_message(cfg, old, CLIP)
@@ -186,7 +168,7 @@ def test_client_refuses_a_clip_norm_the_rule_cannot_have_produced(compose):
             round_clip_norm(cfg, config, server_round)
     # distributed noise: no C beyond what secure_agg.clip_range leaves room for, however many rounds passed
     distributed = compose(DISTRIBUTED)
-    ceiling = AdaptiveClipState.from_config(distributed).ceiling
+    ceiling = adaptive_clip_rule(distributed).ceiling
     assert math.isfinite(ceiling) and round_clip_norm(distributed, ConfigRecord({protocol.CLIENT_CLIP_NORM_KEY: ceiling}), 50)
     with pytest.raises(MalformedMessage, match="clip_range"):
         round_clip_norm(distributed, ConfigRecord({protocol.CLIENT_CLIP_NORM_KEY: ceiling * 1.01}), 50)
@@ -221,14 +203,14 @@ def test_client_app_refuses_a_bad_clip_norm_before_training(compose, monkeypatch
 def test_wrapper_sends_c_counts_indicators_and_moves_c(compose):
     cfg = compose(ADAPTIVE)
     releases: list[ClientDpRelease] = []
-    strategy = _wrapper(cfg, releases)
+    strategy = client_dp_wrapper(cfg, SIGMA, releases)
     strategy.rng = np.random.default_rng(3)
-    base = _arrays(np.random.default_rng(4))
-    messages = list(strategy.configure_train(1, base, ConfigRecord({}), _Grid(NODES)))
+    base = random_arrays(np.random.default_rng(4))
+    messages = list(strategy.configure_train(1, base, ConfigRecord({}), StandInGrid(NODES)))
     assert {m.content[protocol.CONFIG_KEY][protocol.CLIENT_CLIP_NORM_KEY] for m in messages} == {CLIP}
     indicators = [0.5, 0.5, 0.5, -0.5, 0.5]
-    replies = [_reply(m, base, b) for m, b in zip(messages, indicators)]
-    replies.append(_reply(messages[0], base, None))  # no indicator: refused under adaptive clipping
+    replies = [train_reply(m, base, b) for m, b in zip(messages, indicators)]
+    replies.append(train_reply(messages[0], base, None))  # no indicator: refused under adaptive clipping
     strategy.aggregate_train(1, replies)
     count_noise = np.random.default_rng(3)
     count_noise.normal(0.0, 1.0, size=DIMENSION)  # the update's noise is drawn first
@@ -238,13 +220,13 @@ def test_wrapper_sends_c_counts_indicators_and_moves_c(compose):
     assert record["survivors"] == 5 and record["unclipped_count"] == pytest.approx(noisy + 2.5)
     assert record["unclipped_fraction"] == pytest.approx(fraction)
     assert record["next_clip_norm"] == pytest.approx(next_clip_norm(CLIP, fraction, 0.5, 0.2)) == strategy.clip_norm
-    split = noise_split(cfg)
+    split = noise_split(client_dp_plan(cfg))
     assert (record["noise_multiplier"], record["update_noise_multiplier"], record["count_noise_std"]) == pytest.approx(
         (SIGMA, split.update_sigma, COUNT_STD))
     event = releases[0]
     assert (event.clipping, event.clip_norm, event.noise_multiplier) == ("adaptive", CLIP, SIGMA)
     assert event.noise_std == pytest.approx(split.update_sigma * CLIP) and event.count_noise_std == COUNT_STD
-    second = list(strategy.configure_train(2, base, ConfigRecord({}), _Grid(NODES)))
+    second = list(strategy.configure_train(2, base, ConfigRecord({}), StandInGrid(NODES)))
     assert second[0].content[protocol.CONFIG_KEY][protocol.CLIENT_CLIP_NORM_KEY] == strategy.clip_norm
 
 
@@ -253,20 +235,20 @@ def test_noisy_count_noise_std_matches_sigma_b(compose):
     at 1e-6, which a 50% wrong std fails), on a model small enough to make rounds cheap."""
     logging.getLogger("flwr").setLevel(logging.ERROR)
     cfg = compose(ADAPTIVE)
-    strategy = _wrapper(cfg)
+    strategy = client_dp_wrapper(cfg, SIGMA)
     base = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
     indicators = [0.5, -0.5, 0.5, 0.5, -0.5]
     errors = []
     for server_round in range(1, 2001):
         strategy.accountant.releases.clear()  # keep the epsilon recomputation per round cheap
         strategy.adaptive.clip_norm = CLIP  # and C away from float extremes
-        messages = list(strategy.configure_train(server_round, base, ConfigRecord({}), _Grid(NODES)))
-        strategy.aggregate_train(server_round, [_reply(m, base, b) for m, b in zip(messages, indicators)])
+        messages = list(strategy.configure_train(server_round, base, ConfigRecord({}), StandInGrid(NODES)))
+        strategy.aggregate_train(server_round, [train_reply(m, base, b) for m, b in zip(messages, indicators)])
         errors.append(strategy.last_release["unclipped_count"] - 3)  # three clients were within C
-    statistic, low, high = _variance_in_chi2_range(np.asarray(errors), COUNT_STD)
+    statistic, low, high = variance_in_chi2_range(np.asarray(errors), COUNT_STD)
     assert low <= statistic <= high
     assert abs(float(np.mean(errors))) < 5 * COUNT_STD / math.sqrt(len(errors))  # unbiased
-    wrong, low, high = _variance_in_chi2_range(np.asarray(errors), COUNT_STD * 1.5)
+    wrong, low, high = variance_in_chi2_range(np.asarray(errors), COUNT_STD * 1.5)
     assert not low <= wrong <= high
 
 
@@ -276,9 +258,9 @@ def test_indicator_rides_masked_and_the_server_strips_its_sum(compose):
     neither update nor indicator); the server's aggregate carries the indicators' sum apart
     from the model, and the wrapper records σ from the noise that survived on both parts."""
     cfg = compose(DISTRIBUTED)
-    n = expected_cohort(cfg)
-    assert count_share_std(cfg) == pytest.approx(COUNT_STD / math.sqrt(n))
-    old = _arrays(np.random.default_rng(5))
+    n = client_dp_plan(cfg).cohort.expected_size()
+    assert count_share_std(client_dp_plan(cfg)) == pytest.approx(COUNT_STD / math.sqrt(n))
+    old = random_arrays(np.random.default_rng(5))
     exchange = SecureAggregationExchange(cfg)
     total, held, keyed = None, [], {}
     for node, norm in zip((1, 2, 3), (2 * CLIP, 0.1 * CLIP, 0.2 * CLIP)):
@@ -300,11 +282,11 @@ def test_indicator_rides_masked_and_the_server_strips_its_sum(compose):
     np.testing.assert_allclose(released, sum(v[:-1] for v in held) / 3, atol=1e-4)
 
     releases: list[ClientDpRelease] = []
-    strategy = _wrapper(cfg, releases, secure=True)
-    messages = list(strategy.configure_train(1, old, ConfigRecord({}), _Grid(NODES)))
+    strategy = client_dp_wrapper(cfg, SIGMA, releases, secure=True)
+    messages = list(strategy.configure_train(1, old, ConfigRecord({}), StandInGrid(NODES)))
     aggregate = Message(content, reply_to=messages[0])
     strategy.aggregate_train(1, [aggregate])
-    split, kept = noise_split(cfg), math.sqrt(3 / n)
+    split, kept = noise_split(client_dp_plan(cfg)), math.sqrt(3 / n)
     event = releases[0]
     assert event.update_noise_multiplier == pytest.approx(split.update_sigma * kept)
     assert event.count_noise_std == pytest.approx(COUNT_STD * kept)
@@ -314,10 +296,10 @@ def test_indicator_rides_masked_and_the_server_strips_its_sum(compose):
 
 # -- accounting, audit, checkpoint --------------------------------------------------------------
 def _rounds(strategy: ClientDpStrategy, rounds: int, nodes: list[int] = NODES) -> None:
-    base = _arrays(np.random.default_rng(6))
+    base = random_arrays(np.random.default_rng(6))
     for server_round in range(1, rounds + 1):
-        messages = list(strategy.configure_train(server_round, base, ConfigRecord({}), _Grid(nodes)))
-        strategy.aggregate_train(server_round, [_reply(m, base, 0.5) for m in messages])
+        messages = list(strategy.configure_train(server_round, base, ConfigRecord({}), StandInGrid(nodes)))
+        strategy.aggregate_train(server_round, [train_reply(m, base, 0.5) for m in messages])
 
 
 def _attributed(event: ClientDpRelease) -> AttributedEvent:
@@ -327,7 +309,7 @@ def _attributed(event: ClientDpRelease) -> AttributedEvent:
 def test_adaptive_epsilon_equals_an_independent_recomputation_and_the_audit_checks_sigma(compose):
     cfg = compose([*ADAPTIVE, "simulation.num_clients=20", "simulation.fraction_train=0.5"])
     releases: list[ClientDpRelease] = []
-    strategy = _wrapper(cfg, releases)
+    strategy = client_dp_wrapper(cfg, SIGMA, releases)
     _rounds(strategy, 6, nodes=list(range(1, 21)))  # Poisson cohorts at q = 0.5
     # dp_accounting from the recorded noise alone: σ recombined from (noise_std / C, σ_b) here, in the test
     accountant = dp_accounting.rdp.RdpAccountant(orders=recompute.RDP_ORDERS)
@@ -350,7 +332,7 @@ def test_adaptive_epsilon_equals_an_independent_recomputation_and_the_audit_chec
 
 def test_checkpoint_round_trip_keeps_the_clip_norm(compose):
     cfg = compose(ADAPTIVE)
-    strategy = _wrapper(cfg)
+    strategy = client_dp_wrapper(cfg, SIGMA)
     strategy.rng = np.random.default_rng(8)
     _rounds(strategy, 3)  # every client within C: C moves (mostly down)
     assert strategy.clip_norm != CLIP
@@ -360,8 +342,8 @@ def test_checkpoint_round_trip_keeps_the_clip_norm(compose):
                    min_available_nodes=1, weighted_by_key=protocol.NUM_EXAMPLES_KEY)
     resumed = wrap_for_client_dp(cfg, inner, saved)
     assert resumed.clip_norm == strategy.clip_norm and resumed.accountant == strategy.accountant
-    base = _arrays(np.random.default_rng(6))
-    messages = list(resumed.configure_train(4, base, ConfigRecord({}), _Grid(NODES)))
+    base = random_arrays(np.random.default_rng(6))
+    messages = list(resumed.configure_train(4, base, ConfigRecord({}), StandInGrid(NODES)))
     assert messages[0].content[protocol.CONFIG_KEY][protocol.CLIENT_CLIP_NORM_KEY] == strategy.clip_norm
     assert resumed.federation_summary()["clipping"] == "adaptive"
     assert resumed.federation_summary()["initial_clip_norm"] == CLIP

@@ -18,9 +18,9 @@ from opacus.accountants import RDPAccountant
 from fedguard.privacy.accounting import compute_epsilon
 from fedguard.privacy.audit import ExitCode, run_audit
 from fedguard.privacy.audit import recompute, verify
-from fedguard.privacy.audit.cli import main as audit_main
+from fedguard.simulations.audit_cli import main as audit_main
 from fedguard.privacy.audit.recompute import DEFAULT_TOLERANCE, RDP_ORDERS
-from fedguard.privacy.audit.report import ACCURACY_PLOT, EPSILON_PLOT, REPORT_FILE
+from fedguard.simulations.audit_report import ACCURACY_PLOT, EPSILON_PLOT, REPORT_FILE
 from fedguard.privacy.audit.spend import MISMATCH, OK, audit_federation
 from fedguard.privacy.audit.synthetic import DEFAULT_DELTA, build_synthetic_run
 from fedguard.privacy.audit.verify import AttributedEvent, verify_ledger

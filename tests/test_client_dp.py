@@ -12,63 +12,46 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
-from scipy import stats
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedguard.clients import protocol
+from fedguard.clients.wire import protocol
 from fedguard.clients.client_dp import UNIFORM_WEIGHT, add_noise_share, clip_arrays, client_dp_mod, update_norm
 from fedguard.conf import ConfigError, compose_config
-from fedguard.conf.schema import config_to_yaml
+from fedguard.conf.run_config import config_to_yaml
 from fedguard.privacy.audit import recompute
 from fedguard.privacy.ledger_events import ClientDpRelease
-from fedguard.server.client_dp import ClientDpStrategy, add_central_noise, build_accountant, planned_epsilon
+from fedguard.server.client_dp import add_central_noise
+from fedguard.conf.plans import client_dp_plan
 from fedguard.privacy.client_dp_accounting import (
     FederationAccountant,
     Release,
     calibrate_sigma,
     epsilon_of,
-    expected_cohort,
+    build_accountant,
     noise_share_std,
+    planned_epsilon,
 )
 from fedguard.server.run_state import RunState
-
-# Two-sided significance of the variance tests: a correct mechanism fails them once in 10^6 runs.
-ALPHA = 1e-6
-SHAPES = {"w": (64, 50), "b": (50,)}
-DIMENSION = sum(math.prod(s) for s in SHAPES.values())
-
+from tests.client_dp_support import (
+    DIMENSION,
+    StandInGrid,
+    client_dp_wrapper,
+    random_arrays,
+    shifted,
+    train_reply,
+    variance_in_chi2_range,
+)
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
-
-
-def _arrays(rng: np.random.Generator, scale: float = 1.0) -> ArrayRecord:
-    return ArrayRecord({k: Array((rng.standard_normal(s) * scale).astype(np.float32)) for k, s in SHAPES.items()})
-
-
-def _shifted(base: ArrayRecord, update: np.ndarray) -> ArrayRecord:
-    out, offset = {}, 0
-    for key in base.keys():
-        values = base[key].numpy()
-        out[key] = Array((values.astype(np.float64) + update[offset : offset + values.size].reshape(values.shape)).astype(np.float32))
-        offset += values.size
-    return ArrayRecord(out)
-
-
-def _variance_in_chi2_range(samples: np.ndarray, std: float) -> tuple[float, float, float]:
-    """(statistic, low, high): (n-1)s²/σ² must lie in the chi-square(n-1) central interval."""
-    n = samples.size
-    statistic = (n - 1) * float(np.var(samples, ddof=1)) / std**2
-    return statistic, float(stats.chi2.ppf(ALPHA / 2, n - 1)), float(stats.chi2.ppf(1 - ALPHA / 2, n - 1))
 
 
 # -- client side: clipping -------------------------------------------------------------------
 @pytest.mark.parametrize("scale", [1e-3, 0.1, 1.0, 50.0])
 def test_clipped_update_never_exceeds_the_clip_norm(scale):
     rng = np.random.default_rng(0)
-    old = _arrays(rng, scale=10.0)  # large weights: float32 round-off on old + update is worst here
+    old = random_arrays(rng, scale=10.0)  # large weights: float32 round-off on old + update is worst here
     for clip_norm in (0.01, 0.5, 3.0):
-        new = _shifted(old, rng.standard_normal(DIMENSION) * scale)
+        new = shifted(old, rng.standard_normal(DIMENSION) * scale)
         before = update_norm(new, old)
         clipped, reported = clip_arrays(new, old, clip_norm)
         after = update_norm(clipped, old)
@@ -81,13 +64,13 @@ def test_clipped_update_never_exceeds_the_clip_norm(scale):
 def test_mod_clips_and_weighs_every_client_one(compose):
     cfg = compose(["privacy=client_dp", "privacy.client_clip_norm=0.25"])
     rng = np.random.default_rng(1)
-    old = _arrays(rng)
+    old = random_arrays(rng)
     config = ConfigRecord({protocol.FEDGUARD_CONFIG_KEY: config_to_yaml(cfg), protocol.SERVER_ROUND_KEY: 1})
     msg = Message(RecordDict({protocol.ARRAYS_KEY: old, protocol.CONFIG_KEY: config}), dst_node_id=7, message_type="train")
 
     def train(_msg, _context):
         metrics = MetricRecord({protocol.NUM_EXAMPLES_KEY: 1234, protocol.TRAIN_LOSS_KEY: 0.5})
-        return Message(RecordDict({protocol.ARRAYS_KEY: _shifted(old, rng.standard_normal(DIMENSION)),
+        return Message(RecordDict({protocol.ARRAYS_KEY: shifted(old, rng.standard_normal(DIMENSION)),
                                    protocol.METRICS_KEY: metrics}), reply_to=msg)
 
     reply = client_dp_mod(msg, None, train)
@@ -99,33 +82,11 @@ def test_mod_clips_and_weighs_every_client_one(compose):
 def test_central_noise_std_matches_sigma_times_clip_norm():
     sigma, clip_norm, size = 1.3, 0.7, 400_000
     noised = add_central_noise(np.zeros(size), sigma * clip_norm, np.random.default_rng(2))
-    statistic, low, high = _variance_in_chi2_range(noised, sigma * clip_norm)
+    statistic, low, high = variance_in_chi2_range(noised, sigma * clip_norm)
     assert low <= statistic <= high
     # and a wrong std (5% off) is detected at this sample size: the test can fail
-    statistic_wrong, low, high = _variance_in_chi2_range(noised, sigma * clip_norm * 1.05)
+    statistic_wrong, low, high = variance_in_chi2_range(noised, sigma * clip_norm * 1.05)
     assert not low <= statistic_wrong <= high
-
-
-class _Grid:
-    """Only what sampling reads from a grid."""
-
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-
-def _wrapper(cfg, sigma: float, releases: list) -> ClientDpStrategy:
-    inner = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0,
-                   min_available_nodes=1, weighted_by_key=protocol.NUM_EXAMPLES_KEY)
-    accountant = FederationAccountant(cfg.privacy.client_sampling, float(cfg.privacy.delta), sigma)
-    return ClientDpStrategy(inner, cfg, accountant, secure_aggregation=False, on_release=releases.append)
-
-
-def _reply(instruction: Message, arrays: ArrayRecord) -> Message:
-    metrics = MetricRecord({protocol.NUM_EXAMPLES_KEY: 1, protocol.TRAIN_LOSS_KEY: 1.0})
-    return Message(RecordDict({protocol.ARRAYS_KEY: arrays, protocol.METRICS_KEY: metrics}), reply_to=instruction)
 
 
 @pytest.mark.parametrize("sampling", ["poisson", "fixed"])
@@ -135,18 +96,18 @@ def test_released_sum_of_zero_updates_has_noise_std_sigma_c(compose, sampling):
                    "privacy.client_target_epsilon=null", f"privacy.client_noise_multiplier={sigma}",
                    "simulation.num_clients=5", "simulation.fraction_train=1.0"])
     releases: list[ClientDpRelease] = []
-    strategy = _wrapper(cfg, sigma, releases)
-    global_arrays = _arrays(np.random.default_rng(3))
+    strategy = client_dp_wrapper(cfg, sigma, releases)
+    global_arrays = random_arrays(np.random.default_rng(3))
     samples = []
     for server_round in range(1, 41):  # 40 rounds x 3,250 coordinates
-        messages = list(strategy.configure_train(server_round, global_arrays, ConfigRecord({}), _Grid([1, 2, 3, 4, 5])))
-        replies = [_reply(m, global_arrays) for m in messages]  # zero updates
+        messages = list(strategy.configure_train(server_round, global_arrays, ConfigRecord({}), StandInGrid([1, 2, 3, 4, 5])))
+        replies = [train_reply(m, global_arrays) for m in messages]  # zero updates
         released, _ = strategy.aggregate_train(server_round, replies)
         expected_cohort = strategy.last_release["expected_cohort"]
         # the released mean times the expected cohort is the released sum: pure noise here
         samples.append(np.concatenate([(released[k].numpy().astype(np.float64) - global_arrays[k].numpy()).ravel()
                                        for k in global_arrays.keys()]) * expected_cohort)
-    statistic, low, high = _variance_in_chi2_range(np.concatenate(samples), sigma * clip_norm)
+    statistic, low, high = variance_in_chi2_range(np.concatenate(samples), sigma * clip_norm)
     # float32 storage of the released model adds round-off far below the 1e-6-level test's resolution
     assert low <= statistic <= high
     assert [e.round for e in releases] == list(range(1, 41))
@@ -163,9 +124,9 @@ def test_cohorts_come_from_os_randomness_not_the_runs_seed(compose, sampling):
     cohorts = []
     for _ in range(2):
         random.seed(cfg.seed)  # what server/app.py does for Flower's sampler
-        strategy = _wrapper(cfg, 1.0, [])
-        cohorts.append({m.metadata.dst_node_id for m in strategy.configure_train(1, _arrays(np.random.default_rng(0)),
-                                                                                 ConfigRecord({}), _Grid(population))})
+        strategy = client_dp_wrapper(cfg, 1.0, [])
+        cohorts.append({m.metadata.dst_node_id for m in strategy.configure_train(1, random_arrays(np.random.default_rng(0)),
+                                                                                 ConfigRecord({}), StandInGrid(population))})
     assert cohorts[0] != cohorts[1]  # equal with probability < 1e-12 (fixed) or far less (Poisson)
     if sampling == "fixed":
         assert [len(c) for c in cohorts] == [10, 10]
@@ -178,17 +139,17 @@ def test_an_empty_poisson_cohort_gets_a_noise_only_release(compose, monkeypatch)
                    f"privacy.client_noise_multiplier={sigma}", f"simulation.num_clients={clients}",
                    f"simulation.fraction_train={rate}", "simulation.min_clients_per_round=1"])
     releases: list[ClientDpRelease] = []
-    strategy = _wrapper(cfg, sigma, releases)
+    strategy = client_dp_wrapper(cfg, sigma, releases)
     assert strategy.releases_without_replies
-    monkeypatch.setattr(strategy.sampler, "random", lambda: 1.0)  # nobody joins
-    global_arrays = _arrays(np.random.default_rng(4))
+    monkeypatch.setattr(strategy.cohorts, "draw", lambda population: set())  # nobody joins
+    global_arrays = random_arrays(np.random.default_rng(4))
     samples = []
     for server_round in range(1, 41):
-        assert list(strategy.configure_train(server_round, global_arrays, ConfigRecord({}), _Grid([1, 2, 3, 4, 5]))) == []
+        assert list(strategy.configure_train(server_round, global_arrays, ConfigRecord({}), StandInGrid([1, 2, 3, 4, 5]))) == []
         released, _ = strategy.aggregate_train(server_round, [])
         samples.append(np.concatenate([(released[k].numpy().astype(np.float64) - global_arrays[k].numpy()).ravel()
                                        for k in global_arrays.keys()]) * rate * clients)
-    statistic, low, high = _variance_in_chi2_range(np.concatenate(samples), sigma * clip_norm)
+    statistic, low, high = variance_in_chi2_range(np.concatenate(samples), sigma * clip_norm)
     assert low <= statistic <= high  # the noise of a full round, on an empty sum
     assert [(e.cohort_size, e.survivors) for e in releases] == [(0, 0)] * 40
     assert releases[-1].epsilon == pytest.approx(strategy.accountant.epsilon) and releases[-1].epsilon > 0
@@ -200,16 +161,16 @@ def test_over_norm_updates_are_rejected_and_the_release_is_recorded_first(compos
                    "privacy.client_noise_multiplier=1.0", "simulation.num_clients=5", "simulation.fraction_train=1.0",
                    "privacy.client_sampling=fixed"])
     releases: list[ClientDpRelease] = []
-    strategy = _wrapper(cfg, 1.0, releases)
+    strategy = client_dp_wrapper(cfg, 1.0, releases)
     seen_at_inner: list[int] = []
     inner_aggregate = strategy.inner.aggregate_train
     strategy.inner.aggregate_train = lambda rnd, rs: (seen_at_inner.append(len(releases)), inner_aggregate(rnd, rs))[1]
     rng = np.random.default_rng(4)
-    base = _arrays(rng)
-    messages = list(strategy.configure_train(1, base, ConfigRecord({}), _Grid([1, 2, 3, 4, 5])))
+    base = random_arrays(rng)
+    messages = list(strategy.configure_train(1, base, ConfigRecord({}), StandInGrid([1, 2, 3, 4, 5])))
     directions = [rng.standard_normal(DIMENSION) for _ in messages]
     norms = [0.5, 0.99, 1.01, 1.5, 40.0]
-    replies = [_reply(m, _shifted(base, d / np.linalg.norm(d) * n)) for m, d, n in zip(messages, directions, norms)]
+    replies = [train_reply(m, shifted(base, d / np.linalg.norm(d) * n)) for m, d, n in zip(messages, directions, norms)]
     accepted = [r for r in replies if update_norm(r.content[protocol.ARRAYS_KEY], base) <= clip_norm * (1 + 1e-9)]
     strategy.aggregate_train(1, replies)
     assert strategy.last_release["survivors"] == len(accepted) == 2
@@ -226,23 +187,23 @@ DISTRIBUTED = ["privacy=client_dp", "privacy.noise=distributed", "privacy.client
 def test_distributed_shares_sum_to_the_noise_the_accountant_records(compose, survivors):
     """s survivors' shares of zero updates sum to N(0, σ²C²·s/n); the wrapper records exactly that σ_eff."""
     cfg = compose(DISTRIBUTED)
-    sigma, clip_norm, n = 1.2, 0.5, expected_cohort(cfg)
-    assert noise_share_std(cfg) == pytest.approx(sigma * clip_norm / math.sqrt(n))
+    sigma, clip_norm, n = 1.2, 0.5, client_dp_plan(cfg).cohort.expected_size()
+    assert noise_share_std(client_dp_plan(cfg)) == pytest.approx(sigma * clip_norm / math.sqrt(n))
     rng = np.random.default_rng(5)
-    base = _arrays(rng)
+    base = random_arrays(rng)
     def share() -> np.ndarray:
-        noised = add_noise_share(base, base, noise_share_std(cfg), rng)
+        noised = add_noise_share(base, base, noise_share_std(client_dp_plan(cfg)), rng)
         return np.concatenate([(noised[k].numpy().astype(np.float64) - base[k].numpy()).ravel() for k in base.keys()])
 
     sums = [sum(share() for _ in range(survivors)) for _ in range(40)]  # 40 rounds' worth of coordinates
-    statistic, low, high = _variance_in_chi2_range(np.concatenate(sums), sigma * clip_norm * math.sqrt(survivors / n))
+    statistic, low, high = variance_in_chi2_range(np.concatenate(sums), sigma * clip_norm * math.sqrt(survivors / n))
     assert low <= statistic <= high
 
     releases: list[ClientDpRelease] = []
-    strategy = _wrapper(cfg, sigma, releases)
+    strategy = client_dp_wrapper(cfg, sigma, releases)
     strategy.secure_aggregation = True
-    messages = list(strategy.configure_train(1, base, ConfigRecord({}), _Grid([1, 2, 3, 4, 5])))
-    aggregate = _reply(messages[0], base)  # SecAgg+'s one reply: global + sum / survivors (zero sum here)
+    messages = list(strategy.configure_train(1, base, ConfigRecord({}), StandInGrid([1, 2, 3, 4, 5])))
+    aggregate = train_reply(messages[0], base)  # SecAgg+'s one reply: global + sum / survivors (zero sum here)
     aggregate.content[protocol.METRICS_KEY] = MetricRecord({protocol.NUM_EXAMPLES_KEY: survivors, protocol.TRAIN_LOSS_KEY: 1.0})
     released, _ = strategy.aggregate_train(1, [aggregate])
     for key in base.keys():  # the server adds nothing under distributed noise
@@ -291,18 +252,18 @@ def test_stop_reason_before_a_round_that_would_exceed_the_budget(compose):
     sigma = 1.5
     one, two = (epsilon_of([Release(sigma, 1.0, 5, 5)] * k, "poisson", 1e-5) for k in (1, 2))
     cfg.privacy.client_max_epsilon = (one + two) / 2
-    strategy = _wrapper(cfg, sigma, [])
-    assert strategy.stop_reason(1, _Grid([1, 2, 3, 4, 5])) is None
+    strategy = client_dp_wrapper(cfg, sigma, [])
+    assert strategy.stop_reason(1, StandInGrid([1, 2, 3, 4, 5])) is None
     strategy.accountant.record(Release(sigma, 1.0, 5, 5))
-    reason = strategy.stop_reason(2, _Grid([1, 2, 3, 4, 5]))
+    reason = strategy.stop_reason(2, StandInGrid([1, 2, 3, 4, 5]))
     assert reason is not None and "client_max_epsilon" in reason
     assert strategy.accountant.epsilon <= cfg.privacy.client_max_epsilon
 
 
 def test_accountant_survives_the_checkpoint_round_trip(compose):
     cfg = compose(["privacy=client_dp"])
-    accountant = build_accountant(cfg)
-    assert planned_epsilon(cfg, accountant.noise_multiplier) <= cfg.privacy.client_target_epsilon
+    accountant = build_accountant(client_dp_plan(cfg))
+    assert planned_epsilon(client_dp_plan(cfg), accountant.noise_multiplier) <= cfg.privacy.client_target_epsilon
     accountant.record(Release(accountant.noise_multiplier, 1.0, 5, 5))
     state = RunState("lineage", 1, client_dp=accountant.to_payload())
     again = FederationAccountant.from_payload(RunState.from_payload(state.to_payload()).client_dp)
@@ -336,7 +297,7 @@ def test_impossible_client_dp_settings_are_refused(overrides, names):
 
 
 def test_client_dp_alone_does_not_switch_on_dp_sgd(compose):
-    from fedguard.conf.schema import client_level_dp, trains_privately
+    from fedguard.conf.plans import client_level_dp, trains_privately
 
     assert client_level_dp(compose(["privacy=client_dp"])) and not trains_privately(compose(["privacy=client_dp"]))
     both = compose(["privacy=sample_and_client_dp"])
@@ -349,17 +310,17 @@ def test_resume_counts_a_release_the_ledger_holds_but_the_checkpoint_lacks(compo
 
     cfg = compose(["privacy=client_dp", "privacy.client_target_epsilon=null", "privacy.client_noise_multiplier=1.0"])
     ledger = FederationLedger(tmp_path, "lineage", config_to_yaml(cfg), resumed_after=None)
-    first = _wrapper(cfg, 1.0, [])
+    first = client_dp_wrapper(cfg, 1.0, [])
     first.on_release = ledger.record_release
-    base = _arrays(np.random.default_rng(6))
+    base = random_arrays(np.random.default_rng(6))
     for server_round in (1, 2):
-        messages = list(first.configure_train(server_round, base, ConfigRecord({}), _Grid([1, 2, 3, 4, 5])))
-        first.aggregate_train(server_round, [_reply(m, base) for m in messages])
+        messages = list(first.configure_train(server_round, base, ConfigRecord({}), StandInGrid([1, 2, 3, 4, 5])))
+        first.aggregate_train(server_round, [train_reply(m, base) for m in messages])
     checkpointed = FederationAccountant.from_payload(first.accountant.to_payload())
     checkpointed.releases = checkpointed.releases[:1]  # the checkpoint of round 2 never got written
     ledger.close()
     resumed_ledger = FederationLedger(tmp_path, "lineage", config_to_yaml(cfg), resumed_after=1)
-    resumed = _wrapper(cfg, 1.0, [])
+    resumed = client_dp_wrapper(cfg, 1.0, [])
     resumed.accountant = checkpointed
     resumed.account_recorded(resumed_ledger.client_dp_releases_after(1))
     resumed_ledger.close()

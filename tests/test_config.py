@@ -7,7 +7,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from fedguard.conf import ConfigError, compose_config
-from fedguard.conf.schema import clients_per_round, config_from_yaml, config_to_yaml
+from fedguard.conf.plans import clients_per_round
+from fedguard.conf.run_config import config_from_yaml, config_to_yaml
 
 
 def test_default_config_composes_and_validates():

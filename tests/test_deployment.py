@@ -19,7 +19,7 @@ import pytest
 
 from fedguard.privacy.accounting import compute_epsilon
 from fedguard.server.checkpoint import CHECKPOINT_DIR, LATEST_NAME, read_checkpoint
-from fedguard.simulations.flower_tools import environment_with_flower, flower_executable
+from fedguard.clients.deployment.flower_tools import environment_with_flower, flower_executable
 from fedguard.simulations.local_federation import Federation, free_port, stop_process
 
 pytestmark = pytest.mark.deployment

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from fedguard.privacy.audit.empirical import MAX_EPSILON, epsilon_lower_bound, run_empirical_audit
+from fedguard.privacy.audit.empirical import MAX_EPSILON, epsilon_lower_bound
+from fedguard.simulations.empirical_audit import run_empirical_audit
 
 BASE = ["simulation.num_clients=1", "simulation.rounds=1", "simulation.min_clients_per_round=1",
         "dataset=digits", "model=mlp", "train.local_epochs=30", "progress=false"]

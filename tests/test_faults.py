@@ -30,12 +30,12 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedguard.clients import protocol
+from fedguard.clients.wire import protocol
 from fedguard.clients.app import app as fedguard_client
 from fedguard.clients.datasets import FASHION_MNIST_FILES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC
 from fedguard.clients.site import DATA_ROOT_KEY, PARTITION_ID_KEY
 from fedguard.clients.secure_aggregation import ENCODING_STATE_KEY, INPUT_ARRAY, INPUT_STATE_KEY, WEIGHT
-from fedguard.conf.schema import config_to_yaml
+from fedguard.conf.run_config import config_to_yaml
 from fedguard.server.app import main as fedguard_server_main
 from fedguard.server.checkpoint import load_global_model
 from fedguard.simulations.simulate import backend_config, launch

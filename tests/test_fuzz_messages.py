@@ -20,14 +20,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from omegaconf import DictConfig
 
-from fedguard.clients import protocol
+from fedguard.clients.wire import protocol
 from fedguard.clients.app import app as client_app
 from fedguard.clients.app import decode_request
 from fedguard.clients.datasets import load_dataset
-from fedguard.clients.message_checks import MalformedMessage
+from fedguard.clients.wire.checks import MalformedMessage
 from fedguard.clients.models import build_model
-from fedguard.conf import schema
-from fedguard.conf.schema import config_to_yaml
+from fedguard.conf import run_config
+from fedguard.conf.run_config import config_to_yaml
 from fedguard.server.federation import sort_train_replies
 from fedguard.server.reply_checks import PRIVACY_REPORT_KEYS, usable_evaluate_replies
 from fedguard.server.run_record import _json_safe
@@ -50,7 +50,7 @@ def _parse_failing_config_once():
     request case. The last failing text's error is kept for the very next parse of the
     same text; the parse is pure, so the handler sees exactly the error it would compute.
     """
-    real = schema.config_from_yaml
+    real = run_config.config_from_yaml
     last_failure: dict[str, Exception] = {}
 
     def parse(text: str) -> DictConfig:
@@ -64,7 +64,7 @@ def _parse_failing_config_once():
             raise
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(schema, "config_from_yaml", parse)
+        patch.setattr(run_config, "config_from_yaml", parse)
         yield
 
 

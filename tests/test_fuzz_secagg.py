@@ -31,12 +31,12 @@ from fuzz_support import FUZZ_SETTINGS, mutate_content, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedguard.clients import protocol
+from fedguard.clients.wire import protocol
 from fedguard.clients.app import app as client_app
 from fedguard.clients.datasets import load_dataset
 from fedguard.clients.models import build_model
 from fedguard.clients.secure_aggregation import secure_aggregation_mod
-from fedguard.conf.schema import config_to_yaml
+from fedguard.conf.run_config import config_to_yaml
 from fedguard.privacy.secagg import protocol as secagg_protocol
 from fedguard.privacy.secagg.shamir import combine_shares
 from fedguard.server.reply_checks import stage_reply_problem, train_reply_problem

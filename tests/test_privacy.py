@@ -69,21 +69,21 @@ def test_privacy_state_round_trips_through_context_state():
         noise_multiplier=1.3, sample_rate=0.04, delta=1e-5, accountant="rdp", budget_epsilon=4.0,
         history=[(1.3, 0.04, 25), (1.3, 0.04, 25)], rounds_participated=2,
     )
-    records = RecordDict({STATE_KEY: state.to_record()})
+    records = RecordDict({STATE_KEY: ConfigRecord(state.to_dict())})
     restored_records = RecordDict.inflate(records.deflate(), children={k: v for k, v in records.children.items()})
-    restored = ClientPrivacyState.from_record(restored_records[STATE_KEY])
+    restored = ClientPrivacyState.from_dict(restored_records[STATE_KEY])
     assert restored.history == [(1.3, 0.04, 50)]
     assert restored.rounds_participated == 2 and restored.budget_epsilon == 4.0
     assert restored.epsilon() == state.epsilon()
 
 
 def test_malformed_privacy_state_is_refused():
-    record = ClientPrivacyState(1.0, 0.1, 1e-5, "rdp", None, [(1.0, 0.1, 5)]).to_record()
+    record = ClientPrivacyState(1.0, 0.1, 1e-5, "rdp", None, [(1.0, 0.1, 5)]).to_dict()
     record["history_rate"] = [1.5]
     from fedguard.privacy.client_budget import PrivacyStateError
 
     with pytest.raises(PrivacyStateError, match="impossible"):
-        ClientPrivacyState.from_record(record)
+        ClientPrivacyState.from_dict(record)
 
 
 def _digits_setup(cfg, seed: int = 5):

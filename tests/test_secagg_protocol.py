@@ -154,7 +154,7 @@ def test_impossible_parameters_are_refused():
 
 
 def test_client_session_survives_a_round_trip_through_state_between_stages():
-    from flwr.app import RecordDict
+    from flwr.app import ConfigRecord, RecordDict
 
     params = SecAggParams(BITS, 2, 2)
     nodes = [1, 2, 3]
@@ -162,9 +162,9 @@ def test_client_session_survives_a_round_trip_through_state_between_stages():
     clients = {n: ClientSession(n, params, 1) for n in nodes}
 
     def reload(node):  # what a ClientApp does between messages: serialize, deserialize
-        state = RecordDict({"secagg": clients[node].to_record()})
+        state = RecordDict({"secagg": ConfigRecord(clients[node].to_dict())})
         restored = RecordDict.inflate(state.deflate(), children=dict(state.children))
-        clients[node] = ClientSession.from_record(restored["secagg"])
+        clients[node] = ClientSession.from_dict(restored["secagg"])
 
     routed = server.route_keys({n: c.advertise() for n, c in clients.items()})
     for n in nodes:
@@ -226,7 +226,7 @@ def test_masking_in_place_gives_the_same_sum_and_copies_otherwise():
 def test_array_view_reads_flower_arrays_without_copying(values):
     from flwr.app import Array
 
-    from fedguard.clients.secure_aggregation import array_view
+    from fedguard.clients.wire.arrays import array_view
 
     array = Array(values)
     view = array_view(array)

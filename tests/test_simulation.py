@@ -13,7 +13,7 @@ import torch
 
 from fedguard.clients.datasets import load_dataset
 from fedguard.clients.training import evaluate_model
-from fedguard.conf.schema import config_from_yaml
+from fedguard.conf.run_config import config_from_yaml
 from fedguard.server.checkpoint import load_global_model
 
 pytestmark = pytest.mark.simulation

@@ -25,11 +25,11 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-
-from flwr.app import ConfigRecord
 
 from fedguard.privacy.secagg.envelope import ShareAuthenticationError, open_sealed, seal
 from fedguard.privacy.secagg.keys import (
@@ -116,34 +116,32 @@ class ClientSession:
         self._masked_sent = False
         self.rejected_senders: set[int] = set()  # shares that failed authentication at the mask stage
 
-    def to_record(self) -> ConfigRecord:
-        """Everything the session holds, for a client's Context.state between stages.
-
-        The state never leaves the client: it holds private keys.
+    def to_dict(self) -> dict[str, Any]:
+        """Everything the session holds, as plain values (ints, bytes, lists of them), for a
+        client's persistent state between stages. The state never leaves the client: it holds
+        private keys.
         """
         peers = sorted(self._peer_keys)
         held = sorted(self._held_shares)
-        return ConfigRecord(
-            {
-                "node_id": self.node_id,
-                "round": self.server_round,
-                "params": [self.params.modulus_bits, self.params.neighbours, self.params.threshold],
-                "envelope_key": private_key_bytes(self._envelope_keys.private),
-                "mask_key": private_key_bytes(self._mask_keys.private),
-                "self_seed": self._self_seed,
-                "neighbours": sorted(self.neighbours),
-                "peers": peers,
-                "peer_envelope_keys": [self._peer_keys[p][0] for p in peers],
-                "peer_mask_keys": [self._peer_keys[p][1] for p in peers],
-                "held_from": held,
-                "held_seed_shares": [self._held_shares[p][0] for p in held],
-                "held_key_shares": [self._held_shares[p][1] for p in held],
-                "masked_sent": self._masked_sent,
-            }
-        )
+        return {
+            "node_id": self.node_id,
+            "round": self.server_round,
+            "params": [self.params.modulus_bits, self.params.neighbours, self.params.threshold],
+            "envelope_key": private_key_bytes(self._envelope_keys.private),
+            "mask_key": private_key_bytes(self._mask_keys.private),
+            "self_seed": self._self_seed,
+            "neighbours": sorted(self.neighbours),
+            "peers": peers,
+            "peer_envelope_keys": [self._peer_keys[p][0] for p in peers],
+            "peer_mask_keys": [self._peer_keys[p][1] for p in peers],
+            "held_from": held,
+            "held_seed_shares": [self._held_shares[p][0] for p in held],
+            "held_key_shares": [self._held_shares[p][1] for p in held],
+            "masked_sent": self._masked_sent,
+        }
 
     @classmethod
-    def from_record(cls, record: ConfigRecord) -> ClientSession:
+    def from_dict(cls, record: Mapping[str, Any]) -> ClientSession:
         try:
             bits, neighbours, threshold = (int(v) for v in record["params"])
             session = cls(int(record["node_id"]), SecAggParams(bits, neighbours, threshold), int(record["round"]))

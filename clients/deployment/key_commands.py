@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedguard.privacy.key_material import (
+from fedguard.clients.deployment.key_material import (
     DEFAULT_VALID_DAYS,
     NODE_PRIVATE_KEY_FILE,
     KeyMaterialError,

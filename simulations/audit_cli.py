@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_empirical(args: argparse.Namespace) -> int:
-    from fedguard.privacy.audit.empirical import run_empirical_audit
+    from fedguard.simulations.empirical_audit import run_empirical_audit
 
     base = [*EMPIRICAL_BASE_OVERRIDES, *args.overrides]
     audits = [run_empirical_audit(base, canaries=args.canaries)]
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.ERROR)
     written: list[Path] = []
     if not args.no_report:
-        from fedguard.privacy.audit.report import write_outputs  # matplotlib only when needed
+        from fedguard.simulations.audit_report import write_outputs  # matplotlib only when needed
 
         out_dir = args.out or (result.run_dir or result.ledger_path.parent) / AUDIT_DIR
         written = write_outputs(result, out_dir)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = result.as_dict() | {"written": [str(path) for path in written]}
         print(json.dumps(payload, indent=2, sort_keys=True))
     else:
-        from fedguard.privacy.audit.report import print_table
+        from fedguard.simulations.audit_report import print_table
 
         console = Console()
         if not console.is_terminal:

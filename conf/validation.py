@@ -1,0 +1,195 @@
+"""Checks that types alone cannot express: impossible values (alpha <= 0, fraction > 1,
+more clients per round than clients, a CNN on tabular data...) and combinations whose
+privacy claim could not hold, rejected before any training with a message that names
+the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedguard.conf.checks import check_noise_setting, choice, in_range
+from fedguard.conf.client_dp_checks import validate_client_clipping, validate_client_dp
+from fedguard.conf.plans import clients_per_round
+from fedguard.conf.run_address import split_host_port
+from fedguard.conf.schema import (
+    ACCOUNTANT_NAMES,
+    CLIENT_DP_MODES,
+    DATASETS,
+    DEVICES,
+    GRAD_SAMPLE_MODES,
+    IMAGE_DATASETS,
+    LOG_LEVELS,
+    MAX_MODULUS_BITS,
+    MAX_SEED,
+    MODELS,
+    NEEDS_INDIVIDUAL_UPDATES,
+    PARTITIONS,
+    PRIVACY_MODES,
+    SAMPLE_DP_MODES,
+    SECURE_AGG_MODES,
+    ConfigError,
+    FedguardConfig,
+)
+from fedguard.conf.strategy_params import STRATEGY_PARAMS
+
+
+def _validate_strategy(cfg: DictConfig) -> None:
+    choice("strategy.name", cfg.strategy.name, tuple(STRATEGY_PARAMS))
+    accepted = STRATEGY_PARAMS[cfg.strategy.name]
+    for key in cfg.strategy.params:
+        if key not in accepted:
+            raise ConfigError(
+                f"strategy.params.{key} is not a parameter of {cfg.strategy.name}; "
+                f"allowed: {', '.join(sorted(accepted))}"
+            )
+
+
+def _check_against_schema(cfg: DictConfig) -> None:
+    """Hydra's ``+key=value`` adds keys even to typed nodes; re-merging into the schema catches them."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(FedguardConfig), OmegaConf.to_container(cfg, resolve=True))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+
+
+def _validate_privacy(cfg: DictConfig) -> None:
+    dp = cfg.privacy
+    choice("privacy.mode", dp.mode, PRIVACY_MODES)
+    validate_client_clipping(cfg)
+    if dp.mode in CLIENT_DP_MODES:
+        validate_client_dp(cfg)
+    if dp.mode not in SAMPLE_DP_MODES:
+        return
+    choice("privacy.accountant", dp.accountant, ACCOUNTANT_NAMES)
+    choice("privacy.grad_sample_mode", dp.grad_sample_mode, GRAD_SAMPLE_MODES)
+    check_noise_setting(dp, "target_epsilon", "noise_multiplier", "max_epsilon")
+    in_range("privacy.delta", dp.delta, 0.0, 1.0, low_open=True)
+    if dp.delta >= 1.0:
+        raise ConfigError(f"privacy.delta={dp.delta} must be < 1")
+    in_range("privacy.max_grad_norm", dp.max_grad_norm, 0.0, None, low_open=True)
+    if dp.max_physical_batch_size is not None:
+        in_range("privacy.max_physical_batch_size", dp.max_physical_batch_size, 1, None)
+    if dp.grad_sample_mode == "ghost" and cfg.strategy.name == "fedprox":
+        raise ConfigError(
+            "privacy.grad_sample_mode=ghost cannot add FedProx's proximal term to its loss; "
+            "use grad_sample_mode=hooks or functorch with strategy=fedprox"
+        )
+
+
+def _validate_secure_agg(cfg: DictConfig) -> None:
+    sa = cfg.secure_agg
+    choice("secure_agg.mode", sa.mode, SECURE_AGG_MODES)
+    if sa.mode == "off":
+        return
+    if cfg.strategy.name in NEEDS_INDIVIDUAL_UPDATES:
+        raise ConfigError(
+            f"strategy={cfg.strategy.name} needs each client's update, which secure_agg=secaggplus hides "
+            f"from the server; use fedavg, fedprox, fedadam, fedyogi or fedadagrad, or secure_agg=off"
+        )
+    cohort = clients_per_round(cfg)
+    in_range("secure_agg.neighbours", sa.neighbours, 2, None)
+    in_range("secure_agg.threshold", sa.threshold, 2, None)
+    degree = min(sa.neighbours, cohort - 1)
+    if sa.threshold > degree:
+        raise ConfigError(
+            f"secure_agg.threshold={sa.threshold} exceeds the neighbours each client has "
+            f"(min(secure_agg.neighbours={sa.neighbours}, clients per round {cohort} - 1) = {degree})"
+        )
+    in_range("secure_agg.clip_range", sa.clip_range, 0.0, None, low_open=True)
+    in_range("secure_agg.modulus_bits", sa.modulus_bits, 8, MAX_MODULUS_BITS)
+    in_range("secure_agg.max_weight", sa.max_weight, 1, None)
+    in_range("secure_agg.stage_timeout", sa.stage_timeout, 0.0, None, low_open=True)
+    in_range("secure_agg.stage_poll_interval", sa.stage_poll_interval, 0.0, sa.stage_timeout, low_open=True)
+    if ((1 << sa.modulus_bits) - 1) // cfg.simulation.num_clients < 2:
+        raise ConfigError(
+            f"secure_agg.modulus_bits={sa.modulus_bits} leaves fewer than 2 quantization levels for "
+            f"{cfg.simulation.num_clients} clients; raise it"
+        )
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject unknown keys and impossible combinations before anything trains. Raises ConfigError."""
+    _check_against_schema(cfg)
+    choice("dataset.name", cfg.dataset.name, DATASETS)
+    choice("model.name", cfg.model.name, MODELS)
+    choice("partition.name", cfg.partition.name, PARTITIONS)
+    choice("device", cfg.device, DEVICES)
+    choice("log_level", cfg.log_level, LOG_LEVELS)
+    in_range("seed", cfg.seed, 0, MAX_SEED)
+    _validate_data_and_model(cfg)
+    _validate_simulation(cfg)
+    _validate_training(cfg)
+    _validate_deployment(cfg)
+    # Last: their rules build privacy plans from the (now sound) sampling and training keys.
+    _validate_strategy(cfg)
+    _validate_privacy(cfg)
+    _validate_secure_agg(cfg)
+
+
+def _validate_data_and_model(cfg: DictConfig) -> None:
+    in_range("dataset.test_fraction", cfg.dataset.test_fraction, 0.0, 0.9, low_open=True)
+    in_range("dataset.validation_fraction", cfg.dataset.validation_fraction, 0.0, 0.5)
+    if cfg.dataset.name == "synthetic":
+        in_range("dataset.num_classes", cfg.dataset.num_classes, 2, None)
+        in_range("dataset.num_features", cfg.dataset.num_features, 1, None)
+        in_range("dataset.num_samples", cfg.dataset.num_samples, cfg.dataset.num_classes * 2, None)
+    if cfg.model.name == "cnn" and cfg.dataset.name not in IMAGE_DATASETS:
+        raise ConfigError(
+            f"model=cnn needs an image dataset ({', '.join(IMAGE_DATASETS)}); "
+            f"dataset={cfg.dataset.name} is tabular: use model=mlp or model=logreg"
+        )
+    for i, width in enumerate(cfg.model.hidden_sizes):
+        in_range(f"model.hidden_sizes[{i}]", width, 1, None)
+    for i, width in enumerate(cfg.model.channels):
+        in_range(f"model.channels[{i}]", width, 1, None)
+        if width % cfg.model.group_norm_groups:
+            raise ConfigError(
+                f"model.channels[{i}]={width} must be divisible by "
+                f"model.group_norm_groups={cfg.model.group_norm_groups}"
+            )
+
+
+def _validate_simulation(cfg: DictConfig) -> None:
+    if cfg.partition.name == "dirichlet":
+        in_range("partition.alpha", cfg.partition.alpha, 0.0, None, low_open=True)
+    in_range("partition.min_partition_size", cfg.partition.min_partition_size, 0, None)
+    in_range("partition.shards_per_client", cfg.partition.shards_per_client, 1, None)
+
+    sim = cfg.simulation
+    in_range("simulation.num_clients", sim.num_clients, 1, None)
+    in_range("simulation.rounds", sim.rounds, 1, None)
+    in_range("simulation.fraction_train", sim.fraction_train, 0.0, 1.0, low_open=True)
+    in_range("simulation.min_clients_per_round", sim.min_clients_per_round, 1, None)
+    if sim.min_clients_per_round > sim.num_clients:
+        raise ConfigError(
+            f"simulation.min_clients_per_round={sim.min_clients_per_round} is more clients per round "
+            f"than simulation.num_clients={sim.num_clients}"
+        )
+    in_range("simulation.client_resources.num_cpus", sim.client_resources.num_cpus, 0.0, None, low_open=True)
+    in_range("simulation.client_resources.num_gpus", sim.client_resources.num_gpus, 0.0, None)
+    in_range("simulation.round_timeout", sim.round_timeout, 0.0, None, low_open=True)
+    if sim.client_resources.num_gpus > 0 and cfg.device == "cpu":
+        raise ConfigError("simulation.client_resources.num_gpus > 0 contradicts device=cpu")
+
+
+def _validate_training(cfg: DictConfig) -> None:
+    in_range("train.local_epochs", cfg.train.local_epochs, 1, None)
+    if cfg.train.max_steps is not None:
+        in_range("train.max_steps", cfg.train.max_steps, 1, None)
+    in_range("train.batch_size", cfg.train.batch_size, 1, None)
+    in_range("train.learning_rate", cfg.train.learning_rate, 0.0, None, low_open=True)
+    in_range("train.momentum", cfg.train.momentum, 0.0, 1.0)
+    in_range("train.weight_decay", cfg.train.weight_decay, 0.0, None)
+    in_range("evaluate.fraction_clients", cfg.evaluate.fraction_clients, 0.0, 1.0)
+    in_range("evaluate.batch_size", cfg.evaluate.batch_size, 1, None)
+
+
+def _validate_deployment(cfg: DictConfig) -> None:
+    try:
+        split_host_port(str(cfg.deployment.superlink))
+    except ValueError:
+        raise ConfigError(f"deployment.superlink={cfg.deployment.superlink!r} must be HOST:PORT (port 1-65535)") from None
+    in_range("deployment.wait_for_clients", cfg.deployment.wait_for_clients, 0.0, None)
