@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from fedguard.clients.wire import protocol
-from fedguard.clients.client_dp import ClipError, client_dp_mod, round_clip_norm
+from fedguard.clients.client_dp import ClipError, round_clip_norm
 from fedguard.clients.datasets import DatasetBundle, DatasetError, LocalDataError, expected_layout, load_dataset
 from fedguard.clients.wire.checks import (
     MAX_PEERS,
@@ -43,7 +43,8 @@ from fedguard.clients.wire.checks import (
 from fedguard.clients.models import build_model, model_from_state, resolve_device
 from fedguard.clients.partition import PartitionError, partition_indices, split_train_validation
 from fedguard.clients.private_training import BudgetExhausted, build_trainer
-from fedguard.clients.secure_aggregation import INPUT_STATE_KEY, SESSION_STATE_KEY, handle_stage, secure_aggregation_mod
+from fedguard.clients.layers import run_layers
+from fedguard.clients.secure_aggregation import INPUT_STATE_KEY, SESSION_STATE_KEY, handle_stage
 from fedguard.clients.site import PARTITION_ID_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings, read_site_settings
 from fedguard.clients.site_state import CachedReply, SiteStateError, SiteStateStore, arrays_digest
 from fedguard.clients.training import evaluate_model, make_training_setup, proximal_regularizer
@@ -371,8 +372,8 @@ def build_client_app(site_state_root: Path | None = None) -> ClientApp:
     """fedguard's ClientApp; simulation passes where its virtual sites keep their state."""
     front: list[Mod] = [with_site_state_root(site_state_root)] if site_state_root is not None else []
     client_app = ClientApp()
-    # client_dp_mod sits inside secure_aggregation_mod: SecAgg+ masks the clipped update.
-    client_app.train(mods=[*front, refuse_bad_requests, secure_aggregation_mod, client_dp_mod])(train)
+    # The run's layers (SecAgg+, client-level DP) are picked from its config: clients/layers.py.
+    client_app.train(mods=[*front, refuse_bad_requests, run_layers])(train)
     client_app.evaluate(mods=[*front, refuse_bad_requests])(evaluate)
     client_app.train("secagg", mods=[*front, refuse_bad_requests])(secure_aggregation_stage)
     return client_app

@@ -37,7 +37,7 @@ from omegaconf import DictConfig
 from fedguard.clients.wire import protocol
 from fedguard.clients.wire.checks import MalformedMessage, finite_number
 from fedguard.clients.wire.arrays import array_view, flatten_update
-from fedguard.conf.plans import adaptive_clip_rule, client_dp_plan, client_level_dp, uses_adaptive_clipping
+from fedguard.conf.plans import adaptive_clip_rule, client_dp_plan, uses_adaptive_clipping
 from fedguard.conf.run_config import cached_config_from_yaml
 from fedguard.privacy.adaptive_clipping import clip_indicator, round_clip_norm_problem
 from fedguard.privacy.client_dp_accounting import count_share_std, noise_share_std
@@ -112,12 +112,13 @@ def round_clip_norm(cfg: DictConfig, config: ConfigRecord, server_round: int) ->
 
 def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Train as usual, then clip the reply's update to the round's C and weigh it 1; under
-    adaptive clipping add the clip indicator (see the module docstring)."""
+    adaptive clipping add the clip indicator (see the module docstring). Installed only for
+    runs with client-level DP (clients/layers.py)."""
     reply = call_next(msg, context)
     config = msg.content[protocol.CONFIG_KEY]
     cfg = cached_config_from_yaml(str(config[protocol.FEDGUARD_CONFIG_KEY]))
-    if not client_level_dp(cfg) or reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
-        return reply  # no client-level DP, errors and budget refusals pass through unchanged
+    if reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
+        return reply  # errors and budget refusals pass through unchanged
     # The train handler has already checked the server's C (before training); this cannot fail now.
     clip_norm = round_clip_norm(cfg, config, int(config.get(protocol.SERVER_ROUND_KEY, 0)))
     old = msg.content[protocol.ARRAYS_KEY]

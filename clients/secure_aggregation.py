@@ -100,11 +100,12 @@ def encode_held_update(context: Context) -> np.ndarray:
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Train as usual, then hold the update back and advertise SecAgg+ keys instead."""
+    """Train as usual, then hold the update back and advertise SecAgg+ keys instead.
+    Installed only for runs with secure_agg=secaggplus (clients/layers.py)."""
     reply = call_next(msg, context)
     cfg = cached_config_from_yaml(str(msg.content[protocol.CONFIG_KEY][protocol.FEDGUARD_CONFIG_KEY]))
-    if cfg.secure_agg.mode == "off" or reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
-        return reply  # plain runs, errors and budget refusals pass through unchanged
+    if reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
+        return reply  # errors and budget refusals pass through unchanged
     update = flatten_update(reply.content[protocol.ARRAYS_KEY], msg.content[protocol.ARRAYS_KEY])
     if protocol.CLIP_INDICATOR_KEY in reply.content:  # client-level DP's (noised) clip indicator: summed masked, never sent
         update = np.append(update, float(reply.content[protocol.CLIP_INDICATOR_KEY][protocol.CLIP_INDICATOR_FIELD]))

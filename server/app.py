@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,13 @@ from fedguard.clients.wire import protocol
 from fedguard.clients.datasets import load_dataset
 from fedguard.clients.models import build_model, count_parameters, resolve_device
 from fedguard.clients.training import evaluate_model
-from fedguard.conf.plans import client_level_dp, clients_per_round, trains_privately
+from fedguard.conf.plans import clients_per_round, trains_privately
 from fedguard.conf.run_config import config_from_yaml, config_to_yaml, resume_mismatches
 from fedguard.conf.schema import ConfigError
-from fedguard.server.client_dp import wrap_for_client_dp
 from fedguard.server.checkpoint import CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, BackgroundCheckpointWriter, save_checkpoint
 from fedguard.server.federation import run_federation
 from fedguard.server.launch import RUNS_DIR
-from fedguard.server.privacy_ledger import FederationLedger
+from fedguard.server.layers import build_layers
 from fedguard.server.run_record import RoundRecord, RunRecorder
 from fedguard.server.run_state import (
     ResumePoint,
@@ -40,7 +38,6 @@ from fedguard.server.run_state import (
     read_resume_point,
     restore_strategy_state,
 )
-from fedguard.server.secure_aggregation import SecureAggregationExchange
 from fedguard.server.strategies import build_strategy
 
 logger = logging.getLogger(__name__)
@@ -105,8 +102,8 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     checkpoint_dir = run_dir / CHECKPOINT_DIR
     strategy = build_strategy(cfg)
     restore_strategy_state(strategy, run_state.strategy)
-    # Client-level DP (DP-FedAvg) wraps the strategy; `strategy` stays the inner one, whose state checkpoints carry.
-    client_dp = wrap_for_client_dp(cfg, strategy, run_state.client_dp) if client_level_dp(cfg) else None
+    resumed_after = resume.run_state.completed_round if resume else None
+    layers = build_layers(cfg, strategy, run_state, run_dir, config_yaml, resumed_after)
 
     def central_evaluation(_server_round: int, arrays: ArrayRecord) -> tuple[float, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -119,11 +116,9 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     checkpoints = BackgroundCheckpointWriter()
 
     def on_round_end(record: RoundRecord, arrays: ArrayRecord, excluded: dict[int, str]) -> None:
-        if client_dp is not None:
-            record = replace(record, client_dp=client_dp.last_release)
+        record = layers.annotate(record)
         recorder.record_round(record)
-        accounting = client_dp.state_payload() if client_dp is not None else None
-        state = capture_run_state(run_state.lineage, record.round, strategy, excluded, accounting)
+        state = capture_run_state(run_state.lineage, record.round, strategy, excluded, layers.accounting_state())
         checkpoints.submit(
             checkpoint_dir / LATEST_NAME,
             model_state=arrays.to_torch_state_dict(),
@@ -135,25 +130,11 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             run_state=state.to_payload(),
         )
 
-    ledger = (
-        FederationLedger(
-            run_dir, run_state.lineage, config_yaml,
-            resumed_after=resume.run_state.completed_round if resume else None,
-            federation_budget=cfg.privacy.client_max_epsilon if client_dp else None,
-            federation_delta=float(cfg.privacy.delta) if client_dp else None,
-        )
-        if trains_privately(cfg) or client_dp is not None
-        else None
-    )
-    if client_dp is not None and ledger is not None:
-        client_dp.on_release = ledger.record_release
-        if resume:
-            client_dp.account_recorded(ledger.client_dp_releases_after(run_state.completed_round))
     shared_config = ConfigRecord({protocol.FEDGUARD_CONFIG_KEY: config_yaml, protocol.LINEAGE_KEY: run_state.lineage})
     try:
         result = run_federation(
             grid,
-            client_dp or strategy,
+            layers.strategy,
             ArrayRecord(model.state_dict()),
             num_rounds=cfg.simulation.rounds,
             train_config=shared_config,
@@ -161,20 +142,18 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             central_evaluation=central_evaluation,
             on_round_end=on_round_end,
             round_timeout=cfg.simulation.round_timeout,
-            train_exchange=SecureAggregationExchange(cfg) if cfg.secure_agg.mode == "secaggplus" else None,
+            train_exchange=layers.train_exchange,
             start_round=run_state.completed_round + 1,
             excluded_clients=run_state.excluded_clients,
             wait_for_clients=ClientWaiter(int(cfg.simulation.num_clients), float(cfg.deployment.wait_for_clients)),
-            record_spend=ledger.record_replies if ledger else None,
-            stop_before_round=client_dp.stop_reason if client_dp is not None else None,
+            record_spend=layers.record_spend,
+            stop_before_round=layers.stop_before_round,
         )
-        if ledger:
-            ledger.finish(result.rounds_completed, result.stop_reason)
+        layers.finish(result.rounds_completed, result.stop_reason)
     finally:
         recorder.close()
         checkpoints.close()
-        if ledger:
-            ledger.close()
+        layers.close()
     final_path = checkpoint_dir / FINAL_NAME
     save_checkpoint(
         final_path,
@@ -189,7 +168,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         {
             "stop_reason": result.stop_reason,
             "lineage": run_state.lineage,
-            "resumed_after_round": resume.run_state.completed_round if resume else None,
+            "resumed_after_round": resumed_after,
             "clients_no_longer_sampled": {str(node): why for node, why in result.excluded_clients.items()},
             "clients": {"total": cfg.simulation.num_clients, "per_round": clients_per_round(cfg)},
             "dataset": cfg.dataset.name,
@@ -201,7 +180,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "seed": cfg.seed,
             "device": str(device),
             "checkpoint": str(final_path),
-            **({"privacy": {"federation": client_dp.federation_summary()}} if client_dp else {}),
+            **layers.summary(),
         }
     )
 

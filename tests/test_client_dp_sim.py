@@ -19,10 +19,12 @@ import pytest
 
 from fedguard.privacy.audit import ExitCode, recompute, run_audit
 from fedguard.privacy.client_dp_accounting import Release, epsilon_of
-from tests.test_simulation import FEDGUARD, fedguard
+from tests.cli_support import FEDGUARD, fedguard
 
 SIGMA, CLIP, RATE, CLIENTS, DELTA = 0.8, 0.5, 0.8, 5, 1e-5
 PLANNED_ROUNDS = 3
+
+pytestmark = pytest.mark.simulation
 
 
 def _epsilon_after(rounds: int) -> float:

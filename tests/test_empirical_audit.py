@@ -36,6 +36,7 @@ def audits():
     return plain, private
 
 
+@pytest.mark.simulation  # trains a model for 30 epochs twice: not for the fast loop
 def test_non_private_training_is_caught(audits):
     plain, private = audits
     assert plain.claimed_epsilon is None
@@ -43,6 +44,7 @@ def test_non_private_training_is_caught(audits):
     assert plain.epsilon_lower_bound > private.claimed_epsilon
 
 
+@pytest.mark.simulation
 def test_private_training_stays_within_its_claim(audits):
     _, private = audits
     assert private.claimed_epsilon == pytest.approx(CLAIMED, abs=0.01)

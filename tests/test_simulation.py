@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,19 +13,12 @@ from fedguard.clients.datasets import load_dataset
 from fedguard.clients.training import evaluate_model
 from fedguard.conf.run_config import config_from_yaml
 from fedguard.server.checkpoint import load_global_model
+from tests.cli_support import FEDGUARD, fedguard
 
 pytestmark = pytest.mark.simulation
 
-FEDGUARD = [sys.executable, "-m", "fedguard.simulations.cli"]
 SUMMARY_KEYS = {"rounds", "final", "wall_seconds", "clients", "stop_reason", "checkpoint"}
 ROUND_KEYS = {"round", "test_loss", "test_accuracy", "train_loss", "round_seconds", "clients_replied"}
-
-
-def fedguard(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([*FEDGUARD, *args], capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, f"fedguard {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")

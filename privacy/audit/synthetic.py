@@ -5,7 +5,7 @@ Opacus), so an audit of a synthetic run compares two independent implementations
 would on a real run. Client entries are chained in memory (no fsync per line): the
 files are identical to what ``LedgerWriter`` writes, only faster to produce.
 
-Timing: ``python -m privacy.audit.synthetic --clients 1000 --rounds 50 --participation 0.1``
+Timing: ``python -m fedguard.privacy.audit.synthetic --clients 1000 --rounds 50 --participation 0.1``
 """
 
 from __future__ import annotations
