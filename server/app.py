@@ -120,14 +120,9 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         recorder.record_round(record)
         state = capture_run_state(run_state.lineage, record.round, strategy, excluded, layers.accounting_state())
         checkpoints.submit(
-            checkpoint_dir / LATEST_NAME,
-            model_state=arrays.to_torch_state_dict(),
-            server_round=record.round,
-            config_yaml=config_yaml,
-            input_shape=bundle.input_shape,
-            num_classes=bundle.num_classes,
-            metrics={"test_accuracy": record.test_accuracy, "test_loss": record.test_loss},
-            run_state=state.to_payload(),
+            checkpoint_dir / LATEST_NAME, model_state=arrays.to_torch_state_dict(), server_round=record.round,
+            config_yaml=config_yaml, input_shape=bundle.input_shape, num_classes=bundle.num_classes,
+            metrics={"test_accuracy": record.test_accuracy, "test_loss": record.test_loss}, run_state=state.to_payload(),
         )
 
     shared_config = ConfigRecord({protocol.FEDGUARD_CONFIG_KEY: config_yaml, protocol.LINEAGE_KEY: run_state.lineage})
@@ -156,13 +151,8 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         layers.close()
     final_path = checkpoint_dir / FINAL_NAME
     save_checkpoint(
-        final_path,
-        model_state=result.arrays.to_torch_state_dict(),
-        server_round=result.rounds_completed,
-        config_yaml=config_yaml,
-        input_shape=bundle.input_shape,
-        num_classes=bundle.num_classes,
-        metrics={},
+        final_path, model_state=result.arrays.to_torch_state_dict(), server_round=result.rounds_completed,
+        config_yaml=config_yaml, input_shape=bundle.input_shape, num_classes=bundle.num_classes, metrics={},
     )
     return recorder.finish(
         {
@@ -170,19 +160,26 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "lineage": run_state.lineage,
             "resumed_after_round": resumed_after,
             "clients_no_longer_sampled": {str(node): why for node, why in result.excluded_clients.items()},
-            "clients": {"total": cfg.simulation.num_clients, "per_round": clients_per_round(cfg)},
-            "dataset": cfg.dataset.name,
-            "model": cfg.model.name,
+            **_run_facts(cfg),
             "model_parameters": count_parameters(model),
-            "strategy": cfg.strategy.name,
-            "secure_aggregation": cfg.secure_agg.mode,
-            "partition": cfg.partition.name,
-            "seed": cfg.seed,
             "device": str(device),
             "checkpoint": str(final_path),
             **layers.summary(),
         }
     )
+
+
+def _run_facts(cfg: DictConfig) -> dict[str, Any]:
+    """summary.json's description of what ran, from the config."""
+    return {
+        "clients": {"total": cfg.simulation.num_clients, "per_round": clients_per_round(cfg)},
+        "dataset": cfg.dataset.name,
+        "model": cfg.model.name,
+        "strategy": cfg.strategy.name,
+        "secure_aggregation": cfg.secure_agg.mode,
+        "partition": cfg.partition.name,
+        "seed": cfg.seed,
+    }
 
 
 @app.main()
