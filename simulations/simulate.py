@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from fedguard.clients import protocol
 from fedguard.conf import validate_config
 from fedguard.conf.schema import ConfigError, config_to_yaml
 from fedguard.server.checkpoint import CheckpointError
-from fedguard.server.run_record import SUMMARY_FILE
+from fedguard.server.run_record import SUMMARY_FILE, clear_results
+from fedguard.simulations.preflight import check_data, check_run_dir, fail
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,13 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     # Virtual sites keep their privacy state and ledgers beside the run, so `resume=` works here too.
     client_app = build_client_app(site_state_root=run_dir / CLIENT_STATE_DIR)
+    # Ray takes seconds to start; say what is starting so a silent terminal is not a hang.
+    print(
+        f"fedguard: starting the engine: {cfg.simulation.num_clients} clients, dataset {cfg.dataset.name}, "
+        f"privacy {cfg.privacy.mode}; results in {run_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
     launch(server_app, client_app, int(cfg.simulation.num_clients), backend_config(cfg), context)
     summary_path = run_dir / SUMMARY_FILE
     if not summary_path.is_file():
@@ -121,15 +130,28 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return json.loads(summary_path.read_text(encoding="utf-8"))
 
 
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """One run per directory: refuse earlier results, or clear them under overwrite=true.
+
+    Why: a second run in the same directory would append to metrics.jsonl and replace
+    checkpoints, leaving a record that belongs to neither run. `resume=` continues one.
+    """
+    check_run_dir(cfg, run_dir)
+    if cfg.overwrite and not cfg.resume and (removed := clear_results(run_dir)):
+        logger.warning("overwrite=true: removed the earlier run's %s from %s", ", ".join(removed), run_dir)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://fedguard.conf", config_name="config")
 def simulate(cfg: DictConfig) -> float:
     configure_logging(cfg.log_level)
     run_dir = Path(cfg.resume) if cfg.resume else Path(HydraConfig.get().runtime.output_dir)
     try:
-        validate_config(cfg)
+        validate_config(cfg, list(HydraConfig.get().overrides.task))
+        check_data(cfg)  # again for sweeps (-m), whose jobs the CLI does not check
+        prepare_run_dir(cfg, run_dir)
         summary = run_simulation(cfg, run_dir)
     except ConfigError as err:
-        raise SystemExit(f"fedguard: bad config: {err}") from None
+        raise SystemExit(fail(f"bad config: {err}")) from None
     except CheckpointError as err:
-        raise SystemExit(f"fedguard: cannot resume: {err}") from None
+        raise SystemExit(fail(f"cannot resume: {err}")) from None
     return float(summary.get("final", {}).get("accuracy", float("nan")))
