@@ -94,7 +94,11 @@ def _composition_error(err: Exception, overrides: Sequence[str]) -> ConfigError:
         close = difflib.get_close_matches(wrong, [*known, *groups], n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]}?" if close else "; `fedguard simulate --cfg job` lists every key"
         return ConfigError(f"{wrong} is not a config key{hint}")
+    text = text.split("Config search path", 1)[0]  # Hydra's search path: noise for a user
+    cause = str(err.__cause__).splitlines()[0] if err.__cause__ is not None and str(err.__cause__) else ""
     lines = [line.strip() for line in text.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+    if cause and cause not in text:
+        lines.append(f"({cause})")
     return ConfigError(" ".join(lines) or type(err).__name__)
 
 
@@ -152,7 +156,7 @@ def check_before_engine(cfg: DictConfig, run_dir: Path | None) -> None:
         try:
             load_resume_point(cfg, Path(cfg.resume))
         except CheckpointError as err:
-            raise ConfigError(f"cannot resume: {err}") from None
+            raise ConfigError(str(err) if str(err).startswith("cannot resume") else f"cannot resume: {err}") from None
 
 
 def preflight(args: SimulateArgs) -> DictConfig:
