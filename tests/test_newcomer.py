@@ -195,3 +195,15 @@ def test_second_run_into_the_same_dir_is_refused_then_overwritten(tmp_path):
     assert replaced.returncode == 0, replaced.stderr
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1]  # not [1, 1]
+
+
+def test_client_without_ca_is_told_to_ask_the_server_operator(tmp_path):
+    """A site cannot make the federation's CA: `fedguard certs` would make a second, useless one."""
+    from fedguard.privacy.key_commands import keys_main
+
+    assert keys_main(["--out", str(tmp_path / "keys")]) == 0
+    proc = fedguard("client", "--server", "127.0.0.1:9092", "--ca", str(tmp_path / "missing.crt"),
+                    "--key", str(tmp_path / "keys" / "node_key"), "--partition-id", "0", "--num-partitions", "3",
+                    cwd=tmp_path)
+    assert proc.returncode == 1 and "missing TLS file" in proc.stderr
+    assert "server operator" in proc.stderr and "`fedguard certs`" not in proc.stderr
