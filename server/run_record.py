@@ -195,6 +195,10 @@ class RunRecorder:
                 "train_loss": last.train_loss,
             }
             summary["mean_round_seconds"] = sum(r.round_seconds for r in self.rounds) / len(self.rounds)
+            # Round 1 also pays for the engine's workers starting (Ray starts them on the first
+            # messages), so its time says little about the rounds after it.
+            later = [r.round_seconds for r in self.rounds[1:]]
+            summary["mean_round_seconds_after_first"] = sum(later) / len(later) if later else None
         if self.client_privacy:
             summary["privacy"] = {**summary.get("privacy", {}), **self._privacy_summary()}
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)

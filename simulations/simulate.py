@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from fedguard.clients import protocol
 from fedguard.conf import validate_config
 from fedguard.conf.schema import ConfigError, config_to_yaml
 from fedguard.server.checkpoint import CheckpointError
-from fedguard.server.run_record import SUMMARY_FILE, clear_results
+from fedguard.server.run_record import SUMMARY_FILE, clear_results, write_json_atomic
 from fedguard.simulations.preflight import check_data, check_run_dir, fail
 
 logger = logging.getLogger(__name__)
@@ -123,11 +124,17 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         file=sys.stderr,
         flush=True,
     )
+    launched = time.perf_counter()
     launch(server_app, client_app, int(cfg.simulation.num_clients), backend_config(cfg), context)
+    engine_seconds = time.perf_counter() - launched
     summary_path = run_dir / SUMMARY_FILE
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
-    return json.loads(summary_path.read_text(encoding="utf-8"))
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    # Ray's start and shutdown happen outside the ServerApp's wall_seconds; record them apart.
+    summary["engine_overhead_seconds"] = max(0.0, engine_seconds - float(summary.get("wall_seconds", 0.0)))
+    write_json_atomic(summary_path, summary)
+    return summary
 
 
 def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
