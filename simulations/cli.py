@@ -94,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         print(version_text())
         return 0
     if command == "simulate":
-        return simulate_main(rest)
+        try:
+            return simulate_main(rest)
+        except KeyboardInterrupt:  # before the engine started (the run itself handles its own)
+            print("fedguard: interrupted before the engine started; nothing was run", file=sys.stderr)
+            return 130
     if command == "bench":
         from fedguard.simulations.bench import main as bench_main
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 import time
 import warnings
@@ -125,7 +127,10 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         flush=True,
     )
     launched = time.perf_counter()
-    launch(server_app, client_app, int(cfg.simulation.num_clients), backend_config(cfg), context)
+    try:
+        launch(server_app, client_app, int(cfg.simulation.num_clients), backend_config(cfg), context)
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir) from None
     engine_seconds = time.perf_counter() - launched
     summary_path = run_dir / SUMMARY_FILE
     if not summary_path.is_file():
@@ -135,6 +140,56 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary["engine_overhead_seconds"] = max(0.0, engine_seconds - float(summary.get("wall_seconds", 0.0)))
     write_json_atomic(summary_path, summary)
     return summary
+
+
+# Exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED_EXIT = 130
+# How long a Ctrl-C waits for a checkpoint that is being written.
+CHECKPOINT_GRACE_SECONDS = 10.0
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped the engine; what was recorded (metrics, ledger, checkpoints) stays."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
+def interrupted_message(run_dir: Path, overrides: list[str]) -> str:
+    """Where an interrupted run stands and the command that continues it (its own overrides + resume=)."""
+    from fedguard.server.checkpoint import CheckpointError
+    from fedguard.server.run_state import read_resume_point
+
+    try:
+        completed = read_resume_point(run_dir).run_state.completed_round
+    except CheckpointError:
+        return f"interrupted before round 1 completed; nothing to resume in {run_dir}"
+    kept = [o for o in overrides if not o.startswith(("hydra.", "resume=", "overwrite="))]
+    return f"interrupted after round {completed}; continue with: fedguard simulate {' '.join([*kept, f'resume={run_dir}'])}"
+
+
+def stop_after_interrupt(run_dir: Path, overrides: list[str]) -> None:
+    """Stop the engine, keep what was recorded, say how to continue; exits with status 130.
+
+    Why os._exit: Flower's ServerApp runs on a non-daemon thread that would wait out the round
+    timeout for clients the stopped engine no longer runs. Everything it records (metrics,
+    ledger, checkpoints) is written atomically and fsync'ed per round, so ending here is a
+    crash that `resume=` is built for; only a checkpoint still being written is waited for.
+    """
+    deadline = time.monotonic() + CHECKPOINT_GRACE_SECONDS
+    while any((run_dir / "checkpoints").glob("*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print(f"fedguard: {interrupted_message(run_dir, overrides)}", file=sys.stderr, flush=True)
+    try:
+        import ray
+
+        ray.shutdown()
+    except Exception:  # noqa: BLE001 - the engine may be half-started; exiting ends its processes anyway
+        logger.debug("ray.shutdown failed after Ctrl-C", exc_info=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(INTERRUPTED_EXIT)
 
 
 def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
@@ -152,8 +207,9 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
 def simulate(cfg: DictConfig) -> float:
     configure_logging(cfg.log_level)
     run_dir = Path(cfg.resume) if cfg.resume else Path(HydraConfig.get().runtime.output_dir)
+    overrides = list(HydraConfig.get().overrides.task)
     try:
-        validate_config(cfg, list(HydraConfig.get().overrides.task))
+        validate_config(cfg, overrides)
         check_data(cfg)  # again for sweeps (-m), whose jobs the CLI does not check
         prepare_run_dir(cfg, run_dir)
         summary = run_simulation(cfg, run_dir)
@@ -161,4 +217,7 @@ def simulate(cfg: DictConfig) -> float:
         raise SystemExit(fail(f"bad config: {err}")) from None
     except CheckpointError as err:
         raise SystemExit(fail(f"cannot resume: {err}")) from None
+    except Interrupted as stop:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        stop_after_interrupt(stop.run_dir, overrides)
     return float(summary.get("final", {}).get("accuracy", float("nan")))

@@ -207,3 +207,35 @@ def test_client_without_ca_is_told_to_ask_the_server_operator(tmp_path):
                     cwd=tmp_path)
     assert proc.returncode == 1 and "missing TLS file" in proc.stderr
     assert "server operator" in proc.stderr and "`fedguard certs`" not in proc.stderr
+
+
+@pytest.mark.simulation
+def test_ctrl_c_stops_keeps_the_record_and_says_how_to_resume(tmp_path):
+    import signal
+    import time
+
+    from fedguard.server.run_state import read_resume_point
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*FEDGUARD, "simulate", "simulation.rounds=200", "progress=false", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        metrics = run_dir / "metrics.jsonl"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    completed = read_resume_point(run_dir).run_state.completed_round
+    assert completed >= 1 and len(metrics.read_text().splitlines()) >= completed
+    assert f"interrupted after round {completed}; continue with: fedguard simulate" in stderr
+    assert f"resume={run_dir}" in stderr and "Traceback" not in stderr
