@@ -128,6 +128,30 @@ def test_run_dir_with_results_is_refused_unless_overwritten(tmp_path):
     assert existing_results(tmp_path) == [] and (tmp_path / "notes.txt").exists()
 
 
+def test_a_resumed_run_logs_into_its_own_directory():
+    from fedguard.simulations.preflight import resume_overrides, split_args
+
+    args = split_args(["--check", "resume=/runs/a", "seed=1"])
+    assert args.check_only and args.overrides == ["resume=/runs/a", "seed=1"] and "--check" not in args.hydra_argv
+    cfg = compose_config(["resume=/runs/a"])
+    assert resume_overrides(args, cfg) == ["hydra.run.dir=/runs/a", "hydra.output_subdir=.hydra-resume"]
+    chosen = split_args(["resume=/runs/a", "hydra.run.dir=/elsewhere"])
+    assert resume_overrides(chosen, cfg) == []  # the user's choice stands (load_resume_point checks it)
+
+
+def test_round_one_is_reported_apart_from_the_later_rounds(tmp_path):
+    from rich.console import Console
+
+    from fedguard.server.run_record import RoundRecord, RunRecorder
+
+    recorder = RunRecorder(tmp_path, "seed: 1\n", total_rounds=3, show_progress=False)
+    recorder.console = Console(record=True, file=open(os.devnull, "w"))
+    for number, seconds in enumerate([9.0, 1.0, 2.0], start=1):
+        recorder.record_round(RoundRecord(number, 0.5, 0.9, 0.4, seconds, 5, 5, 0))
+    summary = recorder.finish({"clients": {"total": 5, "per_round": 5}})
+    assert summary["mean_round_seconds"] == 4.0 and summary["mean_round_seconds_after_first"] == 1.5
+
+
 # -- 3. errors before start-up, through the CLI ----------------------------------------------------
 def _one_line_refusal(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     assert proc.returncode == 2, proc.stderr
@@ -195,6 +219,8 @@ def test_second_run_into_the_same_dir_is_refused_then_overwritten(tmp_path):
     assert replaced.returncode == 0, replaced.stderr
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1]  # not [1, 1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["privacy_mode"] == "none" and summary["engine_overhead_seconds"] > 0
 
 
 def test_client_without_ca_is_told_to_ask_the_server_operator(tmp_path):
