@@ -76,7 +76,8 @@ def keys_from_overrides(overrides: Iterable[str]) -> list[str]:
 
 def _mode_suggestions(field: str) -> list[str]:
     """Privacy modes that read ``field``, smallest first (the least a user has to switch on)."""
-    return sorted((m for m, keys in PRIVACY_KEYS_BY_MODE.items() if field in keys), key=lambda m: len(PRIVACY_KEYS_BY_MODE[m]))
+    modes = [mode for mode, keys in PRIVACY_KEYS_BY_MODE.items() if field in keys]
+    return sorted(modes, key=lambda mode: len(PRIVACY_KEYS_BY_MODE[mode]))
 
 
 def _similar_key(field: str, used: Iterable[str], group: str) -> str | None:

@@ -164,6 +164,9 @@ def preflight(args: SimulateArgs) -> DictConfig:
     cfg = compose_checked(args.overrides)
     run_dir = override_value(args.overrides, "hydra.run.dir")
     check_before_engine(cfg, Path(cfg.resume) if cfg.resume else Path(run_dir) if run_dir else None)
+    from fedguard.simulations.simulate import check_resources  # imports Flower and torch: last
+
+    check_resources(cfg, warn=False)
     return cfg
 
 

@@ -83,8 +83,10 @@ def launch(
     )
 
 
-def check_resources(cfg: DictConfig) -> None:
-    """Ray would wait forever for GPUs that do not exist; say so before starting."""
+def check_resources(cfg: DictConfig, warn: bool = True) -> None:
+    """Ray would wait forever for GPUs that do not exist; say so before starting.
+
+    ``warn=False``: only the refusal (the CLI's early check; the run itself warns once)."""
     import torch
 
     wants_gpu = cfg.simulation.client_resources.num_gpus > 0
@@ -93,7 +95,7 @@ def check_resources(cfg: DictConfig) -> None:
             f"simulation.client_resources.num_gpus={cfg.simulation.client_resources.num_gpus} but torch sees "
             "no GPU on this machine; set it to 0 (or join a Ray cluster with GPUs via simulation.ray_address)"
         )
-    if not wants_gpu and cfg.device != "cpu" and torch.cuda.is_available():
+    if warn and not wants_gpu and cfg.device != "cpu" and torch.cuda.is_available():
         logger.warning(
             "a GPU is present but simulated clients get no share of it, so they train on the CPU; "
             "set simulation.client_resources.num_gpus (e.g. 0.5 = two clients per GPU) to use it"
