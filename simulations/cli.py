@@ -22,7 +22,6 @@ DEPLOYMENT_COMMANDS = {
 USAGE = """usage: fedguard <command> [hydra overrides or options]
        fedguard --version
 
-
 commands:
   simulate   run a federated simulation (Flower simulation engine, Ray) from conf/
   bench      benchmarks that print figures and write JSON (fedguard bench --help)

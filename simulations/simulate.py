@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -167,8 +168,9 @@ def interrupted_message(run_dir: Path, overrides: list[str]) -> str:
         completed = read_resume_point(run_dir).run_state.completed_round
     except CheckpointError:
         return f"interrupted before round 1 completed; nothing to resume in {run_dir}"
-    kept = [o for o in overrides if not o.startswith(("hydra.", "resume=", "overwrite="))]
-    return f"interrupted after round {completed}; continue with: fedguard simulate {' '.join([*kept, f'resume={run_dir}'])}"
+    kept = [o for o in overrides if not o.lstrip("+").startswith(("hydra.", "resume=", "overwrite="))]
+    command = " ".join(shlex.quote(arg) for arg in [*kept, f"resume={run_dir}"])
+    return f"interrupted after round {completed}; continue with: fedguard simulate {command}"
 
 
 def stop_after_interrupt(run_dir: Path, overrides: list[str]) -> None:
