@@ -159,14 +159,31 @@ def check_before_engine(cfg: DictConfig, run_dir: Path | None) -> None:
             raise ConfigError(str(err) if str(err).startswith("cannot resume") else f"cannot resume: {err}") from None
 
 
+def check_resources(cfg: DictConfig, warn: bool = True) -> None:
+    """Ray would wait forever for GPUs that do not exist; say so before starting.
+
+    ``warn=False``: only the refusal (the CLI's early check; the run itself warns once)."""
+    import torch
+
+    wants_gpu = cfg.simulation.client_resources.num_gpus > 0
+    if wants_gpu and not cfg.simulation.ray_address and not torch.cuda.is_available():
+        raise ConfigError(
+            f"simulation.client_resources.num_gpus={cfg.simulation.client_resources.num_gpus} but torch sees "
+            "no GPU on this machine; set it to 0 (or join a Ray cluster with GPUs via simulation.ray_address)"
+        )
+    if warn and not wants_gpu and cfg.device != "cpu" and torch.cuda.is_available():
+        logger.warning(
+            "a GPU is present but simulated clients get no share of it, so they train on the CPU; "
+            "set simulation.client_resources.num_gpus (e.g. 0.5 = two clients per GPU) to use it"
+        )
+
+
 def preflight(args: SimulateArgs) -> DictConfig:
-    """All checks of a single run, before Hydra's job starts; raises ConfigError or CheckpointError."""
+    """All checks of a single run, before Hydra's job starts; raises ConfigError naming what to fix."""
     cfg = compose_checked(args.overrides)
     run_dir = override_value(args.overrides, "hydra.run.dir")
     check_before_engine(cfg, Path(cfg.resume) if cfg.resume else Path(run_dir) if run_dir else None)
-    from fedguard.simulations.simulate import check_resources  # imports Flower and torch: last
-
-    check_resources(cfg, warn=False)
+    check_resources(cfg, warn=False)  # imports torch: last
     return cfg
 
 

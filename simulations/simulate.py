@@ -25,7 +25,7 @@ from fedguard.conf import validate_config
 from fedguard.conf.schema import ConfigError, config_to_yaml
 from fedguard.server.checkpoint import CheckpointError
 from fedguard.server.run_record import SUMMARY_FILE, clear_results, write_json_atomic
-from fedguard.simulations.preflight import check_data, check_run_dir, fail
+from fedguard.simulations.preflight import check_data, check_resources, check_run_dir, fail  # noqa: F401 (check_resources: also this module's API)
 
 logger = logging.getLogger(__name__)
 
@@ -82,25 +82,6 @@ def launch(
         server_app_context=context,
         verbose_logging=logging.getLogger().level <= logging.DEBUG,
     )
-
-
-def check_resources(cfg: DictConfig, warn: bool = True) -> None:
-    """Ray would wait forever for GPUs that do not exist; say so before starting.
-
-    ``warn=False``: only the refusal (the CLI's early check; the run itself warns once)."""
-    import torch
-
-    wants_gpu = cfg.simulation.client_resources.num_gpus > 0
-    if wants_gpu and not cfg.simulation.ray_address and not torch.cuda.is_available():
-        raise ConfigError(
-            f"simulation.client_resources.num_gpus={cfg.simulation.client_resources.num_gpus} but torch sees "
-            "no GPU on this machine; set it to 0 (or join a Ray cluster with GPUs via simulation.ray_address)"
-        )
-    if warn and not wants_gpu and cfg.device != "cpu" and torch.cuda.is_available():
-        logger.warning(
-            "a GPU is present but simulated clients get no share of it, so they train on the CPU; "
-            "set simulation.client_resources.num_gpus (e.g. 0.5 = two clients per GPU) to use it"
-        )
 
 
 def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
