@@ -136,12 +136,29 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _load_fashion_mnist(root: str | None) -> DatasetBundle:
+def check_dataset_files(dataset_cfg: DictConfig) -> None:
+    """Raise DatasetError if files the dataset needs are missing, without reading them.
+
+    Why: the simulation engine takes many seconds to start and loads data only inside it;
+    a wrong ``dataset.root`` should be one message before any of that.
+    """
+    if dataset_cfg.name == "fashion_mnist":
+        folder = _fashion_mnist_folder(dataset_cfg.root)
+        for stem in FASHION_MNIST_FILES.values():
+            _find_idx_file(folder, stem)
+
+
+def _fashion_mnist_folder(root: str | None) -> Path:
     if not root:
         raise DatasetError(f"dataset.root is not set for Fashion-MNIST: {FASHION_MNIST_INSTALL_HINT}")
     folder = Path(root)
     if not folder.is_dir():
         raise DatasetError(f"Fashion-MNIST folder {folder} does not exist: {FASHION_MNIST_INSTALL_HINT}")
+    return folder
+
+
+def _load_fashion_mnist(root: str | None) -> DatasetBundle:
+    folder = _fashion_mnist_folder(root)
     arrays = {key: read_idx(_find_idx_file(folder, stem)) for key, stem in FASHION_MNIST_FILES.items()}
     image_shape = IMAGE_SHAPES["fashion_mnist"][1:]
     for split in ("train", "test"):  # before scaling: an empty split has no mean to scale by

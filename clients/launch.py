@@ -28,6 +28,10 @@ from fedguard.clients.deployment.key_material import NODE_PRIVATE_KEY_FILE, KeyM
 from fedguard.clients.deployment.flower_tools import environment_with_flower, flower_executable
 
 DEFAULT_SITE_DIR = "fedguard-site"
+SITE_CA_HINT = (
+    "ask the server operator for the federation's ca.crt (fedguard-server/certs/ca.crt on the server site) "
+    "and pass its path with --ca; a site does not create it"
+)
 # The SuperNode's local API (ClientApp processes talk to it); one free port per SuperNode on a host.
 DEFAULT_RUNTIME_PORT = 9094
 # How long a SuperNode keeps retrying an unreachable SuperLink before it gives up (seconds).
@@ -89,7 +93,8 @@ def client_main(argv: list[str]) -> int:
     }
     try:
         read_site_settings({k: v for k, v in settings.items() if v is not None})
-        check_certificate_files(args.ca)
+        # The CA is the server operator's (fedguard certs runs on the server site only).
+        check_certificate_files(args.ca, hint=SITE_CA_HINT)
         check_node_private_key(args.key)
     except (SiteConfigError, KeyMaterialError) as err:
         print(f"fedguard client: {err}", file=sys.stderr)

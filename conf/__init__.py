@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 from fedguard.conf.schema import ConfigError, register_schema
-from fedguard.conf.validation import validate_config
+from fedguard.conf.validation import check_mode_keys, validate_config
 
 register_schema()
 
@@ -21,12 +21,12 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose and validate the config from Hydra overrides, outside ``@hydra.main``.
 
     Used where no Hydra job runs (tests, `fedguard run`); the result is the same
-    composition `fedguard simulate` gets.
+    composition `fedguard simulate` gets, with the same checks.
     """
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides))
-    validate_config(cfg)
+    validate_config(cfg, overrides)
     return cfg
 
 
-__all__ = ["CONFIG_MODULE", "CONFIG_NAME", "ConfigError", "compose_config", "validate_config"]
+__all__ = ["CONFIG_MODULE", "CONFIG_NAME", "ConfigError", "check_mode_keys", "compose_config", "validate_config"]

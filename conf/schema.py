@@ -178,6 +178,7 @@ class FedguardConfig:
     progress: bool = True
     # A run directory to continue from its last completed round (same config otherwise).
     resume: str | None = None
+    overwrite: bool = False  # replace the results already in hydra.run.dir (see conf/config.yaml)
 
 
 def register_schema() -> None:

@@ -6,11 +6,14 @@ the key and what is allowed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedguard.conf.checks import check_noise_setting, choice, in_range
 from fedguard.conf.client_dp_checks import validate_client_clipping, validate_client_dp
+from fedguard.conf.mode_keys import ChosenModes, keys_from_overrides, unused_key_error
 from fedguard.conf.plans import clients_per_round
 from fedguard.conf.run_address import split_host_port
 from fedguard.conf.schema import (
@@ -110,8 +113,28 @@ def _validate_secure_agg(cfg: DictConfig) -> None:
         )
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Reject unknown keys and impossible combinations before anything trains. Raises ConfigError."""
+def check_mode_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuse keys the user set that the chosen privacy / secure-aggregation mode never reads.
+
+    Why: the schema gives every key a default, so ``privacy.target_epsilon=3`` without
+    ``privacy=sample_dp`` would otherwise compose and train with no DP at all, silently.
+    """
+    modes = ChosenModes(
+        privacy=str(cfg.privacy.mode),
+        secure_agg=str(cfg.secure_agg.mode),
+        client_clipping=str(cfg.privacy.client_clipping),
+    )
+    if message := unused_key_error(modes, keys_from_overrides(overrides)):
+        raise ConfigError(message)
+
+
+def validate_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> None:
+    """Reject unknown keys and impossible combinations before anything trains (ConfigError
+    naming the key). ``overrides``: the command-line overrides the config was composed with;
+    when given, keys the chosen modes ignore are refused first (a config read back from a run
+    directory has none, and was checked when it was composed)."""
+    if overrides:
+        check_mode_keys(cfg, overrides)
     _check_against_schema(cfg)
     choice("dataset.name", cfg.dataset.name, DATASETS)
     choice("model.name", cfg.model.name, MODELS)

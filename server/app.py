@@ -60,7 +60,8 @@ def load_resume_point(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
     point = read_resume_point(Path(cfg.resume))
     if Path(cfg.resume).resolve() != run_dir.resolve():
         raise ConfigError(f"resume={cfg.resume} but results would go to {run_dir}; a resumed run continues in its own directory")
-    if differ := resume_mismatches(config_from_yaml(point.config_yaml), cfg):
+    # overwrite is about the directory, not the computation (and older runs lack the key).
+    if differ := [key for key in resume_mismatches(config_from_yaml(point.config_yaml), cfg) if key != "overwrite"]:
         raise ConfigError(f"resume={cfg.resume} needs the original run's config; these keys differ: {', '.join(differ)}")
     logger.warning("resuming run %s after round %d", point.run_state.lineage, point.run_state.completed_round)
     return point
@@ -177,6 +178,7 @@ def _run_facts(cfg: DictConfig) -> dict[str, Any]:
         "model": cfg.model.name,
         "strategy": cfg.strategy.name,
         "secure_aggregation": cfg.secure_agg.mode,
+        "privacy_mode": cfg.privacy.mode,
         "partition": cfg.partition.name,
         "seed": cfg.seed,
     }

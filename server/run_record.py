@@ -21,6 +21,45 @@ from rich.table import Table
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
+# What marks a directory as holding a run's results (checkpoints: server/checkpoint.py's CHECKPOINT_DIR).
+# The summary table's privacy row per privacy.mode.
+PRIVACY_ROW_TEXT = {
+    "none": "none: no differential privacy, updates may reveal individual records",
+    "sample_dp": "sample_dp: DP-SGD on every client (record level)",
+    "client_dp": "client_dp: DP-FedAvg (whole-client level)",
+    "sample_and_client_dp": "sample_and_client_dp: DP-SGD on clients and DP-FedAvg at the server",
+}
+RESULT_MARKERS = (METRICS_FILE, SUMMARY_FILE, "checkpoints")
+# Everything a run writes that a second run must not mix with: the markers, the ledger and its
+# keys (server/privacy_ledger.py), the virtual sites' state (simulations/simulate.py), the config.
+RUN_OUTPUTS = (*RESULT_MARKERS, "ledger.jsonl", "keys", "client-state", CONFIG_FILE)
+
+
+def existing_results(run_dir: Path) -> list[str]:
+    """Names of result files/folders already in ``run_dir`` (empty when it is free to use)."""
+    return [name for name in RESULT_MARKERS if (run_dir / name).exists()]
+
+
+def clear_results(run_dir: Path) -> list[str]:
+    """Remove a previous run's outputs from ``run_dir`` (``overwrite=true``); returns what went.
+
+    Only fedguard's own outputs are removed, never other files a user keeps there; the old
+    virtual sites' state goes too, so the new run's privacy accounting starts from zero, as in
+    a fresh directory.
+    """
+    import shutil
+
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 @dataclass(frozen=True)
@@ -156,6 +195,10 @@ class RunRecorder:
                 "train_loss": last.train_loss,
             }
             summary["mean_round_seconds"] = sum(r.round_seconds for r in self.rounds) / len(self.rounds)
+            # Round 1 also pays for the engine's workers starting (Ray starts them on the first
+            # messages), so its time says little about the rounds after it.
+            later = [r.round_seconds for r in self.rounds[1:]]
+            summary["mean_round_seconds_after_first"] = sum(later) / len(later) if later else None
         if self.client_privacy:
             summary["privacy"] = {**summary.get("privacy", {}), **self._privacy_summary()}
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
@@ -184,6 +227,13 @@ class RunRecorder:
             ("wall time", f"{summary['wall_seconds']:.1f} s"),
         ]
         privacy = summary.get("privacy", {})
+        # Always a privacy row: a run without DP must say so, not just omit the epsilon.
+        mode = str(summary.get("privacy_mode", "none"))
+        rows.append(("privacy", PRIVACY_ROW_TEXT.get(mode, mode)))
+        federation = privacy.get("federation")
+        if isinstance(federation, dict) and "epsilon" in federation:
+            epsilon, delta = federation["epsilon"], federation.get("delta", float("nan"))
+            rows.append(("client-level epsilon (federation)", f"{epsilon:.3f}  at delta {delta:g}"))
         if "max_epsilon" in privacy:
             delta = next(iter(privacy["clients"].values()))["delta"]
             rows.append(

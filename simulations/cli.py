@@ -20,6 +20,7 @@ DEPLOYMENT_COMMANDS = {
 }
 
 USAGE = """usage: fedguard <command> [hydra overrides or options]
+       fedguard --version
 
 commands:
   simulate   run a federated simulation (Flower simulation engine, Ray) from conf/
@@ -34,8 +35,52 @@ separate sites (Flower deployment engine; TLS and site keys always on):
   client     join the federation as a site (SuperNode)
   run        submit a run to the SuperLink (same Hydra overrides as simulate)
 
-Run `fedguard simulate --help` for Hydra's help and the config groups.
+Run `fedguard simulate --help` for Hydra's help and the config groups;
+`fedguard simulate --check [overrides]` runs every check without training.
 """
+
+
+def version_text() -> str:
+    """fedguard's version and those of the libraries whose behaviour it depends on (bug reports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"fedguard {of('fedguard')} (flwr {of('flwr')}, opacus {of('opacus')}, torch {of('torch')})"
+
+
+def simulate_main(argv: list[str]) -> int:
+    """`fedguard simulate`: check everything checkable, then hand the overrides to Hydra's job.
+
+    The checks run before ``@hydra.main`` so that a mistake leaves no ``outputs/<time>/``
+    folder and never starts Ray; a sweep (-m) is checked per job inside the job instead.
+    """
+    import fedguard.conf  # registers the schema  # noqa: F401
+    from fedguard.conf import ConfigError
+    from fedguard.simulations.preflight import fail, preflight, resume_overrides, split_args
+
+    args = split_args(argv)
+    hydra_argv = args.hydra_argv
+    if not args.multirun and not args.other_job:
+        try:
+            cfg = preflight(args)
+        except ConfigError as err:
+            return fail(f"bad config: {err}")
+        if args.check_only:
+            print("fedguard: config OK; the checks before training passed (nothing was run)")
+            return 0
+        hydra_argv = [*hydra_argv, *resume_overrides(args, cfg)]
+    elif args.check_only:
+        return fail("--check takes a single run's overrides (no -m sweep, no other Hydra option)")
+    from fedguard.simulations.simulate import simulate
+
+    sys.argv = ["fedguard simulate", *hydra_argv]
+    simulate()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,13 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = args[0], args[1:]
-    if command == "simulate":
-        import fedguard.conf  # registers the schema  # noqa: F401
-        from fedguard.simulations.simulate import simulate
-
-        sys.argv = ["fedguard simulate", *rest]
-        simulate()
+    if command in ("-V", "--version"):
+        print(version_text())
         return 0
+    if command == "simulate":
+        try:
+            return simulate_main(rest)
+        except KeyboardInterrupt:  # before the engine started (the run itself handles its own)
+            print("fedguard: interrupted before the engine started; nothing was run", file=sys.stderr)
+            return 130
     if command == "bench":
         from fedguard.simulations.bench import main as bench_main
 

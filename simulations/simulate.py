@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
+import signal
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,8 @@ from fedguard.conf import validate_config
 from fedguard.conf.run_config import config_to_yaml
 from fedguard.conf.schema import ConfigError
 from fedguard.server.checkpoint import CheckpointError
-from fedguard.server.run_record import SUMMARY_FILE
+from fedguard.server.run_record import SUMMARY_FILE, clear_results, write_json_atomic
+from fedguard.simulations.preflight import check_data, check_resources, check_run_dir, fail
 
 logger = logging.getLogger(__name__)
 
@@ -79,23 +85,6 @@ def launch(
     )
 
 
-def check_resources(cfg: DictConfig) -> None:
-    """Ray would wait forever for GPUs that do not exist; say so before starting."""
-    import torch
-
-    wants_gpu = cfg.simulation.client_resources.num_gpus > 0
-    if wants_gpu and not cfg.simulation.ray_address and not torch.cuda.is_available():
-        raise ConfigError(
-            f"simulation.client_resources.num_gpus={cfg.simulation.client_resources.num_gpus} but torch sees "
-            "no GPU on this machine; set it to 0 (or join a Ray cluster with GPUs via simulation.ray_address)"
-        )
-    if not wants_gpu and cfg.device != "cpu" and torch.cuda.is_available():
-        logger.warning(
-            "a GPU is present but simulated clients get no share of it, so they train on the CPU; "
-            "set simulation.client_resources.num_gpus (e.g. 0.5 = two clients per GPU) to use it"
-        )
-
-
 def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run fedguard's ServerApp and ClientApp in Flower's simulation engine; returns summary.json.
 
@@ -115,22 +104,106 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     # Virtual sites keep their privacy state and ledgers beside the run, so `resume=` works here too.
     client_app = build_client_app(site_state_root=run_dir / CLIENT_STATE_DIR)
-    launch(server_app, client_app, int(cfg.simulation.num_clients), backend_config(cfg), context)
+    # Ray takes seconds to start; say what is starting so a silent terminal is not a hang.
+    print(
+        f"fedguard: starting the engine: {cfg.simulation.num_clients} clients, dataset {cfg.dataset.name}, "
+        f"privacy {cfg.privacy.mode}; results in {run_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    launched = time.perf_counter()
+    try:
+        launch(server_app, client_app, int(cfg.simulation.num_clients), backend_config(cfg), context)
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir) from None
+    engine_seconds = time.perf_counter() - launched
     summary_path = run_dir / SUMMARY_FILE
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
-    return json.loads(summary_path.read_text(encoding="utf-8"))
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    # Ray's start and shutdown happen outside the ServerApp's wall_seconds; record them apart.
+    summary["engine_overhead_seconds"] = max(0.0, engine_seconds - float(summary.get("wall_seconds", 0.0)))
+    write_json_atomic(summary_path, summary)
+    return summary
+
+
+# Exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED_EXIT = 130
+# How long a Ctrl-C waits for a checkpoint that is being written.
+CHECKPOINT_GRACE_SECONDS = 10.0
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped the engine; what was recorded (metrics, ledger, checkpoints) stays."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
+def interrupted_message(run_dir: Path, overrides: list[str]) -> str:
+    """Where an interrupted run stands and the command that continues it (its own overrides + resume=)."""
+    from fedguard.server.checkpoint import CheckpointError
+    from fedguard.server.run_state import read_resume_point
+
+    try:
+        completed = read_resume_point(run_dir).run_state.completed_round
+    except CheckpointError:
+        return f"interrupted before round 1 completed; nothing to resume in {run_dir}"
+    kept = [o for o in overrides if not o.lstrip("+").startswith(("hydra.", "resume=", "overwrite="))]
+    command = " ".join(shlex.quote(arg) for arg in [*kept, f"resume={run_dir}"])
+    return f"interrupted after round {completed}; continue with: fedguard simulate {command}"
+
+
+def stop_after_interrupt(run_dir: Path, overrides: list[str]) -> None:
+    """Stop the engine, keep what was recorded, say how to continue; exits with status 130.
+
+    Why os._exit: Flower's ServerApp runs on a non-daemon thread that would wait out the round
+    timeout for clients the stopped engine no longer runs. Everything it records (metrics,
+    ledger, checkpoints) is written atomically and fsync'ed per round, so ending here is a
+    crash that `resume=` is built for; only a checkpoint still being written is waited for.
+    """
+    deadline = time.monotonic() + CHECKPOINT_GRACE_SECONDS
+    while any((run_dir / "checkpoints").glob("*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print(f"fedguard: {interrupted_message(run_dir, overrides)}", file=sys.stderr, flush=True)
+    try:
+        import ray
+
+        ray.shutdown()
+    except Exception:  # noqa: BLE001 - the engine may be half-started; exiting ends its processes anyway
+        logger.debug("ray.shutdown failed after Ctrl-C", exc_info=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(INTERRUPTED_EXIT)
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """One run per directory: refuse earlier results, or clear them under overwrite=true.
+
+    Why: a second run in the same directory would append to metrics.jsonl and replace
+    checkpoints, leaving a record that belongs to neither run. `resume=` continues one.
+    """
+    check_run_dir(cfg, run_dir)
+    if cfg.overwrite and not cfg.resume and (removed := clear_results(run_dir)):
+        logger.warning("overwrite=true: removed the earlier run's %s from %s", ", ".join(removed), run_dir)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://fedguard.conf", config_name="config")
 def simulate(cfg: DictConfig) -> float:
     configure_logging(cfg.log_level)
     run_dir = Path(cfg.resume) if cfg.resume else Path(HydraConfig.get().runtime.output_dir)
+    overrides = list(HydraConfig.get().overrides.task)
     try:
-        validate_config(cfg)
+        validate_config(cfg, overrides)
+        check_data(cfg)  # again for sweeps (-m), whose jobs the CLI does not check
+        prepare_run_dir(cfg, run_dir)
         summary = run_simulation(cfg, run_dir)
     except ConfigError as err:
-        raise SystemExit(f"fedguard: bad config: {err}") from None
+        raise SystemExit(fail(f"bad config: {err}")) from None
     except CheckpointError as err:
-        raise SystemExit(f"fedguard: cannot resume: {err}") from None
+        raise SystemExit(fail(f"cannot resume: {err}")) from None
+    except Interrupted as stop:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        stop_after_interrupt(stop.run_dir, overrides)
     return float(summary.get("final", {}).get("accuracy", float("nan")))

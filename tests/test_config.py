@@ -101,7 +101,7 @@ def test_carried_config_is_validated_again():
 def test_gpu_share_without_a_gpu_is_refused():
     import torch
 
-    from fedguard.simulations.simulate import check_resources
+    from fedguard.simulations.preflight import check_resources
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

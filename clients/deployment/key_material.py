@@ -170,7 +170,8 @@ def check_node_private_key(path: Path) -> None:
         raise KeyMaterialError(f"{path} is readable by others (mode {oct(path.stat().st_mode & 0o777)}); chmod 600 it")
 
 
-def check_certificate_files(*paths: Path) -> None:
+def check_certificate_files(*paths: Path, hint: str = "create them with `fedguard certs`") -> None:
+    """Fail early on missing TLS files; ``hint`` says who makes them (a site never runs `fedguard certs`)."""
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise KeyMaterialError(f"missing TLS file(s): {', '.join(missing)}; create them with `fedguard certs`")
+        raise KeyMaterialError(f"missing TLS file(s): {', '.join(missing)}; {hint}")
