@@ -89,6 +89,8 @@ class PrivacyConfig:
     max_physical_batch_size: int | None = None
     poisson_sampling: bool = True
     allow_zero_noise: bool = False
+    # Sample-level DP: also send the raw training loss and local-validation metrics (no epsilon covers them).
+    release_unaccounted_metrics: bool = False
     # Client-level DP (DP-FedAvg, privacy=client_dp): see conf/privacy/client_dp.yaml.
     client_clip_norm: float = 1.0
     client_noise_multiplier: float | None = None
@@ -250,6 +252,9 @@ def _validate_privacy(cfg: DictConfig) -> None:
     _range("privacy.max_grad_norm", dp.max_grad_norm, 0.0, None, low_open=True)
     if dp.max_physical_batch_size is not None:
         _range("privacy.max_physical_batch_size", dp.max_physical_batch_size, 1, None)
+    from fedguard.conf.sample_dp_checks import validate_sample_dp  # imports this module
+
+    validate_sample_dp(cfg)
     if dp.grad_sample_mode == "ghost" and cfg.strategy.name == "fedprox":
         raise ConfigError(
             "privacy.grad_sample_mode=ghost cannot add FedProx's proximal term to its loss; "
