@@ -108,6 +108,7 @@ def _load_local_data_cached(config_text: str, site: SiteSettings) -> LocalData:
 
 
 def _round_seed(cfg: DictConfig, site: SiteSettings, server_round: int) -> int:
+    """Batch order of non-private training (reproducible). Never used under sample-level DP."""
     digest = hashlib.sha256(f"{cfg.seed}/{site.partition_id}/{server_round}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
@@ -278,7 +279,10 @@ def _train_reply(
     """Train on the site's data (privately if configured) and build the reply, or a budget refusal."""
     server_round, mu = request.server_round, request.proximal_mu
     regularizer = proximal_regularizer(model, mu) if mu > 0 else None
-    setup = make_training_setup(model, data.train_x, data.train_y, cfg.train, _round_seed(cfg, site, server_round))
+    # Under sample-level DP the batches come from OS randomness (never from the recorded seed,
+    # partition id and round, which would let anyone holding config.yaml rebuild every batch).
+    seed = None if trains_privately(cfg) else _round_seed(cfg, site, server_round)
+    setup = make_training_setup(model, data.train_x, data.train_y, cfg.train, seed)
     trainer = build_trainer(cfg, site.epsilon_budget)
     try:
         result = trainer.train(setup, state=state, device=device, regularizer=regularizer)
@@ -288,7 +292,7 @@ def _train_reply(
     metrics = MetricRecord(
         {
             protocol.NUM_EXAMPLES_KEY: len(data.train_y),
-            protocol.TRAIN_LOSS_KEY: result.outcome.mean_loss,
+            protocol.TRAIN_LOSS_KEY: released_train_loss(cfg, result.outcome.mean_loss),
             protocol.TRAIN_STEPS_KEY: result.outcome.steps,
         }
     )
@@ -300,8 +304,24 @@ def _train_reply(
     return Message(reply, reply_to=msg)
 
 
+def released_train_loss(cfg: DictConfig, mean_loss: float) -> float:
+    """The training loss a reply carries: under sample-level DP NaN (the raw mean loss over the
+    site's records is not covered by any epsilon; NaN keeps the reply's form, which the server
+    already accepts for a round without a non-empty batch), unless the run opted in with
+    ``privacy.release_unaccounted_metrics``."""
+    if trains_privately(cfg) and not cfg.privacy.release_unaccounted_metrics:
+        return float("nan")
+    return mean_loss
+
+
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, site, data, model, device, _request = _unpack(msg, context)
+    if trains_privately(cfg) and not cfg.privacy.release_unaccounted_metrics:
+        # conf.sample_dp_checks refuses such a run; a site does not answer a server that asks anyway.
+        raise MalformedMessage(
+            "under sample-level DP local-validation metrics are not sent (no epsilon covers them); "
+            "the run must set privacy.release_unaccounted_metrics=true"
+        )
     if len(data.validation_y) == 0:
         raise LocalDataError(
             f"partition {site.partition_id} has no local validation examples "

@@ -32,7 +32,7 @@ def _throughput(cfg, features, labels, private: bool, warmup_steps: int, timed_s
         plain = PlainTrainer(cfg.train)
         plain.max_steps = steps
         trainer = SampleDPTrainer(plain, cfg, None) if private else plain
-        setup = make_training_setup(model, features, labels, cfg.train, seed=0)
+        setup = make_training_setup(model, features, labels, cfg.train, seed=None if private else 0)
         started = time.perf_counter()
         outcome = trainer.train(setup, state=RecordDict(), device=device, regularizer=None).outcome
         return time.perf_counter() - started, outcome.num_examples
