@@ -45,7 +45,7 @@ from fedguard.clients.partition import PartitionError, partition_indices, split_
 from fedguard.clients.private_training import BudgetExhausted, build_trainer
 from fedguard.clients.secure_aggregation import INPUT_STATE_KEY, SESSION_STATE_KEY, handle_stage, secure_aggregation_mod
 from fedguard.clients.site import PARTITION_ID_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings, read_site_settings
-from fedguard.clients.site_state import CachedReply, SiteStateError, SiteStateStore, arrays_digest
+from fedguard.clients.site_state import CachedReply, ResendRefused, SiteStateError, SiteStateStore, arrays_digest
 from fedguard.clients.training import evaluate_model, make_training_setup, proximal_regularizer
 from fedguard.conf.schema import ConfigError, cached_config_from_yaml, config_to_yaml, trains_privately
 from fedguard.privacy.secagg.envelope import ShareAuthenticationError
@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 # Flower's traceback.
 REJECTIONS = (
     MalformedMessage, DatasetError, PartitionError, SiteConfigError, SecAggError, ShamirError, ShareAuthenticationError,
-    SiteStateError, ClipError,
+    SiteStateError, ClipError, ResendRefused,
 )
 # What a fedguard config text may raise while being parsed and validated.
 CONFIG_ERRORS = (ConfigError, OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError)
@@ -206,6 +206,12 @@ def train(msg: Message, context: Context) -> Message:
     digest = arrays_digest(msg.content[protocol.ARRAYS_KEY])
     with store.locked(context.state) as state:
         if (cached := store.cached_reply(request.server_round, digest)) is not None:
+            if resend_enters_a_new_sum(cfg):
+                raise ResendRefused(
+                    f"round {request.server_round} was already released into a secure-aggregation sum on this "
+                    "global model; resending it into a new session would let the server difference two sums "
+                    "(and add unaccounted noise under distributed DP), so this site sits the round out"
+                )
             logger.warning(
                 "partition %d: round %d was already trained on this global model (the server restarted); "
                 "sending the same update again, which spends no privacy", site.partition_id, request.server_round,
@@ -231,13 +237,20 @@ def train(msg: Message, context: Context) -> Message:
                 CachedReply(
                     request.server_round,
                     digest,
-                    content[protocol.ARRAYS_KEY].to_torch_state_dict(),
+                    # Under secure aggregation only the fact of the release is kept: it is never resent.
+                    {} if resend_enters_a_new_sum(cfg) else content[protocol.ARRAYS_KEY].to_torch_state_dict(),
                     dict(content[protocol.METRICS_KEY]),
                     dict(content[protocol.PRIVACY_KEY]) if protocol.PRIVACY_KEY in content else None,
                 )
             )
         content[protocol.LEDGER_KEY] = store.ledger_record()
         return reply
+
+
+def resend_enters_a_new_sum(cfg: DictConfig) -> bool:
+    """Whether a resent update would be masked into a fresh SecAgg+ session (a second, different
+    sum; distributed DP noise needs SecAgg+, so it is covered too) rather than seen as before."""
+    return cfg.secure_agg.mode != "off"
 
 
 def _site_state_store(cfg: DictConfig, site: SiteSettings, msg: Message, context: Context) -> SiteStateStore | None:

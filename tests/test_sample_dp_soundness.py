@@ -211,3 +211,48 @@ def test_fedprox_term_is_applied_after_the_noise(mode):
     # One SGD step: the proximal gradient mu * (w - w_global) = -mu * offset adds lr * mu * offset.
     difference = moves[True] - moves[False]
     assert torch.allclose(difference, torch.full_like(difference, 0.5 * mu * offset), atol=1e-5)
+
+
+# --- 5. a cached update never enters a second secure-aggregation sum -------------------------
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_resumed_server_cannot_get_a_sites_update_into_two_secagg_sums(tmp_path):
+    from client_app_support import run_train, train_message  # noqa: PLC0415
+
+    from fedguard.clients import protocol
+    from fedguard.clients.secure_aggregation import INPUT_STATE_KEY
+
+    cfg = compose_config(["model=logreg", "device=cpu", *DP, "train.max_steps=2", "secure_agg=secaggplus"])
+    message = train_message(cfg, server_round=4)
+    first = run_train(message, tmp_path)
+    assert not first.has_error() and protocol.SECAGG_KEY in first.content  # session 1: update held, keys advertised
+    ledger_before = first.content[protocol.LEDGER_KEY][protocol.LEDGER_ENTRIES_FIELD]
+    # The server restarts and asks again: same round, same global model, a new SecAgg+ session
+    # over a cohort of its choosing. A resend here would be sum 2 minus (sum 1 minus the site).
+    from flwr.app import Context
+
+    context = Context(run_id=2, node_id=7, node_config={"partition-id": 0, "num-partitions": 5, "state-dir": str(tmp_path)},
+                      state=RecordDict(), run_config={})
+    second = client_app_module.app(train_message(cfg, server_round=4, arrays=message.content[protocol.ARRAYS_KEY]), context)
+    assert second.has_error() and "ResendRefused" in second.error.reason
+    assert INPUT_STATE_KEY not in context.state  # nothing held for the new session to mask
+    # and the site did not retrain (no second spend on its ledger)
+    third = run_train(train_message(cfg, server_round=5, arrays=message.content[protocol.ARRAYS_KEY]), tmp_path)
+    entries = third.content[protocol.LEDGER_KEY][protocol.LEDGER_ENTRIES_FIELD]
+    assert len(entries) == len(ledger_before) + 1  # round 5's spend only
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_without_secure_aggregation_the_same_reply_is_resent(tmp_path):
+    from client_app_support import run_train, train_message  # noqa: PLC0415
+
+    from fedguard.clients import protocol
+
+    cfg = compose_config(["model=logreg", "device=cpu", *DP, "train.max_steps=2"])
+    message = train_message(cfg, server_round=4)
+    first, second = run_train(message, tmp_path), run_train(message, tmp_path)
+    assert not second.has_error()
+    for key in first.content[protocol.ARRAYS_KEY].keys():
+        a, b = (r.content[protocol.ARRAYS_KEY][key].numpy() for r in (first, second))
+        assert np.array_equal(a, b)  # the server saw exactly this before: re-releasing it costs nothing
