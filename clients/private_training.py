@@ -122,6 +122,11 @@ class SampleDPTrainer:
         if not self.dp.poisson_sampling and not is_zero_noise_debug(self.dp):
             # conf.sample_dp_checks refuses this config; a client never trains on one that slipped past.
             raise ValueError("privacy.poisson_sampling=false is refused under sample-level DP (no sound accountant)")
+        if self.dp.release_unaccounted_metrics:
+            logger.warning(
+                "privacy.release_unaccounted_metrics=true: this site sends its raw training loss and local-validation "
+                "metrics, which no epsilon covers"
+            )
 
     def planned_steps(self, batches_per_epoch: int) -> int:
         return self.inner.planned_steps(batches_per_epoch)

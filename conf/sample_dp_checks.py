@@ -10,11 +10,6 @@ from omegaconf import DictConfig
 
 from fedguard.conf.schema import ConfigError
 
-# The relation the accountant's epsilon is stated for (Opacus RDP/PRV for the Poisson-subsampled
-# Gaussian): datasets that differ by adding or removing one record. The site's dataset size (and
-# so its example count, sample rate and step count) is treated as public: see README's privacy model.
-NEIGHBOURING_RELATION = "add-or-remove-one-record"
-
 
 def is_zero_noise_debug(dp: DictConfig) -> bool:
     """noise_multiplier=0 with allow_zero_noise: a debugging mode that claims no privacy (epsilon is infinite)."""

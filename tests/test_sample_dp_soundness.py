@@ -256,3 +256,50 @@ def test_without_secure_aggregation_the_same_reply_is_resent(tmp_path):
     for key in first.content[protocol.ARRAYS_KEY].keys():
         a, b = (r.content[protocol.ARRAYS_KEY][key].numpy() for r in (first, second))
         assert np.array_equal(a, b)  # the server saw exactly this before: re-releasing it costs nothing
+
+
+# --- 6. the claim names its relation; what else leaves a DP client is sent only on opt-in ----
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_dp_client_sends_no_raw_loss_and_names_its_relation_in_the_ledger(tmp_path):
+    import json  # noqa: PLC0415
+    import math  # noqa: PLC0415
+
+    from client_app_support import run_train, train_message  # noqa: PLC0415
+
+    from fedguard.clients import protocol
+
+    losses = {}
+    for name, overrides in {"dp": DP, "opt-in": [*DP, "privacy.release_unaccounted_metrics=true"], "plain": []}.items():
+        cfg = compose_config(["model=logreg", "device=cpu", "train.max_steps=2", *overrides])
+        reply = run_train(train_message(cfg, server_round=1), tmp_path / name)
+        losses[name] = float(reply.content[protocol.METRICS_KEY][protocol.TRAIN_LOSS_KEY])
+        if name == "dp":
+            entries = reply.content[protocol.LEDGER_KEY][protocol.LEDGER_ENTRIES_FIELD]
+            assert json.loads(entries[-1])["body"]["neighbouring"] == "add-or-remove-one-record"
+    assert math.isnan(losses["dp"])
+    assert math.isfinite(losses["opt-in"]) and math.isfinite(losses["plain"])
+
+
+def test_local_evaluation_under_dp_needs_an_explicit_opt_in():
+    with pytest.raises(ConfigError, match="evaluate.fraction_clients"):
+        compose_config([*DP, "evaluate.fraction_clients=0.5"])
+    compose_config([*DP, "evaluate.fraction_clients=0.5", "privacy.release_unaccounted_metrics=true"])
+    compose_config(["evaluate.fraction_clients=0.5"])  # no DP claim, nothing to protect it from
+
+
+def test_summary_states_the_neighbouring_relation_and_the_unaccounted_releases(tmp_path):
+    from fedguard.conf.schema import config_to_yaml
+    from fedguard.server.run_record import RunRecorder
+
+    report = {"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps_total": 5,
+              "rounds_participated": 1, "accountant": "rdp", "refused": False}
+    for opt_in in (False, True):
+        cfg = compose_config([*DP, f"privacy.release_unaccounted_metrics={str(opt_in).lower()}"])
+        recorder = RunRecorder(tmp_path / str(opt_in), config_to_yaml(cfg), 1, show_progress=False)
+        recorder.client_privacy = {0: report}
+        summary = recorder._privacy_summary()
+        assert summary["neighbouring_relation"] == "add-or-remove-one-record"
+        assert "num-examples" in summary["treated_as_public"]
+        assert bool(summary["unaccounted_releases"]) == opt_in
