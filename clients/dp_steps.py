@@ -10,7 +10,8 @@ mechanism the accountant counts) and what a plain training loop does with Opacus
   a federated client is easily derived from the run's recorded seed (:func:`use_os_sampler`);
 - a loss term that does not depend on the data (FedProx's proximal term) is dropped by the
   DP optimizer, which replaces ``p.grad`` with the clipped, noised per-sample sum; its
-  gradient is added after the noise instead, as post-processing (:func:`add_after_noise`).
+  gradient is added after the noise instead, as post-processing (:func:`add_after_noise`);
+- with ``privacy.secure_noise`` the noise comes from a CSPRNG (:func:`use_secure_noise`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from typing import Any
 import torch
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from fedguard.privacy.randomness import os_generator
+from fedguard.privacy.secure_noise import SecureGaussian
 
 logger = logging.getLogger(__name__)
 
@@ -80,3 +83,21 @@ def add_after_noise(optimizer: DPOptimizer, regularizer: Callable[[torch.nn.Modu
 
     # scale_grad runs once per real (non-skipped) step, after add_noise: the noised gradient is final.
     optimizer.scale_grad = scale_then_add
+
+
+def use_secure_noise(optimizer: DPOptimizer, source: SecureGaussian) -> None:
+    """Draw the optimizer's noise from ``source`` (a CSPRNG) instead of a torch generator.
+
+    Replaces ``add_noise`` on this optimizer only, keeping Opacus's contract: p.grad becomes
+    summed_grad + N(0, (sigma * C)^2), each summed gradient used once. The same for the hooks
+    and ghost optimizers (both keep the clipped sum in ``p.summed_grad``).
+    """
+
+    def add_noise() -> None:
+        std = optimizer.noise_multiplier * optimizer.max_grad_norm
+        for p in optimizer.params:
+            _check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + source.gaussian(std, p.summed_grad)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise

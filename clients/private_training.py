@@ -20,13 +20,14 @@ from omegaconf import DictConfig
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-from fedguard.clients.dp_steps import add_after_noise, noise_only_step, use_os_sampler
+from fedguard.clients.dp_steps import add_after_noise, noise_only_step, use_os_sampler, use_secure_noise
 from fedguard.clients.training import LossRegularizer, TrainingSetup, TrainOutcome, run_epochs
 from fedguard.conf.sample_dp_checks import is_zero_noise_debug
 from fedguard.conf.schema import clients_per_round, trains_privately
 from fedguard.privacy.accounting import calibrate_noise_multiplier, merge_history
 from fedguard.privacy.client_budget import STATE_KEY, ClientPrivacyState
 from fedguard.privacy.randomness import os_generator
+from fedguard.privacy.secure_noise import SecureGaussian
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +181,8 @@ class SampleDPTrainer:
             module, optimizer, criterion, loader = made
         else:
             (module, optimizer, loader), criterion = made, setup.criterion
+        if self.dp.secure_noise:
+            use_secure_noise(optimizer, SecureGaussian())
         if self.dp.poisson_sampling:
             # Opacus takes the caller's loader generator for its Poisson sampler (secure_mode off);
             # that one may be seeded from the run's config. Replace it, whatever the caller passed.
