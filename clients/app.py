@@ -43,6 +43,7 @@ from fedguard.clients.message_checks import (
 from fedguard.clients.models import build_model, model_from_state, resolve_device
 from fedguard.clients.partition import PartitionError, partition_indices, split_train_validation
 from fedguard.clients.private_training import BudgetExhausted, build_trainer
+from fedguard.clients.releases import released_train_loss, resend_enters_a_new_sum, sends_local_metrics
 from fedguard.clients.secure_aggregation import INPUT_STATE_KEY, SESSION_STATE_KEY, handle_stage, secure_aggregation_mod
 from fedguard.clients.site import PARTITION_ID_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings, read_site_settings
 from fedguard.clients.site_state import CachedReply, ResendRefused, SiteStateError, SiteStateStore, arrays_digest
@@ -247,12 +248,6 @@ def train(msg: Message, context: Context) -> Message:
         return reply
 
 
-def resend_enters_a_new_sum(cfg: DictConfig) -> bool:
-    """Whether a resent update would be masked into a fresh SecAgg+ session (a second, different
-    sum; distributed DP noise needs SecAgg+, so it is covered too) rather than seen as before."""
-    return cfg.secure_agg.mode != "off"
-
-
 def _site_state_store(cfg: DictConfig, site: SiteSettings, msg: Message, context: Context) -> SiteStateStore | None:
     """Private training keeps its state on the site's disk (its ``state-dir``); non-private
     training spends nothing worth keeping."""
@@ -317,19 +312,9 @@ def _train_reply(
     return Message(reply, reply_to=msg)
 
 
-def released_train_loss(cfg: DictConfig, mean_loss: float) -> float:
-    """The training loss a reply carries: under sample-level DP NaN (the raw mean loss over the
-    site's records is not covered by any epsilon; NaN keeps the reply's form, which the server
-    already accepts for a round without a non-empty batch), unless the run opted in with
-    ``privacy.release_unaccounted_metrics``."""
-    if trains_privately(cfg) and not cfg.privacy.release_unaccounted_metrics:
-        return float("nan")
-    return mean_loss
-
-
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, site, data, model, device, _request = _unpack(msg, context)
-    if trains_privately(cfg) and not cfg.privacy.release_unaccounted_metrics:
+    if not sends_local_metrics(cfg):
         # conf.sample_dp_checks refuses such a run; a site does not answer a server that asks anyway.
         raise MalformedMessage(
             "under sample-level DP local-validation metrics are not sent (no epsilon covers them); "

@@ -167,6 +167,15 @@ def test_every_poisson_draw_releases_noise_and_is_accounted_once(mode, max_steps
     assert result.privacy["steps_round"] == result.privacy["steps_total"] == planned  # what was checked
 
 
+def test_physical_batch_splitting_caps_logical_steps():
+    """With Opacus's BatchMemoryManager, max_steps counts DP-SGD steps, not physical batches."""
+    cfg = compose_config([*DP, "privacy.max_physical_batch_size=8", "train.batch_size=32", "train.max_steps=3"])
+    _, data = _site_data(cfg)
+    setup = make_training_setup(_model(cfg, data), data.train_x, data.train_y, cfg.train, seed=None)
+    result = build_trainer(cfg, None).train(setup, state=RecordDict(), device=CPU, regularizer=None)
+    assert result.outcome.steps == result.privacy["steps_round"] == 3
+
+
 def test_an_empty_batch_step_is_pure_noise_of_the_right_scale(monkeypatch):
     """Noise-only steps move the model by lr * N(0, sigma^2 C^2) / expected batch size, per coordinate."""
     cfg = compose_config(
