@@ -44,9 +44,10 @@ from fedguard.clients.models import build_model, model_from_state, resolve_devic
 from fedguard.clients.partition import PartitionError, partition_indices, split_train_validation
 from fedguard.clients.private_training import BudgetExhausted, build_trainer
 from fedguard.clients.layers import run_layers
+from fedguard.clients.releases import released_train_loss, resend_enters_a_new_sum, sends_local_metrics
 from fedguard.clients.secure_aggregation import INPUT_STATE_KEY, SESSION_STATE_KEY, handle_stage
 from fedguard.clients.site import PARTITION_ID_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings, read_site_settings
-from fedguard.clients.site_state import CachedReply, SiteStateError, SiteStateStore, arrays_digest
+from fedguard.clients.site_state import CachedReply, ResendRefused, SiteStateError, SiteStateStore, arrays_digest
 from fedguard.clients.training import evaluate_model, make_training_setup, proximal_regularizer
 from fedguard.conf.plans import trains_privately
 from fedguard.conf.run_config import cached_config_from_yaml, config_to_yaml
@@ -63,7 +64,7 @@ logger = logging.getLogger(__name__)
 # Flower's traceback.
 REJECTIONS = (
     MalformedMessage, DatasetError, PartitionError, SiteConfigError, SecAggError, ShamirError, ShareAuthenticationError,
-    SiteStateError, ClipError,
+    SiteStateError, ClipError, ResendRefused,
 )
 # What a fedguard config text may raise while being parsed and validated.
 CONFIG_ERRORS = (ConfigError, OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError)
@@ -111,6 +112,7 @@ def _load_local_data_cached(config_text: str, site: SiteSettings) -> LocalData:
 
 
 def _round_seed(cfg: DictConfig, site: SiteSettings, server_round: int) -> int:
+    """Batch order of non-private training (reproducible). Never used under sample-level DP."""
     digest = hashlib.sha256(f"{cfg.seed}/{site.partition_id}/{server_round}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
@@ -208,6 +210,12 @@ def train(msg: Message, context: Context) -> Message:
     digest = arrays_digest(msg.content[protocol.ARRAYS_KEY])
     with store.locked(context.state) as state:
         if (cached := store.cached_reply(request.server_round, digest)) is not None:
+            if resend_enters_a_new_sum(cfg):
+                raise ResendRefused(
+                    f"round {request.server_round} was already released into a secure-aggregation sum on this "
+                    "global model; resending it into a new session would let the server difference two sums "
+                    "(and add unaccounted noise under distributed DP), so this site sits the round out"
+                )
             logger.warning(
                 "partition %d: round %d was already trained on this global model (the server restarted); "
                 "sending the same update again, which spends no privacy", site.partition_id, request.server_round,
@@ -233,7 +241,8 @@ def train(msg: Message, context: Context) -> Message:
                 CachedReply(
                     request.server_round,
                     digest,
-                    content[protocol.ARRAYS_KEY].to_torch_state_dict(),
+                    # Under secure aggregation only the fact of the release is kept: it is never resent.
+                    {} if resend_enters_a_new_sum(cfg) else content[protocol.ARRAYS_KEY].to_torch_state_dict(),
                     dict(content[protocol.METRICS_KEY]),
                     dict(content[protocol.PRIVACY_KEY]) if protocol.PRIVACY_KEY in content else None,
                 )
@@ -281,7 +290,10 @@ def _train_reply(
     """Train on the site's data (privately if configured) and build the reply, or a budget refusal."""
     server_round, mu = request.server_round, request.proximal_mu
     regularizer = proximal_regularizer(model, mu) if mu > 0 else None
-    setup = make_training_setup(model, data.train_x, data.train_y, cfg.train, _round_seed(cfg, site, server_round))
+    # Under sample-level DP the batches come from OS randomness (never from the recorded seed,
+    # partition id and round, which would let anyone holding config.yaml rebuild every batch).
+    seed = None if trains_privately(cfg) else _round_seed(cfg, site, server_round)
+    setup = make_training_setup(model, data.train_x, data.train_y, cfg.train, seed)
     trainer = build_trainer(cfg, site.epsilon_budget)
     try:
         result = trainer.train(setup, state=state, device=device, regularizer=regularizer)
@@ -291,7 +303,7 @@ def _train_reply(
     metrics = MetricRecord(
         {
             protocol.NUM_EXAMPLES_KEY: len(data.train_y),
-            protocol.TRAIN_LOSS_KEY: result.outcome.mean_loss,
+            protocol.TRAIN_LOSS_KEY: released_train_loss(cfg, result.outcome.mean_loss),
             protocol.TRAIN_STEPS_KEY: result.outcome.steps,
         }
     )
@@ -305,6 +317,12 @@ def _train_reply(
 
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, site, data, model, device, _request = _unpack(msg, context)
+    if not sends_local_metrics(cfg):
+        # conf.sample_dp_checks refuses such a run; a site does not answer a server that asks anyway.
+        raise MalformedMessage(
+            "under sample-level DP local-validation metrics are not sent (no epsilon covers them); "
+            "the run must set privacy.release_unaccounted_metrics=true"
+        )
     if len(data.validation_y) == 0:
         raise LocalDataError(
             f"partition {site.partition_id} has no local validation examples "

@@ -20,10 +20,14 @@ from omegaconf import DictConfig
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
+from fedguard.clients.dp_steps import add_after_noise, noise_only_step, use_os_sampler, use_secure_noise
 from fedguard.clients.training import LossRegularizer, TrainingSetup, TrainOutcome, run_epochs
 from fedguard.conf.plans import clients_per_round, trains_privately
+from fedguard.conf.sample_dp_checks import is_zero_noise_debug
 from fedguard.privacy.accounting import calibrate_noise_multiplier, merge_history
 from fedguard.privacy.client_budget import STATE_KEY, ClientPrivacyState
+from fedguard.privacy.randomness import os_generator
+from fedguard.privacy.secure_noise import SecureGaussian
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +120,13 @@ class SampleDPTrainer:
             self.grad_sample_mode = (
                 AUTO_GRAD_SAMPLE_MODE_WITH_REGULARIZER if cfg.strategy.name == "fedprox" else AUTO_GRAD_SAMPLE_MODE
             )
-        if not self.dp.poisson_sampling:
+        if not self.dp.poisson_sampling and not is_zero_noise_debug(self.dp):
+            # conf.sample_dp_checks refuses this config; a client never trains on one that slipped past.
+            raise ValueError("privacy.poisson_sampling=false is refused under sample-level DP (no sound accountant)")
+        if self.dp.release_unaccounted_metrics:
             logger.warning(
-                "privacy.poisson_sampling=false: the accountant assumes Poisson sampling, so the reported "
-                "epsilon is not a proven bound for shuffled batches"
+                "privacy.release_unaccounted_metrics=true: this site sends its raw training loss and local-validation "
+                "metrics, which no epsilon covers"
             )
 
     def planned_steps(self, batches_per_epoch: int) -> int:
@@ -154,7 +161,9 @@ class SampleDPTrainer:
         )
         return fresh
 
-    def _privatize(self, setup: TrainingSetup, engine: PrivacyEngine, priv: ClientPrivacyState) -> TrainingSetup:
+    def _privatize(
+        self, setup: TrainingSetup, engine: PrivacyEngine, priv: ClientPrivacyState, device: torch.device
+    ) -> TrainingSetup:
         made = engine.make_private(
             module=setup.model,
             optimizer=setup.optimizer,
@@ -164,19 +173,30 @@ class SampleDPTrainer:
             max_grad_norm=float(self.dp.max_grad_norm),
             poisson_sampling=bool(self.dp.poisson_sampling),
             grad_sample_mode=self.grad_sample_mode,
+            # Noise from OS randomness, fresh each round: never the global torch RNG, which
+            # anything in the process (a torch.manual_seed(cfg.seed)) could have seeded.
+            noise_generator=os_generator(device),
         )
         if self.grad_sample_mode == "ghost":
             module, optimizer, criterion, loader = made
         else:
             (module, optimizer, loader), criterion = made, setup.criterion
+        if self.dp.secure_noise:
+            use_secure_noise(optimizer, SecureGaussian())
+        if self.dp.poisson_sampling:
+            # Opacus takes the caller's loader generator for its Poisson sampler (secure_mode off);
+            # that one may be seeded from the run's config. Replace it, whatever the caller passed.
+            use_os_sampler(loader)
         if self.dp.max_physical_batch_size is not None:
             loader = _MemoryManagedLoader(loader, int(self.dp.max_physical_batch_size), optimizer)
+        steps_before = priv.total_steps
 
-        def account_empty_batch() -> None:
-            # An empty Poisson batch is still a sampling step of the mechanism: count it (conservative).
-            engine.accountant.step(noise_multiplier=priv.noise_multiplier, sample_rate=priv.sample_rate)
+        def steps_taken() -> int:
+            return sum(steps for _, _, steps in engine.accountant.history) - steps_before
 
-        return TrainingSetup(module, optimizer, loader, criterion, on_empty_batch=account_empty_batch)
+        return TrainingSetup(
+            module, optimizer, loader, criterion, on_empty_batch=lambda: noise_only_step(optimizer), steps_taken=steps_taken
+        )
 
     def train(
         self, setup: TrainingSetup, *, state: RecordDict, device: torch.device, regularizer: LossRegularizer | None
@@ -198,9 +218,17 @@ class SampleDPTrainer:
         engine = PrivacyEngine(accountant=priv.accountant)
         engine.accountant.history = list(priv.history)
         steps_before = priv.total_steps
-        private_setup = self._privatize(setup, engine, priv)
-        outcome = self.inner.train(private_setup, state=state, device=device, regularizer=regularizer).outcome
+        private_setup = self._privatize(setup, engine, priv, device)
+        if regularizer is not None:
+            add_after_noise(private_setup.optimizer, regularizer)
+        outcome = self.inner.train(private_setup, state=state, device=device, regularizer=None).outcome
         priv.history = merge_history(engine.accountant.history)
+        if priv.total_steps - steps_before != planned or outcome.steps != planned:
+            # The budget was checked for `planned` steps: anything else on the ledger would be a wrong claim.
+            raise RuntimeError(
+                f"sample-level DP took {outcome.steps} steps and accounted {priv.total_steps - steps_before}, "
+                f"but the budget was checked for {planned}"
+            )
         priv.rounds_participated += 1
         state[STATE_KEY] = ConfigRecord(priv.to_dict())
         return TrainResult(outcome, priv.report(steps_this_round=priv.total_steps - steps_before, refused=False))

@@ -8,7 +8,12 @@ lineage (the id that survives resumes):
   written and fsync'ed before the reply leaves;
 - ``replay/<lineage>.pt``: the last round's reply. Asked again for the same round with the
   same global model (a resumed server re-running the round it crashed in), the site sends
-  that reply again: re-releasing an output costs no privacy, retraining would;
+  that reply again when the server saw it in the clear the first time: re-releasing the same
+  output costs no privacy, retraining would. Under secure aggregation it does not: the
+  resend would be masked afresh into a second, different sum (two sums over cohorts that
+  differ by this site reveal its update) and, under distributed noise, with a fresh noise
+  share nobody accounted. There the cache keeps only which round was released (no update)
+  and the site sits the repeated round out (:class:`ResendRefused`);
 - ``ledger/<lineage>.jsonl``: the site's own signed, hash-chained privacy ledger
   (privacy/ledger.py), appended before each reply leaves and signed with ``ledger.key``,
   a key that never leaves the site. Every reply carries the whole chain so far, so the
@@ -56,6 +61,11 @@ REPLAY_FORMAT = "fedguard-replay/1"
 
 class SiteStateError(RuntimeError):
     """The site's saved state is unreadable; training must not go on as if nothing was spent."""
+
+
+class ResendRefused(RuntimeError):
+    """A round already released into a secure-aggregation sum is asked for again: resending would
+    let the server difference two sums, retraining would spend again, so the site sits it out."""
 
 
 def arrays_digest(arrays: ArrayRecord) -> str:

@@ -17,6 +17,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedguard.privacy.randomness import os_generator
+
 logger = logging.getLogger(__name__)
 
 # Adds a term to the loss given the current model (FedProx's proximal term, for instance).
@@ -29,8 +31,12 @@ class TrainingSetup:
     optimizer: torch.optim.Optimizer
     loader: Iterable
     criterion: nn.Module
-    # Called for each empty batch (Poisson sampling can draw one); DP layers account it.
+    # Called for each empty batch (Poisson sampling can draw one): under DP-SGD an empty draw
+    # is still a step of the analysed mechanism (noise only), so the DP layer takes it here.
     on_empty_batch: Callable[[], None] | None = None
+    # Steps taken so far as the privacy layer counts them (one per Poisson draw, empty or not);
+    # None: count non-empty batches here. ``max_steps`` caps this count.
+    steps_taken: Callable[[], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,11 @@ class EvaluationOutcome:
 
 
 def make_training_setup(
-    model: nn.Module, features: np.ndarray, labels: np.ndarray, train_cfg: DictConfig, seed: int
+    model: nn.Module, features: np.ndarray, labels: np.ndarray, train_cfg: DictConfig, seed: int | None
 ) -> TrainingSetup:
-    generator = torch.Generator().manual_seed(seed)
+    """Model, SGD and a shuffling loader. ``seed=None`` draws the shuffle from OS randomness:
+    what a DP client must use (the DP layer also replaces the sampler's generator itself)."""
+    generator = os_generator() if seed is None else torch.Generator().manual_seed(seed)
     dataset = TensorDataset(torch.from_numpy(features), torch.from_numpy(labels))
     loader = DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=True, generator=generator)
     optimizer = torch.optim.SGD(
@@ -62,15 +70,34 @@ def make_training_setup(
     return TrainingSetup(model=model, optimizer=optimizer, loader=loader, criterion=nn.CrossEntropyLoss())
 
 
-def proximal_regularizer(global_model: nn.Module, mu: float) -> LossRegularizer:
-    """FedProx: (mu / 2) * ||w - w_global||^2, pulling local models towards the global one."""
-    anchors = [p.detach().clone() for p in global_model.parameters()]
+class ProximalTerm:
+    """FedProx: (mu / 2) * ||w - w_global||^2, pulling local models towards the global one.
 
-    def regularize(model: nn.Module) -> torch.Tensor:
-        squared = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchors, strict=True))
-        return 0.5 * mu * squared
+    Called on a model it is the loss term (plain training). Its gradient mu * (w - w_global)
+    depends on the weights only, never on a record, so under DP-SGD it is added after the
+    clipped, noised gradient (:meth:`add_gradient`): post-processing, no privacy cost. Added
+    to the loss instead, Opacus would drop it (its per-sample gradients hold data terms only).
+    """
 
-    return regularize
+    def __init__(self, global_model: nn.Module, mu: float) -> None:
+        self.mu = float(mu)
+        self.anchors = [p.detach().clone() for p in global_model.parameters()]
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        squared = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), self.anchors, strict=True))
+        return 0.5 * self.mu * squared
+
+    @torch.no_grad()
+    def add_gradient(self, params: Iterable[nn.Parameter]) -> None:
+        """p.grad += mu * (p - anchor) for the model's parameters, in the model's order."""
+        for p, anchor in zip(params, self.anchors, strict=True):
+            if p.grad is not None:
+                p.grad.add_(p - anchor.to(p.device), alpha=self.mu)
+
+
+def proximal_regularizer(global_model: nn.Module, mu: float) -> ProximalTerm:
+    """FedProx's proximal term around ``global_model`` (see :class:`ProximalTerm`)."""
+    return ProximalTerm(global_model, mu)
 
 
 def run_epochs(
@@ -82,15 +109,21 @@ def run_epochs(
 ) -> TrainOutcome:
     """Train for ``epochs`` passes (or ``max_steps`` steps, whichever ends first).
 
-    Empty batches, which Poisson sampling can produce, are skipped.
+    An empty batch (Poisson sampling draws them) goes to ``setup.on_empty_batch`` (the DP
+    layer's noise-only step), or is skipped without one. With ``setup.steps_taken`` the
+    step count, and so ``max_steps``, is the privacy layer's: every draw, empty or not.
     """
     model, optimizer = setup.model, setup.optimizer
     model.to(device)
     model.train()
     total_loss, total_examples, steps = 0.0, 0, 0
+
+    def taken() -> int:
+        return steps if setup.steps_taken is None else setup.steps_taken()
+
     for epoch in range(epochs):
         for features, labels in setup.loader:
-            if max_steps is not None and steps >= max_steps:
+            if max_steps is not None and taken() >= max_steps:
                 break
             if len(labels) == 0:
                 if setup.on_empty_batch is not None:
@@ -108,7 +141,7 @@ def run_epochs(
             steps += 1
         logger.debug("local epoch %d/%d done after %d steps", epoch + 1, epochs, steps)
     mean_loss = total_loss / total_examples if total_examples else float("nan")
-    return TrainOutcome(mean_loss=mean_loss, num_examples=total_examples, steps=steps)
+    return TrainOutcome(mean_loss=mean_loss, num_examples=total_examples, steps=taken())
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 SAMPLE_DP_KEYS = frozenset({
     "target_epsilon", "noise_multiplier", "max_epsilon", "delta", "max_grad_norm", "accountant",
     "grad_sample_mode", "max_physical_batch_size", "poisson_sampling", "allow_zero_noise",
+    "release_unaccounted_metrics", "secure_noise",
 })
 CLIENT_DP_KEYS = frozenset({
     "client_clip_norm", "client_clipping", "adaptive_clipping", "client_target_epsilon",

@@ -84,6 +84,10 @@ class PrivacyConfig:
     max_physical_batch_size: int | None = None
     poisson_sampling: bool = True
     allow_zero_noise: bool = False
+    # Sample-level DP: also send the raw training loss and local-validation metrics (no epsilon covers them).
+    release_unaccounted_metrics: bool = False
+    # Sample-level DP noise from a CSPRNG (ChaCha20 keyed from os.urandom) instead of torch's generator.
+    secure_noise: bool = False
     # Client-level DP (DP-FedAvg, privacy=client_dp): see conf/privacy/client_dp.yaml.
     client_clip_norm: float = 1.0
     client_noise_multiplier: float | None = None

@@ -15,6 +15,7 @@ from fedguard.conf.checks import check_noise_setting, choice, in_range
 from fedguard.conf.client_dp_checks import validate_client_clipping, validate_client_dp
 from fedguard.conf.mode_keys import ChosenModes, keys_from_overrides, unused_key_error
 from fedguard.conf.plans import clients_per_round
+from fedguard.conf.sample_dp_checks import validate_sample_dp
 from fedguard.conf.run_address import split_host_port
 from fedguard.conf.schema import (
     ACCOUNTANT_NAMES,
@@ -75,6 +76,7 @@ def _validate_privacy(cfg: DictConfig) -> None:
     in_range("privacy.max_grad_norm", dp.max_grad_norm, 0.0, None, low_open=True)
     if dp.max_physical_batch_size is not None:
         in_range("privacy.max_physical_batch_size", dp.max_physical_batch_size, 1, None)
+    validate_sample_dp(cfg)
     if dp.grad_sample_mode == "ghost" and cfg.strategy.name == "fedprox":
         raise ConfigError(
             "privacy.grad_sample_mode=ghost cannot add FedProx's proximal term to its loss; "

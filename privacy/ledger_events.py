@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
+from fedguard.privacy.sample_dp_claim import NEIGHBOURING_RELATION, NEIGHBOURING_RELATIONS
+
 ACCOUNTANTS = ("rdp", "prv")
 SAMPLING_METHODS = ("poisson", "fixed")
 CLIPPING_MODES = ("fixed", "adaptive")
@@ -92,8 +94,12 @@ class SampleDpTraining(LedgerEvent):
     accountant: str
     epsilon: float
     budget_epsilon: float | None = None
+    # What epsilon is stated for (privacy/sample_dp_claim.py); entries written before it existed read as this.
+    neighbouring: str = NEIGHBOURING_RELATION
 
     def __post_init__(self) -> None:
+        if self.neighbouring not in NEIGHBOURING_RELATIONS:
+            raise EventError(f"neighbouring={self.neighbouring!r}; allowed: {', '.join(NEIGHBOURING_RELATIONS)}")
         _finite("noise_multiplier", self.noise_multiplier)
         _rate("sample_rate", self.sample_rate)
         _rate("delta", self.delta)

@@ -18,6 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fedguard.conf.run_config import cached_config_from_yaml
+from fedguard.privacy.sample_dp_claim import sample_dp_claim
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
@@ -115,6 +118,7 @@ class RunRecorder:
 
     def __init__(self, run_dir: Path, config_yaml: str, total_rounds: int, show_progress: bool) -> None:
         self.run_dir = run_dir
+        self.config_yaml = config_yaml
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
         self.metrics_path = self.run_dir / METRICS_FILE
@@ -212,7 +216,11 @@ class RunRecorder:
             for pid, report in sorted(self.client_privacy.items())
         }
         epsilons = [report["epsilon"] for report in self.client_privacy.values()]
-        return {"clients": table, "max_epsilon": max(epsilons), "mean_epsilon": sum(epsilons) / len(epsilons)}
+        release = bool(cached_config_from_yaml(self.config_yaml).privacy.release_unaccounted_metrics)
+        return {
+            "clients": table, "max_epsilon": max(epsilons), "mean_epsilon": sum(epsilons) / len(epsilons),
+            **sample_dp_claim(release),
+        }
 
     def _print_table(self, summary: dict[str, Any]) -> None:
         table = Table(title="fedguard run summary", show_header=False)
@@ -238,8 +246,10 @@ class RunRecorder:
             delta = next(iter(privacy["clients"].values()))["delta"]
             rows.append(
                 ("sample-level epsilon (max / mean)", f"{privacy['max_epsilon']:.3f} / {privacy['mean_epsilon']:.3f}"
-                 f"  at delta {delta:g}")
+                 f"  at delta {delta:g}, {privacy.get('neighbouring_relation', '?')}, dataset sizes public")
             )
+            if privacy.get("unaccounted_releases"):
+                rows.append(("sent without any epsilon", ", ".join(privacy["unaccounted_releases"])))
         for key, value in rows:
             table.add_row(key, value)
         self.console.print(table)

@@ -69,7 +69,9 @@ def run_empirical_audit(
 
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, bundle.input_shape, bundle.num_classes, private=trains_privately(cfg))
-    setup = make_training_setup(model, train_x, train_y, cfg.train, int(cfg.seed))
+    # The audited DP run draws its batches and noise from OS randomness, as a real client does
+    # (the trainer enforces it); only the canaries and their inclusion follow the seed.
+    setup = make_training_setup(model, train_x, train_y, cfg.train, None if trains_privately(cfg) else int(cfg.seed))
     result = build_trainer(cfg, None).train(setup, state=RecordDict(), device=device, regularizer=None)
     model = model.to(device)
 
