@@ -154,6 +154,43 @@ def in_model_dtypes(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     )
 
 
+def _reason_to_stop_before(
+    server_round: int,
+    pool: ExcludingGrid,
+    min_clients: int,
+    wait_for_clients: ClientWait | None,
+    stop_before_round: Callable[[int, Grid], str | None] | None,
+) -> str | None:
+    """Why round ``server_round`` must not start (too few clients left or connected, or a
+    layer's own reason such as a budget it would exceed), or None."""
+    available = len(list(pool.get_node_ids()))
+    if pool.excluded and available < min_clients:
+        return (
+            f"too few clients left to sample: {available} < {min_clients} "
+            f"({len(pool.excluded)} stopped: {sorted(set(pool.excluded.values()))[0]})"
+        )
+    if wait_for_clients is not None and not wait_for_clients(pool, min_clients):
+        return f"fewer than {min_clients} clients connected within the wait for clients"
+    return stop_before_round(server_round, pool) if stop_before_round is not None else None
+
+
+def _settle_spend_and_refusals(
+    server_round: int, sorted_replies: TrainReplies, pool: ExcludingGrid, record_spend: SpendRecorder | None
+) -> None:
+    """Put the round's spend on the record before anything of it is released (a reply whose
+    ledger entries fail is rejected), and stop sampling clients that refused for budget."""
+    if record_spend is not None:
+        for reply in record_spend(server_round, sorted_replies.ledgers):
+            if reply in sorted_replies.usable:
+                sorted_replies.usable.remove(reply)
+                sorted_replies.rejected.append(reply)
+    for refusal in sorted_replies.refused:
+        node = refusal.metadata.src_node_id
+        reason = str(refusal.content.config_records[protocol.PRIVACY_KEY].get("reason", "refused"))
+        pool.exclude(node, reason)
+        logger.warning("round %d: client node %d no longer sampled: %s", server_round, node, reason)
+
+
 def run_federation(
     grid: Grid,
     strategy: Strategy,
@@ -180,34 +217,14 @@ def run_federation(
     min_clients = int(getattr(strategy, "min_available_nodes", 1))
     arrays = initial_arrays
     for server_round in range(start_round, num_rounds + 1):
-        available = len(list(pool.get_node_ids()))
-        if pool.excluded and available < min_clients:
-            reason = (
-                f"too few clients left to sample: {available} < {min_clients} "
-                f"({len(pool.excluded)} stopped: {sorted(set(pool.excluded.values()))[0]})"
-            )
+        reason = _reason_to_stop_before(server_round, pool, min_clients, wait_for_clients, stop_before_round)
+        if reason is not None:
             logger.warning("stopping before round %d: %s", server_round, reason)
-            return FederationResult(arrays, server_round - 1, reason, dict(pool.excluded))
-        if wait_for_clients is not None and not wait_for_clients(pool, min_clients):
-            reason = f"fewer than {min_clients} clients connected within the wait for clients"
-            logger.warning("stopping before round %d: %s", server_round, reason)
-            return FederationResult(arrays, server_round - 1, reason, dict(pool.excluded))
-        if stop_before_round is not None and (reason := stop_before_round(server_round, pool)) is not None:
-            logger.warning("stopping before round %d: %s", server_round, reason)  # e.g. a budget it would exceed
             return FederationResult(arrays, server_round - 1, reason, dict(pool.excluded))
         started = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), pool)
         sampled, sorted_replies = exchange.train(pool, messages, arrays, server_round, round_timeout)
-        if record_spend is not None:  # on the record before anything of this round is released
-            for reply in record_spend(server_round, sorted_replies.ledgers):
-                if reply in sorted_replies.usable:
-                    sorted_replies.usable.remove(reply)
-                    sorted_replies.rejected.append(reply)
-        for refusal in sorted_replies.refused:
-            node = refusal.metadata.src_node_id
-            reason = str(refusal.content.config_records[protocol.PRIVACY_KEY].get("reason", "refused"))
-            pool.exclude(node, reason)
-            logger.warning("round %d: client node %d no longer sampled: %s", server_round, node, reason)
+        _settle_spend_and_refusals(server_round, sorted_replies, pool, record_spend)
 
         # Client-level DP releases noise even for an empty Poisson cohort (see server/client_dp.py).
         releases_anyway = sampled == 0 and bool(getattr(strategy, "releases_without_replies", False))
