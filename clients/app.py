@@ -15,18 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 from fedguard.clients.wire import protocol
 from fedguard.clients.client_dp import ClipError, round_clip_norm
 from fedguard.clients.datasets import DatasetBundle, DatasetError, LocalDataError, expected_layout, load_dataset
 from fedguard.clients.wire.checks import (
+    parse_run_config,
     MAX_PEERS,
     MAX_SHARE_BYTES,
     PUBLIC_KEY_BYTES,
@@ -51,7 +50,6 @@ from fedguard.clients.site_state import CachedReply, ResendRefused, SiteStateErr
 from fedguard.clients.training import evaluate_model, make_training_setup, proximal_regularizer
 from fedguard.conf.plans import trains_privately
 from fedguard.conf.run_config import cached_config_from_yaml, config_to_yaml
-from fedguard.conf.schema import ConfigError
 from fedguard.privacy.secagg.envelope import ShareAuthenticationError
 from fedguard.privacy.secagg.protocol import SecAggError
 from fedguard.privacy.secagg.shamir import ShamirError
@@ -67,7 +65,6 @@ REJECTIONS = (
     SiteStateError, ClipError, ResendRefused,
 )
 # What a fedguard config text may raise while being parsed and validated.
-CONFIG_ERRORS = (ConfigError, OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError)
 MAX_REASON_CHARS = 500
 # Fields of each SecAgg+ stage request (besides "stage"), as clients/secure_aggregation.py reads them.
 STAGE_FIELDS = {
@@ -141,19 +138,6 @@ class Request:
 
 
 @lru_cache(maxsize=8)
-def _yaml_root(config_text: str) -> object:
-    return yaml.safe_load(config_text)
-
-
-def _parse_config(config_text: str) -> DictConfig:
-    try:
-        if not isinstance(_yaml_root(config_text), dict):  # OmegaConf asserts on a scalar or list
-            raise MalformedMessage(f"'{protocol.FEDGUARD_CONFIG_KEY}' is not a YAML mapping")
-        return cached_config_from_yaml(config_text)
-    except CONFIG_ERRORS as err:
-        raise MalformedMessage(f"'{protocol.FEDGUARD_CONFIG_KEY}' is not a valid fedguard config: {err}") from None
-
-
 @lru_cache(maxsize=4)
 def _model_layout(config_text: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shape and dtype of each array of the configured model, built on the meta device (no memory)."""
@@ -173,7 +157,7 @@ def decode_request(msg: Message, context: Context) -> Request:
     only_records(content, {protocol.ARRAYS_KEY, protocol.CONFIG_KEY})
     config = require_record(content, protocol.CONFIG_KEY, ConfigRecord)
     config_text = text(config, protocol.FEDGUARD_CONFIG_KEY)
-    cfg = _parse_config(config_text)
+    cfg = parse_run_config(config_text)
     arrays = decode_arrays(content.get(protocol.ARRAYS_KEY), _model_layout(config_text))
     return Request(
         cfg=cfg,

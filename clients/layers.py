@@ -11,20 +11,21 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedguard.clients.client_dp import client_dp_mod
 from fedguard.clients.secure_aggregation import secure_aggregation_mod
 from fedguard.clients.wire import protocol
+from fedguard.clients.wire.checks import parse_run_config, require_record, text
 from fedguard.conf.plans import client_level_dp
-from fedguard.conf.run_config import cached_config_from_yaml
 
 
 @lru_cache(maxsize=8)
 def train_layers(config_text: str) -> tuple[Mod, ...]:
-    """The mods a run with this config installs around training, outermost first."""
-    cfg = cached_config_from_yaml(config_text)
+    """The mods a run with this config installs around training, outermost first
+    (MalformedMessage for a config that does not parse: the request checks answer it)."""
+    cfg = parse_run_config(config_text)
     layers: list[Mod] = []
     if cfg.secure_agg.mode == "secaggplus":
         layers.append(secure_aggregation_mod)
@@ -40,6 +41,9 @@ def _chain(layers: tuple[Mod, ...], handler: ClientAppCallable) -> ClientAppCall
 
 
 def run_layers(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Apply this run's train layers (the request checks before it have decoded the config)."""
-    config_text = str(msg.content[protocol.CONFIG_KEY][protocol.FEDGUARD_CONFIG_KEY])
+    """Apply this run's train layers. A request whose config cannot be read is refused here
+    with the same MalformedMessage the train handler would raise (refuse_bad_requests, the
+    outer mod, turns it into an error reply)."""
+    config = require_record(msg.content, protocol.CONFIG_KEY, ConfigRecord)
+    config_text = text(config, protocol.FEDGUARD_CONFIG_KEY)
     return _chain(train_layers(config_text), call_next)(msg, context)

@@ -168,6 +168,7 @@ def _validate_data_and_model(cfg: DictConfig) -> None:
         )
     for i, width in enumerate(cfg.model.hidden_sizes):
         in_range(f"model.hidden_sizes[{i}]", width, 1, None)
+    in_range("model.group_norm_groups", cfg.model.group_norm_groups, 1, None)  # before dividing by it (fuzzing found 0)
     for i, width in enumerate(cfg.model.channels):
         in_range(f"model.channels[{i}]", width, 1, None)
         if width % cfg.model.group_norm_groups:

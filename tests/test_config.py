@@ -108,3 +108,9 @@ def test_gpu_share_without_a_gpu_is_refused():
     with pytest.raises(ConfigError, match="num_gpus"):
         check_resources(compose_config(["simulation.client_resources.num_gpus=0.5"]))
     check_resources(compose_config())  # no GPU asked for: fine
+
+
+def test_zero_group_norm_groups_is_a_config_error_not_a_crash():
+    """Found by tests/test_fuzz_messages.py: a peer's config with group_norm_groups=0 divided by zero."""
+    with pytest.raises(ConfigError, match="model.group_norm_groups"):
+        compose_config(["model.group_norm_groups=0"])

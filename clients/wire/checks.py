@@ -17,7 +17,14 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from fedguard.clients.wire import protocol
+from fedguard.conf.run_config import cached_config_from_yaml
+from fedguard.conf.schema import ConfigError
 
 # Slack for the .npy header (magic, version, dict literal, padding) on top of the raw data.
 MAX_NPY_HEADER_BYTES = 4096
@@ -173,3 +180,19 @@ def decode_arrays(record: object, expected: dict[str, tuple[tuple[int, ...], np.
 def layout_of(record: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shape and dtype of each array of a trusted record (the global model), for :func:`decode_arrays`."""
     return {key: (tuple(record[key].shape), record[key].dtype) for key in record.keys()}
+
+
+# Everything parsing a peer's fedguard-config text can raise: each becomes a MalformedMessage.
+CONFIG_ERRORS = (ConfigError, OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError)
+
+
+def parse_run_config(config_text: str) -> DictConfig:
+    """The fedguard config a message carries, validated; MalformedMessage naming the key otherwise
+    (never OmegaConf's own assertion on a scalar or a list)."""
+    try:
+        if not isinstance(yaml.safe_load(config_text), dict):
+            raise MalformedMessage(f"'{protocol.FEDGUARD_CONFIG_KEY}' is not a YAML mapping")
+        return cached_config_from_yaml(config_text)
+    except CONFIG_ERRORS as err:
+        raise MalformedMessage(f"'{protocol.FEDGUARD_CONFIG_KEY}' is not a valid fedguard config: {err}") from None
+
