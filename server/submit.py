@@ -22,6 +22,7 @@ from fedguard.conf.run_address import split_host_port
 from fedguard.conf.run_config import config_to_yaml
 from fedguard.conf.schema import ConfigError
 from fedguard.clients.deployment.key_material import KeyMaterialError
+from fedguard.server.noise_check import swamped_update_warning
 from fedguard.server.launch import CONNECTION_NAME, RUNS_DIR, flower_cli_home
 from fedguard.clients.deployment.flower_tools import flower_executable
 
@@ -91,6 +92,8 @@ def run_main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"fedguard run: bad config: {err}", file=sys.stderr)
         return 2
+    if warning := swamped_update_warning(cfg):
+        print(f"fedguard run: warning: {warning}", file=sys.stderr, flush=True)
     if not (APP_DIR / "pyproject.toml").is_file():
         print(f"fedguard run: {APP_DIR} is not fedguard's source tree; install fedguard with `pip install -e`", file=sys.stderr)
         return 2

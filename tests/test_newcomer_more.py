@@ -109,3 +109,61 @@ def test_epsilon_plot_legend_survives_many_and_overlapping_clients():
         assert _round_ticks_are_integers(fig)
     finally:
         plt.close(fig)
+
+
+# -- 6a. client-level DP noise that swamps the update ------------------------------------------------
+def test_noise_to_signal_is_sigma_root_d_over_cohort():
+    from fedguard.privacy.client_dp_accounting import ClientDpPlan, CohortPlan, cohort_for_signal, update_signal
+
+    plan = ClientDpPlan(CohortPlan("poisson", 100, 0.5, 50), rounds=10, delta=1e-5, clip_norm=1.0, noise_multiplier=2.0)
+    signal = update_signal(plan, parameters=10_000)
+    assert signal.noise_to_signal == 2.0 * 100 / 50 and signal.swamped
+    assert cohort_for_signal(plan, 10_000) == 200  # n >= sigma sqrt(d), sigma fixed
+    assert not update_signal(plan, parameters=400).swamped  # 2 x 20 / 50 = 0.8
+
+
+def test_adaptive_clipping_cohort_accounts_for_the_count_share():
+    from fedguard.privacy.client_dp_accounting import (
+        ClientDpPlan, CohortPlan, NoiseSplit, cohort_for_signal, DEFAULT_COUNT_STDDEV_PER_CLIENT,
+    )
+
+    plan = ClientDpPlan(CohortPlan("poisson", 5, 1.0, 5), rounds=10, delta=1e-5, clip_norm=1.0, noise_multiplier=1.0,
+                        adaptive=True)
+    n = cohort_for_signal(plan, 10_000)
+    update = lambda m: NoiseSplit.of(1.0, m * DEFAULT_COUNT_STDDEV_PER_CLIENT).update_sigma  # noqa: E731
+    assert update(n) * 100 / n <= 1 < update(n - 1) * 100 / (n - 1)  # the first cohort that fits, not sigma's bound
+    assert n > 100
+
+
+def test_default_client_dp_warns_with_the_numbers_and_the_cohort_it_needs():
+    from fedguard.conf import compose_config
+    from fedguard.conf.plans import client_dp_plan
+    from fedguard.privacy.client_dp_accounting import planned_noise_multiplier
+    from fedguard.server.noise_check import model_parameter_count, swamped_update_warning
+
+    cfg = compose_config(["privacy=client_dp"])  # 5 clients, all of them each round, mlp on digits
+    d = model_parameter_count(cfg)
+    assert d == 64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
+    sigma = planned_noise_multiplier(client_dp_plan(cfg))
+    warning = swamped_update_warning(cfg)
+    assert warning is not None and "swamp" in warning
+    assert f"{sigma * d ** 0.5 / 5:.3g} x the clip norm" in warning, warning
+    needed = int(-(-sigma * d ** 0.5 // 1))  # at rate 1 the calibrated sigma does not move with the population
+    assert f">= {needed:,} clients" in warning and f"simulation.num_clients={needed}" in warning, warning
+
+
+def test_no_warning_where_the_cohort_is_large_enough_or_client_dp_is_off():
+    from fedguard.conf import compose_config
+    from fedguard.server.noise_check import swamped_update_warning
+
+    assert swamped_update_warning(compose_config([])) is None
+    assert swamped_update_warning(compose_config(["privacy=sample_dp"])) is None
+    large = ["privacy=client_dp", "model=logreg", "simulation.num_clients=100", "simulation.fraction_train=0.5",
+             "privacy.client_target_epsilon=null", "privacy.client_noise_multiplier=1.0"]
+    assert swamped_update_warning(compose_config(large)) is None  # 1 x sqrt(650) / 50 = 0.51
+
+
+def test_cli_check_prints_the_swamp_warning_once(tmp_path):
+    proc = fedguard("simulate", "privacy=client_dp", "--check", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("noise will swamp the update") == 1, proc.stderr
