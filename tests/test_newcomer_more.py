@@ -167,3 +167,38 @@ def test_cli_check_prints_the_swamp_warning_once(tmp_path):
     proc = fedguard("simulate", "privacy=client_dp", "--check", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("noise will swamp the update") == 1, proc.stderr
+
+
+# -- 7. `flwr run .` in a checkout ---------------------------------------------------------------------
+def test_bare_flwr_run_is_told_apart_from_fedguard_runs(tmp_path):
+    from fedguard.server.flower_cli_guard import bare_flwr_run
+
+    flwr = "/venv/bin/flwr"
+    config_file = tmp_path / "run.toml"
+    config_file.write_text('fedguard-config = "seed: 1"\nrun-dir = ""\n')
+    assert bare_flwr_run([flwr, "run", "."])
+    assert bare_flwr_run([flwr, "run"])
+    assert bare_flwr_run([flwr, "run", ".", "local", "-c", "num-server-rounds=3", "--stream"])
+    assert not bare_flwr_run([flwr, "run", "/src/fedguard", "fedguard", "--run-config", str(config_file)])  # fedguard run
+    assert not bare_flwr_run([flwr, "run", ".", "--run-config=fedguard-config='seed: 1'"])
+    assert not bare_flwr_run([flwr, "run", "@flwrlabs/other-app"])
+    assert not bare_flwr_run([flwr, "ls"])
+    assert not bare_flwr_run(["/venv/bin/flwr-serverapp", "run"])
+    assert not bare_flwr_run(["pytest", "run"])
+
+
+def test_flwr_run_in_the_checkout_refuses_before_starting_a_superlink(tmp_path):
+    """Flower's own CLI, as a user types it. Made safe even if the refusal regressed: a
+    private Flower home and local-SuperLink port, and no `flower-superlink` on PATH, so
+    Flower could neither start a SuperLink nor reach anyone else's."""
+    flwr = Path(sys.executable).with_name("flwr")
+    repo = Path(__file__).resolve().parents[1]
+    home = tmp_path / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": "/usr/bin:/bin",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([str(flwr), "run", "."], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "fedguard simulate" in output and "fedguard run" in output, output
+    assert "Starting local SuperLink" not in output, output
+    assert not (home / "local-superlink").exists() and not (home / "runtime-envs").exists()
