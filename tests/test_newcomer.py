@@ -225,7 +225,7 @@ def test_second_run_into_the_same_dir_is_refused_then_overwritten(tmp_path):
 
 def test_client_without_ca_is_told_to_ask_the_server_operator(tmp_path):
     """A site cannot make the federation's CA: `fedguard certs` would make a second, useless one."""
-    from fedguard.privacy.key_commands import keys_main
+    from fedguard.clients.deployment.key_commands import keys_main
 
     assert keys_main(["--out", str(tmp_path / "keys")]) == 0
     proc = fedguard("client", "--server", "127.0.0.1:9092", "--ca", str(tmp_path / "missing.crt"),
