@@ -350,3 +350,67 @@ def build_accountant(plan: ClientDpPlan) -> FederationAccountant:
     return FederationAccountant(
         sampling=plan.cohort.sampling, delta=plan.delta, noise_multiplier=planned_noise_multiplier(plan)
     )
+
+
+# Noise-to-signal of the released mean above which the noise swamps the update.
+SWAMPED_NOISE_TO_SIGNAL = 1.0
+
+
+@dataclass(frozen=True)
+class UpdateSignal:
+    """How the noise on a round's released mean compares with the mean clipped update.
+
+    The mean of n clipped updates has norm at most C; the noise on it is Gaussian with std
+    σ_Δ·C/n per coordinate, so over d parameters its norm is about σ_Δ·C·√d/n. Their ratio,
+    σ_Δ·√d/n, does not depend on C (adaptive clipping included): above 1 the noise is longer
+    than any update the clients can send, and training stays near chance.
+    """
+
+    update_sigma: float  # σ_Δ: the noise multiplier on the update sum
+    expected_cohort: float  # n: what the sum is divided by
+    parameters: int  # d
+
+    @property
+    def noise_to_signal(self) -> float:
+        return self.update_sigma * math.sqrt(self.parameters) / self.expected_cohort
+
+    @property
+    def swamped(self) -> bool:
+        return self.noise_to_signal > SWAMPED_NOISE_TO_SIGNAL
+
+
+def update_signal(plan: ClientDpPlan, parameters: int) -> UpdateSignal:
+    """The planned run's noise-to-signal (σ calibrated or fixed, as the server will use it)."""
+    return UpdateSignal(noise_split(plan).update_sigma, plan.cohort.expected_size(), int(parameters))
+
+
+def cohort_for_signal(plan: ClientDpPlan, parameters: int, max_cohort: int = 10**7) -> int | None:
+    """Fewest expected clients per round for which the noise stops swamping the update, at the
+    plan's sampling rate and target (the population grown to cohort / rate); None beyond max_cohort.
+
+    Why no recalibration per candidate: σ for a target epsilon depends on the sampling rate,
+    the rounds and δ, never on the population, so at the same rate a larger federation keeps
+    the plan's σ (and a fixed σ is fixed anyway). Only the update's share σ_Δ can move with
+    the cohort, under adaptive clipping whose default count noise is n/20; σ_Δ ≥ σ never
+    grows with n, so the walk starts at ⌈σ·√d⌉ and stops at the first n that fits.
+    """
+    sigma = planned_noise_multiplier(plan)
+    root_d = math.sqrt(parameters)
+    if sigma * root_d <= SWAMPED_NOISE_TO_SIGNAL:
+        return 1
+    cohort = math.ceil(sigma * root_d / SWAMPED_NOISE_TO_SIGNAL)
+    while cohort <= max_cohort:
+        count_std = None
+        if plan.adaptive:
+            count_std = plan.count_stddev if plan.count_stddev is not None else cohort * DEFAULT_COUNT_STDDEV_PER_CLIENT
+        try:
+            update_sigma = update_noise_multiplier(sigma, count_std)
+        except PrivacyConfigError:  # the count would take all of σ at this cohort: a larger one may not
+            update_sigma = math.inf
+        if update_sigma * root_d / cohort <= SWAMPED_NOISE_TO_SIGNAL:
+            return cohort
+        if plan.adaptive and plan.count_stddev is not None and math.isfinite(update_sigma):
+            cohort = max(cohort + 1, math.ceil(update_sigma * root_d / SWAMPED_NOISE_TO_SIGNAL))  # σ_Δ is fixed
+        else:
+            cohort += 1
+    return None

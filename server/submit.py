@@ -8,6 +8,8 @@ ClientApp read exactly what was validated on the submitting machine.
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,11 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from fedguard.clients.wire import protocol
+from fedguard.conf.run_address import split_host_port
 from fedguard.conf.run_config import config_to_yaml
 from fedguard.conf.schema import ConfigError
 from fedguard.clients.deployment.key_material import KeyMaterialError
+from fedguard.server.noise_check import swamped_update_warning
 from fedguard.server.launch import CONNECTION_NAME, RUNS_DIR, flower_cli_home
 from fedguard.clients.deployment.flower_tools import flower_executable
+
+logger = logging.getLogger(__name__)
 
 # Run states as Flower's SuperLink reports them (`flwr ls`).
 FINISHED = "finished"
@@ -28,6 +34,8 @@ FINISHED_COMPLETED = "finished:completed"
 # After the log stream ends, how long to wait for the SuperLink to mark the run finished.
 STATUS_WAIT_SECONDS = 120.0
 STATUS_POLL_SECONDS = 2.0
+# How long the reachability probe waits for the SuperLink to accept a TCP connection.
+PROBE_TIMEOUT_SECONDS = 5.0
 
 # The directory holding fedguard's pyproject.toml with its [tool.flwr.app] section: the app `flwr run` ships.
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -49,6 +57,30 @@ def run_config_toml(config_yaml: str, run_dir: str) -> str:
     )
 
 
+class SuperLinkUnreachable(RuntimeError):
+    """Nothing accepts connections at deployment.superlink; the message names the key and the address."""
+
+
+def check_reachable(superlink: str, timeout: float = PROBE_TIMEOUT_SECONDS) -> None:
+    """Open (and close) one TCP connection to the SuperLink before ``flwr run`` is started.
+
+    Why: Flower's CLI reports an unreachable SuperLink in its own words (an "unavailable"
+    connection error) after its retries, naming neither fedguard's key nor the address the
+    user gave, so a typo in ``deployment.superlink`` or a SuperLink that is not running looks
+    like a Flower bug. A plain TCP connect says which, in a second; TLS is Flower's business.
+    """
+    host, port = split_host_port(superlink)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            logger.debug("SuperLink at %s accepts connections", superlink)
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err) or type(err).__name__)
+        raise SuperLinkUnreachable(
+            f"cannot reach the SuperLink at deployment.superlink={superlink} ({reason}); start it there with "
+            f"`fedguard server`, or set deployment.superlink=HOST:PORT to the address it listens on"
+        ) from None
+
+
 def run_main(argv: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         print(USAGE)
@@ -60,17 +92,23 @@ def run_main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"fedguard run: bad config: {err}", file=sys.stderr)
         return 2
+    if warning := swamped_update_warning(cfg):
+        print(f"fedguard run: warning: {warning}", file=sys.stderr, flush=True)
     if not (APP_DIR / "pyproject.toml").is_file():
         print(f"fedguard run: {APP_DIR} is not fedguard's source tree; install fedguard with `pip install -e`", file=sys.stderr)
         return 2
     run_dir = str(cfg.resume or "")
+    superlink = str(cfg.deployment.superlink)
     try:
-        with flower_cli_home(str(cfg.deployment.superlink), Path(cfg.deployment.ca_cert)) as env, \
+        with flower_cli_home(superlink, Path(cfg.deployment.ca_cert)) as env, \
                 tempfile.NamedTemporaryFile("w", suffix=".toml", encoding="utf-8") as run_config:
+            check_reachable(superlink)  # after the local checks (address, CA file) in flower_cli_home
             run_config.write(run_config_toml(config_to_yaml(cfg), run_dir))
             run_config.flush()
             run_id = _start_run(env, run_config.name)
             if run_id is None:
+                print(f"fedguard run: the run was not started on the SuperLink at deployment.superlink={superlink}",
+                      file=sys.stderr)
                 return 1
             print(f"fedguard run: run {run_id} started; results on the server under "
                   f"{run_dir or f'{RUNS_DIR}/run-{run_id}'} (relative to its --state-dir)", flush=True)
@@ -81,6 +119,9 @@ def run_main(argv: list[str]) -> int:
     except (KeyMaterialError, ValueError) as err:
         print(f"fedguard run: {err}", file=sys.stderr)
         return 2
+    except SuperLinkUnreachable as err:
+        print(f"fedguard run: {err}", file=sys.stderr)
+        return 1
 
 
 def _flwr() -> str:

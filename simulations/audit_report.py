@@ -9,20 +9,30 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; audits run on servers without a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fedguard.privacy.audit.recompute import PLD_VALUE_DISCRETIZATION, RDP_ORDERS  # noqa: E402
 from fedguard.privacy.audit.runner import AuditResult, ExitCode  # noqa: E402
-from fedguard.privacy.audit.spend import OK, SpendAudit  # noqa: E402
+from fedguard.privacy.audit.spend import OK, SpendAudit, client_sort_key  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.md"
 EPSILON_PLOT = "epsilon_per_client.png"
 ACCURACY_PLOT = "accuracy_vs_epsilon.png"
-# Beyond this many clients the plot draws thin translucent lines plus the maximum.
+# Beyond this many distinct trajectories the plot draws thin translucent lines plus the maximum.
 MAX_LABELLED_CLIENTS = 10
+# A legend entry for clients sharing one trajectory names this many, then "and N more".
+MAX_NAMES_PER_ENTRY = 4
+# Distinct per trajectory, so lines that cross or touch stay apart in print and for colour-blind readers.
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*", "P", "<")
+# Matplotlib's tab10 without red: red is the budget line's colour.
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+BUDGET_COLOUR = "tab:red"
 FIGURE_SIZE = (7.0, 4.5)
 FIGURE_DPI = 120
 CROWD_ALPHA = 0.15
@@ -164,30 +174,80 @@ def write_report(result: AuditResult, out_dir: Path, plots: list[str]) -> Path:
     return path
 
 
-def plot_epsilon(result: AuditResult, out_dir: Path) -> Path | None:
-    clients = result.spend.clients
+def _names(names: list[str]) -> str:
+    """"client 3" or "clients 0, 1, 2, 3 and 5 more": a legend entry stays one short line."""
+    if len(names) == 1:
+        return f"client {names[0]}"
+    shown = ", ".join(names[:MAX_NAMES_PER_ENTRY])
+    rest = len(names) - MAX_NAMES_PER_ENTRY
+    return f"clients {shown}" + (f" and {rest} more" if rest > 0 else "")
+
+
+def _trajectories(clients: dict[str, SpendAudit]) -> list[tuple[list[str], list[int], list[float]]]:
+    """Clients grouped by identical epsilon trajectories (names, rounds, epsilons), in client order.
+
+    Why: clients with the same data size and schedule spend exactly the same epsilon, so their
+    lines lie on top of each other and only the last one drawn would be visible; one line per
+    distinct trajectory, labelled with every client on it, shows all of them.
+    """
+    groups: dict[tuple[tuple[int, float], ...], list[str]] = {}
+    for name in sorted(clients, key=client_sort_key):
+        key = tuple((point.round, round(point.reported, 12)) for point in clients[name].timeline)
+        groups.setdefault(key, []).append(name)
+    return [(names, [r for r, _ in key], [e for _, e in key]) for key, names in groups.items()]
+
+
+def epsilon_figure(clients: dict[str, SpendAudit]) -> Figure | None:
+    """Cumulative sample-level epsilon per client by round, with each budget as a labelled line.
+
+    Integer round ticks (rounds are whole), one distinct style per trajectory, and the legend
+    outside the axes so it never hides a line. Beyond MAX_LABELLED_CLIENTS distinct
+    trajectories the clients are thin translucent lines with their maximum drawn on top.
+    None when no client spent anything.
+    """
     if not clients:
         return None
     fig, ax = plt.subplots(figsize=FIGURE_SIZE)
-    crowded = len(clients) > MAX_LABELLED_CLIENTS
-    for name, audit in clients.items():
-        rounds = [point.round for point in audit.timeline]
-        values = [point.reported for point in audit.timeline]
-        if crowded:
-            ax.plot(rounds, values, color="tab:blue", alpha=CROWD_ALPHA, linewidth=0.8)
-        else:
-            ax.plot(rounds, values, marker=".", label=f"client {name}")
-    budgets = {audit.budget for audit in clients.values() if audit.budget is not None}
-    for budget in sorted(budgets):
-        ax.axhline(budget, color="tab:red", linestyle="--", linewidth=1)
+    trajectories = _trajectories(clients)
+    crowded = len(trajectories) > MAX_LABELLED_CLIENTS
+    if crowded:
+        by_round: dict[int, float] = {}
+        for index, (names, rounds, values) in enumerate(trajectories):
+            label = f"{len(clients)} clients (one thin line each)" if index == 0 else None
+            ax.plot(rounds, values, color="tab:blue", alpha=CROWD_ALPHA, linewidth=0.8, label=label)
+            for round_number, value in zip(rounds, values):
+                by_round[round_number] = max(by_round.get(round_number, 0.0), value)
+        top = sorted(by_round)
+        ax.plot(top, [by_round[r] for r in top], color="tab:blue", linewidth=1.8, label="max over clients")
+    else:
+        for index, (names, rounds, values) in enumerate(trajectories):
+            ax.plot(
+                rounds, values, label=_names(names), color=COLOURS[index % len(COLOURS)],
+                linestyle=LINE_STYLES[index % len(LINE_STYLES)], marker=MARKERS[index % len(MARKERS)],
+            )
+    budgets: dict[float, list[str]] = {}
+    for name in sorted(clients, key=client_sort_key):
+        if clients[name].budget is not None:
+            budgets.setdefault(float(clients[name].budget), []).append(name)
+    for budget, names in sorted(budgets.items()):
+        whose = "" if len(budgets) == 1 else f" ({_names(names)})"
+        ax.axhline(budget, color=BUDGET_COLOUR, linestyle="--", linewidth=1, label=f"budget ε = {budget:g}{whose}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative ε (reported)")
-    ax.set_title("Sample-level ε per client" + (f" ({len(clients)} clients)" if crowded else ""))
-    if not crowded:
-        ax.legend(fontsize="small")
-    path = out_dir / EPSILON_PLOT
+    ax.set_title(f"Sample-level ε per client ({len(clients)} client{'s' if len(clients) != 1 else ''})")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=FIGURE_DPI)
+    return fig
+
+
+def plot_epsilon(result: AuditResult, out_dir: Path) -> Path | None:
+    """epsilon_per_client.png from :func:`epsilon_figure`; None when no client spent anything."""
+    fig = epsilon_figure(result.spend.clients)
+    if fig is None:
+        return None
+    path = out_dir / EPSILON_PLOT
+    fig.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")  # keeps the legend outside the axes in the file
     plt.close(fig)
     return path
 

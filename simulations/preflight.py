@@ -178,12 +178,27 @@ def check_resources(cfg: DictConfig, warn: bool = True) -> None:
         )
 
 
+def warn_if_noise_swamps_update(cfg: DictConfig) -> str | None:
+    """Print (once, on stderr) that client-level DP's noise will swamp the update, if it will.
+
+    A warning, not a refusal: a user may want the chance-level run (to measure it, or to
+    test the pipeline). Returns the warning for tests.
+    """
+    from fedguard.server.noise_check import swamped_update_warning
+
+    warning = swamped_update_warning(cfg)
+    if warning is not None:
+        print(f"fedguard: warning: {warning}", file=sys.stderr, flush=True)
+    return warning
+
+
 def preflight(args: SimulateArgs) -> DictConfig:
     """All checks of a single run, before Hydra's job starts; raises ConfigError naming what to fix."""
     cfg = compose_checked(args.overrides)
     run_dir = override_value(args.overrides, "hydra.run.dir")
     check_before_engine(cfg, Path(cfg.resume) if cfg.resume else Path(run_dir) if run_dir else None)
     check_resources(cfg, warn=False)  # imports torch: last
+    warn_if_noise_swamps_update(cfg)
     return cfg
 
 

@@ -18,6 +18,7 @@ from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fedguard.clients.wire import protocol
@@ -25,6 +26,7 @@ from fedguard.conf import validate_config
 from fedguard.conf.run_config import config_to_yaml
 from fedguard.conf.schema import ConfigError
 from fedguard.server.checkpoint import CheckpointError
+from fedguard.server.noise_check import swamped_update_warning
 from fedguard.server.run_record import SUMMARY_FILE, clear_results, write_json_atomic
 from fedguard.simulations.preflight import check_data, check_resources, check_run_dir, fail
 
@@ -197,6 +199,8 @@ def simulate(cfg: DictConfig) -> float:
     try:
         validate_config(cfg, overrides)
         check_data(cfg)  # again for sweeps (-m), whose jobs the CLI does not check
+        if HydraConfig.get().mode == RunMode.MULTIRUN and (warning := swamped_update_warning(cfg)):
+            logger.warning("%s", warning)  # a single run's CLI printed it already
         prepare_run_dir(cfg, run_dir)
         summary = run_simulation(cfg, run_dir)
     except ConfigError as err:
