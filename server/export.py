@@ -84,10 +84,20 @@ def _write_model(wrapped: nn.Module, fmt: str, example: torch.Tensor, path: Path
             torch.jit.save(torch.jit.trace(wrapped, example), str(path))
         return
     # torch.export-based exporter (the legacy TorchScript-based one is deprecated); batch is dynamic.
-    torch.onnx.export(
-        wrapped, (example,), str(path), input_names=["input"], output_names=["logits"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
-    )
+    # Its registry warns about every torchvision op it skips and torch.export about pytree internals:
+    # noise for a user, whose check is the comparison with the PyTorch model that follows.
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(
+                wrapped, (example,), str(path), input_names=["input"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
+            )
+    finally:
+        exporter_log.setLevel(level)
 
 
 def load_exported(path: Path, fmt: str):

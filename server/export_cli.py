@@ -22,7 +22,7 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--allow-unaudited", action="store_true",
                         help="export even if the privacy audit fails (the card's first line then says so)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         result = export_run(args.run_dir, args.format, args.out, allow_unaudited=args.allow_unaudited)
     except ExportRefused as err:
