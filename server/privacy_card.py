@@ -67,7 +67,7 @@ def _audit(run_dir: Path) -> AuditSection:
     )
 
 
-def _guarantees(cfg: DictConfig, privacy: dict[str, Any]) -> list[Guarantee]:
+def guarantees_from_summary(cfg: DictConfig, privacy: dict[str, Any]) -> list[Guarantee]:
     guarantees = []
     clients = privacy.get("clients") or {}
     if trains_privately(cfg) and clients:
@@ -99,7 +99,7 @@ def privacy_section(run_dir: Path, cfg: DictConfig) -> PrivacySection:
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         summary = {}
-    guarantees = _guarantees(cfg, summary.get("privacy", {}))
+    guarantees = guarantees_from_summary(cfg, summary.get("privacy", {}))
     statement = ("differential privacy: " + "; ".join(f"{g.level}-level epsilon {g.epsilon:.4g} at delta {g.delta:g}, "
                                                        f"{g.observer}" for g in guarantees)) if guarantees else \
         "differential privacy was configured but summary.json reports no spend"

@@ -96,6 +96,24 @@ def test_onnx_missing_packages_give_one_clear_message(tmp_path, compose, monkeyp
         export.export_run(run, "onnx", tmp_path / "out")
 
 
+def test_card_names_the_observer_of_each_level(compose):
+    from fedguard.server.model_card import CLIENT_OBSERVER, SAMPLE_OBSERVER, PrivacySection, headline
+    from fedguard.server.privacy_card import guarantees_from_summary
+
+    cfg = compose(["privacy=sample_and_client_dp", "privacy.client_sampling=fixed"])
+    summary = {"clients": {"0": {"epsilon": 2.0, "delta": 1e-5, "accountant": "rdp"},
+                           "1": {"epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"}},
+               "max_epsilon": 3.0, "mean_epsilon": 2.5,
+               "federation": {"epsilon": 4.5, "delta": 1e-6, "accountant": "rdp", "sampling": "fixed"}}
+    sample, client = guarantees_from_summary(cfg, summary)
+    assert (sample.level, sample.epsilon, sample.epsilon_mean, sample.delta) == ("sample", 3.0, 2.5, 1e-5)
+    assert sample.observer.startswith(SAMPLE_OBSERVER)
+    assert (client.level, client.epsilon, client.delta, client.observer) == ("client", 4.5, 1e-6, CLIENT_OBSERVER)
+    assert client.adjacency.startswith("replace one site")
+    line = headline(PrivacySection("sample_and_client_dp", "", (sample, client), False, None))
+    assert "per training record" in line and "per site" in line
+
+
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("dp") / "run"
