@@ -78,6 +78,30 @@ def check_examples(features: np.ndarray, labels: np.ndarray, shape: tuple[int, .
 
 
 @dataclass(frozen=True)
+class Normalization:
+    """How raw inputs become what the models see: ``(raw * scale - mean) / std``.
+
+    Kept next to the loaders so an exported model (server/export.py) applies exactly the
+    transform training used. ``mean``/``std`` hold one value (images: one statistic over all
+    pixels) or one per column (tables), always from the training split only.
+    """
+
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    raw_range: tuple[float, float] | None = None  # images: the raw pixel range (digits 0..16)
+
+    @property
+    def per_feature(self) -> bool:
+        return len(self.mean) > 1
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        mean = np.asarray(self.mean, dtype=np.float64)
+        std = np.asarray(self.std, dtype=np.float64)
+        return ((np.asarray(raw, dtype=np.float64) * self.scale - mean) / std).astype(np.float32)
+
+
+@dataclass(frozen=True)
 class DatasetBundle:
     train_x: np.ndarray
     train_y: np.ndarray
@@ -94,17 +118,25 @@ class DatasetBundle:
         return self.train_x.ndim == 4
 
 
+def _global_stats(train: np.ndarray) -> tuple[float, float]:
+    """Statistics of the training split only, so the test set stays unseen."""
+    return float(train.mean()), float(train.std()) or 1.0
+
+
+def _column_stats(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = train.mean(axis=0)
+    std = train.std(axis=0)
+    std[std == 0] = 1.0
+    return mean, std
+
+
 def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scale by statistics of the training split only, so the test set stays unseen."""
-    mean = float(train.mean())
-    std = float(train.std()) or 1.0
+    mean, std = _global_stats(train)
     return ((train - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32)
 
 
 def _standardize_columns(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = train.mean(axis=0)
-    std = train.std(axis=0)
-    std[std == 0] = 1.0
+    mean, std = _column_stats(train)
     return ((train - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32)
 
 
@@ -194,14 +226,20 @@ def _load_breast_cancer(test_fraction: float, seed: int) -> DatasetBundle:
     return DatasetBundle(train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64), 2)
 
 
+def _synthetic_raw(
+    num_samples: int, num_features: int, num_classes: int, separation: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(num_classes, num_features)) * separation / np.sqrt(num_features)
+    labels = rng.integers(0, num_classes, size=num_samples)
+    return centres[labels] + rng.normal(size=(num_samples, num_features)) / np.sqrt(num_features), labels
+
+
 def _make_synthetic(
     num_samples: int, num_features: int, num_classes: int, separation: float, test_fraction: float, seed: int
 ) -> DatasetBundle:
     """Gaussian clusters around random class centres; separation sets how hard the task is."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(num_classes, num_features)) * separation / np.sqrt(num_features)
-    labels = rng.integers(0, num_classes, size=num_samples)
-    features = centres[labels] + rng.normal(size=(num_samples, num_features)) / np.sqrt(num_features)
+    features, labels = _synthetic_raw(num_samples, num_features, num_classes, separation, seed)
     train_x, test_x, train_y, test_y = _split(features, labels, test_fraction, seed)
     train_x, test_x = _standardize_columns(train_x, test_x)
     return DatasetBundle(train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64), num_classes)
@@ -238,3 +276,53 @@ def load_dataset(dataset_cfg: DictConfig, seed: int, root_override: str | None =
     check_examples(bundle.train_x, bundle.train_y, shape, num_classes, f"{dataset_cfg.name} training split")
     check_examples(bundle.test_x, bundle.test_y, shape, num_classes, f"{dataset_cfg.name} test split")
     return bundle
+
+
+def raw_test_split(dataset_cfg: DictConfig, seed: int) -> tuple[np.ndarray, np.ndarray, Normalization]:
+    """The test split *before* standardization, its labels, and the transform training applied.
+
+    An exported model takes raw inputs (what a user has: pixel values, measured columns), so
+    its check must feed raw test data and compare with the model fed the standardized copy;
+    reconstructing raw inputs by inverting the transform would hide a wrong transform.
+    """
+    name = dataset_cfg.name
+    if name == "fashion_mnist":
+        folder = Path(dataset_cfg.root or "")
+        train = read_idx(_find_idx_file(folder, FASHION_MNIST_FILES["train_images"])).astype(np.float32) / 255.0
+        mean, std = _global_stats(train)
+        test_x = read_idx(_find_idx_file(folder, FASHION_MNIST_FILES["test_images"]))[:, None].astype(np.float32)
+        test_y = read_idx(_find_idx_file(folder, FASHION_MNIST_FILES["test_labels"])).astype(np.int64)
+        return test_x, test_y, Normalization(1.0 / 255.0, (mean,), (std,), (0.0, 255.0))
+    test_fraction = float(dataset_cfg.test_fraction)
+    if name == "digits":
+        digits = load_digits()
+        train_x, test_x, _, test_y = _split(digits.images.astype(np.float32), digits.target, test_fraction, seed)
+        mean, std = _global_stats(train_x)
+        return test_x[:, None], test_y.astype(np.int64), Normalization(1.0, (mean,), (std,), (0.0, 16.0))
+    if name == "breast_cancer":
+        data = load_breast_cancer()
+        train_x, test_x, _, test_y = _split(data.data.astype(np.float64), data.target, test_fraction, seed)
+    elif name == "synthetic":
+        features, labels = _synthetic_raw(int(dataset_cfg.num_samples), int(dataset_cfg.num_features),
+                                          int(dataset_cfg.num_classes), float(dataset_cfg.class_separation), seed)
+        train_x, test_x, _, test_y = _split(features, labels, test_fraction, seed)
+    else:
+        raise DatasetError(f"unknown dataset {name!r}")
+    mean, std = _column_stats(train_x)
+    norm = Normalization(1.0, tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    return test_x, test_y.astype(np.int64), norm
+
+
+def feature_names(dataset_cfg: DictConfig) -> tuple[str, ...] | None:
+    """Column names where the data set has them (a served model accepts rows keyed by name)."""
+    if dataset_cfg.name == "breast_cancer":
+        return tuple(str(name) for name in load_breast_cancer().feature_names)
+    return None
+
+
+CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+    "digits": tuple(str(d) for d in range(10)),
+    "breast_cancer": ("malignant", "benign"),
+}

@@ -18,6 +18,11 @@ DEPLOYMENT_COMMANDS = {
     "client": ("fedguard.clients.launch", "client_main"),
     "run": ("fedguard.server.submit", "run_main"),
 }
+# From a trained run to a served model: name -> (module, function taking the remaining argv).
+MODEL_COMMANDS = {
+    "export": ("fedguard.server.export_cli", "export_main"),
+    "serve": ("fedguard.server.serve", "serve_main"),
+}
 
 USAGE = """usage: fedguard <command> [hydra overrides or options]
        fedguard --version
@@ -26,6 +31,8 @@ commands:
   simulate   run a federated simulation (Flower simulation engine, Ray) from conf/
   bench      benchmarks that print figures and write JSON (fedguard bench --help)
   audit      verify a run's privacy ledger and recompute its epsilons (fedguard audit --help)
+  export     export a run's final model (TorchScript/ONNX) with its privacy model card
+  serve      serve an exported model over HTTP (POST /predict, GET /model-card, GET /health)
 
 separate sites (Flower deployment engine; TLS and site keys always on):
   certs      create the federation's CA and the server's TLS certificate
@@ -106,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         from fedguard.simulations.audit_cli import main as audit_main
 
         return audit_main(rest)
-    if command in DEPLOYMENT_COMMANDS:
-        module_name, function_name = DEPLOYMENT_COMMANDS[command]
+    if command in DEPLOYMENT_COMMANDS or command in MODEL_COMMANDS:
+        module_name, function_name = {**DEPLOYMENT_COMMANDS, **MODEL_COMMANDS}[command]
         return getattr(importlib.import_module(module_name), function_name)(rest)
     print(f"fedguard: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
