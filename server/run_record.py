@@ -224,6 +224,8 @@ class RunRecorder:
 
     def _print_table(self, summary: dict[str, Any]) -> None:
         table = Table(title="fedguard run summary", show_header=False)
+        table.add_column("what", no_wrap=True)
+        table.add_column("value", overflow="fold")  # wrap long values (a run directory path), never cut them
         final = summary.get("final", {})
         rows = [
             ("run directory", str(self.run_dir)),

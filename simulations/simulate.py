@@ -28,6 +28,7 @@ from fedguard.conf.schema import ConfigError
 from fedguard.server.checkpoint import CheckpointError
 from fedguard.server.noise_check import swamped_update_warning
 from fedguard.server.run_record import SUMMARY_FILE, clear_results, write_json_atomic
+from fedguard.simulations.planned_privacy import planned_sample_dp_line
 from fedguard.simulations.preflight import check_data, check_resources, check_run_dir, fail
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ def backend_config(cfg: DictConfig) -> dict[str, Any]:
     init_args: dict[str, Any] = {}
     if cfg.simulation.ray_address:
         init_args["address"] = cfg.simulation.ray_address
+    if cfg.log_level != "DEBUG":
+        # Flower's console handler in each worker reads FLWR_LOG_LEVEL at import: its shutdown
+        # notices ("Manually terminating ClientAppActor") are noise to a user; errors still show.
+        init_args["runtime_env"] = {"env_vars": {"FLWR_LOG_LEVEL": "ERROR"}}
     return {
         "client_resources": {
             "num_cpus": float(cfg.simulation.client_resources.num_cpus),
@@ -113,6 +118,8 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         file=sys.stderr,
         flush=True,
     )
+    if (planned := planned_sample_dp_line(cfg)) is not None:
+        print(f"fedguard: {planned}", file=sys.stderr, flush=True)
     launched = time.perf_counter()
     try:
         launch(server_app, client_app, int(cfg.simulation.num_clients), backend_config(cfg), context)
