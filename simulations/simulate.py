@@ -40,6 +40,15 @@ CLIENT_STATE_DIR = "client-state"
 warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
 
 
+# Modules whose UserWarnings (RDP order choices, dp_accounting's convergence notes) are
+# library noise on a user's console; shown again with log_level=DEBUG.
+LIBRARY_NOISE_MODULES = (
+    "opacus.accountants.analysis.rdp",
+    "dp_accounting.rdp.rdp_privacy_accountant",
+    "dp_accounting.pld.pld_privacy_accountant",
+)
+
+
 def configure_logging(level: str) -> None:
     """One console line per record: Flower's own console handler would repeat what
     Hydra's job logging (console + <run dir>/simulate.log) already prints."""
@@ -49,6 +58,9 @@ def configure_logging(level: str) -> None:
     for handler in list(flower_logger.handlers):
         flower_logger.removeHandler(handler)
     flower_logger.propagate = True
+    if level != "DEBUG":
+        for module in LIBRARY_NOISE_MODULES:  # accountants' numeric notes: not the user's business
+            warnings.filterwarnings("ignore", category=UserWarning, module=module)
 
 
 def backend_config(cfg: DictConfig) -> dict[str, Any]:
@@ -56,10 +68,6 @@ def backend_config(cfg: DictConfig) -> dict[str, Any]:
     init_args: dict[str, Any] = {}
     if cfg.simulation.ray_address:
         init_args["address"] = cfg.simulation.ray_address
-    if cfg.log_level != "DEBUG":
-        # Flower's console handler in each worker reads FLWR_LOG_LEVEL at import: its shutdown
-        # notices ("Manually terminating ClientAppActor") are noise to a user; errors still show.
-        init_args["runtime_env"] = {"env_vars": {"FLWR_LOG_LEVEL": "ERROR"}}
     return {
         "client_resources": {
             "num_cpus": float(cfg.simulation.client_resources.num_cpus),
@@ -67,6 +75,18 @@ def backend_config(cfg: DictConfig) -> dict[str, Any]:
         },
         "init_args": init_args,
     }
+
+
+def quiet_workers(log_level: str) -> None:
+    """Keep library noise off the console in the engine's workers (they inherit this process's
+    environment): Flower's shutdown notices ("Manually terminating ClientAppActor") through
+    FLWR_LOG_LEVEL, which its console handler reads at import, and the accountants' numeric
+    notes through PYTHONWARNINGS. Errors still show; log_level=DEBUG shows everything."""
+    if log_level == "DEBUG":
+        return
+    os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
+    ignores = [f"ignore::UserWarning:{module}" for module in LIBRARY_NOISE_MODULES]
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS", ""), *ignores]))
 
 
 def launch(
@@ -122,6 +142,7 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         print(f"fedguard: {planned}", file=sys.stderr, flush=True)
     launched = time.perf_counter()
     try:
+        quiet_workers(str(cfg.log_level))
         launch(server_app, client_app, int(cfg.simulation.num_clients), backend_config(cfg), context)
     except KeyboardInterrupt:
         raise Interrupted(run_dir) from None
