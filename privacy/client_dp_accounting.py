@@ -212,7 +212,9 @@ class ClientDpPlan:
 
     Exactly one of ``noise_multiplier`` (σ fixed) and ``target_epsilon`` (σ calibrated for
     ``rounds``) is set. ``adaptive``: the clip count is released too, with noise
-    ``count_stddev`` (None: Andrew et al.'s expected cohort / 20).
+    ``count_stddev`` (None: Andrew et al.'s expected cohort / 20). ``min_survivors``: under
+    distributed noise, the fewest clients whose noise shares a released sum can hold (SecAgg+'s
+    threshold: below it nothing is unmasked); None under central noise, whose std never shrinks.
     """
 
     cohort: CohortPlan
@@ -223,8 +225,11 @@ class ClientDpPlan:
     target_epsilon: float | None = None
     adaptive: bool = False
     count_stddev: float | None = None
+    min_survivors: int | None = None
 
     def __post_init__(self) -> None:
+        if self.min_survivors is not None and int(self.min_survivors) < 1:
+            raise PrivacyConfigError(f"min_survivors {self.min_survivors} must be >= 1")
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise PrivacyConfigError("set exactly one of a noise multiplier and a target epsilon")
         if self.rounds < 1 or not 0 < self.delta < 1 or not self.clip_norm > 0:
@@ -302,6 +307,20 @@ class NoiseSplit:
         update = self.update_sigma * scale
         count = None if self.count_std is None else self.count_std * scale
         return NoiseSplit(combined_noise_multiplier(update, count), update, count)
+
+
+def worst_case_surviving_fraction(plan: ClientDpPlan, population: int | None = None) -> float:
+    """The smallest share s/n of the planned noise a released sum can hold: 1 under central
+    noise; under distributed noise s = ``min_survivors`` (SecAgg+'s threshold) of the expected
+    cohort n. A budget stop must use this: dropouts are not known before the round, and with
+    fewer survivors the same round spends more (issue #14: a stop at the planned σ overshot
+    client_max_epsilon=5 by up to 0.41)."""
+    if plan.min_survivors is None:
+        return 1.0
+    expected = plan.cohort.expected_size(population)
+    if expected <= 0:
+        return 1.0
+    return min(1.0, plan.min_survivors / expected)
 
 
 def count_noise_std(plan: ClientDpPlan) -> float | None:
