@@ -42,7 +42,7 @@ from fedguard.clients.wire.checks import (
 )
 from fedguard.clients.models import build_model, model_from_state, resolve_device
 from fedguard.clients.partition import PartitionError, partition_indices, split_train_validation
-from fedguard.clients.private_training import BudgetExhausted, build_trainer
+from fedguard.clients.private_training import BudgetExhausted, build_trainer, training_commitments
 from fedguard.clients.layers import run_layers
 from fedguard.clients.releases import released_train_loss, resend_enters_a_new_sum, sends_local_metrics
 from fedguard.clients.secure_aggregation import INPUT_STATE_KEY, SESSION_STATE_KEY, handle_stage
@@ -235,6 +235,7 @@ def train(msg: Message, context: Context) -> Message:
                 partition_id=site.partition_id,
                 server_round=request.server_round,
                 max_grad_norm=float(cfg.privacy.max_grad_norm),
+                committed=training_commitments(cfg, len(data.train_y)),
             )
         if protocol.ARRAYS_KEY in content:
             store.remember_reply(

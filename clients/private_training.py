@@ -240,3 +240,15 @@ def build_trainer(cfg: DictConfig, site_budget: float | None) -> LocalTrainer:
     if trains_privately(cfg):
         return SampleDPTrainer(trainer, cfg, site_budget)
     return trainer
+
+
+def training_commitments(cfg: DictConfig, dataset_size: int) -> dict[str, int | None]:
+    """What the site signs with each DP-SGD entry so the audit can rebuild q = 1/ceil(N/B)
+    (Opacus's DPDataLoader rate) and the round's steps itself instead of trusting them."""
+    train = cfg.train
+    return {
+        "batch_size": int(train.batch_size),
+        "dataset_size": int(dataset_size),
+        "local_epochs": int(train.local_epochs),
+        "max_steps": None if train.max_steps is None else int(train.max_steps),
+    }

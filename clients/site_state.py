@@ -172,8 +172,14 @@ class SiteStateStore:
         """The site's ledger key, read (or created) once per store: signing and the reply both need it."""
         return load_or_create_signing_key(self.ledger_key_path)
 
-    def record_spend(self, report: dict[str, Any], *, partition_id: int, server_round: int, max_grad_norm: float) -> None:
-        """Append this round's training (or refusal) to the site ledger, durably, before the reply leaves."""
+    def record_spend(
+        self, report: dict[str, Any], *, partition_id: int, server_round: int, max_grad_norm: float,
+        committed: dict[str, int | None] | None = None,
+    ) -> None:
+        """Append this round's training (or refusal) to the site ledger, durably, before the reply leaves.
+
+        ``committed`` (batch size, dataset size, local epochs, max_steps) is signed with the entry
+        so the audit recomputes q and the steps from them rather than trusting the stated ones."""
         if report.get("refused"):
             event: SampleDpTraining | BudgetRefusal = BudgetRefusal(
                 client=str(partition_id),
@@ -186,7 +192,7 @@ class SiteStateStore:
             )
         else:
             event = SampleDpTraining.from_report(
-                report, client=partition_id, server_round=server_round, max_grad_norm=max_grad_norm
+                report, client=partition_id, server_round=server_round, max_grad_norm=max_grad_norm, committed=committed
             )
         with LedgerWriter(self.ledger_path, self._signing_key, client_party(partition_id), ledger_id=f"{self.lineage}-{partition_id}") as ledger:
             ledger.append(event)
