@@ -86,3 +86,19 @@ def test_committed_rate_is_opacus_loader_rate():
     assert committed(body).sample_rate == pytest.approx(1 / 13) and committed(body).steps == 26
     assert committed({**body, "max_steps": 5}).steps == 5
     assert committed({"batch_size": None, "dataset_size": 400, "local_epochs": 1}) is None
+
+
+def test_a_site_signs_its_commitments_with_each_entry(tmp_path: Path, compose):
+    from fedguard.clients.private_training import training_commitments
+    from fedguard.clients.site_state import SiteStateStore
+    from fedguard.privacy.ledger import read_ledger
+
+    cfg = compose(["privacy=sample_dp", "train.batch_size=16", "train.local_epochs=2"])
+    report = {"noise_multiplier": 1.1, "sample_rate": 1 / 7, "steps_round": 14, "delta": 1e-5, "accountant": "rdp",
+              "epsilon": 0.5, "budget_epsilon": -1.0, "refused": False}
+    store = SiteStateStore(tmp_path, "lineage1")
+    store.record_spend(report, partition_id=0, server_round=1, max_grad_norm=1.0,
+                       committed=training_commitments(cfg, dataset_size=100))
+    body = read_ledger(store.ledger_path)[-1]["body"]
+    assert (body["batch_size"], body["dataset_size"], body["local_epochs"], body["max_steps"]) == (16, 100, 2, None)
+    assert committed(body).sample_rate == pytest.approx(1 / 7) and committed(body).steps == 14
