@@ -364,6 +364,40 @@ def clamp_headroom(plan: ClientDpPlan) -> float:
     return 1.0 + DISTRIBUTED_TAIL_STDS * noise_share_std(plan, clip_norm=1.0)
 
 
+# Observers of client-level DP (summary.json's privacy.federation.epsilon_by_observer).
+SERVER_OPERATOR, COHORT_KNOWERS, MODEL_USERS_AND_OTHER_SITES = (
+    "server_operator", "knows_cohorts", "model_users_and_other_sites"
+)
+
+
+def epsilon_without_amplification(releases: list[Release], sampling: str, delta: float) -> float:
+    """Epsilon against an observer who knows every cohort: each release at sample rate 1.
+
+    Amplification by sampling rests on the observer not knowing who was sampled; the server
+    operator draws the cohorts (and metrics.jsonl and the ledger record who took part), so
+    against it every round is a plain Gaussian on the cohort's sum. Fixed-size cohorts keep
+    their replace-one relation (the whole population as the "cohort": no amplification)."""
+    plain = [Release(r.noise_multiplier, 1.0, r.population, r.population) for r in releases]
+    return epsilon_of(plain, sampling, delta)
+
+
+def epsilon_by_observer(accountant: FederationAccountant, *, distributed_noise: bool) -> dict[str, float | None]:
+    """Client-level epsilon per observer; None where no epsilon holds.
+
+    The server operator sees, with central noise, each update (or, under SecAgg+, the sum)
+    before its noise: no client-level guarantee against it at all. With distributed noise it
+    sees only noised sums, but knows the cohorts: no amplification. Other sites and users of
+    the released models see noised models and not the cohorts: the amplified figure. Whoever
+    sees only noised models but knows the cohorts (a holder of the run directory: metrics.jsonl
+    and the ledger name them) gets the unamplified figure."""
+    unamplified = epsilon_without_amplification(accountant.releases, accountant.sampling, accountant.delta)
+    return {
+        SERVER_OPERATOR: unamplified if distributed_noise else None,
+        COHORT_KNOWERS: unamplified,
+        MODEL_USERS_AND_OTHER_SITES: accountant.epsilon,
+    }
+
+
 def build_accountant(plan: ClientDpPlan) -> FederationAccountant:
     """The run's accountant, σ fixed or calibrated before round 1."""
     return FederationAccountant(

@@ -191,9 +191,14 @@ class ClientDpRelease(LedgerEvent):
     clipping: str = "fixed"
     update_noise_multiplier: float | None = None
     count_noise_std: float | None = None
+    # Epsilon against the server operator, who knows the cohorts (no amplification); None where
+    # it sees updates before their noise (central noise) or the entry predates the field.
+    epsilon_server_operator: float | None = None
 
     def __post_init__(self) -> None:
         _finite("clip_norm", self.clip_norm, positive=True)
+        if self.epsilon_server_operator is not None:
+            _finite("epsilon_server_operator", self.epsilon_server_operator)
         if self.clipping not in CLIPPING_MODES:
             raise EventError(f"clipping={self.clipping!r}; allowed: {', '.join(CLIPPING_MODES)}")
         if self.clipping == "adaptive" and (self.update_noise_multiplier is None or self.count_noise_std is None):

@@ -49,10 +49,12 @@ from fedguard.privacy.client_dp_accounting import (
     POISSON,
     ClientDpPlan,
     FederationAccountant,
+    SERVER_OPERATOR,
     NoiseSplit,
     Release,
     build_accountant,
     count_noise_std,
+    epsilon_by_observer,
     planned_epsilon,
     worst_case_surviving_fraction,
 )
@@ -299,6 +301,7 @@ class ClientDpStrategy(Strategy):
             sampling=self.sampling, sample_rate=rate, cohort_size=plan.cohort, survivors=min(survivors, plan.cohort),
             delta=self.accountant.delta, accountant="rdp", epsilon=epsilon, population=plan.population,
             clipping=self.clipping, update_noise_multiplier=noise.update_sigma, count_noise_std=noise.count_std,
+            epsilon_server_operator=epsilon_by_observer(self.accountant, distributed_noise=self.distributed)[SERVER_OPERATOR],
         )
         if self.on_release is not None:
             self.on_release(event)  # on the record before the release leaves this method
@@ -352,6 +355,8 @@ class ClientDpStrategy(Strategy):
             "clipping": self.clipping,
             "rounds": len(self.accountant.releases),
             "budget_epsilon": self.max_epsilon,
+            # "epsilon" above holds only against those who cannot tell who was sampled (README).
+            "epsilon_by_observer": epsilon_by_observer(self.accountant, distributed_noise=self.distributed),
             **(self._adaptive_summary() if self.adaptive is not None else {}),
         }
 
