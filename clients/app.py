@@ -47,6 +47,7 @@ from fedguard.clients.layers import run_layers
 from fedguard.clients.releases import released_train_loss, resend_enters_a_new_sum, sends_local_metrics
 from fedguard.clients.secure_aggregation import INPUT_STATE_KEY, SESSION_STATE_KEY, handle_stage
 from fedguard.clients.site import PARTITION_ID_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings, read_site_settings
+from fedguard.clients.data_spend import data_fingerprint
 from fedguard.clients.site_state import CachedReply, ResendRefused, SiteStateError, SiteStateStore, arrays_digest
 from fedguard.clients.training import evaluate_model, make_training_setup, proximal_regularizer
 from fedguard.conf.plans import trains_privately
@@ -204,7 +205,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, site, data, model, device, request = _unpack(msg, context)
     # Adaptive clipping: refuse a bad clip norm from the server before training spends anything.
     round_clip_norm(cfg, msg.content[protocol.CONFIG_KEY], request.server_round)
-    store = _site_state_store(cfg, site, msg, context)
+    store = _site_state_store(cfg, site, msg, data)
     if store is None:
         return _train_reply(msg, context.state, cfg, site, data, model, device, request)
     digest = arrays_digest(msg.content[protocol.ARRAYS_KEY])
@@ -252,9 +253,9 @@ def train(msg: Message, context: Context) -> Message:
         return reply
 
 
-def _site_state_store(cfg: DictConfig, site: SiteSettings, msg: Message, context: Context) -> SiteStateStore | None:
-    """Private training keeps its state on the site's disk (its ``state-dir``); non-private
-    training spends nothing worth keeping."""
+def _site_state_store(cfg: DictConfig, site: SiteSettings, msg: Message, data) -> SiteStateStore | None:
+    """Private training keeps its state on the site's disk (its ``state-dir``), tied to the
+    fingerprint of its training set; non-private training spends nothing worth keeping."""
     if not trains_privately(cfg):
         return None
     if site.state_dir:
@@ -264,7 +265,8 @@ def _site_state_store(cfg: DictConfig, site: SiteSettings, msg: Message, context
         return None
     lineage = text(msg.content[protocol.CONFIG_KEY], protocol.LINEAGE_KEY)
     try:
-        return SiteStateStore(root, lineage)
+        return SiteStateStore(root, lineage, data_fingerprint=data_fingerprint((data.train_x, data.train_y)),
+                              site_budget=site.epsilon_budget)
     except SiteStateError as err:
         raise MalformedMessage(str(err)) from None
 
