@@ -260,9 +260,12 @@ def _site_state_store(cfg: DictConfig, site: SiteSettings, msg: Message, data) -
         return None
     if site.state_dir:
         root = Path(site.state_dir)
-    else:
+    elif site.ephemeral_privacy_state:
         logger.warning("no state-dir for this site: its privacy spend is kept for this run only")
         return None
+    else:  # a later run would start the same data at epsilon 0
+        raise MalformedMessage("sample-level DP needs this site's state-dir (its spend across runs); "
+                               "set node config ephemeral-privacy-state=true to train without one")
     lineage = text(msg.content[protocol.CONFIG_KEY], protocol.LINEAGE_KEY)
     try:
         return SiteStateStore(root, lineage, data_fingerprint=data_fingerprint((data.train_x, data.train_y)),

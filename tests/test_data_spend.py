@@ -102,3 +102,25 @@ def test_prior_spend_is_handed_to_the_trainer(tmp_path: Path):
     with SiteStateStore(tmp_path, "run2", data_fingerprint=fp).locked(state):
         assert PRIOR_KEY in state and list(state[PRIOR_KEY]["steps"]) == [ROUND[2]]
         assert float(state[PRIOR_KEY]["budget_epsilon"]) == 40.0
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_site_without_state_dir_trains_privately_only_when_it_says_so():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from client_app_support import client_app, train_message  # noqa: PLC0415 - test helper module
+    from flwr.app import Context
+
+    from fedguard.conf import compose_config
+
+    cfg = compose_config(["model=logreg", "device=cpu", "privacy=sample_dp", "train.max_steps=1"])
+    message = train_message(cfg, server_round=1)
+
+    def reply(node_config: dict) -> object:
+        context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+        return client_app(message, context)
+
+    refused = reply({"partition-id": 0, "num-partitions": 5})
+    assert refused.has_error() and "ephemeral-privacy-state" in refused.error.reason
+    assert not reply({"partition-id": 0, "num-partitions": 5, "ephemeral-privacy-state": True}).has_error()
