@@ -194,9 +194,20 @@ class ClientDpRelease(LedgerEvent):
     # Epsilon against the server operator, who knows the cohorts (no amplification); None where
     # it sees updates before their noise (central noise) or the entry predates the field.
     epsilon_server_operator: float | None = None
+    # Distributed noise: each of the expected cohort's clients added 1/expected_cohort of the planned
+    # variance, so the audit recomputes σ from the survivors instead of trusting the stated one.
+    noise: str = "central"
+    expected_cohort: float | None = None
+    planned_update_noise_multiplier: float | None = None
+    planned_count_noise_std: float | None = None
 
     def __post_init__(self) -> None:
         _finite("clip_norm", self.clip_norm, positive=True)
+        if self.noise not in ("central", "distributed"):
+            raise EventError(f"noise={self.noise!r}; allowed: central, distributed")
+        for name in ("expected_cohort", "planned_update_noise_multiplier", "planned_count_noise_std"):
+            if getattr(self, name) is not None:
+                _finite(name, getattr(self, name))
         if self.epsilon_server_operator is not None:
             _finite("epsilon_server_operator", self.epsilon_server_operator)
         if self.clipping not in CLIPPING_MODES:

@@ -302,6 +302,8 @@ class ClientDpStrategy(Strategy):
             delta=self.accountant.delta, accountant="rdp", epsilon=epsilon, population=plan.population,
             clipping=self.clipping, update_noise_multiplier=noise.update_sigma, count_noise_std=noise.count_std,
             epsilon_server_operator=epsilon_by_observer(self.accountant, distributed_noise=self.distributed)[SERVER_OPERATOR],
+            noise="distributed" if self.distributed else "central", expected_cohort=self.dp_plan.cohort.expected_size(),
+            planned_update_noise_multiplier=self.split.update_sigma, planned_count_noise_std=self.split.count_std,
         )
         if self.on_release is not None:
             self.on_release(event)  # on the record before the release leaves this method

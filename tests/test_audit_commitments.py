@@ -102,3 +102,26 @@ def test_a_site_signs_its_commitments_with_each_entry(tmp_path: Path, compose):
     body = read_ledger(store.ledger_path)[-1]["body"]
     assert (body["batch_size"], body["dataset_size"], body["local_epochs"], body["max_steps"]) == (16, 100, 2, None)
     assert committed(body).sample_rate == pytest.approx(1 / 7) and committed(body).steps == 14
+
+
+def _distributed_release(**changes) -> dict:
+    from fedguard.privacy.ledger_events import ClientDpRelease
+
+    sigma = 2.0 * (10 / 20) ** 0.5  # 10 of an expected 20 survived
+    event = ClientDpRelease(round=1, clip_norm=0.5, noise_std=sigma * 0.5, noise_multiplier=sigma, sampling="fixed",
+                            sample_rate=0.5, cohort_size=20, survivors=10, delta=1e-5, accountant="rdp", epsilon=1.0,
+                            population=40, noise="distributed", expected_cohort=20.0, planned_update_noise_multiplier=2.0)
+    return dataclasses.replace(event, **changes).body()
+
+
+def test_distributed_sigma_is_recomputed_from_the_survivors():
+    from fedguard.privacy.audit.spend import SpendAudit, _effective_sigma
+
+    honest = SpendAudit(name="federation")
+    assert _effective_sigma(_distributed_release(), honest) == pytest.approx(2.0 * 0.5**0.5)
+    assert not honest.mismatches
+    # A server that states the planned σ (and a matching noise_std) although only 5 survived is caught.
+    lying = SpendAudit(name="federation")
+    sigma = _effective_sigma(_distributed_release(survivors=5), lying)
+    assert sigma == pytest.approx(2.0 * 0.25**0.5)
+    assert any("survivors" in problem for problem in lying.mismatches)

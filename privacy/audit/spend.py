@@ -184,7 +184,26 @@ def _effective_sigma(body: dict[str, Any], audit: SpendAudit) -> float:
     stated = body["noise_multiplier"]
     if not math.isclose(from_noise, stated, rel_tol=NOISE_CONSISTENCY_RTOL):
         audit.mismatches.append(f"round {body['round']}: noise_multiplier {stated:g} but {what} = {from_noise:g}")
+    surviving = _surviving_sigma(body)
+    if surviving is not None and stated > surviving * (1 + NOISE_CONSISTENCY_RTOL):
+        audit.mismatches.append(
+            f"round {body['round']}: noise_multiplier {stated:g} but {body['survivors']} survivors of an expected "
+            f"{body['expected_cohort']:g} leave {surviving:g} of the distributed noise"
+        )
+        return min(stated, from_noise, surviving)
     return min(stated, from_noise)
+
+
+def _surviving_sigma(body: dict[str, Any]) -> float | None:
+    """Distributed noise: σ recomputed from the planned shares that survived (s of n each add
+    1/n of the variance, so each part keeps √(s/n) of its std); None where not recorded."""
+    if body.get("noise") != "distributed" or not body.get("expected_cohort") or body.get("planned_update_noise_multiplier") is None:
+        return None
+    scale = math.sqrt(min(1.0, body["survivors"] / body["expected_cohort"]))
+    update = body["planned_update_noise_multiplier"] * scale
+    if body.get("planned_count_noise_std") is None:
+        return update
+    return _with_clip_count(update, body["planned_count_noise_std"] * scale)
 
 
 def audit_federation(
