@@ -20,8 +20,10 @@ EPSILON_BUDGET_KEY = "epsilon-budget"
 STATE_DIR_KEY = "state-dir"
 # A site without a state dir forgets its spend when the run ends; it must say it accepts that.
 EPHEMERAL_PRIVACY_KEY = "ephemeral-privacy-state"
+# The site's privacy floor (clients/site_floor.py), named here so every key of the schema is in one list.
+FLOOR_KEYS = ("min-noise-multiplier", "max-epsilon", "min-client-noise-multiplier", "max-client-epsilon")
 KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_ROOT_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY, STATE_DIR_KEY,
-              EPHEMERAL_PRIVACY_KEY)
+              EPHEMERAL_PRIVACY_KEY, *FLOOR_KEYS)
 
 
 class SiteConfigError(ValueError):
