@@ -48,7 +48,7 @@ from fedguard.clients.releases import released_train_loss, resend_enters_a_new_s
 from fedguard.clients.secure_aggregation import INPUT_STATE_KEY, SESSION_STATE_KEY, handle_stage
 from fedguard.clients.site import PARTITION_ID_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings, read_site_settings
 from fedguard.clients.data_spend import data_fingerprint
-from fedguard.clients.site_floor import BelowSiteFloor, check_site_floor, read_site_floor
+from fedguard.clients.site_floor import check_site_floor, read_site_floor
 from fedguard.clients.site_state import CachedReply, ResendRefused, SiteStateError, SiteStateStore, arrays_digest
 from fedguard.clients.training import evaluate_model, make_training_setup, proximal_regularizer
 from fedguard.conf.plans import trains_privately
@@ -206,10 +206,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, site, data, model, device, request = _unpack(msg, context)
     # Adaptive clipping: refuse a bad clip norm from the server before training spends anything.
     round_clip_norm(cfg, msg.content[protocol.CONFIG_KEY], request.server_round)
-    try:  # the site's own floor, before anything is spent
-        check_site_floor(cfg, read_site_floor(context.node_config))
-    except BelowSiteFloor as err:
-        raise MalformedMessage(str(err)) from None
+    check_site_floor(cfg, read_site_floor(context.node_config))  # the site's own floor, before anything is spent
     store = _site_state_store(cfg, site, msg, data)
     if store is None:
         return _train_reply(msg, context.state, cfg, site, data, model, device, request)

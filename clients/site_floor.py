@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from fedguard.clients.wire.checks import MalformedMessage
 from fedguard.conf.plans import client_dp_plan, client_level_dp, trains_privately
 from fedguard.privacy.client_dp_accounting import planned_noise_multiplier
 
@@ -27,8 +28,9 @@ MAX_CLIENT_EPSILON_KEY = "max-client-epsilon"  # client level
 FLOOR_KEYS = (MIN_NOISE_KEY, MAX_EPSILON_KEY, MIN_CLIENT_NOISE_KEY, MAX_CLIENT_EPSILON_KEY)  # == site.FLOOR_KEYS
 
 
-class BelowSiteFloor(ValueError):
-    """The run's privacy settings are weaker than this site allows."""
+class BelowSiteFloor(MalformedMessage):
+    """The run's privacy settings are weaker than this site allows (the ClientApp answers the
+    train message with an error, as for any message it will not act on)."""
 
 
 @dataclass(frozen=True)
