@@ -41,11 +41,13 @@ from fedguard.clients.wire.checks import (
 )
 from fedguard.clients.models import build_model, model_from_state, resolve_device
 from fedguard.clients.partition import PartitionError, partition_indices, split_train_validation
-from fedguard.clients.private_training import BudgetExhausted, build_trainer
+from fedguard.clients.private_training import BudgetExhausted, build_trainer, training_commitments
 from fedguard.clients.layers import run_layers
 from fedguard.clients.releases import released_train_loss, resend_enters_a_new_sum, sends_local_metrics
 from fedguard.clients.secure_aggregation import INPUT_STATE_KEY, SESSION_STATE_KEY, handle_stage
 from fedguard.clients.site import PARTITION_ID_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings, read_site_settings
+from fedguard.clients.data_spend import data_fingerprint
+from fedguard.clients.site_floor import check_site_floor, read_site_floor
 from fedguard.clients.site_state import CachedReply, ResendRefused, SiteStateError, SiteStateStore, arrays_digest
 from fedguard.clients.training import evaluate_model, make_training_setup, proximal_regularizer
 from fedguard.conf.plans import trains_privately
@@ -188,7 +190,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg, site, data, model, device, request = _unpack(msg, context)
     # Adaptive clipping: refuse a bad clip norm from the server before training spends anything.
     round_clip_norm(cfg, msg.content[protocol.CONFIG_KEY], request.server_round)
-    store = _site_state_store(cfg, site, msg, context)
+    check_site_floor(cfg, read_site_floor(context.node_config))  # the site's own floor, before anything is spent
+    store = _site_state_store(cfg, site, msg, data)
     if store is None:
         return _train_reply(msg, context.state, cfg, site, data, model, device, request)
     digest = arrays_digest(msg.content[protocol.ARRAYS_KEY])
@@ -219,6 +222,7 @@ def train(msg: Message, context: Context) -> Message:
                 partition_id=site.partition_id,
                 server_round=request.server_round,
                 max_grad_norm=float(cfg.privacy.max_grad_norm),
+                committed=training_commitments(cfg, len(data.train_y)),
             )
         if protocol.ARRAYS_KEY in content:
             store.remember_reply(
@@ -235,19 +239,23 @@ def train(msg: Message, context: Context) -> Message:
         return reply
 
 
-def _site_state_store(cfg: DictConfig, site: SiteSettings, msg: Message, context: Context) -> SiteStateStore | None:
-    """Private training keeps its state on the site's disk (its ``state-dir``); non-private
-    training spends nothing worth keeping."""
+def _site_state_store(cfg: DictConfig, site: SiteSettings, msg: Message, data) -> SiteStateStore | None:
+    """Private training keeps its state on the site's disk (its ``state-dir``), tied to the
+    fingerprint of its training set; non-private training spends nothing worth keeping."""
     if not trains_privately(cfg):
         return None
     if site.state_dir:
         root = Path(site.state_dir)
-    else:
+    elif site.ephemeral_privacy_state:
         logger.warning("no state-dir for this site: its privacy spend is kept for this run only")
         return None
+    else:  # a later run would start the same data at epsilon 0
+        raise MalformedMessage("sample-level DP needs this site's state-dir (its spend across runs); "
+                               "set node config ephemeral-privacy-state=true to train without one")
     lineage = text(msg.content[protocol.CONFIG_KEY], protocol.LINEAGE_KEY)
     try:
-        return SiteStateStore(root, lineage)
+        return SiteStateStore(root, lineage, data_fingerprint=data_fingerprint((data.train_x, data.train_y)),
+                              site_budget=site.epsilon_budget)
     except SiteStateError as err:
         raise MalformedMessage(str(err)) from None
 

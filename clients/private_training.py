@@ -203,6 +203,8 @@ class SampleDPTrainer:
     ) -> TrainResult:
         batches_per_epoch = len(setup.loader)
         priv = self._state(state, batches_per_epoch)
+        prior_budget = attach_prior_spend(priv, state)
+        priv.tighten(self.budget, prior_budget)  # a stored budget never outlives a stricter one given later
         planned = self.planned_steps(batches_per_epoch)
         fits, epsilon_after = priv.fits_budget(planned)
         if not fits:
@@ -240,3 +242,30 @@ def build_trainer(cfg: DictConfig, site_budget: float | None) -> LocalTrainer:
     if trains_privately(cfg):
         return SampleDPTrainer(trainer, cfg, site_budget)
     return trainer
+
+
+def training_commitments(cfg: DictConfig, dataset_size: int) -> dict[str, int | None]:
+    """What the site signs with each DP-SGD entry so the audit can rebuild q = 1/ceil(N/B)
+    (Opacus's DPDataLoader rate) and the round's steps itself instead of trusting them."""
+    train = cfg.train
+    return {
+        "batch_size": int(train.batch_size),
+        "dataset_size": int(dataset_size),
+        "local_epochs": int(train.local_epochs),
+        "max_steps": None if train.max_steps is None else int(train.max_steps),
+    }
+
+
+# The site's spend on the same data under other lineages, put into the state by clients/site_state.py.
+PRIOR_KEY = "fedguard.sample-dp.prior"
+
+
+def attach_prior_spend(priv: ClientPrivacyState, state: RecordDict) -> float | None:
+    """Give ``priv`` the other lineages' history on this data; returns the strictest budget the
+    site ever gave for it (None: none, or no record)."""
+    if PRIOR_KEY not in state:
+        return None
+    prior = state[PRIOR_KEY]
+    priv.prior_history = [(float(s), float(q), int(n)) for s, q, n in zip(prior["sigma"], prior["rate"], prior["steps"])]
+    budget = float(prior["budget_epsilon"])
+    return None if budget < 0 else budget

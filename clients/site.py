@@ -18,7 +18,12 @@ DEVICE_KEY = "device"
 EPSILON_BUDGET_KEY = "epsilon-budget"
 # Where the site keeps its privacy state across server restarts (clients/site_state.py).
 STATE_DIR_KEY = "state-dir"
-KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_ROOT_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY, STATE_DIR_KEY)
+# A site without a state dir forgets its spend when the run ends; it must say it accepts that.
+EPHEMERAL_PRIVACY_KEY = "ephemeral-privacy-state"
+# The site's privacy floor (clients/site_floor.py), named here so every key of the schema is in one list.
+FLOOR_KEYS = ("min-noise-multiplier", "max-epsilon", "min-client-noise-multiplier", "max-client-epsilon")
+KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_ROOT_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY, STATE_DIR_KEY,
+              EPHEMERAL_PRIVACY_KEY, *FLOOR_KEYS)
 
 
 class SiteConfigError(ValueError):
@@ -34,6 +39,8 @@ class SiteSettings:
     # The site's own sample-level epsilon budget; the stricter of it and the run's applies.
     epsilon_budget: float | None = None
     state_dir: str | None = None
+    # Train privately without a state dir (spend kept for this run only): only when set explicitly.
+    ephemeral_privacy_state: bool = False
 
 
 def _as_int(node_config: dict[str, Any], key: str) -> int:
@@ -67,4 +74,5 @@ def read_site_settings(node_config: dict[str, Any]) -> SiteSettings:
         partition_id, num_partitions, str(data_root) if data_root else None, device,
         None if budget is None else float(budget),
         str(node_config[STATE_DIR_KEY]) if node_config.get(STATE_DIR_KEY) else None,
+        node_config.get(EPHEMERAL_PRIVACY_KEY) in (True, 1, "true"),
     )

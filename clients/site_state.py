@@ -43,6 +43,8 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from fedguard.clients.data_spend import DataSpend, strictest
+from fedguard.clients.private_training import PRIOR_KEY
 from fedguard.clients.wire import protocol
 from fedguard.privacy.client_budget import STATE_KEY
 from fedguard.privacy.ledger import LedgerWriter, entry_to_wire, read_ledger
@@ -99,11 +101,18 @@ def _fsync_write(path: Path, write) -> None:
 class SiteStateStore:
     """One lineage's privacy state and replay cache under a site's state directory."""
 
-    def __init__(self, root: Path, lineage: str) -> None:
+    def __init__(
+        self, root: Path, lineage: str, *, data_fingerprint: str | None = None, site_budget: float | None = None
+    ) -> None:
+        """``data_fingerprint``: the training set's id (clients/data_spend.py); with it, the spend
+        of every lineage on that data counts here, and ``site_budget`` (the site's own
+        epsilon-budget) is kept with the data, the strictest ever given winning."""
         if not LINEAGE_PATTERN.match(lineage):
             raise SiteStateError(f"lineage id {lineage!r} is not a plain identifier")
         self.root = root
         self.lineage = lineage
+        self.site_budget = site_budget
+        self.data = None if data_fingerprint is None else DataSpend(root / PRIVACY_DIR, data_fingerprint)
         self.privacy_path = root / PRIVACY_DIR / f"{lineage}.json"
         self.replay_path = root / REPLAY_DIR / f"{lineage}.pt"
         self.lock_path = root / PRIVACY_DIR / f"{lineage}.lock"
@@ -125,6 +134,13 @@ class SiteStateStore:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _load_privacy(self, state: RecordDict) -> None:
+        if self.data is not None:
+            prior, budget = self.data.prior(self.lineage)
+            budget = strictest(budget, self.site_budget)
+            state[PRIOR_KEY] = ConfigRecord({
+                "sigma": [float(e[0]) for e in prior], "rate": [float(e[1]) for e in prior],
+                "steps": [int(e[2]) for e in prior], "budget_epsilon": -1.0 if budget is None else budget,
+            })
         if not self.privacy_path.exists():
             return
         try:
@@ -136,8 +152,12 @@ class SiteStateStore:
     def save_privacy(self, state: RecordDict) -> None:
         if STATE_KEY not in state:
             return
-        text = json.dumps(dict(state[STATE_KEY]), sort_keys=True).encode()
+        saved = dict(state[STATE_KEY])
+        text = json.dumps(saved, sort_keys=True).encode()
         _fsync_write(self.privacy_path, lambda handle: handle.write(text))
+        if self.data is not None:
+            history = list(zip(saved["history_sigma"], saved["history_rate"], saved["history_steps"]))
+            self.data.save(self.lineage, [(float(a), float(b), int(c)) for a, b, c in history], self.site_budget)
 
     def cached_reply(self, server_round: int, model_digest: str) -> CachedReply | None:
         if not self.replay_path.exists():
@@ -172,8 +192,14 @@ class SiteStateStore:
         """The site's ledger key, read (or created) once per store: signing and the reply both need it."""
         return load_or_create_signing_key(self.ledger_key_path)
 
-    def record_spend(self, report: dict[str, Any], *, partition_id: int, server_round: int, max_grad_norm: float) -> None:
-        """Append this round's training (or refusal) to the site ledger, durably, before the reply leaves."""
+    def record_spend(
+        self, report: dict[str, Any], *, partition_id: int, server_round: int, max_grad_norm: float,
+        committed: dict[str, int | None] | None = None,
+    ) -> None:
+        """Append this round's training (or refusal) to the site ledger, durably, before the reply leaves.
+
+        ``committed`` (batch size, dataset size, local epochs, max_steps) is signed with the entry
+        so the audit recomputes q and the steps from them rather than trusting the stated ones."""
         if report.get("refused"):
             event: SampleDpTraining | BudgetRefusal = BudgetRefusal(
                 client=str(partition_id),
@@ -186,7 +212,7 @@ class SiteStateStore:
             )
         else:
             event = SampleDpTraining.from_report(
-                report, client=partition_id, server_round=server_round, max_grad_norm=max_grad_norm
+                report, client=partition_id, server_round=server_round, max_grad_norm=max_grad_norm, committed=committed
             )
         with LedgerWriter(self.ledger_path, self._signing_key, client_party(partition_id), ledger_id=f"{self.lineage}-{partition_id}") as ledger:
             ledger.append(event)

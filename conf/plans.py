@@ -71,6 +71,8 @@ def client_dp_plan(cfg: DictConfig) -> ClientDpPlan:
         count_stddev=(
             None if dp.adaptive_clipping.clipped_count_stddev is None else float(dp.adaptive_clipping.clipped_count_stddev)
         ),
+        # Distributed noise: a sum SecAgg+ unmasks holds at least `threshold` clients' shares.
+        min_survivors=int(cfg.secure_agg.threshold) if dp.noise == "distributed" else None,
     )
 
 

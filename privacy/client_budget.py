@@ -34,13 +34,16 @@ class ClientPrivacyState:
     budget_epsilon: float | None
     history: list[HistoryEntry] = field(default_factory=list)
     rounds_participated: int = 0
+    # Spend on the same training set under other lineages (clients/data_spend.py): counted in
+    # every epsilon and budget check, since the records are the same, but never trained into.
+    prior_history: list[HistoryEntry] = field(default_factory=list)
 
     @property
     def total_steps(self) -> int:
         return sum(steps for _, _, steps in self.history)
 
     def epsilon(self, extra: list[HistoryEntry] | None = None) -> tuple[float, str]:
-        report = compute_epsilon(self.history + (extra or []), self.delta, self.accountant)
+        report = compute_epsilon(self.prior_history + self.history + (extra or []), self.delta, self.accountant)
         return report.epsilon, report.accountant
 
     def fits_budget(self, planned_steps: int) -> tuple[bool, float]:
@@ -49,6 +52,12 @@ class ClientPrivacyState:
         if self.budget_epsilon is None:
             return True, after
         return after <= self.budget_epsilon + BUDGET_SLACK, after
+
+    def tighten(self, *budgets: float | None) -> None:
+        """Apply the strictest of the stored budget and ``budgets``: a budget a site gives later
+        may lower the cap, never raise it."""
+        given = [float(b) for b in (self.budget_epsilon, *budgets) if b is not None]
+        self.budget_epsilon = min(given) if given else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (numbers, strings, lists of them) for the client's persistent state."""

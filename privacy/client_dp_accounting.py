@@ -212,7 +212,9 @@ class ClientDpPlan:
 
     Exactly one of ``noise_multiplier`` (σ fixed) and ``target_epsilon`` (σ calibrated for
     ``rounds``) is set. ``adaptive``: the clip count is released too, with noise
-    ``count_stddev`` (None: Andrew et al.'s expected cohort / 20).
+    ``count_stddev`` (None: Andrew et al.'s expected cohort / 20). ``min_survivors``: under
+    distributed noise, the fewest clients whose noise shares a released sum can hold (SecAgg+'s
+    threshold: below it nothing is unmasked); None under central noise, whose std never shrinks.
     """
 
     cohort: CohortPlan
@@ -223,8 +225,11 @@ class ClientDpPlan:
     target_epsilon: float | None = None
     adaptive: bool = False
     count_stddev: float | None = None
+    min_survivors: int | None = None
 
     def __post_init__(self) -> None:
+        if self.min_survivors is not None and int(self.min_survivors) < 1:
+            raise PrivacyConfigError(f"min_survivors {self.min_survivors} must be >= 1")
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise PrivacyConfigError("set exactly one of a noise multiplier and a target epsilon")
         if self.rounds < 1 or not 0 < self.delta < 1 or not self.clip_norm > 0:
@@ -304,6 +309,20 @@ class NoiseSplit:
         return NoiseSplit(combined_noise_multiplier(update, count), update, count)
 
 
+def worst_case_surviving_fraction(plan: ClientDpPlan, population: int | None = None) -> float:
+    """The smallest share s/n of the planned noise a released sum can hold: 1 under central
+    noise; under distributed noise s = ``min_survivors`` (SecAgg+'s threshold) of the expected
+    cohort n. A budget stop must use this: dropouts are not known before the round, and with
+    fewer survivors the same round spends more (issue #14: a stop at the planned σ overshot
+    client_max_epsilon=5 by up to 0.41)."""
+    if plan.min_survivors is None:
+        return 1.0
+    expected = plan.cohort.expected_size(population)
+    if expected <= 0:
+        return 1.0
+    return min(1.0, plan.min_survivors / expected)
+
+
 def count_noise_std(plan: ClientDpPlan) -> float | None:
     """σ_b of the run: configured, or expected cohort / 20; None under fixed clipping."""
     if not plan.adaptive:
@@ -343,6 +362,40 @@ def clamp_headroom(plan: ClientDpPlan) -> float:
     update plus DISTRIBUTED_TAIL_STDS noise-share stds, per unit of C. One rule for the
     config check and for the largest C adaptive clipping may reach."""
     return 1.0 + DISTRIBUTED_TAIL_STDS * noise_share_std(plan, clip_norm=1.0)
+
+
+# Observers of client-level DP (summary.json's privacy.federation.epsilon_by_observer).
+SERVER_OPERATOR, COHORT_KNOWERS, MODEL_USERS_AND_OTHER_SITES = (
+    "server_operator", "knows_cohorts", "model_users_and_other_sites"
+)
+
+
+def epsilon_without_amplification(releases: list[Release], sampling: str, delta: float) -> float:
+    """Epsilon against an observer who knows every cohort: each release at sample rate 1.
+
+    Amplification by sampling rests on the observer not knowing who was sampled; the server
+    operator draws the cohorts (and metrics.jsonl and the ledger record who took part), so
+    against it every round is a plain Gaussian on the cohort's sum. Fixed-size cohorts keep
+    their replace-one relation (the whole population as the "cohort": no amplification)."""
+    plain = [Release(r.noise_multiplier, 1.0, r.population, r.population) for r in releases]
+    return epsilon_of(plain, sampling, delta)
+
+
+def epsilon_by_observer(accountant: FederationAccountant, *, distributed_noise: bool) -> dict[str, float | None]:
+    """Client-level epsilon per observer; None where no epsilon holds.
+
+    The server operator sees, with central noise, each update (or, under SecAgg+, the sum)
+    before its noise: no client-level guarantee against it at all. With distributed noise it
+    sees only noised sums, but knows the cohorts: no amplification. Other sites and users of
+    the released models see noised models and not the cohorts: the amplified figure. Whoever
+    sees only noised models but knows the cohorts (a holder of the run directory: metrics.jsonl
+    and the ledger name them) gets the unamplified figure."""
+    unamplified = epsilon_without_amplification(accountant.releases, accountant.sampling, accountant.delta)
+    return {
+        SERVER_OPERATOR: unamplified if distributed_noise else None,
+        COHORT_KNOWERS: unamplified,
+        MODEL_USERS_AND_OTHER_SITES: accountant.epsilon,
+    }
 
 
 def build_accountant(plan: ClientDpPlan) -> FederationAccountant:

@@ -96,8 +96,19 @@ class SampleDpTraining(LedgerEvent):
     budget_epsilon: float | None = None
     # What epsilon is stated for (privacy/sample_dp_claim.py); entries written before it existed read as this.
     neighbouring: str = NEIGHBOURING_RELATION
+    # What the site committed to, so the audit can recompute q and the steps instead of trusting
+    # them (issue #14): logical batch size, training-set size, local epochs, max_steps (None: no cap).
+    # None in entries written before they existed: the audit then reports "q not verifiable".
+    batch_size: int | None = None
+    dataset_size: int | None = None
+    local_epochs: int | None = None
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("batch_size", "dataset_size", "local_epochs", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or int(value) < 1):
+                raise EventError(f"{name}={value} must be a positive integer or null")
         if self.neighbouring not in NEIGHBOURING_RELATIONS:
             raise EventError(f"neighbouring={self.neighbouring!r}; allowed: {', '.join(NEIGHBOURING_RELATIONS)}")
         _finite("noise_multiplier", self.noise_multiplier)
@@ -113,9 +124,11 @@ class SampleDpTraining(LedgerEvent):
 
     @classmethod
     def from_report(
-        cls, report: dict[str, Any], *, client: int | str, server_round: int, max_grad_norm: float
+        cls, report: dict[str, Any], *, client: int | str, server_round: int, max_grad_norm: float,
+        committed: dict[str, int | None] | None = None,
     ) -> SampleDpTraining:
-        """Build from ``ClientPrivacyState.report(...)`` (the dict a client already sends)."""
+        """Build from ``ClientPrivacyState.report(...)`` (the dict a client already sends) and
+        ``committed``: the site's batch_size, dataset_size, local_epochs, max_steps."""
         return cls(
             client=str(client),
             round=int(server_round),
@@ -127,6 +140,7 @@ class SampleDpTraining(LedgerEvent):
             accountant=str(report["accountant"]),
             epsilon=float(report["epsilon"]),
             budget_epsilon=float(report["budget_epsilon"]),
+            **(committed or {}),
         )
 
 
@@ -177,9 +191,25 @@ class ClientDpRelease(LedgerEvent):
     clipping: str = "fixed"
     update_noise_multiplier: float | None = None
     count_noise_std: float | None = None
+    # Epsilon against the server operator, who knows the cohorts (no amplification); None where
+    # it sees updates before their noise (central noise) or the entry predates the field.
+    epsilon_server_operator: float | None = None
+    # Distributed noise: each of the expected cohort's clients added 1/expected_cohort of the planned
+    # variance, so the audit recomputes σ from the survivors instead of trusting the stated one.
+    noise: str = "central"
+    expected_cohort: float | None = None
+    planned_update_noise_multiplier: float | None = None
+    planned_count_noise_std: float | None = None
 
     def __post_init__(self) -> None:
         _finite("clip_norm", self.clip_norm, positive=True)
+        if self.noise not in ("central", "distributed"):
+            raise EventError(f"noise={self.noise!r}; allowed: central, distributed")
+        for name in ("expected_cohort", "planned_update_noise_multiplier", "planned_count_noise_std"):
+            if getattr(self, name) is not None:
+                _finite(name, getattr(self, name))
+        if self.epsilon_server_operator is not None:
+            _finite("epsilon_server_operator", self.epsilon_server_operator)
         if self.clipping not in CLIPPING_MODES:
             raise EventError(f"clipping={self.clipping!r}; allowed: {', '.join(CLIPPING_MODES)}")
         if self.clipping == "adaptive" and (self.update_noise_multiplier is None or self.count_noise_std is None):

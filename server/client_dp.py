@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig
@@ -49,13 +49,17 @@ from fedguard.privacy.client_dp_accounting import (
     POISSON,
     ClientDpPlan,
     FederationAccountant,
+    SERVER_OPERATOR,
     NoiseSplit,
     Release,
     build_accountant,
     count_noise_std,
+    epsilon_by_observer,
     planned_epsilon,
+    worst_case_surviving_fraction,
 )
 from fedguard.privacy.ledger_events import ClientDpRelease
+from fedguard.server.client_dp_arrays import add_central_noise, unflatten_onto  # noqa: F401 (tests import it here)
 from fedguard.server.client_pool import ExcludingGrid
 from fedguard.server.cohorts import CohortSampler, cohort_sampler
 
@@ -69,22 +73,6 @@ ReleaseCallback = Callable[[ClientDpRelease], None]
 EMPTY_COHORT_NODE = 0
 # Key of the current clip norm in the checkpointed client-level DP state (adaptive clipping).
 CLIP_NORM_STATE_KEY = "clip_norm"
-
-
-def add_central_noise(total: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
-    """total + N(0, std²) per coordinate: the Gaussian mechanism on the sum of clipped updates."""
-    return total + rng.normal(0.0, std, size=total.shape) if std > 0 else total.copy()
-
-
-def unflatten_onto(base: ArrayRecord, delta: np.ndarray) -> ArrayRecord:
-    """base + delta (flat, in base's key order), in base's dtypes."""
-    arrays, offset = {}, 0
-    for key in base.keys():
-        values = array_view(base[key])
-        part = delta[offset : offset + values.size].reshape(values.shape)
-        arrays[key] = Array((values.astype(np.float64) + part).astype(values.dtype))
-        offset += values.size
-    return ArrayRecord(arrays)
 
 
 @dataclass
@@ -175,17 +163,30 @@ class ClientDpStrategy(Strategy):
             payload[CLIP_NORM_STATE_KEY] = self.adaptive.clip_norm
         return payload
 
+    def worst_case_sigma(self, population: int) -> float:
+        """σ the next release holds at the least noise the protocol allows: the planned σ under
+        central noise; under distributed noise what SecAgg+'s threshold of survivors leave
+        (fewer survivors fail the round, so nothing is released)."""
+        if not self.distributed:
+            return self.split.sigma
+        return self.split.surviving(worst_case_surviving_fraction(self.dp_plan, population)).sigma
+
     def stop_reason(self, server_round: int, grid: Grid) -> str | None:
-        """Why round ``server_round`` must not run (it would exceed client_max_epsilon), or None."""
+        """Why round ``server_round`` must not run (it could exceed client_max_epsilon), or None.
+
+        Checked at the worst case the protocol allows, not the planned σ: dropouts happen after
+        the decision, and the stop must hold whatever the survivors."""
         if self.max_epsilon is None:
             return None
         population = len(list(grid.get_node_ids()))
         if population == 0:
             return None
-        after = self.accountant.epsilon_if(self.dp_plan.cohort.release(self.noise_multiplier, population))
+        sigma = self.worst_case_sigma(population)
+        after = self.accountant.epsilon_if(self.dp_plan.cohort.release(sigma, population))
         if after > self.max_epsilon:
+            worst = " with the fewest survivors SecAgg+ allows" if self.distributed else ""
             return (
-                f"round {server_round} would take the federation's client-level epsilon to {after:.4g}, over "
+                f"round {server_round} could take the federation's client-level epsilon to {after:.4g}{worst}, over "
                 f"privacy.client_max_epsilon={self.max_epsilon} (spent so far: {self.accountant.epsilon:.4g})"
             )
         return None
@@ -300,6 +301,9 @@ class ClientDpStrategy(Strategy):
             sampling=self.sampling, sample_rate=rate, cohort_size=plan.cohort, survivors=min(survivors, plan.cohort),
             delta=self.accountant.delta, accountant="rdp", epsilon=epsilon, population=plan.population,
             clipping=self.clipping, update_noise_multiplier=noise.update_sigma, count_noise_std=noise.count_std,
+            epsilon_server_operator=epsilon_by_observer(self.accountant, distributed_noise=self.distributed)[SERVER_OPERATOR],
+            noise="distributed" if self.distributed else "central", expected_cohort=self.dp_plan.cohort.expected_size(),
+            planned_update_noise_multiplier=self.split.update_sigma, planned_count_noise_std=self.split.count_std,
         )
         if self.on_release is not None:
             self.on_release(event)  # on the record before the release leaves this method
@@ -353,6 +357,8 @@ class ClientDpStrategy(Strategy):
             "clipping": self.clipping,
             "rounds": len(self.accountant.releases),
             "budget_epsilon": self.max_epsilon,
+            # "epsilon" above holds only against those who cannot tell who was sampled (README).
+            "epsilon_by_observer": epsilon_by_observer(self.accountant, distributed_noise=self.distributed),
             **(self._adaptive_summary() if self.adaptive is not None else {}),
         }
 

@@ -36,7 +36,7 @@ def train_message(cfg, server_round: int, arrays: ArrayRecord | None = None, nod
 
 def run_train(message: Message, state_dir: Path | None, partition: int = 0, num_partitions: int = 5) -> Message:
     """One train request in a fresh Context (a new Flower run: what a resumed server starts)."""
-    node_config = {"partition-id": partition, "num-partitions": num_partitions}
+    node_config = {"partition-id": partition, "num-partitions": num_partitions, "ephemeral-privacy-state": True}
     if state_dir is not None:
         node_config["state-dir"] = str(state_dir)
     context = Context(run_id=1, node_id=message.metadata.dst_node_id, node_config=node_config, state=RecordDict(), run_config={})

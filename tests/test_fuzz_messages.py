@@ -37,7 +37,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
     pytest.mark.usefixtures("flower_task_identity"),
 ]
-NODE_CONFIG = {"partition-id": 0, "num-partitions": 4}
+NODE_CONFIG = {"partition-id": 0, "num-partitions": 4, "ephemeral-privacy-state": True}
 ROBUST = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
 
 

@@ -34,7 +34,8 @@ RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + li
 PLD_VALUE_DISCRETIZATION = 1e-3
 # Relative tolerance for "recomputed exceeds reported"; see tests/test_audit.py calibration
 # (measured max |Opacus RDP - dp_accounting RDP| / Opacus RDP on a grid: well below this).
-DEFAULT_TOLERANCE = 0.02
+# 0.5% (was 2%): a site may understate its epsilon by no more than this before it is caught.
+DEFAULT_TOLERANCE = 0.005
 # Absolute slack so that epsilons near zero do not trip on float round-off.
 ABSOLUTE_SLACK = 1e-9
 

@@ -4,8 +4,11 @@ Check rules (documented in the report):
 
 * sample level, run accountant ``rdp``: every event's reported epsilon is compared with
   the dp_accounting RDP figure of the client's history up to and including that event.
-* sample level, run accountant ``prv``: the client's last event is compared with PLD
-  (PLD per event would cost seconds each); earlier events must not decrease.
+* sample level, run accountant ``prv``: every event is compared with PLD (a history
+  prefix each; the one-step PLDs are cached per (σ, q)).
+* sample level, q and steps: recomputed from what the site signed (batch size, dataset
+  size, local epochs, max_steps; privacy/audit/commitments.py), never taken from the
+  stated figures alone; entries without those fields are listed as "q not verifiable".
 * federation (``client_dp_release``): every event, Poisson via RDP or PLD as above,
   fixed-size cohorts via RDP without replacement (replace-one neighbours). The noise
   multiplier used is ``min(stated, noise_std / clip_norm)``: what the noise really was.
@@ -24,7 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedguard.privacy.audit import recompute
+from fedguard.privacy.audit import commitments, recompute
 from fedguard.privacy.audit.verify import AttributedEvent
 from fedguard.privacy.ledger_events import BudgetRefusal, ClientDpRelease, RunStarted, SampleDpTraining
 
@@ -63,6 +66,7 @@ class SpendAudit:
     mismatches: list[str] = field(default_factory=list)
     timeline: list[TimelinePoint] = field(default_factory=list)
     assumptions: str = ""
+    unverified: list[str] = field(default_factory=list)  # what could not be recomputed (old entries)
 
     @property
     def status(self) -> str:
@@ -86,6 +90,7 @@ class SpendAudit:
             "mismatches": list(self.mismatches),
             "status": self.status,
             "assumptions": self.assumptions,
+            "unverified": list(self.unverified),
             "timeline": [vars(point) | {"recomputed": _json_number(point.recomputed)} for point in self.timeline],
         }
 
@@ -126,34 +131,32 @@ def audit_client(name: str, events: list[AttributedEvent], tolerance: float, wit
             audit.refusals += 1
             audit.budget = body["budget_epsilon"] if body["budget_epsilon"] is not None else audit.budget
             continue
-        history.append((body["noise_multiplier"], body["sample_rate"], body["steps"]))
+        rate, steps, problems = commitments.check_entry(body)
+        audit.mismatches.extend(problems)
+        if commitments.committed(body) is None and commitments.NOT_VERIFIABLE not in audit.unverified:
+            audit.unverified.append(commitments.NOT_VERIFIABLE)
+        history.append((body["noise_multiplier"], rate, steps))
         audit.rounds += 1
-        audit.steps += int(body["steps"])
+        audit.steps += steps
         audit.accountant, audit.delta, audit.epsilon_reported = body["accountant"], body["delta"], body["epsilon"]
         if body["budget_epsilon"] is not None:
             audit.budget = body["budget_epsilon"]
         if last_delta is not None and body["delta"] != last_delta:
             audit.mismatches.append(f"delta changed from {last_delta:g} to {body['delta']:g} in round {body['round']}")
         last_delta = body["delta"]
-        recomputed = None
-        if body["accountant"] == "rdp":
-            recomputed = recompute.rdp_epsilon(recompute.merge(history), body["delta"])
-            if recompute.exceeds(recomputed, body["epsilon"], tolerance):
-                audit.mismatches.append(
-                    f"round {body['round']}: reported {body['epsilon']:.6g}, RDP recomputed {recomputed:.6g}"
-                )
+        method = "RDP" if body["accountant"] == "rdp" else "PLD"
+        epsilon_of = recompute.rdp_epsilon if method == "RDP" else recompute.pld_epsilon
+        recomputed = epsilon_of(recompute.merge(history), body["delta"])
+        if recompute.exceeds(recomputed, body["epsilon"], tolerance):
+            audit.mismatches.append(
+                f"round {body['round']}: reported {body['epsilon']:.6g}, {method} recomputed {recomputed:.6g}"
+            )
         audit.timeline.append(TimelinePoint(int(body["round"]), float(body["epsilon"]), recomputed))
     if not history:
         return audit
     merged = recompute.merge(history)
     audit.epsilon_pld = recompute.pld_epsilon(merged, audit.delta) if with_pld or audit.accountant == "prv" else None
-    if audit.accountant == "prv":
-        audit.epsilon_same_method = audit.epsilon_pld
-        audit.timeline[-1].recomputed = audit.epsilon_pld
-        if recompute.exceeds(audit.epsilon_pld, audit.epsilon_reported, tolerance):
-            audit.mismatches.append(f"final: reported {audit.epsilon_reported:.6g} (PRV), PLD recomputed {audit.epsilon_pld:.6g}")
-    else:
-        audit.epsilon_same_method = audit.timeline[-1].recomputed
+    audit.epsilon_same_method = audit.timeline[-1].recomputed
     _check_monotone(audit)
     _check_budget(audit, tolerance)
     return audit
@@ -181,7 +184,26 @@ def _effective_sigma(body: dict[str, Any], audit: SpendAudit) -> float:
     stated = body["noise_multiplier"]
     if not math.isclose(from_noise, stated, rel_tol=NOISE_CONSISTENCY_RTOL):
         audit.mismatches.append(f"round {body['round']}: noise_multiplier {stated:g} but {what} = {from_noise:g}")
+    surviving = _surviving_sigma(body)
+    if surviving is not None and stated > surviving * (1 + NOISE_CONSISTENCY_RTOL):
+        audit.mismatches.append(
+            f"round {body['round']}: noise_multiplier {stated:g} but {body['survivors']} survivors of an expected "
+            f"{body['expected_cohort']:g} leave {surviving:g} of the distributed noise"
+        )
+        return min(stated, from_noise, surviving)
     return min(stated, from_noise)
+
+
+def _surviving_sigma(body: dict[str, Any]) -> float | None:
+    """Distributed noise: σ recomputed from the planned shares that survived (s of n each add
+    1/n of the variance, so each part keeps √(s/n) of its std); None where not recorded."""
+    if body.get("noise") != "distributed" or not body.get("expected_cohort") or body.get("planned_update_noise_multiplier") is None:
+        return None
+    scale = math.sqrt(min(1.0, body["survivors"] / body["expected_cohort"]))
+    update = body["planned_update_noise_multiplier"] * scale
+    if body.get("planned_count_noise_std") is None:
+        return update
+    return _with_clip_count(update, body["planned_count_noise_std"] * scale)
 
 
 def audit_federation(

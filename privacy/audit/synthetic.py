@@ -79,6 +79,8 @@ class MemoryChain:
 
 # (client name, round, reported epsilon) -> epsilon to write; lets tests understate a figure.
 ReportHook = Callable[[str, int, float], float]
+# A site's event before it signs it: lets tests play a site that lies in its own signed entries.
+EntryHook = Callable[[SampleDpTraining], SampleDpTraining]
 
 
 def build_synthetic_run(
@@ -93,6 +95,7 @@ def build_synthetic_run(
     client_dp_release: bool = False,
     federation_budget: float | None = None,
     report_hook: ReportHook | None = None,
+    entry_hook: EntryHook | None = None,
     seed: int = DEFAULT_SEED,
 ) -> KeyRegistry:
     """Write ``run_dir/ledger.jsonl`` and ``run_dir/keys/``; returns the key registry."""
@@ -115,15 +118,19 @@ def build_synthetic_run(
             if rng.random() >= participation:
                 continue
             size = DEFAULT_DATASET_SIZES[int(name) % len(DEFAULT_DATASET_SIZES)]
-            rate = DEFAULT_BATCH_SIZE / size
-            steps = epochs_per_round * size // DEFAULT_BATCH_SIZE
+            batches = -(-size // DEFAULT_BATCH_SIZE)  # ceil: Opacus's DPDataLoader has len ceil(N/B), q = 1/len
+            rate = 1.0 / batches
+            steps = epochs_per_round * batches
             histories[name].append((DEFAULT_NOISE_MULTIPLIER, rate, steps))
             merged = ((DEFAULT_NOISE_MULTIPLIER, rate, sum(s for _, _, s in histories[name])),)
             epsilon = opacus_epsilon(merged, DEFAULT_DELTA, accountant)
             if report_hook is not None:
                 epsilon = report_hook(name, server_round, epsilon)
             event = SampleDpTraining(name, server_round, DEFAULT_NOISE_MULTIPLIER, rate, steps,
-                                     DEFAULT_MAX_GRAD_NORM, DEFAULT_DELTA, accountant, epsilon, client_budget)
+                                     DEFAULT_MAX_GRAD_NORM, DEFAULT_DELTA, accountant, epsilon, client_budget,
+                                     batch_size=DEFAULT_BATCH_SIZE, dataset_size=size, local_epochs=epochs_per_round)
+            if entry_hook is not None:
+                event = entry_hook(event)
             server.append(CLIENT_ENTRY_KIND, {"entry": site.event(event)})
         if client_dp_release:
             rate = min(1.0, max(participation, 1.0 / clients))
