@@ -29,18 +29,16 @@ import math
 import secrets
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.app import Context
-from flwr.clientapp.typing import ClientAppCallable
-from omegaconf import DictConfig
-
 from fedguard.clients.wire import protocol
-from fedguard.clients.wire.checks import MalformedMessage, finite_number
 from fedguard.clients.wire.arrays import array_view, flatten_update
+from fedguard.clients.wire.checks import MalformedMessage, finite_number
 from fedguard.conf.plans import adaptive_clip_rule, client_dp_plan, uses_adaptive_clipping
 from fedguard.conf.run_config import cached_config_from_yaml
 from fedguard.privacy.adaptive_clipping import clip_indicator, round_clip_norm_problem
-from fedguard.privacy.client_dp_accounting import count_share_std, noise_share_std
+from fedguard.privacy.client_dp_noise import count_share_std, noise_share_std
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.clientapp.typing import ClientAppCallable
+from omegaconf import DictConfig
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,16 @@ def expected_participation(cfg: DictConfig) -> int:
     return max(1, math.ceil(cfg.simulation.rounds * clients_per_round(cfg) / cfg.simulation.num_clients))
 
 
+def round_steps(local_epochs: int, max_steps: int | None, batches_per_epoch: int) -> int:
+    """Optimizer steps of one round: ``local_epochs`` passes, capped at ``max_steps``."""
+    steps = local_epochs * batches_per_epoch
+    return steps if max_steps is None else min(steps, max_steps)
+
+
 def planned_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
-    """DP-SGD steps of one round: local_epochs passes, capped at train.max_steps."""
-    steps = int(cfg.train.local_epochs) * batches_per_epoch
-    return steps if cfg.train.max_steps is None else min(steps, int(cfg.train.max_steps))
+    """DP-SGD steps of one round under this config."""
+    max_steps = None if cfg.train.max_steps is None else int(cfg.train.max_steps)
+    return round_steps(int(cfg.train.local_epochs), max_steps, batches_per_epoch)
 
 
 @dataclass(frozen=True)

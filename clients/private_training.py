@@ -8,7 +8,6 @@ budget before training, and records the spend in the client's persistent state.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,10 +20,11 @@ from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from fedguard.clients.dp_steps import add_after_noise, noise_only_step, use_os_sampler, use_secure_noise
+from fedguard.clients.planned_privacy import expected_participation, plan_site, round_steps
 from fedguard.clients.training import LossRegularizer, TrainingSetup, TrainOutcome, run_epochs
-from fedguard.conf.plans import clients_per_round, trains_privately
+from fedguard.conf.plans import trains_privately
 from fedguard.conf.sample_dp_checks import is_zero_noise_debug
-from fedguard.privacy.accounting import calibrate_noise_multiplier, merge_history
+from fedguard.privacy.accounting import merge_history
 from fedguard.privacy.client_budget import STATE_KEY, ClientPrivacyState
 from fedguard.privacy.randomness import os_generator
 from fedguard.privacy.secure_noise import SecureGaussian
@@ -76,8 +76,7 @@ class PlainTrainer:
         self.max_steps = None if train_cfg.max_steps is None else int(train_cfg.max_steps)
 
     def planned_steps(self, batches_per_epoch: int) -> int:
-        steps = self.epochs * batches_per_epoch
-        return steps if self.max_steps is None else min(steps, self.max_steps)
+        return round_steps(self.epochs, self.max_steps, batches_per_epoch)
 
     def train(
         self, setup: TrainingSetup, *, state: RecordDict, device: torch.device, regularizer: LossRegularizer | None
@@ -101,16 +100,12 @@ class _MemoryManagedLoader:
             yield from physical
 
 
-def expected_participation(cfg: DictConfig) -> int:
-    """Rounds a client is expected to join under uniform sampling (all of them at fraction 1)."""
-    return max(1, math.ceil(cfg.simulation.rounds * clients_per_round(cfg) / cfg.simulation.num_clients))
-
-
 class SampleDPTrainer:
     """DP-SGD around another trainer, with cumulative accounting and budget enforcement."""
 
     def __init__(self, inner: PlainTrainer, cfg: DictConfig, site_budget: float | None) -> None:
         self.inner = inner
+        self.cfg = cfg
         self.dp = cfg.privacy
         self.expected_rounds = expected_participation(cfg)
         budgets = [b for b in (self.dp.max_epsilon or self.dp.target_epsilon, site_budget) if b is not None]
@@ -135,29 +130,18 @@ class SampleDPTrainer:
     def _state(self, state: RecordDict, batches_per_epoch: int) -> ClientPrivacyState:
         if STATE_KEY in state:
             return ClientPrivacyState.from_dict(state[STATE_KEY])
-        sample_rate = 1.0 / batches_per_epoch  # Opacus's own definition for its DPDataLoader
-        planned = self.expected_rounds * self.planned_steps(batches_per_epoch)
-        if self.dp.target_epsilon is not None:
-            sigma = calibrate_noise_multiplier(
-                target_epsilon=float(self.dp.target_epsilon),
-                delta=float(self.dp.delta),
-                sample_rate=sample_rate,
-                steps=planned,
-                accountant=self.dp.accountant,
-            )
-        else:
-            sigma = float(self.dp.noise_multiplier)
+        plan = plan_site(self.cfg, batches_per_epoch)  # the same plan fedguard simulate prints before round 1
         fresh = ClientPrivacyState(
-            noise_multiplier=sigma,
-            sample_rate=sample_rate,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
             delta=float(self.dp.delta),
             accountant=str(self.dp.accountant),
             budget_epsilon=self.budget,
         )
-        planned_epsilon, _ = fresh.epsilon([(sigma, sample_rate, planned)])
         logger.info(
             "sample-level DP: sigma=%.4f q=%.4g, planned %d steps over %d rounds -> epsilon %.3f (delta %g), budget %s",
-            sigma, sample_rate, planned, self.expected_rounds, planned_epsilon, fresh.delta, self.budget,
+            plan.noise_multiplier, plan.sample_rate, plan.steps, self.expected_rounds, plan.epsilon, fresh.delta,
+            self.budget,
         )
         return fresh
 

@@ -6,20 +6,13 @@ the key and what is allowed.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
 from fedguard.conf.checks import check_noise_setting, choice, in_range
 from fedguard.conf.plans import client_dp_plan
 from fedguard.conf.schema import CLIENT_DP_MODES, ConfigError
 from fedguard.privacy.accounting import PrivacyConfigError
-from fedguard.privacy.client_dp_accounting import (
-    CLIP_COUNT_SENSITIVITY,
-    DISTRIBUTED_TAIL_STDS,
-    clamp_headroom,
-    count_noise_std,
-    count_share_std,
-    planned_noise_multiplier,
-)
+from fedguard.privacy.client_dp_accounting import CLIP_COUNT_SENSITIVITY, planned_noise_multiplier
+from fedguard.privacy.client_dp_noise import DISTRIBUTED_TAIL_STDS, clamp_headroom, count_noise_std, count_share_std
+from omegaconf import DictConfig
 
 CLIENT_SAMPLING_METHODS = ("poisson", "fixed")
 CLIENT_CLIPPING_MODES = ("fixed", "adaptive")

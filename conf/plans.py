@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 
-from omegaconf import DictConfig
-
 from fedguard.conf.schema import CLIENT_DP_MODES, SAMPLE_DP_MODES
 from fedguard.privacy.adaptive_clipping import AdaptiveClipRule
-from fedguard.privacy.client_dp_accounting import ClientDpPlan, CohortPlan, clamp_headroom
+from fedguard.privacy.client_dp_accounting import ClientDpPlan, CohortPlan
+from fedguard.privacy.client_dp_noise import clamp_headroom
+from omegaconf import DictConfig
 
 
 def min_clients_per_round(cfg: DictConfig) -> int:

@@ -36,32 +36,29 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
-from omegaconf import DictConfig
-
 from fedguard.clients.wire import protocol
 from fedguard.clients.wire.arrays import array_view, flatten_update
 from fedguard.conf.plans import adaptive_clip_rule, client_dp_plan, uses_adaptive_clipping
 from fedguard.privacy.adaptive_clipping import INDICATOR_OFFSET, AdaptiveClipState
 from fedguard.privacy.client_dp_accounting import (
     POISSON,
+    SERVER_OPERATOR,
     ClientDpPlan,
     FederationAccountant,
-    SERVER_OPERATOR,
-    NoiseSplit,
     Release,
     build_accountant,
-    count_noise_std,
     epsilon_by_observer,
     planned_epsilon,
-    worst_case_surviving_fraction,
 )
+from fedguard.privacy.client_dp_noise import NoiseSplit, count_noise_std, worst_case_surviving_fraction
 from fedguard.privacy.ledger_events import ClientDpRelease
 from fedguard.server.client_dp_arrays import add_central_noise, unflatten_onto  # noqa: F401 (tests import it here)
 from fedguard.server.client_pool import ExcludingGrid
 from fedguard.server.cohorts import CohortSampler, cohort_sampler
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from omegaconf import DictConfig
 
 logger = logging.getLogger(__name__)
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 import logging
 import math
 
-from omegaconf import DictConfig
-
 from fedguard.conf.plans import client_dp_plan, client_level_dp, trains_privately
 from fedguard.privacy.accounting import PrivacyConfigError
-from fedguard.privacy.client_dp_accounting import cohort_for_signal, update_signal
+from fedguard.privacy.client_dp_noise import cohort_for_signal, update_signal
+from omegaconf import DictConfig
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +29,6 @@ def model_parameter_count(cfg: DictConfig) -> int:
     weights are initialised), so it costs milliseconds even for fashion_mnist's CNN.
     """
     import torch
-
     from fedguard.clients.datasets import expected_layout
     from fedguard.clients.models import build_model, count_parameters
 

@@ -13,22 +13,19 @@ import math
 import dp_accounting
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
-
-from fedguard.clients.wire import protocol
 from fedguard.clients.client_dp import client_dp_mod, round_clip_norm, update_norm
-from fedguard.clients.wire.checks import MalformedMessage
 from fedguard.clients.secure_aggregation import INPUT_ARRAY, INPUT_STATE_KEY, encode_held_update, secure_aggregation_mod
+from fedguard.clients.wire import protocol
+from fedguard.clients.wire.checks import MalformedMessage
 from fedguard.conf import ConfigError, compose_config
+from fedguard.conf.plans import adaptive_clip_rule, client_dp_plan
 from fedguard.conf.run_config import config_to_yaml
 from fedguard.privacy.accounting import PrivacyConfigError
 from fedguard.privacy.adaptive_clipping import AdaptiveClipState, clip_indicator, next_clip_norm, reachable_clip_norms
 from fedguard.privacy.audit import recompute
 from fedguard.privacy.audit.spend import MISMATCH, OK, audit_federation
 from fedguard.privacy.audit.verify import AttributedEvent
-from fedguard.conf.plans import adaptive_clip_rule, client_dp_plan
-from fedguard.privacy.client_dp_accounting import (
+from fedguard.privacy.client_dp_noise import (
     combined_noise_multiplier,
     count_share_std,
     noise_split,
@@ -40,7 +37,18 @@ from fedguard.server.client_dp import ClientDpStrategy, wrap_for_client_dp
 from fedguard.server.federation import sort_train_replies
 from fedguard.server.run_state import RunState
 from fedguard.server.secure_aggregation import SecureAggregationExchange
-from tests.client_dp_support import DIMENSION, StandInGrid, client_dp_wrapper, random_arrays, shifted, train_reply, variance_in_chi2_range
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from tests.client_dp_support import (
+    DIMENSION,
+    StandInGrid,
+    client_dp_wrapper,
+    random_arrays,
+    shifted,
+    train_reply,
+    variance_in_chi2_range,
+)
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

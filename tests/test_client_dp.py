@@ -12,26 +12,26 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-
+from fedguard.clients.client_dp import UNIFORM_WEIGHT, add_noise_share, client_dp_mod, clip_arrays, update_norm
 from fedguard.clients.wire import protocol
-from fedguard.clients.client_dp import UNIFORM_WEIGHT, add_noise_share, clip_arrays, client_dp_mod, update_norm
 from fedguard.conf import ConfigError, compose_config
+from fedguard.conf.plans import client_dp_plan
 from fedguard.conf.run_config import config_to_yaml
 from fedguard.privacy.audit import recompute
-from fedguard.privacy.ledger_events import ClientDpRelease
-from fedguard.server.client_dp import add_central_noise
-from fedguard.conf.plans import client_dp_plan
 from fedguard.privacy.client_dp_accounting import (
     FederationAccountant,
     Release,
+    build_accountant,
     calibrate_sigma,
     epsilon_of,
-    build_accountant,
-    noise_share_std,
     planned_epsilon,
 )
+from fedguard.privacy.client_dp_noise import noise_share_std
+from fedguard.privacy.ledger_events import ClientDpRelease
+from fedguard.server.client_dp import add_central_noise
 from fedguard.server.run_state import RunState
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
 from tests.client_dp_support import (
     DIMENSION,
     StandInGrid,

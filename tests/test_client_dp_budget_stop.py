@@ -10,12 +10,13 @@ the threshold of survivors, and the recorded epsilon must never pass the budget.
 from __future__ import annotations
 
 import pytest
-from flwr.app import ConfigRecord, MetricRecord
-
 from fedguard.clients.wire import protocol
 from fedguard.conf.plans import client_dp_plan
-from fedguard.privacy.client_dp_accounting import epsilon_of, worst_case_surviving_fraction
+from fedguard.privacy.client_dp_accounting import epsilon_of
+from fedguard.privacy.client_dp_noise import worst_case_surviving_fraction
 from fedguard.privacy.ledger_events import ClientDpRelease
+from flwr.app import ConfigRecord, MetricRecord
+
 from tests.client_dp_support import StandInGrid, client_dp_wrapper, random_arrays, train_reply
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

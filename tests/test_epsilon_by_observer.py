@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, MetricRecord
-
 from fedguard.clients.wire import protocol
 from fedguard.privacy.client_dp_accounting import (
     COHORT_KNOWERS,
@@ -20,6 +18,8 @@ from fedguard.privacy.client_dp_accounting import (
     epsilon_of,
 )
 from fedguard.privacy.ledger_events import ClientDpRelease
+from flwr.app import ConfigRecord, MetricRecord
+
 from tests.client_dp_support import StandInGrid, client_dp_wrapper, random_arrays, train_reply
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

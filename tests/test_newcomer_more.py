@@ -52,7 +52,6 @@ def _round_ticks_are_integers(fig) -> bool:
 
 def test_epsilon_plot_labels_the_budget_and_ticks_whole_rounds(tmp_path):
     import matplotlib.pyplot as plt
-
     from fedguard.privacy.audit import run_audit
     from fedguard.privacy.audit.synthetic import build_synthetic_run
     from fedguard.simulations.audit_report import epsilon_figure
@@ -78,7 +77,6 @@ def _client(name: str, epsilons: list[float], budget: float | None):
 
 def test_epsilon_plot_legend_survives_many_and_overlapping_clients():
     import matplotlib.pyplot as plt
-
     from fedguard.simulations.audit_report import MAX_LABELLED_CLIENTS, epsilon_figure
 
     # Twelve clients on six trajectories (pairs overlap exactly), two budgets, over 7 rounds.
@@ -113,7 +111,8 @@ def test_epsilon_plot_legend_survives_many_and_overlapping_clients():
 
 # -- 6a. client-level DP noise that swamps the update ------------------------------------------------
 def test_noise_to_signal_is_sigma_root_d_over_cohort():
-    from fedguard.privacy.client_dp_accounting import ClientDpPlan, CohortPlan, cohort_for_signal, update_signal
+    from fedguard.privacy.client_dp_accounting import ClientDpPlan, CohortPlan
+    from fedguard.privacy.client_dp_noise import cohort_for_signal, update_signal
 
     plan = ClientDpPlan(CohortPlan("poisson", 100, 0.5, 50), rounds=10, delta=1e-5, clip_norm=1.0, noise_multiplier=2.0)
     signal = update_signal(plan, parameters=10_000)
@@ -123,9 +122,8 @@ def test_noise_to_signal_is_sigma_root_d_over_cohort():
 
 
 def test_adaptive_clipping_cohort_accounts_for_the_count_share():
-    from fedguard.privacy.client_dp_accounting import (
-        ClientDpPlan, CohortPlan, NoiseSplit, cohort_for_signal, DEFAULT_COUNT_STDDEV_PER_CLIENT,
-    )
+    from fedguard.privacy.client_dp_accounting import DEFAULT_COUNT_STDDEV_PER_CLIENT, ClientDpPlan, CohortPlan
+    from fedguard.privacy.client_dp_noise import NoiseSplit, cohort_for_signal
 
     plan = ClientDpPlan(CohortPlan("poisson", 5, 1.0, 5), rounds=10, delta=1e-5, clip_norm=1.0, noise_multiplier=1.0,
                         adaptive=True)

@@ -10,25 +10,22 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from fedguard.privacy.accounting import compute_epsilon, calibrate_noise_multiplier
+from fedguard.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
 from fedguard.privacy.client_dp_accounting import (
     CLIP_COUNT_SENSITIVITY,
     FIXED,
     POISSON,
     ClientDpPlan,
     CohortPlan,
-    NoiseSplit,
     Release,
     calibrate_sigma,
-    combined_noise_multiplier,
     epsilon_of,
     planned_epsilon,
     planned_noise_multiplier,
-    update_noise_multiplier,
 )
+from fedguard.privacy.client_dp_noise import NoiseSplit, combined_noise_multiplier, update_noise_multiplier
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 # Calibration runs an accountant per example (fixed-size cohorts' RDP about 0.5 s per sigma
 # tried): keep the counts modest so the fast loop stays fast, the deadline off.
