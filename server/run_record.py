@@ -242,16 +242,36 @@ class RunRecorder:
         rows.append(("privacy", PRIVACY_ROW_TEXT.get(mode, mode)))
         federation = privacy.get("federation")
         if isinstance(federation, dict) and "epsilon" in federation:
-            epsilon, delta = federation["epsilon"], federation.get("delta", float("nan"))
-            rows.append(("client-level epsilon (federation)", f"{epsilon:.3f}  at delta {delta:g}"))
+            rows.extend(_client_level_rows(federation))
         if "max_epsilon" in privacy:
             delta = next(iter(privacy["clients"].values()))["delta"]
             rows.append(
                 ("sample-level epsilon (max / mean)", f"{privacy['max_epsilon']:.3f} / {privacy['mean_epsilon']:.3f}"
-                 f"  at delta {delta:g}, {privacy.get('neighbouring_relation', '?')}, dataset sizes public")
+                 f"  at delta {delta:g}, {privacy.get('neighbouring_relation', '?')}, dataset sizes public; per "
+                 "training record, against anyone who sees a site's updates or the models (README: privacy model)")
             )
             if privacy.get("unaccounted_releases"):
                 rows.append(("sent without any epsilon", ", ".join(privacy["unaccounted_releases"])))
         for key, value in rows:
             table.add_row(key, value)
         self.console.print(table)
+
+
+# How the console names client-level DP's observers (summary.json's epsilon_by_observer keys).
+OBSERVER_WORDS = {
+    "model_users_and_other_sites": "against users of the models and other sites",
+    "knows_cohorts": "against anyone who knows the cohorts (run directory, broken TLS)",
+    "server_operator": "against the server operator",
+}
+
+
+def _client_level_rows(federation: dict[str, Any]) -> list[tuple[str, str]]:
+    """One row per observer: a client-level epsilon is only true against the party it names."""
+    delta = federation.get("delta", float("nan"))
+    by_observer = federation.get("epsilon_by_observer") or {"model_users_and_other_sites": federation["epsilon"]}
+    rows = []
+    for observer, epsilon in by_observer.items():
+        figure = "none holds (it sees updates before the noise)" if epsilon is None else f"{epsilon:.3f}  at delta {delta:g}"
+        rows.append((f"client-level epsilon, {OBSERVER_WORDS.get(observer, observer)}", figure))
+    return rows
+

@@ -68,3 +68,16 @@ def test_central_noise_gives_the_server_operator_no_epsilon(compose):
     unamplified = epsilon_of([Release(1.5, 1.0, CLIENTS, CLIENTS)], "poisson", float(cfg.privacy.delta))
     assert summary["epsilon_by_observer"][COHORT_KNOWERS] == pytest.approx(unamplified)
     assert unamplified > summary["epsilon"]
+
+
+def test_console_names_the_observer_of_every_client_level_epsilon():
+    """The summary table never prints a client-level epsilon without the party it holds against."""
+    from fedguard.server.run_record import _client_level_rows
+
+    rows = dict(_client_level_rows({
+        "epsilon": 2.0, "delta": 1e-5,
+        "epsilon_by_observer": {"server_operator": None, "knows_cohorts": 7.5, "model_users_and_other_sites": 2.0},
+    }))
+    assert rows["client-level epsilon, against the server operator"].startswith("none holds")
+    assert rows["client-level epsilon, against users of the models and other sites"].startswith("2.000")
+    assert rows["client-level epsilon, against anyone who knows the cohorts (run directory, broken TLS)"].startswith("7.500")
