@@ -21,7 +21,7 @@ CARD_MARKDOWN = "MODEL_CARD.md"
 UNAUDITED_BANNER = "UNAUDITED EXPORT: the run's privacy audit failed; its privacy figures cannot be trusted."
 NO_DP_BANNER = "No differential privacy: this model may reveal individual training records."
 SAMPLE_OBSERVER = "per training record, against anyone who sees the site's updates (server, other sites, model users)"
-CLIENT_OBSERVER = "per site (all of its data), against anyone who sees the released models"
+CLIENT_OBSERVER = "per site (all of its data), against users of the released models and other sites (who do not know the cohorts)"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from fedguard.conf.plans import client_level_dp, trains_privately
 from fedguard.privacy.audit.runner import AuditSetupError, run_audit
 from fedguard.privacy.ledger import LEDGER_FILE, LedgerError, iter_raw_lines
 from fedguard.privacy.signing import KeyFileError, KeyRegistry
+from fedguard.privacy.client_dp_accounting import MODEL_USERS_AND_OTHER_SITES
+from fedguard.server.run_record import OBSERVER_WORDS
 from fedguard.server.model_card import CLIENT_OBSERVER, SAMPLE_OBSERVER, AuditSection, Guarantee, PrivacySection
 
 logger = logging.getLogger(__name__)
@@ -80,11 +82,23 @@ def guarantees_from_summary(cfg: DictConfig, privacy: dict[str, Any]) -> list[Gu
         ))
     federation = privacy.get("federation")
     if client_level_dp(cfg) and federation:
+        adjacency = CLIENT_ADJACENCY.get(str(federation.get("sampling")), str(federation.get("sampling")))
+        by_observer = {k: v for k, v in (federation.get("epsilon_by_observer") or {}).items()
+                       if k != MODEL_USERS_AND_OTHER_SITES}
+        # Parties that know the cohorts get no amplification: their own, larger figure, or none at all.
+        unprotected = [OBSERVER_WORDS.get(k, k) for k, v in by_observer.items() if v is None]
+        observer = CLIENT_OBSERVER + "".join(f"; {w}: none holds (it sees the updates before the noise)" for w in unprotected)
         guarantees.append(Guarantee(
             level="client", epsilon=float(federation["epsilon"]), epsilon_mean=None, delta=float(federation["delta"]),
-            observer=CLIENT_OBSERVER, accountant=str(federation["accountant"]),
-            adjacency=CLIENT_ADJACENCY.get(str(federation.get("sampling")), str(federation.get("sampling"))),
+            observer=observer, accountant=str(federation["accountant"]), adjacency=adjacency,
         ))
+        for key, epsilon in by_observer.items():
+            if epsilon is not None:
+                guarantees.append(Guarantee(
+                    level="client", epsilon=float(epsilon), epsilon_mean=None, delta=float(federation["delta"]),
+                    accountant=str(federation["accountant"]), adjacency=adjacency,
+                    observer=OBSERVER_WORDS.get(key, key) + "; no amplification by client sampling: it knows who took part",
+                ))
     return guarantees
 
 

@@ -327,3 +327,16 @@ def test_serve_tabular_rows_by_position_and_by_name(table_server):
         reply = table_server.client.post("/predict", json=body)
         assert reply.status_code == 422, (case, reply.text)
         assert reply.json()["detail"][0]["loc"] == loc, case
+
+
+def test_card_gives_cohort_knowers_their_own_figure_and_says_when_none_holds(compose):
+    from fedguard.server.model_card import CLIENT_OBSERVER
+    from fedguard.server.privacy_card import guarantees_from_summary
+
+    cfg = compose(["privacy=client_dp"])
+    federation = {"epsilon": 2.0, "delta": 1e-5, "accountant": "rdp", "sampling": "poisson",
+                  "epsilon_by_observer": {"server_operator": None, "knows_cohorts": 7.5, "model_users_and_other_sites": 2.0}}
+    users, knowers = guarantees_from_summary(cfg, {"federation": federation})
+    assert users.epsilon == 2.0 and users.observer.startswith(CLIENT_OBSERVER)
+    assert "server operator: none holds" in users.observer
+    assert knowers.epsilon == 7.5 and "knows the cohorts" in knowers.observer
