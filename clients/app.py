@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -57,6 +58,12 @@ from fedguard.privacy.secagg.protocol import SecAggError
 from fedguard.privacy.secagg.shamir import ShamirError
 
 logger = logging.getLogger(__name__)
+
+# Set by `fedguard simulate` for its engine's workers (simulations/simulate.py::quiet_workers):
+# Flower's own warnings there (an actor's shutdown notice) are noise on the user's console.
+QUIET_FLOWER_ENV = "FEDGUARD_QUIET_FLOWER"
+if os.environ.get(QUIET_FLOWER_ENV):
+    logging.getLogger("flwr").setLevel(logging.ERROR)
 
 
 # Typed rejections: each ends one request with one line in this site's log and an error

@@ -85,6 +85,7 @@ def quiet_workers(log_level: str) -> None:
     if log_level == "DEBUG":
         return
     os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
+    os.environ["FEDGUARD_QUIET_FLOWER"] = "1"  # read by fedguard.clients.app in each worker
     ignores = [f"ignore::UserWarning:{module}" for module in LIBRARY_NOISE_MODULES]
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS", ""), *ignores]))
 
