@@ -87,9 +87,10 @@ def main(argv: list[str]) -> int:
     client_dp.add_argument("--local-epochs", type=int, default=1)
     client_dp.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     serve = sub.add_parser("serve", help="requests/s and p50/p99 latency of `fedguard serve` on loopback")
-    serve.add_argument("model_dir", type=Path, help="a directory written by `fedguard export --out`")
+    serve.add_argument("model_dirs", type=Path, nargs="+", help="directories written by `fedguard export --out`")
     serve.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
-    serve.add_argument("--requests", type=int, default=500, help="requests per batch size (after 20 warm-up)")
+    serve.add_argument("--requests", type=int, default=500, help="requests per cell (after 20 warm-up)")
+    serve.add_argument("--concurrency", type=int, nargs="+", default=[1], help="concurrent clients per cell")
     serve.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     args = parser.parse_args(argv)
     from fedguard.simulations.simulate import configure_logging
@@ -125,7 +126,10 @@ def main(argv: list[str]) -> int:
     elif args.name == "serve":
         from fedguard.simulations.bench_serve import run_serve_benchmark
 
-        result = run_serve_benchmark(args.model_dir, args.batch_sizes, args.requests)
+        result = {"models": [
+            run_serve_benchmark(model_dir, args.batch_sizes, args.requests, tuple(args.concurrency))
+            for model_dir in args.model_dirs
+        ]}
     else:
         return 2
     path = write_result(args.out, args.name, result)
