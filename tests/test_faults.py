@@ -246,7 +246,7 @@ def _assert_secure_sum_is_mean_of(run: dict[str, Any], cfg, partitions: set[int]
 
 
 def _server_lines(caplog, needle: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name.startswith("server") and needle in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if r.name.startswith("fedguard.server") and needle in r.getMessage()]
 
 
 @pytest.mark.parametrize(
