@@ -190,15 +190,30 @@ def test_server_crash_and_resume_keeps_privacy_accounting_exact(federation):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == list(range(1, rounds + 1))
     # Exactly `rounds` rounds of spend per site, as an uninterrupted run: none lost, none doubled.
+    steps_per_round = 4
     for report in lines[-1]["privacy"]:
-        steps_per_round = 4
         assert report["steps_total"] == rounds * steps_per_round
         assert report["rounds_participated"] == rounds
-        history = [(report["noise_multiplier"], report["sample_rate"], rounds * steps_per_round)]
-        assert report["epsilon"] == pytest.approx(compute_epsilon(history, report["delta"], "rdp").epsilon)
+        this_run = (report["noise_multiplier"], report["sample_rate"], rounds * steps_per_round)
+        # The site's epsilon covers every run on its data (earlier tests in this module trained on
+        # the same files): this run's steps composed after the other lineages' spend it recorded.
+        prior = _other_runs_on_the_data(federation.site_dir(int(report["partition-id"])), this_run)
+        expected = compute_epsilon([*prior, this_run], report["delta"], "rdp").epsilon
+        assert report["epsilon"] == pytest.approx(expected)
     for site in range(SITES):
         saved = list((federation.site_dir(site) / "privacy").glob("*.json"))
         assert saved, f"site {site} kept no privacy state"
+
+
+def _other_runs_on_the_data(site_dir: Path, this_run: tuple) -> list[tuple[float, float, int]]:
+    """Every (sigma, q, steps) the site recorded on its data, less one lineage equal to ``this_run``."""
+    (record_file,) = (site_dir / "privacy" / "data").glob("*.json")
+    lineages = json.loads(record_file.read_text())["lineages"].values()
+    histories = [list(zip(rec["sigma"], rec["rate"], rec["steps"])) for rec in lineages]
+    mine = [h for h in histories if len(h) == 1 and h[0][2] == this_run[2] and h[0][0] == pytest.approx(this_run[0])]
+    assert mine, f"this run's spend is missing from {record_file}"
+    histories.remove(mine[0])
+    return [(float(s), float(q), int(n)) for history in histories for s, q, n in history]
 
 
 HUNG_ROUND_TIMEOUT = 20
