@@ -15,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
-from sklearn.datasets import load_breast_cancer, load_digits
-from sklearn.model_selection import train_test_split
 
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
@@ -209,10 +207,14 @@ def _load_fashion_mnist(root: str | None) -> DatasetBundle:
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split  # on first use: sklearn costs ~1 s to import
+
     return train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
 
 
 def _load_digits(test_fraction: float, seed: int) -> DatasetBundle:
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     train_x, test_x, train_y, test_y = _split(digits.images.astype(np.float32), digits.target, test_fraction, seed)
     train_x, test_x = _standardize(train_x, test_x)
@@ -220,6 +222,8 @@ def _load_digits(test_fraction: float, seed: int) -> DatasetBundle:
 
 
 def _load_breast_cancer(test_fraction: float, seed: int) -> DatasetBundle:
+    from sklearn.datasets import load_breast_cancer
+
     data = load_breast_cancer()
     train_x, test_x, train_y, test_y = _split(data.data.astype(np.float64), data.target, test_fraction, seed)
     train_x, test_x = _standardize_columns(train_x, test_x)
@@ -295,11 +299,15 @@ def raw_test_split(dataset_cfg: DictConfig, seed: int) -> tuple[np.ndarray, np.n
         return test_x, test_y, Normalization(1.0 / 255.0, (mean,), (std,), (0.0, 255.0))
     test_fraction = float(dataset_cfg.test_fraction)
     if name == "digits":
+        from sklearn.datasets import load_digits
+
         digits = load_digits()
         train_x, test_x, _, test_y = _split(digits.images.astype(np.float32), digits.target, test_fraction, seed)
         mean, std = _global_stats(train_x)
         return test_x[:, None], test_y.astype(np.int64), Normalization(1.0, (mean,), (std,), (0.0, 16.0))
     if name == "breast_cancer":
+        from sklearn.datasets import load_breast_cancer
+
         data = load_breast_cancer()
         train_x, test_x, _, test_y = _split(data.data.astype(np.float64), data.target, test_fraction, seed)
     elif name == "synthetic":
@@ -316,6 +324,8 @@ def raw_test_split(dataset_cfg: DictConfig, seed: int) -> tuple[np.ndarray, np.n
 def feature_names(dataset_cfg: DictConfig) -> tuple[str, ...] | None:
     """Column names where the data set has them (a served model accepts rows keyed by name)."""
     if dataset_cfg.name == "breast_cancer":
+        from sklearn.datasets import load_breast_cancer
+
         return tuple(str(name) for name in load_breast_cancer().feature_names)
     return None
 

@@ -12,9 +12,11 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+if TYPE_CHECKING:
+    from opacus.accountants import IAccountant
+
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ def merge_history(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
 
 
 def _accountant_with(name: str, history: Sequence[HistoryEntry]) -> IAccountant:
+    from opacus.accountants import create_accountant  # on first use: Opacus pulls in torch.distributed (~1.5 s)
+
     if name not in ACCOUNTANTS:
         raise PrivacyConfigError(f"privacy.accountant={name!r}; allowed: {', '.join(ACCOUNTANTS)}")
     accountant = create_accountant(mechanism=name)
@@ -105,6 +109,8 @@ def calibrate_noise_multiplier(
     """
     if target_epsilon <= 0:
         raise PrivacyConfigError(f"privacy.target_epsilon={target_epsilon} must be > 0")
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
         sigma = float(
             get_noise_multiplier(

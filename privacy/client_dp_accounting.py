@@ -27,8 +27,6 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from dp_accounting.rdp import rdp_privacy_accountant
-from opacus.accountants.rdp import RDPAccountant
 
 from fedguard.privacy.accounting import PrivacyConfigError, calibrate_noise_multiplier, compute_epsilon
 
@@ -39,8 +37,9 @@ REPLACE_ONE_SENSITIVITY_FACTOR = 2.0
 # result is the upper end of the final bracket, so it always fits the target).
 MAX_SIGMA = 1e6
 CALIBRATION_RTOL = 1e-3
-# Opacus's default RDP orders, so Poisson and fixed-size figures use one grid.
-RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
+# Opacus's default RDP orders (RDPAccountant.DEFAULT_ALPHAS, checked equal in tests), so Poisson
+# and fixed-size figures use one grid; written out so importing this module stays cheap.
+RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 # Adaptive clipping: one client moves the sum of centred clip indicators (b - 1/2) by at most this.
 CLIP_COUNT_SENSITIVITY = 0.5
 # Andrew et al.'s recommended noise on the clip count when none is configured: expected cohort / 20.
@@ -74,6 +73,8 @@ def _fixed_rdp_per_round(noise_multiplier: float, population: int, cohort: int) 
     it costs about half a second, and a run's history repeats the same round.
     tests/test_client_dp.py checks it against the public accountant.
     """
+    from dp_accounting.rdp import rdp_privacy_accountant  # on first use: ~0.5 s to import
+
     gaussian_sigma = noise_multiplier / REPLACE_ONE_SENSITIVITY_FACTOR
     vector = np.asarray(
         rdp_privacy_accountant._compute_rdp_sample_wor_gaussian(  # noqa: SLF001
@@ -88,6 +89,8 @@ def _fixed_rdp_per_round(noise_multiplier: float, population: int, cohort: int) 
 def _fixed_epsilon(releases: list[Release], delta: float) -> float:
     if any(release.noise_multiplier == 0 for release in releases):
         return math.inf
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     rdp = sum(_fixed_rdp_per_round(r.noise_multiplier, r.population, r.cohort) for r in releases)
     epsilon, _ = rdp_privacy_accountant.compute_epsilon(RDP_ORDERS, rdp, delta)
     return float(epsilon)

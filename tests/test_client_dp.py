@@ -326,3 +326,12 @@ def test_resume_counts_a_release_the_ledger_holds_but_the_checkpoint_lacks(compo
     resumed_ledger.close()
     assert resumed.accountant.releases == first.accountant.releases
     assert resumed.accountant.epsilon == pytest.approx(first.accountant.epsilon)
+
+
+def test_fixed_size_rdp_orders_are_opacus_default_grid():
+    """RDP_ORDERS is written out (cheap import); it must stay Opacus's grid so both samplings compare."""
+    from opacus.accountants.rdp import RDPAccountant
+
+    from fedguard.privacy.client_dp_accounting import RDP_ORDERS
+
+    assert RDP_ORDERS == tuple(RDPAccountant.DEFAULT_ALPHAS)

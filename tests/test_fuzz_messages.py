@@ -1,4 +1,4 @@
-"""Fuzzing every message type the server and the client accept (hypothesis, 1,000 cases each).
+"""Fuzzing every message type the server and the client accept (hypothesis; FEDGUARD_FUZZ_CASES cases each, 1,000 in CI).
 
 Property: a malformed message never raises out of the entry point the run uses; it ends
 in a typed rejection (a reply-check reason on the server, an error reply on the client)
