@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedguard.clients.wire import protocol
 from fedguard.clients.client_dp import ClipError, round_clip_norm
@@ -52,7 +52,7 @@ from fedguard.clients.site_floor import check_site_floor, read_site_floor
 from fedguard.clients.site_state import CachedReply, ResendRefused, SiteStateError, SiteStateStore, arrays_digest
 from fedguard.clients.training import evaluate_model, make_training_setup, proximal_regularizer
 from fedguard.conf.plans import trains_privately
-from fedguard.conf.run_config import cached_config_from_yaml, config_to_yaml
+from fedguard.conf.run_config import cached_config_from_yaml
 from fedguard.privacy.secagg.envelope import ShareAuthenticationError
 from fedguard.privacy.secagg.protocol import SecAggError
 from fedguard.privacy.secagg.shamir import ShamirError
@@ -93,13 +93,17 @@ class LocalData:
 
 
 def load_local_data(cfg: DictConfig, site: SiteSettings) -> LocalData:
-    """This site's partition of the training set, with its local validation split."""
-    return _load_local_data_cached(config_to_yaml(cfg), site)
+    """This site's partition of the training set, with its local validation split.
+
+    Cached on what the data depends on (dataset, partition, seed), not the whole run config:
+    rounds that change only training settings reuse the loaded arrays."""
+    data_only = OmegaConf.create({"dataset": cfg.dataset, "partition": cfg.partition, "seed": cfg.seed})
+    return _load_local_data_cached(OmegaConf.to_yaml(data_only, resolve=True), site)
 
 
 @lru_cache(maxsize=4)
-def _load_local_data_cached(config_text: str, site: SiteSettings) -> LocalData:
-    cfg = cached_config_from_yaml(config_text)
+def _load_local_data_cached(data_text: str, site: SiteSettings) -> LocalData:
+    cfg = OmegaConf.create(data_text)
     bundle = load_dataset(cfg.dataset, cfg.seed, root_override=site.data_root)
     parts = partition_indices(bundle.train_y, cfg.partition, site.num_partitions, cfg.seed)
     split = split_train_validation(parts[site.partition_id], cfg.dataset.validation_fraction, cfg.seed + site.partition_id)
@@ -181,7 +185,7 @@ def decode_request(msg: Message, context: Context) -> Request:
 def _unpack(msg: Message, context: Context):
     request = decode_request(msg, context)
     cfg, site = request.cfg, request.site
-    data = _load_local_data_cached(request.config_text, site)
+    data = load_local_data(cfg, site)
     model = model_from_state(
         cfg.model, data.bundle.input_shape, data.bundle.num_classes, request.state_dict, private=trains_privately(cfg)
     )
