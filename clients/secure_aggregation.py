@@ -20,11 +20,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedguard.clients.site import read_secagg_policy
 from fedguard.clients.wire import protocol
 from fedguard.clients.wire.arrays import array_view, flatten_update
+from fedguard.conf.plans import clients_per_round
 from fedguard.conf.run_config import cached_config_from_yaml
 from fedguard.privacy.secagg.masking import levels_for, quantize
-from fedguard.privacy.secagg.protocol import ClientSession, SecAggParams
+from fedguard.privacy.secagg.protocol import ClientSession, SecAggError, SecAggParams
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +104,12 @@ def encode_held_update(context: Context) -> np.ndarray:
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Train as usual, then hold the update back and advertise SecAgg+ keys instead.
     Installed only for runs with secure_agg=secaggplus (clients/layers.py)."""
-    reply = call_next(msg, context)
     cfg = cached_config_from_yaml(str(msg.content[protocol.CONFIG_KEY][protocol.FEDGUARD_CONFIG_KEY]))
+    params = params_from(cfg)
+    # Before training: a round this site would refuse must not spend its privacy budget.
+    policy = read_secagg_policy(dict(context.node_config))
+    policy.check_announced(params.neighbours, params.threshold, clients_per_round(cfg))
+    reply = call_next(msg, context)
     if reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
         return reply  # errors and budget refusals pass through unchanged
     update = flatten_update(reply.content[protocol.ARRAYS_KEY], msg.content[protocol.ARRAYS_KEY])
@@ -112,7 +118,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     weight = float(reply.content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])
     hold_update(context, update, weight, cfg, msg.content[protocol.ARRAYS_KEY])
     server_round = int(msg.content[protocol.CONFIG_KEY].get(protocol.SERVER_ROUND_KEY, 0))
-    session = ClientSession(context.node_id, params_from(cfg), server_round)
+    session = ClientSession(context.node_id, params, server_round)
     envelope_public, mask_public = session.advertise()
     context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
     content = RecordDict(
@@ -127,11 +133,32 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     return Message(content, reply_to=msg)
 
 
+def wipe_round(context: Context) -> None:
+    """Forget this round's secure-aggregation secrets and held update (the round aborted for this client)."""
+    for key in (SESSION_STATE_KEY, INPUT_STATE_KEY, ENCODING_STATE_KEY):
+        if key in context.state:
+            del context.state[key]
+
+
 def handle_stage(msg: Message, context: Context) -> Message:
-    """Stages 1-3 of SecAgg+ for this client; its session lives in Context.state between them."""
+    """Stages 1-3 of SecAgg+ for this client; its session lives in Context.state between them.
+
+    A protocol refusal (too few shares, a request that names this client dropped, ...)
+    aborts the round for this client: its keys, seed, held shares and clear update are
+    dropped from its state before the refusal goes back, so no later request can use them.
+    """
+    try:
+        return _handle_stage(msg, context)
+    except SecAggError as err:
+        logger.warning("client %d: secure aggregation round aborted, secrets wiped: %s", context.node_id, err)
+        wipe_round(context)
+        raise
+
+
+def _handle_stage(msg: Message, context: Context) -> Message:
     request = msg.content[protocol.SECAGG_KEY]
     stage = str(request["stage"])
-    session = ClientSession.from_dict(context.state[SESSION_STATE_KEY])
+    session = ClientSession.from_dict(context.state[SESSION_STATE_KEY], read_secagg_policy(dict(context.node_config)))
     if stage == "share":
         keys = {
             int(p): (bytes(e), bytes(m))

@@ -106,6 +106,15 @@ def _rejected_senders(mask_answers: dict[int, Message], inbox: dict[int, dict[in
     return rejected
 
 
+def check_summands(count: int, max_clients: int) -> None:
+    """Refuse to unmask a sum of more inputs than the quantization levels leave room for (it may have wrapped)."""
+    if count > max_clients:
+        raise SecAggError(
+            f"{count} inputs in the sum, but the quantization levels assume at most {max_clients} "
+            f"(simulation.num_clients); the sum may have wrapped"
+        )
+
+
 class SecureAggregationExchange:
     """One training round's message exchange under SecAgg+."""
 
@@ -205,6 +214,7 @@ class SecureAggregationExchange:
         dropped = set(shares) - survivors
         if len(survivors) < self.params.threshold:
             raise SecAggError(f"{len(survivors)} clients sent masked inputs; threshold is {self.params.threshold}")
+        check_summands(len(survivors), int(self.cfg.simulation.num_clients))
         unmask_answers = _answers(
             grid,
             {

@@ -9,6 +9,7 @@ wrong shape, one NaN, one flipped byte) rather than noise the first check reject
 from __future__ import annotations
 
 import io
+import os
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-FUZZ_CASES = 1000
+# FEDGUARD_FUZZ_CASES: fewer cases for a quick local check (the suite's default is 1000).
+FUZZ_CASES = int(os.environ.get("FEDGUARD_FUZZ_CASES", "1000"))
 FUZZ_SETTINGS = settings(
     max_examples=FUZZ_CASES,
     deadline=None,

@@ -9,7 +9,7 @@ Properties: nothing raises out of the exchange; the global model is untouched; t
 outcome is an aggregate of the right shape with finite values, or a clean "no usable
 update"; an answer the form checks reject counts as a dropout, so the round still
 completes with the other clients; a client refusing a malformed request replies with an
-error and leaves its Context.state as it was.
+error and leaves its Context.state as it was (or, for a protocol refusal, wipes its round secrets).
 
 Speed: a whole protocol round per case (key generation, Shamir sharing, sealing, masking
 for four clients) made the 7,000 cases take minutes. Every case starts from the same
@@ -35,7 +35,7 @@ from fedguard.clients.wire import protocol
 from fedguard.clients.app import app as client_app
 from fedguard.clients.datasets import load_dataset
 from fedguard.clients.models import build_model
-from fedguard.clients.secure_aggregation import secure_aggregation_mod
+from fedguard.clients.secure_aggregation import SESSION_STATE_KEY, secure_aggregation_mod
 from fedguard.conf.run_config import config_to_yaml
 from fedguard.privacy.secagg import protocol as secagg_protocol
 from fedguard.privacy.secagg.shamir import combine_shares
@@ -336,7 +336,10 @@ def _request_property(setup: Setup, data, stage: str) -> None:
     grid, _result = _run(setup, data, stage, on_answer=False)
     assert grid.client_reply is not None, f"no {stage} request reached node {TARGET}"
     if grid.client_reply.has_error():
-        assert grid.state_after == grid.state_before, grid.client_reply.error.reason
+        # A malformed request leaves the state as it was; a protocol refusal (too few shares, a
+        # survivor list without the client, ...) aborts the round and wipes its secrets.
+        wiped = SESSION_STATE_KEY not in grid.live[TARGET].state
+        assert grid.state_after == grid.state_before or wiped, grid.client_reply.error.reason
 
 
 def test_replayed_round_is_the_honest_round(setup):

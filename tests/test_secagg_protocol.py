@@ -45,7 +45,7 @@ def _run(
     rejected = {node: clients[node].rejected_senders for node in masked}
     survivors, masked_with = server.settle(set(masked), inbox, rejected)
     dropped = set(shares) - survivors
-    revealed = {node: clients[node].unmask(survivors & clients[node].neighbours, dropped) for node in survivors}
+    revealed = {node: clients[node].unmask(survivors, dropped) for node in survivors}
     total, count = server.aggregate({n: masked[n] for n in survivors}, set(shares), revealed, masked_with)
     expected = sum(updates[node] for node in survivors)
     return dequantize_sum(total, count, CLIP, levels), expected, count, 2 * CLIP / levels
@@ -66,7 +66,7 @@ def test_dropouts_at_each_stage_are_recovered(stage, num_dropped):
     nodes = [100 + 7 * i for i in range(10)]
     dropped = tuple(nodes[:num_dropped])
     kwargs = {f"drop_after_{stage}": dropped}
-    recovered, expected, count, step = _run(10, 6, 3, **kwargs, seed=num_dropped)
+    recovered, expected, count, step = _run(10, 6, 4, **kwargs, seed=num_dropped)
     assert count == 10 - num_dropped
     assert np.max(np.abs(recovered - expected)) <= count * step
 
@@ -88,9 +88,10 @@ def test_a_client_refuses_to_reveal_both_secrets_of_one_peer():
 
 
 def test_a_tampered_share_leaves_its_sender_out_of_the_receivers_masks():
-    params = SecAggParams(BITS, 2, 2)
-    nodes = [1, 2, 3]
-    server = ServerSession(params, 1, neighbour_graph(nodes, 2, 0))
+    # 4 clients, so the receiver still holds threshold (2) valid shares after one is tampered.
+    params = SecAggParams(BITS, 3, 2)
+    nodes = [1, 2, 3, 4]
+    server = ServerSession(params, 1, neighbour_graph(nodes, 3, 0))
     clients = {n: ClientSession(n, params, 1) for n in nodes}
     routed = server.route_keys({n: c.advertise() for n, c in clients.items()})
     inbox = server.route_shares({n: clients[n].share(routed[n]) for n in nodes})
@@ -110,11 +111,11 @@ def test_a_tampered_share_leaves_its_sender_out_of_the_receivers_masks():
 
 @pytest.mark.parametrize("receivers", [1, 2, 6], ids=["one-share", "two-shares", "all-shares"])
 def test_a_client_forging_shares_loses_only_its_own_input(receivers):
-    """10 clients, 6 neighbours, threshold 3: the forger's input is left out, every other input is summed exactly."""
+    """10 clients, 6 neighbours, threshold 4: the forger's input is left out, every other input is summed exactly."""
     nodes = [100 + 7 * i for i in range(10)]
     forger = nodes[0]
     peers = sorted(neighbour_graph(nodes, 6, 4)[forger])
-    recovered, expected, count, step = _run(10, 6, 3, seed=4, tampered=[(forger, p) for p in peers[:receivers]])
+    recovered, expected, count, step = _run(10, 6, 4, seed=4, tampered=[(forger, p) for p in peers[:receivers]])
     assert count == 9
     assert np.max(np.abs(recovered - expected)) <= count * step
 
@@ -125,7 +126,7 @@ def test_forged_shares_leaving_too_few_valid_ones_fail_the_round_naming_the_forg
     forger = nodes[0]
     peers = sorted(neighbour_graph(nodes, 6, 4)[forger])
     with pytest.raises(SecAggError, match=f"client {forger}: only 1 valid share"):
-        _run(10, 6, 3, seed=4, tampered=[(forger, p) for p in peers[:5]])
+        _run(10, 6, 4, seed=4, tampered=[(forger, p) for p in peers[:5]])
 
 
 def test_a_receiver_rejecting_an_honest_share_costs_that_sender_this_round_only():
@@ -176,7 +177,7 @@ def test_client_session_survives_a_round_trip_through_state_between_stages():
     masked = {n: clients[n].mask(inbox[n], values[n]) for n in nodes}
     for n in nodes:
         reload(n)
-    revealed = {n: clients[n].unmask(set(nodes) & clients[n].neighbours, set()) for n in nodes}
+    revealed = {n: clients[n].unmask(set(nodes), set()) for n in nodes}
     total, count = server.aggregate(masked, set(nodes), revealed, {n: clients[n].neighbours for n in nodes})
     assert count == 3 and total.tolist() == [6] * 6
 

@@ -39,8 +39,12 @@ from fedguard.privacy.secagg.keys import (
     private_key_bytes,
     private_key_from_bytes,
 )
+from fedguard.privacy.secagg.errors import SecAggError
 from fedguard.privacy.secagg.masking import ADD, SUBTRACT, apply_masks
+from fedguard.privacy.secagg.policy import SitePolicy
 from fedguard.privacy.secagg.shamir import combine_shares, split_secret
+
+__all__ = ["ClientSession", "SecAggError", "SecAggParams", "ServerSession", "SitePolicy", "neighbour_graph"]
 
 SEED_BYTES = 32
 MASK_PURPOSE = b"pairwise-mask"
@@ -48,10 +52,6 @@ SHARE_PURPOSE = b"share-envelope"
 SELF_MASK_PURPOSE = b"self-mask"
 
 logger = logging.getLogger(__name__)
-
-
-class SecAggError(RuntimeError):
-    """The protocol cannot go on (too few survivors, an inconsistent request, a bad share)."""
 
 
 @dataclass(frozen=True)
@@ -74,15 +74,18 @@ class SecAggParams:
 def neighbour_graph(nodes: list[int], neighbours: int, seed: int) -> dict[int, set[int]]:
     """A k-regular graph: a seeded random ring where each node links to k/2 nodes on each side.
 
-    With k >= n - 1 it is the complete graph. An odd k is rounded up to the next even
-    number for the ring (each link is shared by two nodes).
+    With k >= n - 1 it is the complete graph. Otherwise k must be even (each ring link is
+    shared by two nodes); an odd k is refused rather than rounded up, since k + 1 peers
+    per client would break the threshold rule the sites checked against k.
     """
     order = sorted(nodes)
     random.Random(seed).shuffle(order)
     count = len(order)
     if neighbours >= count - 1:
         return {node: set(order) - {node} for node in order}
-    half = (neighbours + 1) // 2
+    if neighbours % 2:
+        raise SecAggError(f"neighbours={neighbours} is odd; a ring graph over {count} clients needs an even count")
+    half = neighbours // 2
     graph: dict[int, set[int]] = {node: set() for node in order}
     for position, node in enumerate(order):
         for offset in range(1, half + 1):
@@ -106,6 +109,8 @@ class ClientSession:
     params: SecAggParams
     server_round: int
     neighbours: set[int] = field(default_factory=set)
+    # This site's own limits on k and t (never serialized: re-read from the site's settings).
+    policy: SitePolicy = field(default_factory=SitePolicy)
 
     def __post_init__(self) -> None:
         self._envelope_keys = generate_key_pair()
@@ -115,6 +120,7 @@ class ClientSession:
         self._held_shares: dict[int, tuple[bytes, bytes]] = {}  # peer -> (self-seed share, mask-key share)
         self._masked_sent = False
         self.rejected_senders: set[int] = set()  # shares that failed authentication at the mask stage
+        self.aborted = False  # set by wipe(): the caller must drop this session
 
     def to_dict(self) -> dict[str, Any]:
         """Everything the session holds, as plain values (ints, bytes, lists of them), for a
@@ -141,10 +147,11 @@ class ClientSession:
         }
 
     @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> ClientSession:
+    def from_dict(cls, record: Mapping[str, Any], policy: SitePolicy | None = None) -> ClientSession:
         try:
             bits, neighbours, threshold = (int(v) for v in record["params"])
-            session = cls(int(record["node_id"]), SecAggParams(bits, neighbours, threshold), int(record["round"]))
+            params = SecAggParams(bits, neighbours, threshold)
+            session = cls(int(record["node_id"]), params, int(record["round"]), policy=policy or SitePolicy())
             session._envelope_keys = _key_pair(bytes(record["envelope_key"]))
             session._mask_keys = _key_pair(bytes(record["mask_key"]))
             session._self_seed = bytes(record["self_seed"])
@@ -162,6 +169,17 @@ class ClientSession:
             raise SecAggError(f"secure aggregation state is malformed: {err}") from err
         return session
 
+    def wipe(self) -> None:
+        """Forget every secret of the round (on abort): fresh random keys and seed replace them,
+        held shares are dropped, and the session can no longer mask or unmask."""
+        self._envelope_keys = generate_key_pair()
+        self._mask_keys = generate_key_pair()
+        self._self_seed = os.urandom(SEED_BYTES)
+        self._held_shares = {}
+        self._peer_keys = {}
+        self._masked_sent = False
+        self.aborted = True
+
     # Stage 0
     def advertise(self) -> tuple[bytes, bytes]:
         return self._envelope_keys.public_bytes, self._mask_keys.public_bytes
@@ -171,6 +189,7 @@ class ClientSession:
         peers = sorted(set(neighbour_keys) - {self.node_id})
         if len(peers) < self.params.threshold:
             raise SecAggError(f"client {self.node_id}: {len(peers)} neighbours < threshold {self.params.threshold}")
+        self.policy.check_degree(len(peers), self.params.neighbours, self.params.threshold)
         if len({keys for keys in neighbour_keys.values()}) != len(neighbour_keys):
             raise SecAggError(f"client {self.node_id}: two neighbours advertised the same keys")
         self.neighbours = set(peers)
@@ -191,6 +210,8 @@ class ClientSession:
         ``overwrite_input`` masks a contiguous uint64 ``quantized`` in place (the caller's
         copy of the clear input is then gone), sparing a model-sized copy.
         """
+        if self._masked_sent:
+            raise SecAggError(f"client {self.node_id}: asked to mask a second time this round")
         bits = self.params.modulus_bits
         unknown = sorted(set(received) - self.neighbours)
         if unknown:
@@ -206,6 +227,17 @@ class ClientSession:
                 continue
             seed_length = int.from_bytes(payload[:2], "big")
             self._held_shares[sender] = (payload[2 : 2 + seed_length], payload[2 + seed_length :])
+        if len(self._held_shares) < self.params.threshold:
+            # Bell et al.'s client-side check: with fewer than `threshold` neighbours holding
+            # this client's shares, a server that later names it a survivor to those few can
+            # collect its self-mask seed while no pairwise mask hides the input (with zero
+            # shares received the masked input is the input plus the self-mask alone).
+            held = len(self._held_shares)
+            self.wipe()
+            raise SecAggError(
+                f"client {self.node_id}: only {held} valid share(s) received, threshold is "
+                f"{self.params.threshold}; refusing to send a masked input"
+            )
         # Mask only with neighbours whose shares this client holds: a neighbour that never
         # shared its mask key (or whose share was forged) could not be unmasked if it dropped.
         self.neighbours = set(self._held_shares)
@@ -233,7 +265,14 @@ class ClientSession:
         if not self._masked_sent:
             raise SecAggError(f"client {self.node_id}: asked to unmask before sending its masked input")
         if survivors & dropped:
+            self.wipe()
             raise SecAggError(f"client {self.node_id}: server claims nodes both survived and dropped")
+        if self.node_id not in survivors:
+            # A request naming this client dropped (or not naming it at all) is one the server
+            # may be showing only to this client, while others are told it survived: answering
+            # would help reveal both its mask key and its self-mask seed.
+            self.wipe()
+            raise SecAggError(f"client {self.node_id}: the unmask request does not list this client among the survivors")
         if len(survivors) < self.params.threshold:
             raise SecAggError(f"client {self.node_id}: only {len(survivors)} survivors, below threshold")
         revealed: dict[int, tuple[str, bytes]] = {}

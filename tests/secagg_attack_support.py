@@ -1,0 +1,140 @@
+"""A hostile SecAgg+ server, written here, driving fedguard's real clients in-process.
+
+Each site is fedguard's real client code: the secure-aggregation mod around a stand-in
+for local training (stage 0), then the real ClientApp's stage handler with its request
+checks (stages 1-3), each with its own Context. The server side is the test's: it sends
+whatever requests an attack needs and tries to rebuild a target's input from what the
+clients answer, with fedguard's own Shamir and mask code.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedguard.clients.app import app as client_app
+from fedguard.clients.datasets import load_dataset
+from fedguard.clients.models import build_model
+from fedguard.clients.secure_aggregation import secure_aggregation_mod
+from fedguard.clients.wire import protocol
+from fedguard.conf.run_config import config_to_yaml
+from fedguard.privacy.secagg.masking import SUBTRACT, apply_masks, dequantize_sum, levels_for
+from fedguard.privacy.secagg.shamir import combine_shares
+
+EXAMPLES = 30
+STEP_UNIT = 0.01
+
+
+def step(node: int) -> float:
+    """Site ``node``'s update on every coordinate (distinct per site, so a rebuilt input names its owner)."""
+    return STEP_UNIT * (node % 7 + 1)
+
+
+def _local_training(msg: Message, context: Context) -> Message:
+    arrays = msg.content[protocol.ARRAYS_KEY]
+    trained = ArrayRecord({k: Array(arrays[k].numpy() + np.float32(step(context.node_id))) for k in arrays.keys()})
+    metrics = MetricRecord({protocol.NUM_EXAMPLES_KEY: EXAMPLES, protocol.TRAIN_LOSS_KEY: 0.5, protocol.TRAIN_STEPS_KEY: 1})
+    return Message(RecordDict({protocol.ARRAYS_KEY: trained, protocol.METRICS_KEY: metrics}), reply_to=msg)
+
+
+@dataclass
+class HostileServer:
+    """Sends the requests a test chooses to real fedguard clients and keeps their answers."""
+
+    cfg: object
+    nodes: tuple[int, ...]
+    server_round: int = 1
+    node_configs: dict[int, dict] = field(default_factory=dict)
+    contexts: dict[int, Context] = field(default_factory=dict)
+    advertised: dict[int, ConfigRecord] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bundle = load_dataset(self.cfg.dataset, self.cfg.seed)
+        self.arrays = ArrayRecord(build_model(self.cfg.model, bundle.input_shape, bundle.num_classes).state_dict())
+        self.length = 1 + sum(int(np.prod(self.arrays[k].shape)) for k in self.arrays.keys())
+        for index, node in enumerate(self.nodes):
+            config = {"partition-id": index, "num-partitions": len(self.nodes), **self.node_configs.get(node, {})}
+            self.contexts[node] = Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={})
+
+    def train(self, node: int, cfg=None) -> Message:
+        """Stage 0: the train request; the reply advertises the site's keys (or refuses)."""
+        config = ConfigRecord({protocol.FEDGUARD_CONFIG_KEY: config_to_yaml(cfg or self.cfg),
+                               protocol.SERVER_ROUND_KEY: self.server_round})
+        message = Message(RecordDict({protocol.ARRAYS_KEY: self.arrays, protocol.CONFIG_KEY: config}),
+                          dst_node_id=node, message_type="train")
+        message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        reply = secure_aggregation_mod(message, self.contexts[node], _local_training)
+        if not reply.has_error() and protocol.SECAGG_KEY in reply.content:
+            self.advertised[node] = reply.content[protocol.SECAGG_KEY]
+        return reply
+
+    def train_all(self) -> None:
+        for node in self.nodes:
+            self.train(node)
+
+    def stage(self, node: int, request: dict) -> Message:
+        """One stage request through the real ClientApp (request checks, stage handler, error replies)."""
+        message = Message(RecordDict({protocol.SECAGG_KEY: ConfigRecord(request)}), dst_node_id=node,
+                          message_type=protocol.SECAGG_MESSAGE_TYPE)
+        message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        message.metadata.__dict__["_src_node_id"] = 1
+        return client_app(message, self.contexts[node])
+
+    def share_request(self, node: int, peers: list[int]) -> dict:
+        """The honest share request for ``node`` with ``peers`` as its neighbours (their advertised keys)."""
+        request = {"stage": "share", "peers": list(peers)}
+        for name in ("envelope_key", "mask_key"):
+            request[f"{name}s"] = [bytes(self.advertised[p][name]) for p in peers]
+        extra = extra_share_fields(self, peers)
+        request.update(extra)
+        return request
+
+    def share(self, node: int, peers: list[int]) -> dict[int, bytes]:
+        reply = self.stage(node, self.share_request(node, peers))
+        assert not reply.has_error(), reply.error.reason
+        record = reply.content[protocol.SECAGG_KEY]
+        return {int(to): bytes(c) for to, c in zip(record["to"], record["ciphertexts"], strict=True)}
+
+    def mask(self, node: int, received: dict[int, bytes]) -> Message:
+        return self.stage(node, {"stage": "mask", "from": list(received), "ciphertexts": list(received.values())})
+
+    def unmask(self, node: int, survivors: set[int], dropped: set[int], **extra) -> Message:
+        return self.stage(node, {"stage": "unmask", "survivors": sorted(survivors), "dropped": sorted(dropped), **extra})
+
+    def honest_shares(self, graph: dict[int, list[int]]) -> dict[int, dict[int, bytes]]:
+        """Stage 1 for every site with ``graph`` as the neighbour sets; returns each site's inbox."""
+        sent = {node: self.share(node, graph[node]) for node in self.nodes}
+        return {node: {s: c[node] for s, c in sent.items() if node in c} for node in self.nodes}
+
+    def rebuild_from_self_seed(self, masked: np.ndarray, seed_shares: list[bytes]) -> np.ndarray | None:
+        """The attack's last step: remove the self-mask rebuilt from ``seed_shares``; the site's
+        input (dequantized), or None when the shares are too few to rebuild the seed."""
+        threshold = int(self.cfg.secure_agg.threshold)
+        if len(seed_shares) < threshold:
+            return None
+        seed = combine_shares(seed_shares[:threshold], threshold)
+        bits = int(self.cfg.secure_agg.modulus_bits)
+        clear = apply_masks(np.array(masked, dtype=np.uint64), [(seed, SUBTRACT)], bits)
+        levels = levels_for(bits, int(self.cfg.simulation.num_clients))
+        sa = self.cfg.secure_agg
+        weighted = dequantize_sum(clear[:-1], 1, float(sa.clip_range) * float(sa.max_weight), levels)
+        weight = dequantize_sum(clear[-1:], 1, float(sa.max_weight), levels)[0]
+        return weighted / max(weight, 1e-12)
+
+
+def extra_share_fields(server: HostileServer, peers: list[int]) -> dict:
+    """Fields a share request carries besides the peers' keys (none yet)."""
+    return {}
+
+
+def revealed(reply: Message) -> dict[int, tuple[str, bytes]]:
+    record = reply.content[protocol.SECAGG_KEY]
+    return {int(p): (str(k), bytes(s)) for p, k, s in zip(record["for"], record["kinds"], record["shares"], strict=True)}
+
+
+def is_input_of(rebuilt: np.ndarray | None, node: int) -> bool:
+    """Whether ``rebuilt`` is site ``node``'s update (the stand-in training's step on every coordinate)."""
+    return rebuilt is not None and bool(np.allclose(rebuilt, step(node), atol=1e-3))

@@ -1,0 +1,181 @@
+"""Attacks of a malicious SecAgg+ server (issue #15) against fedguard's real clients.
+
+Each test is a hostile server (tests/secagg_attack_support.py) that deviates from the
+protocol to learn one target's input, and asserts the clients refuse in time: the
+server cannot rebuild the target's update. Fast (no Flower run, a logistic regression
+model); each attack is one protocol round among 4 to 7 in-process clients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from secagg_attack_support import HostileServer, is_input_of, revealed
+
+from fedguard.clients.secure_aggregation import SESSION_STATE_KEY
+from fedguard.clients.wire import protocol
+from fedguard.privacy.secagg.masking import dequantize_sum, levels_for, quantize
+from fedguard.privacy.secagg.protocol import SecAggError
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
+NODES = (11, 22, 33, 44)
+TARGET = 22
+
+
+def _cfg(compose, clients: int = 4, neighbours: int = 3, threshold: int = 2, *extra):
+    return compose([
+        "model=logreg", f"simulation.num_clients={clients}", "secure_agg=secaggplus",
+        f"secure_agg.neighbours={neighbours}", f"secure_agg.threshold={threshold}", "progress=false", "device=cpu", *extra,
+    ])
+
+
+def _complete(nodes) -> dict[int, list[int]]:
+    return {node: [p for p in nodes if p != node] for node in nodes}
+
+
+def _masked(reply) -> np.ndarray:
+    return reply.content[protocol.SECAGG_KEY]["masked"].numpy()
+
+
+def test_attack2_withheld_shares_client_refuses_to_mask(compose):
+    """The server withholds every share from the target, then asks its neighbours for the
+    target's self-mask seed: with no pairwise mask, seed removal would expose the input."""
+    server = HostileServer(_cfg(compose), NODES)
+    server.train_all()
+    inbox = server.honest_shares(_complete(NODES))
+    reply = server.mask(TARGET, {})  # every share to the target withheld
+    rebuilt = None
+    if not reply.has_error():
+        others = [n for n in NODES if n != TARGET]
+        for node in others:
+            assert not server.mask(node, inbox[node]).has_error()
+        seed_shares = []
+        for node in others:  # "the target survived": reveal its self-mask seed
+            answer = server.unmask(node, set(NODES), set())
+            if not answer.has_error() and TARGET in revealed(answer):
+                seed_shares.append(revealed(answer)[TARGET][1])
+        rebuilt = server.rebuild_from_self_seed(_masked(reply), seed_shares)
+    assert not is_input_of(rebuilt, TARGET), "the server rebuilt the target's input"
+    assert reply.has_error() and "threshold" in reply.error.reason
+    assert SESSION_STATE_KEY not in server.contexts[TARGET].state  # secrets wiped on abort
+
+
+def test_attack2_one_share_short_of_threshold_is_refused_too(compose):
+    server = HostileServer(_cfg(compose, 5, 4, 3), (11, 22, 33, 44, 55))
+    server.train_all()
+    inbox = server.honest_shares(_complete(server.nodes))
+    kept = dict(list(inbox[TARGET].items())[:2])  # 2 valid shares, threshold 3
+    reply = server.mask(TARGET, kept)
+    assert reply.has_error() and "only 2 valid share(s)" in reply.error.reason
+
+
+def test_attack3_unmask_naming_the_client_dropped_is_refused(compose):
+    """The server tells the target it dropped (the story it tells others to get its mask key)."""
+    server = HostileServer(_cfg(compose), NODES)
+    server.train_all()
+    inbox = server.honest_shares(_complete(NODES))
+    for node in NODES:
+        assert not server.mask(node, inbox[node]).has_error()
+    reply = server.unmask(TARGET, set(NODES) - {TARGET}, {TARGET})
+    assert reply.has_error() and "among the survivors" in reply.error.reason
+    assert SESSION_STATE_KEY not in server.contexts[TARGET].state
+
+
+def test_attack3_unmask_naming_a_peer_both_ways_is_refused(compose):
+    server = HostileServer(_cfg(compose), NODES)
+    server.train_all()
+    inbox = server.honest_shares(_complete(NODES))
+    for node in NODES:
+        assert not server.mask(node, inbox[node]).has_error()
+    reply = server.unmask(11, set(NODES), {TARGET})  # TARGET both survived and dropped
+    assert reply.has_error() and "both survived and dropped" in reply.error.reason
+    assert SESSION_STATE_KEY not in server.contexts[11].state
+
+
+@pytest.mark.parametrize(
+    ("site", "neighbours", "threshold", "clients", "reason"),
+    [
+        ({"secagg-colluders": 2}, 6, 4, 10, "t > (k + c)/2"),
+        ({"secagg-min-threshold": 4}, 4, 3, 10, "below this site's minimum 4"),
+        ({"secagg-max-neighbours": 4}, 6, 4, 10, "exceeds this site's maximum 4"),
+    ],
+    ids=["colluders", "min-threshold", "max-neighbours"],
+)
+def test_attack6_a_site_refuses_parameters_below_its_own_pins(compose, site, neighbours, threshold, clients, reason):
+    """The run's config (the server's) asks for k, t the site's own settings do not allow."""
+    server = HostileServer(_cfg(compose, clients, neighbours, threshold), NODES, node_configs={TARGET: site})
+    with pytest.raises(SecAggError, match=reason.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        server.train(TARGET)
+    assert SESSION_STATE_KEY not in server.contexts[TARGET].state
+    server.train(11)  # a site without the pin takes part
+    assert SESSION_STATE_KEY in server.contexts[11].state
+
+
+def test_attack6_more_peers_than_announced_are_refused(compose):
+    """Announced k=4, t=3 (3 > 4/2 holds); the server then hands the target 6 peers, among
+    which 3 seed shares and 3 mask-key shares would both be reachable (2t <= 6)."""
+    nodes = (11, 22, 33, 44, 55, 66, 77)
+    server = HostileServer(_cfg(compose, 7, 4, 3), nodes)
+    server.train_all()
+    reply = server.stage(TARGET, server.share_request(TARGET, [n for n in nodes if n != TARGET]))
+    assert reply.has_error() and "more than the announced neighbours=4" in reply.error.reason
+    assert SESSION_STATE_KEY not in server.contexts[TARGET].state
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["secure_agg.neighbours=4", "secure_agg.threshold=2"], "allowed: 3..4"),
+        (["simulation.num_clients=20", "secure_agg.neighbours=5", "secure_agg.threshold=4"], "must be even"),
+    ],
+    ids=["threshold-half-of-k", "odd-neighbours"],
+)
+def test_attack6_config_checks_refuse_weak_or_rounded_graphs(compose, overrides, message):
+    from fedguard.conf import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        compose(["secure_agg=secaggplus", *overrides])
+
+
+def test_site_policy_keys_are_checked():
+    from fedguard.clients.site import SiteConfigError, read_secagg_policy
+
+    assert read_secagg_policy({}).colluders == 0
+    pinned = read_secagg_policy({"secagg-min-threshold": 3, "secagg-max-neighbours": 8, "secagg-colluders": 1})
+    assert (pinned.min_threshold, pinned.max_neighbours, pinned.colluders) == (3, 8, 1)
+    for bad in ({"secagg-colluders": -1}, {"secagg-min-threshold": 1}, {"secagg-max-neighbours": 2.5}):
+        with pytest.raises(SiteConfigError, match=next(iter(bad))):
+            read_secagg_policy(bad)
+
+
+def test_quantization_at_the_clip_range_does_not_wrap_the_sum_to_the_wrong_sign():
+    """62 bits, 2 clients: uncapped levels (2^61 - 1) round up in float64 to 2^61, so two
+    inputs at +clip sum to 2^62 = 0 (mod 2^62) and dequantize to -2 x clip."""
+    bits, clip = 62, 1.0
+    levels = levels_for(bits, 2)
+    rng = np.random.default_rng(0)
+    values = [quantize(np.full(4, clip), clip, levels, rng) for _ in range(2)]
+    total = (values[0] + values[1]) & np.uint64((1 << bits) - 1)
+    assert np.allclose(dequantize_sum(total, 2, clip, levels), 2 * clip)
+
+
+def test_the_server_refuses_more_summands_than_the_levels_assume():
+    from fedguard.server.secure_aggregation import check_summands
+
+    check_summands(4, 4)
+    with pytest.raises(SecAggError, match="levels assume at most 4"):
+        check_summands(5, 4)
+
+
+def test_honest_round_through_the_hostile_harness_still_completes(compose):
+    """The harness itself is sound: honest requests give every client's masked input and shares."""
+    server = HostileServer(_cfg(compose), NODES)
+    server.train_all()
+    inbox = server.honest_shares(_complete(NODES))
+    for node in NODES:
+        assert not server.mask(node, inbox[node]).has_error()
+    answers = [server.unmask(node, set(NODES), set()) for node in NODES]
+    assert not any(a.has_error() for a in answers)
+    assert all(set(revealed(a)) == set(NODES) - {n} for a, n in zip(answers, NODES))
+
