@@ -20,11 +20,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedguard.clients.secagg_identity import site_identity, site_roster, verified_peers
 from fedguard.clients.site import read_secagg_policy
 from fedguard.clients.wire import protocol
 from fedguard.clients.wire.arrays import array_view, flatten_update
 from fedguard.conf.plans import clients_per_round
 from fedguard.conf.run_config import cached_config_from_yaml
+from fedguard.privacy.secagg.identity import public_bytes, sign_advert
 from fedguard.privacy.secagg.masking import levels_for, quantize
 from fedguard.privacy.secagg.protocol import ClientSession, SecAggError, SecAggParams
 
@@ -39,6 +41,8 @@ ENCODING_STATE_KEY = "fedguard.secagg-encoding"
 WEIGHT, CLIP_RANGE, MAX_WEIGHT = "weight", "clip_range", "max_weight"
 MODULUS_BITS, MAX_CLIENTS = "modulus_bits", "max_clients"
 FLOAT32_BYTES = 4
+# The advert's identity fields: the site's Ed25519 public key and its signature over the round keys.
+IDENTITY_FIELD, SIGNATURE_FIELD = "identity_key", "signature"
 
 
 def params_from(cfg) -> SecAggParams:
@@ -101,6 +105,18 @@ def encode_held_update(context: Context) -> np.ndarray:
     return _encode(update, float(encoding[WEIGHT]), float(encoding[CLIP_RANGE]), float(encoding[MAX_WEIGHT]), levels)
 
 
+def _signed_advert(context: Context, session: ClientSession, envelope_public: bytes, mask_public: bytes) -> dict:
+    """The site's identity public key and its signature over the round keys (empty without a state dir:
+    peers then leave this site out, see clients/secagg_identity.py)."""
+    identity = site_identity(dict(context.node_config))
+    if identity is None:
+        logger.warning("client %d: no state dir, so no identity key: advertising unsigned keys", context.node_id)
+        return {IDENTITY_FIELD: b"", SIGNATURE_FIELD: b""}
+    signature = sign_advert(identity, session.server_round, session.session_id, context.node_id, envelope_public,
+                            mask_public)
+    return {IDENTITY_FIELD: public_bytes(identity), SIGNATURE_FIELD: signature}
+
+
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Train as usual, then hold the update back and advertise SecAgg+ keys instead.
     Installed only for runs with secure_agg=secaggplus (clients/layers.py)."""
@@ -117,14 +133,20 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
         update = np.append(update, float(reply.content[protocol.CLIP_INDICATOR_KEY][protocol.CLIP_INDICATOR_FIELD]))
     weight = float(reply.content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])
     hold_update(context, update, weight, cfg, msg.content[protocol.ARRAYS_KEY])
-    server_round = int(msg.content[protocol.CONFIG_KEY].get(protocol.SERVER_ROUND_KEY, 0))
-    session = ClientSession(context.node_id, params, server_round)
+    config = msg.content[protocol.CONFIG_KEY]
+    server_round = int(config.get(protocol.SERVER_ROUND_KEY, 0))
+    session_id = config.get(protocol.SECAGG_SESSION_KEY, b"")
+    session_id = session_id if isinstance(session_id, bytes) else b""
+    session = ClientSession(context.node_id, params, server_round, session_id=session_id)
     envelope_public, mask_public = session.advertise()
     context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
     content = RecordDict(
         {
             protocol.METRICS_KEY: reply.content[protocol.METRICS_KEY],
-            protocol.SECAGG_KEY: ConfigRecord({"stage": "advertise", "envelope_key": envelope_public, "mask_key": mask_public}),
+            protocol.SECAGG_KEY: ConfigRecord(
+                {"stage": "advertise", "envelope_key": envelope_public, "mask_key": mask_public,
+                 **_signed_advert(context, session, envelope_public, mask_public)}
+            ),
         }
     )
     for key in (protocol.PRIVACY_KEY, protocol.LEDGER_KEY):  # the spend report and its signed record
@@ -160,11 +182,15 @@ def _handle_stage(msg: Message, context: Context) -> Message:
     stage = str(request["stage"])
     session = ClientSession.from_dict(context.state[SESSION_STATE_KEY], read_secagg_policy(dict(context.node_config)))
     if stage == "share":
-        keys = {
-            int(p): (bytes(e), bytes(m))
-            for p, e, m in zip(request["peers"], request["envelope_keys"], request["mask_keys"], strict=True)
+        adverts = {
+            int(p): (bytes(e), bytes(m), bytes(i), bytes(g))
+            for p, e, m, i, g in zip(request["peers"], request["envelope_keys"], request["mask_keys"],
+                                     request["identity_keys"], request["signatures"], strict=True)
         }
-        sealed = session.share(keys)
+        node_config = dict(context.node_config)
+        roster, identity = site_roster(node_config), site_identity(node_config)
+        own = public_bytes(identity) if identity is not None else b""
+        sealed = session.share(verified_peers(roster, own, session.server_round, session.session_id, adverts))
         answer = ConfigRecord({"to": list(sealed), "ciphertexts": list(sealed.values())})
     elif stage == "mask":
         received = {int(s): bytes(c) for s, c in zip(request["from"], request["ciphertexts"], strict=True)}

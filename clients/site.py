@@ -30,7 +30,9 @@ FLOOR_KEYS = ("min-noise-multiplier", "max-epsilon", "min-client-noise-multiplie
 SECAGG_MIN_THRESHOLD_KEY = "secagg-min-threshold"
 SECAGG_MAX_NEIGHBOURS_KEY = "secagg-max-neighbours"
 SECAGG_COLLUDERS_KEY = "secagg-colluders"
-SECAGG_POLICY_KEYS = (SECAGG_MIN_THRESHOLD_KEY, SECAGG_MAX_NEIGHBOURS_KEY, SECAGG_COLLUDERS_KEY)
+# The roster of site identity keys, when not at <state-dir>/secagg/roster.json (clients/secagg_identity.py).
+SECAGG_ROSTER_KEY = "secagg-roster"
+SECAGG_POLICY_KEYS = (SECAGG_MIN_THRESHOLD_KEY, SECAGG_MAX_NEIGHBOURS_KEY, SECAGG_COLLUDERS_KEY, SECAGG_ROSTER_KEY)
 KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_ROOT_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY, STATE_DIR_KEY,
               EPHEMERAL_PRIVACY_KEY, *FLOOR_KEYS, *SECAGG_POLICY_KEYS)
 

@@ -43,6 +43,7 @@ from fedguard.clients.wire.checks import (
     text,
     typed_list,
 )
+from fedguard.privacy.secagg.identity import IDENTITY_KEY_BYTES, SIGNATURE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +142,18 @@ def _clip_indicator(content) -> None:
 
 def _advertised_keys(content) -> None:
     record = require_record(content, protocol.SECAGG_KEY, ConfigRecord)
-    if set(record.keys()) != {"stage", "envelope_key", "mask_key"} or record.get("stage") != "advertise":
-        raise MalformedMessage("secure aggregation record must be stage=advertise with envelope_key and mask_key")
+    fields = {"stage", "envelope_key", "mask_key", "identity_key", "signature"}
+    if set(record.keys()) != fields or record.get("stage") != "advertise":
+        raise MalformedMessage(f"secure aggregation record must be stage=advertise with {sorted(fields - {'stage'})}")
     for key in ("envelope_key", "mask_key"):
         value = record[key]
         if not isinstance(value, bytes) or len(value) != PUBLIC_KEY_BYTES:
             raise MalformedMessage(f"secure aggregation '{key}' must be {PUBLIC_KEY_BYTES} bytes")
+    # Unsigned (empty) or an Ed25519 key and signature; only the peers, holding the roster, can verify them.
+    for key, size in (("identity_key", IDENTITY_KEY_BYTES), ("signature", SIGNATURE_BYTES)):
+        value = record[key]
+        if not isinstance(value, bytes) or len(value) not in (0, size):
+            raise MalformedMessage(f"secure aggregation '{key}' must be empty or {size} bytes")
 
 
 def _check_train_reply(content, expected_arrays: ArrayRecord | None) -> None:

@@ -127,10 +127,19 @@ class SecureAggregationExchange:
         # Client-level DP's adaptive clipping: each masked input holds the client's clip indicator after the update.
         self.extra = 1 if uses_adaptive_clipping(cfg) else 0
 
+    @staticmethod
+    def new_session_id() -> bytes:
+        """A fresh random id per round's protocol run (replaceable where a test replays one session)."""
+        return secrets.token_bytes(protocol.SECAGG_SESSION_BYTES)
+
     def train(
         self, grid: Grid, messages: Iterable[Message], global_arrays: ArrayRecord, server_round: int, timeout: float
     ) -> tuple[int, TrainReplies]:
         outgoing = list(messages)
+        # A fresh id for this run of the protocol: sites sign it with their round keys.
+        session_id = self.new_session_id()
+        for message in outgoing:
+            message.content[protocol.CONFIG_KEY][protocol.SECAGG_SESSION_KEY] = session_id
         started = time.perf_counter()
         sampled, replies = exchange_messages(grid, outgoing, timeout)
         logger.debug("round %d: secagg stage train+advertise took %.3f s", server_round, time.perf_counter() - started)
@@ -138,7 +147,7 @@ class SecureAggregationExchange:
         sorted_replies = sort_train_replies(server_round, replies)
         keyed = {r.metadata.src_node_id: r for r in sorted_replies.usable if protocol.SECAGG_KEY in r.content}
         try:
-            aggregate = self._run_stages(grid, keyed, instructions, global_arrays, server_round)
+            aggregate = self._run_stages(grid, keyed, instructions, global_arrays, server_round, session_id)
         except (SecAggError, ValueError) as err:  # ValueError: junk shares from a client (Shamir, X25519)
             logger.error("round %d: secure aggregation failed: %s", server_round, err)
             sorted_replies.usable, sorted_replies.contributors = [], 0
@@ -154,12 +163,17 @@ class SecureAggregationExchange:
         instructions: dict[int, Message],
         global_arrays: ArrayRecord,
         server_round: int,
+        session_id: bytes,
     ) -> tuple[Message, int]:
         self.params.validate(max(len(keyed), 2))
         if len(keyed) < self.params.threshold:
             raise SecAggError(f"{len(keyed)} clients trained; threshold is {self.params.threshold}")
         advertised = {
             node: (bytes(r.content[protocol.SECAGG_KEY]["envelope_key"]), bytes(r.content[protocol.SECAGG_KEY]["mask_key"]))
+            for node, r in keyed.items()
+        }
+        signed = {
+            node: (bytes(r.content[protocol.SECAGG_KEY]["identity_key"]), bytes(r.content[protocol.SECAGG_KEY]["signature"]))
             for node, r in keyed.items()
         }
         graph = neighbour_graph(list(advertised), self.params.neighbours, seed=secrets.randbits(64))
@@ -171,9 +185,13 @@ class SecureAggregationExchange:
                 node: ConfigRecord(
                     {
                         "stage": "share",
+                        "round": server_round,
+                        "session": session_id,
                         "peers": list(keys),
                         "envelope_keys": [k[0] for k in keys.values()],
                         "mask_keys": [k[1] for k in keys.values()],
+                        "identity_keys": [signed[peer][0] for peer in keys],
+                        "signatures": [signed[peer][1] for peer in keys],
                     }
                 )
                 for node, keys in routed.items()
@@ -193,7 +211,8 @@ class SecureAggregationExchange:
         mask_answers = _answers(
             grid,
             {
-                node: ConfigRecord({"stage": "mask", "from": list(received), "ciphertexts": list(received.values())})
+                node: ConfigRecord({"stage": "mask", "round": server_round, "session": session_id, "from": list(received),
+                                    "ciphertexts": list(received.values())})
                 for node, received in inbox.items()
             },
             self.stage_timeout,
@@ -218,7 +237,8 @@ class SecureAggregationExchange:
         unmask_answers = _answers(
             grid,
             {
-                node: ConfigRecord({"stage": "unmask", "survivors": sorted(survivors), "dropped": sorted(dropped)})
+                node: ConfigRecord({"stage": "unmask", "round": server_round, "session": session_id,
+                                    "survivors": sorted(survivors), "dropped": sorted(dropped)})
                 for node in survivors
             },
             self.stage_timeout,

@@ -98,7 +98,16 @@ class Federation:
         done = fedguard("keys", "--out", str(keys), cwd=self.root)
         if done.returncode != 0:
             raise RuntimeError(f"fedguard keys failed: {done.stderr}")
+        self.distribute_secagg_roster()
         return keys / "node_key"
+
+    def distribute_secagg_roster(self) -> None:
+        """Every site made so far gets its secure-aggregation identity key and the roster of all of
+        them: the operator's out-of-band step, done here for the loopback federation."""
+        from fedguard.clients.secagg_identity import provision_rosters
+
+        sites = sorted(self.root.glob("site*"))
+        provision_rosters({site.name: site for site in sites if site.is_dir()})
 
     def start_server(self, timeout: float = 60) -> None:
         self.server = self.spawn(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -18,11 +19,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from fedguard.clients.app import app as client_app
 from fedguard.clients.datasets import load_dataset
 from fedguard.clients.models import build_model
+from fedguard.clients.secagg_identity import provision_rosters
 from fedguard.clients.secure_aggregation import secure_aggregation_mod
 from fedguard.clients.wire import protocol
 from fedguard.conf.run_config import config_to_yaml
-from fedguard.privacy.secagg.masking import SUBTRACT, apply_masks, dequantize_sum, levels_for
-from fedguard.privacy.secagg.shamir import combine_shares
+from fedguard.privacy.secagg.envelope import open_sealed, seal
+from fedguard.privacy.secagg.keys import derive_shared_key, generate_key_pair, private_key_from_bytes
+from fedguard.privacy.secagg.masking import ADD, SUBTRACT, apply_masks, dequantize_sum, levels_for
+from fedguard.privacy.secagg.protocol import MASK_PURPOSE, SHARE_PURPOSE
+from fedguard.privacy.secagg.shamir import combine_shares, split_secret
 
 EXAMPLES = 30
 STEP_UNIT = 0.01
@@ -46,7 +51,9 @@ class HostileServer:
 
     cfg: object
     nodes: tuple[int, ...]
+    root: Path  # the sites' state dirs live under it (identity keys, the roster they pinned)
     server_round: int = 1
+    session_id: bytes = b"session-0000001"
     node_configs: dict[int, dict] = field(default_factory=dict)
     contexts: dict[int, Context] = field(default_factory=dict)
     advertised: dict[int, ConfigRecord] = field(default_factory=dict)
@@ -55,14 +62,18 @@ class HostileServer:
         bundle = load_dataset(self.cfg.dataset, self.cfg.seed)
         self.arrays = ArrayRecord(build_model(self.cfg.model, bundle.input_shape, bundle.num_classes).state_dict())
         self.length = 1 + sum(int(np.prod(self.arrays[k].shape)) for k in self.arrays.keys())
+        self.state_dirs = {node: self.root / f"site-{node}" for node in self.nodes}
+        self.roster = provision_rosters({f"site-{node}": d for node, d in self.state_dirs.items()})
         for index, node in enumerate(self.nodes):
-            config = {"partition-id": index, "num-partitions": len(self.nodes), **self.node_configs.get(node, {})}
+            config = {"partition-id": index, "num-partitions": len(self.nodes), "state-dir": str(self.state_dirs[node]),
+                      **self.node_configs.get(node, {})}
             self.contexts[node] = Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={})
 
     def train(self, node: int, cfg=None) -> Message:
         """Stage 0: the train request; the reply advertises the site's keys (or refuses)."""
         config = ConfigRecord({protocol.FEDGUARD_CONFIG_KEY: config_to_yaml(cfg or self.cfg),
-                               protocol.SERVER_ROUND_KEY: self.server_round})
+                               protocol.SERVER_ROUND_KEY: self.server_round,
+                               protocol.SECAGG_SESSION_KEY: self.session_id})
         message = Message(RecordDict({protocol.ARRAYS_KEY: self.arrays, protocol.CONFIG_KEY: config}),
                           dst_node_id=node, message_type="train")
         message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
@@ -77,6 +88,7 @@ class HostileServer:
 
     def stage(self, node: int, request: dict) -> Message:
         """One stage request through the real ClientApp (request checks, stage handler, error replies)."""
+        request = {"round": self.server_round, "session": self.session_id, **request}
         message = Message(RecordDict({protocol.SECAGG_KEY: ConfigRecord(request)}), dst_node_id=node,
                           message_type=protocol.SECAGG_MESSAGE_TYPE)
         message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
@@ -86,10 +98,8 @@ class HostileServer:
     def share_request(self, node: int, peers: list[int]) -> dict:
         """The honest share request for ``node`` with ``peers`` as its neighbours (their advertised keys)."""
         request = {"stage": "share", "peers": list(peers)}
-        for name in ("envelope_key", "mask_key"):
+        for name in ("envelope_key", "mask_key", "identity_key", "signature"):
             request[f"{name}s"] = [bytes(self.advertised[p][name]) for p in peers]
-        extra = extra_share_fields(self, peers)
-        request.update(extra)
         return request
 
     def share(self, node: int, peers: list[int]) -> dict[int, bytes]:
@@ -117,17 +127,7 @@ class HostileServer:
             return None
         seed = combine_shares(seed_shares[:threshold], threshold)
         bits = int(self.cfg.secure_agg.modulus_bits)
-        clear = apply_masks(np.array(masked, dtype=np.uint64), [(seed, SUBTRACT)], bits)
-        levels = levels_for(bits, int(self.cfg.simulation.num_clients))
-        sa = self.cfg.secure_agg
-        weighted = dequantize_sum(clear[:-1], 1, float(sa.clip_range) * float(sa.max_weight), levels)
-        weight = dequantize_sum(clear[-1:], 1, float(sa.max_weight), levels)[0]
-        return weighted / max(weight, 1e-12)
-
-
-def extra_share_fields(server: HostileServer, peers: list[int]) -> dict:
-    """Fields a share request carries besides the peers' keys (none yet)."""
-    return {}
+        return _dequantized(self, apply_masks(np.array(masked, dtype=np.uint64), [(seed, SUBTRACT)], bits))
 
 
 def revealed(reply: Message) -> dict[int, tuple[str, bytes]]:
@@ -138,3 +138,63 @@ def revealed(reply: Message) -> dict[int, tuple[str, bytes]]:
 def is_input_of(rebuilt: np.ndarray | None, node: int) -> bool:
     """Whether ``rebuilt`` is site ``node``'s update (the stand-in training's step on every coordinate)."""
     return rebuilt is not None and bool(np.allclose(rebuilt, step(node), atol=1e-3))
+
+
+def key_substitution_attack(server: HostileServer, target: int, peers: list[int]) -> tuple[Message, np.ndarray | None]:
+    """Attack 1: relay the server's own round keys as ``peers``' keys to ``target``.
+
+    With old clients the target seals every share for keys the server holds: the server opens
+    them, rebuilds the target's self-mask seed and mask private key, feeds the target shares
+    it made itself so it masks, and removes every mask. Returns the target's share-stage
+    reply and the rebuilt input (None when the attack stopped short).
+    """
+    bits, threshold = int(server.cfg.secure_agg.modulus_bits), int(server.cfg.secure_agg.threshold)
+    fakes = {peer: (generate_key_pair(), generate_key_pair()) for peer in peers}
+    request = server.share_request(target, peers)
+    request["envelope_keys"] = [fakes[p][0].public_bytes for p in peers]
+    request["mask_keys"] = [fakes[p][1].public_bytes for p in peers]
+    reply = server.stage(target, request)
+    if reply.has_error():
+        return reply, None
+    record = reply.content[protocol.SECAGG_KEY]
+    target_envelope = bytes(server.advertised[target]["envelope_key"])
+    target_mask = bytes(server.advertised[target]["mask_key"])
+    seed_shares, key_shares, crafted = [], [], {}
+    for to, sealed in zip(record["to"], record["ciphertexts"], strict=True):
+        key = derive_shared_key(fakes[int(to)][0].private, target_envelope, SHARE_PURPOSE)
+        payload = open_sealed(key, bytes(sealed), sender=target, receiver=int(to), server_round=server.server_round)
+        length = int.from_bytes(payload[:2], "big")
+        seed_shares.append(payload[2 : 2 + length])
+        key_shares.append(payload[2 + length :])
+    junk = split_secret(bytes(32), threshold, len(peers))
+    for index, peer in enumerate(peers):  # shares "from" the fake peers, so the target masks with them
+        key = derive_shared_key(fakes[peer][0].private, target_envelope, SHARE_PURPOSE)
+        payload = len(junk[index]).to_bytes(2, "big") + junk[index] + junk[index]
+        crafted[peer] = seal(key, payload, sender=peer, receiver=target, server_round=server.server_round)
+    masked_reply = server.mask(target, crafted)
+    if masked_reply.has_error():
+        return masked_reply, None
+    seed = combine_shares(seed_shares[:threshold], threshold)
+    target_private = private_key_from_bytes(combine_shares(key_shares[:threshold], threshold))
+    assert public_key_of(target_private) == target_mask
+    removals = [(seed, SUBTRACT)]
+    for peer in peers:
+        pairwise = derive_shared_key(target_private, fakes[peer][1].public_bytes, MASK_PURPOSE)
+        removals.append((pairwise, SUBTRACT if target < peer else ADD))
+    masked = masked_reply.content[protocol.SECAGG_KEY]["masked"].numpy()
+    clear = apply_masks(np.array(masked, dtype=np.uint64), removals, bits)
+    return reply, _dequantized(server, clear)
+
+
+def public_key_of(private) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _dequantized(server: HostileServer, clear: np.ndarray) -> np.ndarray:
+    sa = server.cfg.secure_agg
+    levels = levels_for(int(sa.modulus_bits), int(server.cfg.simulation.num_clients))
+    weighted = dequantize_sum(clear[:-1], 1, float(sa.clip_range) * float(sa.max_weight), levels)
+    weight = dequantize_sum(clear[-1:], 1, float(sa.max_weight), levels)[0]
+    return weighted / max(weight, 1e-12)

@@ -22,7 +22,9 @@ reconstruction is memoized per distinct set of shares, see ``_recombine_once``).
 from __future__ import annotations
 
 import copy
+import tempfile
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,9 +37,10 @@ from fedguard.clients.wire import protocol
 from fedguard.clients.app import app as client_app
 from fedguard.clients.datasets import load_dataset
 from fedguard.clients.models import build_model
+from fedguard.clients.secagg_identity import provision_rosters
 from fedguard.clients.secure_aggregation import SESSION_STATE_KEY, secure_aggregation_mod
 from fedguard.conf.run_config import config_to_yaml
-from fedguard.privacy.secagg import protocol as secagg_protocol
+from fedguard.privacy.secagg import server_session as secagg_server_session
 from fedguard.privacy.secagg.shamir import combine_shares
 from fedguard.server.reply_checks import stage_reply_problem, train_reply_problem
 from fedguard.server.secure_aggregation import SecureAggregationExchange
@@ -50,15 +53,15 @@ NODES = (11, 22, 33, 44)
 TARGET = 22
 STAGE_KEYS = {
     "advertise": {protocol.METRICS_KEY: [protocol.NUM_EXAMPLES_KEY, protocol.TRAIN_LOSS_KEY],
-                  protocol.SECAGG_KEY: ["stage", "envelope_key", "mask_key"]},
+                  protocol.SECAGG_KEY: ["stage", "envelope_key", "mask_key", "identity_key", "signature"]},
     "share": {protocol.SECAGG_KEY: ["to", "ciphertexts"]},
     "mask": {protocol.SECAGG_KEY: [], protocol.SECAGG_REJECTED_KEY: [protocol.SECAGG_REJECTED_FIELD]},
     "unmask": {protocol.SECAGG_KEY: ["for", "kinds", "shares"]},
 }
 REQUEST_KEYS = {
-    "share": {protocol.SECAGG_KEY: ["stage", "peers", "envelope_keys", "mask_keys"]},
-    "mask": {protocol.SECAGG_KEY: ["stage", "from", "ciphertexts"]},
-    "unmask": {protocol.SECAGG_KEY: ["stage", "survivors", "dropped"]},
+    "share": {protocol.SECAGG_KEY: ["stage", "round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys", "signatures"]},
+    "mask": {protocol.SECAGG_KEY: ["stage", "round", "session", "from", "ciphertexts"]},
+    "unmask": {protocol.SECAGG_KEY: ["stage", "round", "session", "survivors", "dropped"]},
 }
 # The stand-in training's update: STEP_UNIT x (node id mod STEP_SPREAD + 1), over EXAMPLES examples each.
 STEP_UNIT, STEP_SPREAD, EXAMPLES = 0.001, 7, 30
@@ -67,6 +70,8 @@ STEP_UNIT, STEP_SPREAD, EXAMPLES = 0.001, 7, 30
 FLOAT32_TOLERANCE = 1e-6
 # Seconds the exchange may wait for train replies; the in-process grid answers at once.
 TRAIN_TIMEOUT = 5.0
+# The sites' state dirs: their identity keys and the roster they pinned (the stand-in for out-of-band distribution).
+SITES_ROOT = Path(tempfile.mkdtemp(prefix="fedguard-fuzz-secagg-"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -87,7 +92,7 @@ def _recombine_once():
         return rebuilt[key]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(secagg_protocol, "combine_shares", recombine)
+        patch.setattr(secagg_server_session, "combine_shares", recombine)
         yield
 
 
@@ -104,6 +109,10 @@ class Setup:
         self.yaml = config_to_yaml(self.cfg)
         self.clients = HonestClients()
         self.exchange = SecureAggregationExchange(self.cfg)  # holds no round state; built once
+        # One session id for every case: the snapshot replays one session's answers (a fresh id
+        # per case would make every train request new to the honest clients).
+        self.exchange.new_session_id = lambda: b"fuzz-session-id!"
+        provision_rosters({f"site-{node}": SITES_ROOT / f"site-{node}" for node in NODES})
 
     def __repr__(self) -> str:
         return "Setup(secaggplus, 4 clients)"
@@ -173,7 +182,8 @@ def _fingerprint(message: Message) -> tuple:
 
 
 def _context(node: int, state: RecordDict) -> Context:
-    node_config = {"partition-id": NODES.index(node), "num-partitions": len(NODES)}
+    node_config = {"partition-id": NODES.index(node), "num-partitions": len(NODES),
+                   "state-dir": str(SITES_ROOT / f"site-{node}")}
     return Context(run_id=1, node_id=node, node_config=node_config, state=state, run_config={})
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from secagg_attack_support import HostileServer, is_input_of, revealed
+from secagg_attack_support import HostileServer, is_input_of, key_substitution_attack, revealed
 
 from fedguard.clients.secure_aggregation import SESSION_STATE_KEY
 from fedguard.clients.wire import protocol
@@ -38,10 +38,61 @@ def _masked(reply) -> np.ndarray:
     return reply.content[protocol.SECAGG_KEY]["masked"].numpy()
 
 
-def test_attack2_withheld_shares_client_refuses_to_mask(compose):
+def test_attack1_substituted_round_keys_are_refused(compose, tmp_path):
+    """The server relays its own round keys under the target's peers' node ids (keeping their
+    identity keys and signatures, or dropping them): the target must not seal shares for them."""
+    server = HostileServer(_cfg(compose), NODES, tmp_path)
+    server.train_all()
+    peers = [n for n in NODES if n != TARGET]
+    reply, rebuilt = key_substitution_attack(server, TARGET, peers)
+    assert not is_input_of(rebuilt, TARGET), "the server rebuilt the target's input"
+    assert reply.has_error() and "threshold" in reply.error.reason  # no verified peer left to share with
+    assert SESSION_STATE_KEY not in server.contexts[TARGET].state
+
+
+def test_attack1_relabelled_replayed_or_foreign_adverts_are_left_out(compose, tmp_path):
+    """Genuine signed keys moved to another node id, replayed from another session, or signed by a
+    key off the roster: each is left out; only correctly signed peers remain."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedguard.clients.secagg_identity import verified_peers
+    from fedguard.privacy.secagg.identity import public_bytes, sign_advert
+
+    server = HostileServer(_cfg(compose), NODES, tmp_path)
+    server.train_all()
+    adverts = {
+        n: tuple(bytes(server.advertised[n][f]) for f in ("envelope_key", "mask_key", "identity_key", "signature"))
+        for n in NODES
+    }
+    own = adverts[TARGET][2]
+    honest = {n: a for n, a in adverts.items() if n != TARGET}
+    assert set(verified_peers(server.roster, own, 1, server.session_id, honest)) == {11, 33, 44}
+    assert verified_peers(server.roster, own, 1, b"another-session", honest) == {}
+    assert verified_peers(server.roster, own, 2, server.session_id, honest) == {}
+    relabelled = {**honest, 55: honest[33]}  # site 33's advert shown again as node 55
+    del relabelled[33]
+    assert set(verified_peers(server.roster, own, 1, server.session_id, relabelled)) == {11, 44}
+    duplicated = {**honest, 55: (*honest[33][:2], honest[33][2], honest[33][3])}
+    assert set(verified_peers(server.roster, own, 1, server.session_id, duplicated)) == {11, 44}
+    stranger = Ed25519PrivateKey.generate()  # a sybil's identity, not on the roster
+    env, mask = honest[11][:2]
+    sybil = {**honest, 11: (env, mask, public_bytes(stranger), sign_advert(stranger, 1, server.session_id, 11, env, mask))}
+    assert set(verified_peers(server.roster, own, 1, server.session_id, sybil)) == {33, 44}
+    myself = {**honest, 11: adverts[TARGET]}  # the target's own advert reflected back
+    assert set(verified_peers(server.roster, own, 1, server.session_id, myself)) == {33, 44}
+
+
+def test_attack1_a_site_without_a_roster_refuses_to_share(compose, tmp_path):
+    server = HostileServer(_cfg(compose), NODES, tmp_path, node_configs={TARGET: {"secagg-roster": str(tmp_path / "none.json")}})
+    server.train_all()
+    reply = server.stage(TARGET, server.share_request(TARGET, [n for n in NODES if n != TARGET]))
+    assert reply.has_error() and "roster" in reply.error.reason
+
+
+def test_attack2_withheld_shares_client_refuses_to_mask(compose, tmp_path):
     """The server withholds every share from the target, then asks its neighbours for the
     target's self-mask seed: with no pairwise mask, seed removal would expose the input."""
-    server = HostileServer(_cfg(compose), NODES)
+    server = HostileServer(_cfg(compose), NODES, tmp_path)
     server.train_all()
     inbox = server.honest_shares(_complete(NODES))
     reply = server.mask(TARGET, {})  # every share to the target withheld
@@ -61,8 +112,8 @@ def test_attack2_withheld_shares_client_refuses_to_mask(compose):
     assert SESSION_STATE_KEY not in server.contexts[TARGET].state  # secrets wiped on abort
 
 
-def test_attack2_one_share_short_of_threshold_is_refused_too(compose):
-    server = HostileServer(_cfg(compose, 5, 4, 3), (11, 22, 33, 44, 55))
+def test_attack2_one_share_short_of_threshold_is_refused_too(compose, tmp_path):
+    server = HostileServer(_cfg(compose, 5, 4, 3), (11, 22, 33, 44, 55), tmp_path)
     server.train_all()
     inbox = server.honest_shares(_complete(server.nodes))
     kept = dict(list(inbox[TARGET].items())[:2])  # 2 valid shares, threshold 3
@@ -70,9 +121,9 @@ def test_attack2_one_share_short_of_threshold_is_refused_too(compose):
     assert reply.has_error() and "only 2 valid share(s)" in reply.error.reason
 
 
-def test_attack3_unmask_naming_the_client_dropped_is_refused(compose):
+def test_attack3_unmask_naming_the_client_dropped_is_refused(compose, tmp_path):
     """The server tells the target it dropped (the story it tells others to get its mask key)."""
-    server = HostileServer(_cfg(compose), NODES)
+    server = HostileServer(_cfg(compose), NODES, tmp_path)
     server.train_all()
     inbox = server.honest_shares(_complete(NODES))
     for node in NODES:
@@ -82,8 +133,8 @@ def test_attack3_unmask_naming_the_client_dropped_is_refused(compose):
     assert SESSION_STATE_KEY not in server.contexts[TARGET].state
 
 
-def test_attack3_unmask_naming_a_peer_both_ways_is_refused(compose):
-    server = HostileServer(_cfg(compose), NODES)
+def test_attack3_unmask_naming_a_peer_both_ways_is_refused(compose, tmp_path):
+    server = HostileServer(_cfg(compose), NODES, tmp_path)
     server.train_all()
     inbox = server.honest_shares(_complete(NODES))
     for node in NODES:
@@ -102,9 +153,9 @@ def test_attack3_unmask_naming_a_peer_both_ways_is_refused(compose):
     ],
     ids=["colluders", "min-threshold", "max-neighbours"],
 )
-def test_attack6_a_site_refuses_parameters_below_its_own_pins(compose, site, neighbours, threshold, clients, reason):
+def test_attack6_a_site_refuses_parameters_below_its_own_pins(compose, tmp_path, site, neighbours, threshold, clients, reason):
     """The run's config (the server's) asks for k, t the site's own settings do not allow."""
-    server = HostileServer(_cfg(compose, clients, neighbours, threshold), NODES, node_configs={TARGET: site})
+    server = HostileServer(_cfg(compose, clients, neighbours, threshold), NODES, tmp_path, node_configs={TARGET: site})
     with pytest.raises(SecAggError, match=reason.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         server.train(TARGET)
     assert SESSION_STATE_KEY not in server.contexts[TARGET].state
@@ -112,11 +163,11 @@ def test_attack6_a_site_refuses_parameters_below_its_own_pins(compose, site, nei
     assert SESSION_STATE_KEY in server.contexts[11].state
 
 
-def test_attack6_more_peers_than_announced_are_refused(compose):
+def test_attack6_more_peers_than_announced_are_refused(compose, tmp_path):
     """Announced k=4, t=3 (3 > 4/2 holds); the server then hands the target 6 peers, among
     which 3 seed shares and 3 mask-key shares would both be reachable (2t <= 6)."""
     nodes = (11, 22, 33, 44, 55, 66, 77)
-    server = HostileServer(_cfg(compose, 7, 4, 3), nodes)
+    server = HostileServer(_cfg(compose, 7, 4, 3), nodes, tmp_path)
     server.train_all()
     reply = server.stage(TARGET, server.share_request(TARGET, [n for n in nodes if n != TARGET]))
     assert reply.has_error() and "more than the announced neighbours=4" in reply.error.reason
@@ -168,9 +219,9 @@ def test_the_server_refuses_more_summands_than_the_levels_assume():
         check_summands(5, 4)
 
 
-def test_honest_round_through_the_hostile_harness_still_completes(compose):
+def test_honest_round_through_the_hostile_harness_still_completes(compose, tmp_path):
     """The harness itself is sound: honest requests give every client's masked input and shares."""
-    server = HostileServer(_cfg(compose), NODES)
+    server = HostileServer(_cfg(compose), NODES, tmp_path)
     server.train_all()
     inbox = server.honest_shares(_complete(NODES))
     for node in NODES:
@@ -179,3 +230,35 @@ def test_honest_round_through_the_hostile_harness_still_completes(compose):
     assert not any(a.has_error() for a in answers)
     assert all(set(revealed(a)) == set(NODES) - {n} for a, n in zip(answers, NODES))
 
+
+
+def test_replayed_reordered_or_foreign_session_stage_requests_are_refused(compose, tmp_path):
+    """Stage requests carry round and session; each stage runs once, in order."""
+    server = HostileServer(_cfg(compose), NODES, tmp_path)
+    server.train_all()
+    peers = [n for n in NODES if n != TARGET]
+    early = server.mask(TARGET, {})  # mask before share: out of order
+    assert early.has_error() and "out of order" in early.error.reason
+    server.train(TARGET)  # (the refusal wiped the round) a fresh session for the target
+    other = server.stage(TARGET, {**server.share_request(TARGET, peers), "session": b"an-old-session!!"})
+    assert other.has_error() and "another session" in other.error.reason
+    assert SESSION_STATE_KEY in server.contexts[TARGET].state  # a stale request changes nothing
+    stale = server.stage(TARGET, {**server.share_request(TARGET, peers), "round": 0})
+    assert stale.has_error() and "another session" in stale.error.reason
+    inbox = server.honest_shares(_complete(NODES))
+    again = server.stage(TARGET, server.share_request(TARGET, peers))  # a replayed share request
+    assert again.has_error() and "out of order" in again.error.reason
+    assert SESSION_STATE_KEY not in server.contexts[TARGET].state  # a protocol violation aborts: secrets wiped
+    del inbox
+
+
+def test_a_second_unmask_request_gets_no_answer(compose, tmp_path):
+    """Once a client has answered one survivor list, a second (a different story) gets nothing."""
+    server = HostileServer(_cfg(compose), NODES, tmp_path)
+    server.train_all()
+    inbox = server.honest_shares(_complete(NODES))
+    for node in NODES:
+        assert not server.mask(node, inbox[node]).has_error()
+    assert not server.unmask(11, set(NODES), set()).has_error()
+    second = server.unmask(11, set(NODES) - {TARGET}, {TARGET})
+    assert second.has_error()

@@ -82,7 +82,7 @@ def test_a_client_refuses_to_reveal_both_secrets_of_one_peer():
     client = ClientSession(1, params, 1)
     with pytest.raises(SecAggError, match="before sending"):
         client.unmask({2, 3}, set())
-    client._masked_sent = True
+    client._stage = "masked"  # as after sending its masked input
     with pytest.raises(SecAggError, match="both survived and dropped"):
         client.unmask({2, 3}, {3})
 

@@ -31,6 +31,11 @@ SECAGG_MESSAGE_TYPE = "train.secagg"
 # ConfigRecord beside the mask answer: the senders whose shares failed authentication
 # (the client left them out of its masks), under SECAGG_REJECTED_FIELD.
 SECAGG_REJECTED_KEY = "secagg-rejected"
+# In a SecAgg+ round's train config: the server's random id for this run of the protocol
+# (bytes). Sites sign it with their round keys, so signed keys cannot be replayed into
+# another session of the same round.
+SECAGG_SESSION_KEY = "secagg-session"
+SECAGG_SESSION_BYTES = 16
 SECAGG_REJECTED_FIELD = "from"
 # Client-level DP with adaptive clipping (privacy/adaptive_clipping.py): ConfigRecord holding
 # the client's centred clip indicator b - 1/2 under CLIP_INDICATOR_FIELD. Sent as is in plain

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,58 +40,28 @@ from fedguard.privacy.secagg.keys import (
 )
 from fedguard.privacy.secagg.errors import SecAggError
 from fedguard.privacy.secagg.masking import ADD, SUBTRACT, apply_masks
+from fedguard.privacy.secagg.params import (
+    MASK_PURPOSE,
+    SEED_BYTES,
+    SELF_MASK_PURPOSE,
+    SHARE_PURPOSE,
+    SecAggParams,
+    neighbour_graph,
+)
 from fedguard.privacy.secagg.policy import SitePolicy
-from fedguard.privacy.secagg.shamir import combine_shares, split_secret
+from fedguard.privacy.secagg.server_session import ServerSession
+from fedguard.privacy.secagg.shamir import split_secret
 
-__all__ = ["ClientSession", "SecAggError", "SecAggParams", "ServerSession", "SitePolicy", "neighbour_graph"]
-
-SEED_BYTES = 32
-MASK_PURPOSE = b"pairwise-mask"
-SHARE_PURPOSE = b"share-envelope"
-SELF_MASK_PURPOSE = b"self-mask"
+__all__ = [
+    "MASK_PURPOSE", "SEED_BYTES", "SELF_MASK_PURPOSE", "SHARE_PURPOSE", "ClientSession", "SecAggError", "SecAggParams",
+    "ServerSession", "SitePolicy", "neighbour_graph",
+]
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SecAggParams:
-    modulus_bits: int
-    neighbours: int
-    threshold: int
-
-    def validate(self, cohort: int) -> None:
-        degree = min(self.neighbours, cohort - 1)
-        if cohort < 2:
-            raise SecAggError("secure aggregation needs at least 2 clients in a round")
-        if not 2 <= self.threshold <= degree:
-            raise SecAggError(
-                f"threshold={self.threshold} must be between 2 and the neighbour count {degree} "
-                f"(neighbours={self.neighbours}, {cohort} clients)"
-            )
-
-
-def neighbour_graph(nodes: list[int], neighbours: int, seed: int) -> dict[int, set[int]]:
-    """A k-regular graph: a seeded random ring where each node links to k/2 nodes on each side.
-
-    With k >= n - 1 it is the complete graph. Otherwise k must be even (each ring link is
-    shared by two nodes); an odd k is refused rather than rounded up, since k + 1 peers
-    per client would break the threshold rule the sites checked against k.
-    """
-    order = sorted(nodes)
-    random.Random(seed).shuffle(order)
-    count = len(order)
-    if neighbours >= count - 1:
-        return {node: set(order) - {node} for node in order}
-    if neighbours % 2:
-        raise SecAggError(f"neighbours={neighbours} is odd; a ring graph over {count} clients needs an even count")
-    half = neighbours // 2
-    graph: dict[int, set[int]] = {node: set() for node in order}
-    for position, node in enumerate(order):
-        for offset in range(1, half + 1):
-            other = order[(position + offset) % count]
-            graph[node].add(other)
-            graph[other].add(node)
-    return graph
+# The client session's states, in order; DONE after unmasking or an abort.
+ADVERTISED, SHARED, MASKED, DONE = "advertised", "shared", "masked", "done"
+STAGES = (ADVERTISED, SHARED, MASKED, DONE)
 
 
 def _key_pair(raw_private: bytes) -> KeyPair:
@@ -111,6 +80,8 @@ class ClientSession:
     neighbours: set[int] = field(default_factory=set)
     # This site's own limits on k and t (never serialized: re-read from the site's settings).
     policy: SitePolicy = field(default_factory=SitePolicy)
+    # The server's id for this round's run of the protocol: signed adverts and stage requests carry it.
+    session_id: bytes = b""
 
     def __post_init__(self) -> None:
         self._envelope_keys = generate_key_pair()
@@ -118,7 +89,7 @@ class ClientSession:
         self._self_seed = os.urandom(SEED_BYTES)
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}
         self._held_shares: dict[int, tuple[bytes, bytes]] = {}  # peer -> (self-seed share, mask-key share)
-        self._masked_sent = False
+        self._stage = ADVERTISED
         self.rejected_senders: set[int] = set()  # shares that failed authentication at the mask stage
         self.aborted = False  # set by wipe(): the caller must drop this session
 
@@ -132,6 +103,7 @@ class ClientSession:
         return {
             "node_id": self.node_id,
             "round": self.server_round,
+            "session": self.session_id,
             "params": [self.params.modulus_bits, self.params.neighbours, self.params.threshold],
             "envelope_key": private_key_bytes(self._envelope_keys.private),
             "mask_key": private_key_bytes(self._mask_keys.private),
@@ -143,7 +115,7 @@ class ClientSession:
             "held_from": held,
             "held_seed_shares": [self._held_shares[p][0] for p in held],
             "held_key_shares": [self._held_shares[p][1] for p in held],
-            "masked_sent": self._masked_sent,
+            "stage": self._stage,
         }
 
     @classmethod
@@ -151,7 +123,8 @@ class ClientSession:
         try:
             bits, neighbours, threshold = (int(v) for v in record["params"])
             params = SecAggParams(bits, neighbours, threshold)
-            session = cls(int(record["node_id"]), params, int(record["round"]), policy=policy or SitePolicy())
+            session = cls(int(record["node_id"]), params, int(record["round"]), policy=policy or SitePolicy(),
+                          session_id=bytes(record["session"]))
             session._envelope_keys = _key_pair(bytes(record["envelope_key"]))
             session._mask_keys = _key_pair(bytes(record["mask_key"]))
             session._self_seed = bytes(record["self_seed"])
@@ -164,7 +137,9 @@ class ClientSession:
                 int(p): (bytes(a), bytes(b))
                 for p, a, b in zip(record["held_from"], record["held_seed_shares"], record["held_key_shares"], strict=True)
             }
-            session._masked_sent = bool(record["masked_sent"])
+            session._stage = str(record["stage"])
+            if session._stage not in STAGES:
+                raise ValueError(f"unknown stage {session._stage!r}")
         except (KeyError, TypeError, ValueError) as err:
             raise SecAggError(f"secure aggregation state is malformed: {err}") from err
         return session
@@ -177,8 +152,15 @@ class ClientSession:
         self._self_seed = os.urandom(SEED_BYTES)
         self._held_shares = {}
         self._peer_keys = {}
-        self._masked_sent = False
+        self._stage = DONE
         self.aborted = True
+
+    def _expect(self, stage: str, request: str) -> None:
+        """The stages run once each, in order: a replayed or reordered request is refused (a second
+        share would split the secrets again under keys the server may have swapped; a second
+        unmask would answer a second survivor list)."""
+        if self._stage != stage:
+            raise SecAggError(f"client {self.node_id}: {request} request out of order (this session is at {self._stage!r})")
 
     # Stage 0
     def advertise(self) -> tuple[bytes, bytes]:
@@ -186,6 +168,7 @@ class ClientSession:
 
     # Stage 1
     def share(self, neighbour_keys: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+        self._expect(ADVERTISED, "share")
         peers = sorted(set(neighbour_keys) - {self.node_id})
         if len(peers) < self.params.threshold:
             raise SecAggError(f"client {self.node_id}: {len(peers)} neighbours < threshold {self.params.threshold}")
@@ -201,6 +184,7 @@ class ClientSession:
             key = derive_shared_key(self._envelope_keys.private, self._peer_keys[peer][0], SHARE_PURPOSE)
             payload = len(seed_share).to_bytes(2, "big") + seed_share + key_share
             sealed[peer] = seal(key, payload, sender=self.node_id, receiver=peer, server_round=self.server_round)
+        self._stage = SHARED
         return sealed
 
     # Stage 2
@@ -210,8 +194,9 @@ class ClientSession:
         ``overwrite_input`` masks a contiguous uint64 ``quantized`` in place (the caller's
         copy of the clear input is then gone), sparing a model-sized copy.
         """
-        if self._masked_sent:
+        if self._stage == MASKED:
             raise SecAggError(f"client {self.node_id}: asked to mask a second time this round")
+        self._expect(SHARED, "mask")
         bits = self.params.modulus_bits
         unknown = sorted(set(received) - self.neighbours)
         if unknown:
@@ -256,13 +241,13 @@ class ClientSession:
         in_place = in_place and flags.c_contiguous and flags.writeable
         masked = quantized if in_place else np.array(quantized, dtype=np.uint64).reshape(-1)
         apply_masks(masked, masks, bits)
-        self._masked_sent = True
+        self._stage = MASKED
         return masked
 
     # Stage 3
     def unmask(self, survivors: set[int], dropped: set[int]) -> dict[int, tuple[str, bytes]]:
         """Shares to reveal: ('seed', share) for surviving neighbours, ('key', share) for dropped ones."""
-        if not self._masked_sent:
+        if self._stage != MASKED:
             raise SecAggError(f"client {self.node_id}: asked to unmask before sending its masked input")
         if survivors & dropped:
             self.wipe()
@@ -275,6 +260,7 @@ class ClientSession:
             raise SecAggError(f"client {self.node_id}: the unmask request does not list this client among the survivors")
         if len(survivors) < self.params.threshold:
             raise SecAggError(f"client {self.node_id}: only {len(survivors)} survivors, below threshold")
+        self._stage = DONE  # one answer per session: a second survivor list gets none
         revealed: dict[int, tuple[str, bytes]] = {}
         for peer, (seed_share, key_share) in self._held_shares.items():
             if peer in survivors:
@@ -282,94 +268,3 @@ class ClientSession:
             elif peer in dropped:
                 revealed[peer] = ("key", key_share)
         return revealed
-
-
-@dataclass
-class ServerSession:
-    params: SecAggParams
-    server_round: int
-    graph: dict[int, set[int]]
-    public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
-
-    def route_keys(self, advertised: dict[int, tuple[bytes, bytes]]) -> dict[int, dict[int, tuple[bytes, bytes]]]:
-        self.public_keys = dict(advertised)
-        alive = set(advertised)
-        return {node: {peer: advertised[peer] for peer in self.graph[node] & alive} for node in alive}
-
-    def route_shares(self, shares: dict[int, dict[int, bytes]]) -> dict[int, dict[int, bytes]]:
-        """Deliver each share to its addressee, if that is a neighbour of its sender that shared too."""
-        inbox: dict[int, dict[int, bytes]] = {node: {} for node in shares}
-        for sender, sealed in shares.items():
-            for receiver, ciphertext in sealed.items():
-                if receiver in inbox and receiver in self.graph.get(sender, set()):
-                    inbox[receiver][sender] = ciphertext
-        return inbox
-
-    def settle(
-        self, masked_nodes: set[int], inbox: dict[int, dict[int, bytes]], rejected: dict[int, set[int]]
-    ) -> tuple[set[int], dict[int, set[int]]]:
-        """Which inputs enter the sum, and whom each of those clients masked with.
-
-        A client masked with the senders it received shares from minus those it rejected.
-        Survivors' pairwise masks cancel only where both sides masked with each other, so a
-        client that some survivor did not mask with (its share was rejected, or it never sent
-        one) is left out of the sum, which needs its mask key instead of its self-mask seed.
-        """
-        masked_with = {node: set(inbox.get(node, {})) - rejected.get(node, set()) for node in masked_nodes}
-        left_out = {
-            other
-            for node in masked_nodes
-            for other in masked_nodes - {node}
-            if node in masked_with[other] and other not in masked_with[node]
-        }
-        return masked_nodes - left_out, masked_with
-
-    def aggregate(
-        self,
-        masked: dict[int, np.ndarray],
-        sharers: set[int],
-        revealed: dict[int, dict[int, tuple[str, bytes]]],
-        masked_with: dict[int, set[int]],
-    ) -> tuple[np.ndarray, int]:
-        """Sum of the survivors' quantized inputs (mod 2^bits) and how many survived.
-
-        ``masked`` holds exactly the inputs to sum (see ``settle``); ``masked_with`` says,
-        for each of them, which peers it added a pairwise mask with.
-        """
-        bits, threshold = self.params.modulus_bits, self.params.threshold
-        survivors = set(masked)
-        if not survivors <= sharers:
-            raise SecAggError(f"masked inputs from clients that never shared keys: {sorted(survivors - sharers)}")
-        if len(survivors) < threshold:
-            raise SecAggError(f"only {len(survivors)} clients sent masked inputs; threshold is {threshold}")
-        shapes = {(np.asarray(v).dtype, np.shape(v)) for v in masked.values()}
-        if len(shapes) != 1 or next(iter(shapes))[0] != np.uint64 or len(next(iter(shapes))[1]) != 1:
-            raise SecAggError(f"masked inputs must be uint64 vectors of one length; got {sorted(map(str, shapes))}")
-        vectors = iter(masked.values())
-        total = np.array(next(vectors), dtype=np.uint64, copy=True)
-        for vector in vectors:
-            np.add(total, vector, out=total)  # uint64 wrap-around is congruent mod 2^bits
-        removals: list[tuple[bytes, int]] = []
-        for node in sorted(sharers):
-            kind = "seed" if node in survivors else "key"
-            maskers = {peer for peer in survivors if node in masked_with.get(peer, set())}
-            if kind == "key" and not maskers:
-                continue  # nobody in the sum masked with it: nothing of it to remove
-            shares = [by_peer[node][1] for by_peer in revealed.values() if node in by_peer and by_peer[node][0] == kind]
-            if len(shares) < threshold:
-                what = "its self-mask" if kind == "seed" else f"the masks {len(maskers)} survivor(s) added with it"
-                raise SecAggError(
-                    f"client {node}: only {len(shares)} valid share(s) revealed, threshold is {threshold}; "
-                    f"cannot remove {what}"
-                )
-            secret = combine_shares(shares, threshold)
-            if kind == "seed":
-                removals.append((secret, SUBTRACT))
-                continue
-            mask_private = private_key_from_bytes(secret)
-            for peer in sorted(maskers):
-                key = derive_shared_key(mask_private, self.public_keys[peer][1], MASK_PURPOSE)
-                # survivor `peer` added +mask if peer < node, else -mask: undo exactly that
-                removals.append((key, SUBTRACT if peer < node else ADD))
-        apply_masks(total, removals, bits)
-        return total, len(survivors)
