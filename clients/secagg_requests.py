@@ -30,7 +30,8 @@ from fedguard.privacy.secagg.identity import IDENTITY_KEY_BYTES, SIGNATURE_BYTES
 STAGE_FIELDS = {
     "share": ("round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys", "signatures"),
     "mask": ("round", "session", "from", "ciphertexts"),
-    "unmask": ("round", "session", "survivors", "dropped"),
+    "consistency": ("round", "session", "survivors"),
+    "unmask": ("round", "session", "survivors", "dropped", "signers", "signatures"),
 }
 
 
@@ -75,12 +76,17 @@ def check_stage_request(msg: Message, context: Context) -> None:
             raise MalformedMessage("'from' and 'ciphertexts' must be equally long")
         if INPUT_STATE_KEY not in context.state:
             raise MalformedMessage("mask request, but this client holds no input for the round")
+    elif stage == "consistency":
+        node_ids(request, "survivors", MAX_PEERS)
     else:
         node_ids(request, "survivors", MAX_PEERS)
         node_ids(request, "dropped", MAX_PEERS)
+        signers = node_ids(request, "signers", MAX_PEERS)
+        if len(signers) != len(byte_strings(request, "signatures", MAX_PEERS, size=(SIGNATURE_BYTES, SIGNATURE_BYTES))):
+            raise MalformedMessage("'signers' and 'signatures' must be equally long")
 
 
 def secure_aggregation_stage(msg: Message, context: Context) -> Message:
-    """SecAgg+ stages 1-3 (share, mask, unmask); stage 0 rides on the train reply."""
+    """SecAgg+ stages 1-3 (share, mask, consistency, unmask); stage 0 rides on the train reply."""
     check_stage_request(msg, context)
     return handle_stage(msg, context)

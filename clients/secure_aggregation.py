@@ -190,7 +190,9 @@ def _handle_stage(msg: Message, context: Context) -> Message:
         node_config = dict(context.node_config)
         roster, identity = site_roster(node_config), site_identity(node_config)
         own = public_bytes(identity) if identity is not None else b""
-        sealed = session.share(verified_peers(roster, own, session.server_round, session.session_id, adverts))
+        verified = verified_peers(roster, own, session.server_round, session.session_id, adverts)
+        sealed = session.share(verified)
+        session.peer_identities = {peer: adverts[peer][2] for peer in sealed}
         answer = ConfigRecord({"to": list(sealed), "ciphertexts": list(sealed.values())})
     elif stage == "mask":
         received = {int(s): bytes(c) for s, c in zip(request["from"], request["ciphertexts"], strict=True)}
@@ -201,8 +203,15 @@ def _handle_stage(msg: Message, context: Context) -> Message:
         rejected = ConfigRecord({protocol.SECAGG_REJECTED_FIELD: sorted(session.rejected_senders)})
         reply = RecordDict({protocol.SECAGG_KEY: ArrayRecord({"masked": Array(masked)}), protocol.SECAGG_REJECTED_KEY: rejected})
         return Message(reply, reply_to=msg)
+    elif stage == "consistency":
+        identity = site_identity(dict(context.node_config))
+        if identity is None:
+            raise SecAggError(f"client {context.node_id}: no identity key to sign the survivor set with")
+        answer = ConfigRecord({"signature": session.endorse({int(n) for n in request["survivors"]}, identity)})
     elif stage == "unmask":
-        revealed = session.unmask({int(n) for n in request["survivors"]}, {int(n) for n in request["dropped"]})
+        endorsements = {int(n): bytes(g) for n, g in zip(request["signers"], request["signatures"], strict=True)}
+        revealed = session.unmask({int(n) for n in request["survivors"]}, {int(n) for n in request["dropped"]},
+                                  endorsements)
         answer = ConfigRecord(
             {
                 "for": list(revealed),

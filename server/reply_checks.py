@@ -63,7 +63,7 @@ LEDGER_ENTRIES_FIELD = protocol.LEDGER_ENTRIES_FIELD
 MAX_LEDGER_ENTRIES = 100_000
 MAX_LEDGER_ENTRY_CHARS = 8_000
 MAX_TEXT_CHARS = 1000
-SECAGG_STAGES = ("share", "mask", "unmask")
+SECAGG_STAGES = ("share", "mask", "consistency", "unmask")
 SHARE_KINDS = ("seed", "key")
 MASKED_ARRAY = "masked"
 # A plain reply's clip indicator b - 1/2 (adaptive clipping, central noise): exactly one of these.
@@ -250,6 +250,10 @@ def _check_stage_answer(stage: str, content, vector_length: int | None) -> None:
         ciphertexts = byte_strings(record, "ciphertexts", MAX_PEERS, size=(1, MAX_SHARE_BYTES))
         if set(record.keys()) != {"to", "ciphertexts"} or len(peers) != len(ciphertexts):
             raise MalformedMessage("a share answer holds equally long 'to' and 'ciphertexts' lists only")
+    elif stage == "consistency":
+        signature = record.get("signature")
+        if set(record.keys()) != {"signature"} or not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
+            raise MalformedMessage(f"a consistency answer holds one '{SIGNATURE_BYTES}'-byte 'signature' only")
     elif stage == "unmask":
         peers = node_ids(record, "for", MAX_PEERS)
         kinds = typed_list(record, "kinds", str, MAX_PEERS)

@@ -234,12 +234,28 @@ class SecureAggregationExchange:
         if len(survivors) < self.params.threshold:
             raise SecAggError(f"{len(survivors)} clients sent masked inputs; threshold is {self.params.threshold}")
         check_summands(len(survivors), int(self.cfg.simulation.num_clients))
-        unmask_answers = _answers(
+        # Consistency round: every survivor signs the survivor set; each unmasks only on seeing
+        # at least `threshold` of its neighbours' signatures on that same set.
+        consistency_answers = _answers(
             grid,
             {
-                node: ConfigRecord({"stage": "unmask", "round": server_round, "session": session_id,
-                                    "survivors": sorted(survivors), "dropped": sorted(dropped)})
+                node: ConfigRecord({"stage": "consistency", "round": server_round, "session": session_id,
+                                    "survivors": sorted(survivors)})
                 for node in survivors
+            },
+            self.stage_timeout,
+            "consistency",
+            poll_interval=self.poll_interval,
+        )
+        signed = {n: bytes(r.content[protocol.SECAGG_KEY]["signature"]) for n, r in consistency_answers.items()}
+        unmask_answers = _answers(
+            grid,
+            {  # each survivor gets its neighbours' signatures (the only ones it can check)
+                node: ConfigRecord({"stage": "unmask", "round": server_round, "session": session_id,
+                                    "survivors": sorted(survivors), "dropped": sorted(dropped),
+                                    "signers": sorted(graph[node] & set(signed)),
+                                    "signatures": [signed[n] for n in sorted(graph[node] & set(signed))]})
+                for node in consistency_answers
             },
             self.stage_timeout,
             "unmask",

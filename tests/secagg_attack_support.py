@@ -111,8 +111,20 @@ class HostileServer:
     def mask(self, node: int, received: dict[int, bytes]) -> Message:
         return self.stage(node, {"stage": "mask", "from": list(received), "ciphertexts": list(received.values())})
 
-    def unmask(self, node: int, survivors: set[int], dropped: set[int], **extra) -> Message:
-        return self.stage(node, {"stage": "unmask", "survivors": sorted(survivors), "dropped": sorted(dropped), **extra})
+    def endorse(self, node: int, survivors: set[int]) -> Message:
+        """The consistency round's request: ``node`` signs ``survivors`` (or refuses)."""
+        return self.stage(node, {"stage": "consistency", "survivors": sorted(survivors)})
+
+    def endorse_all(self, nodes, survivors: set[int]) -> dict[int, bytes]:
+        """Signatures of ``nodes`` on ``survivors`` (those that signed)."""
+        replies = {node: self.endorse(node, survivors) for node in nodes}
+        return {n: bytes(r.content[protocol.SECAGG_KEY]["signature"]) for n, r in replies.items() if not r.has_error()}
+
+    def unmask(self, node: int, survivors: set[int], dropped: set[int], endorsements: dict[int, bytes] | None = None
+               ) -> Message:
+        signers = sorted(endorsements or {})
+        return self.stage(node, {"stage": "unmask", "survivors": sorted(survivors), "dropped": sorted(dropped),
+                                 "signers": signers, "signatures": [endorsements[n] for n in signers]})
 
     def honest_shares(self, graph: dict[int, list[int]]) -> dict[int, dict[int, bytes]]:
         """Stage 1 for every site with ``graph`` as the neighbour sets; returns each site's inbox."""
@@ -198,3 +210,62 @@ def _dequantized(server: HostileServer, clear: np.ndarray) -> np.ndarray:
     weighted = dequantize_sum(clear[:-1], 1, float(sa.clip_range) * float(sa.max_weight), levels)
     weight = dequantize_sum(clear[-1:], 1, float(sa.max_weight), levels)[0]
     return weighted / max(weight, 1e-12)
+
+
+def inconsistent_survivors_attack(
+    server: HostileServer, target: int, colluders: list[int], told_survived: int, told_dropped: int
+) -> tuple[Message | None, np.ndarray | None]:
+    """Attack 4: the server, holding ``colluders``' shares and identity keys, shows
+    ``told_survived`` a survivor set with ``target`` in it (for its self-mask seed share) and
+    ``told_dropped`` one without it (for its mask-key share), then rebuilds the target's input.
+
+    Returns ``told_dropped``'s unmask reply (None if never asked) and the rebuilt input (or None).
+    """
+    from fedguard.clients.secagg_identity import SECAGG_DIR
+    from fedguard.clients.secure_aggregation import SESSION_STATE_KEY
+    from fedguard.privacy.secagg import identity as identities
+    from fedguard.privacy.secagg.protocol import ClientSession
+
+    threshold, bits = int(server.cfg.secure_agg.threshold), int(server.cfg.secure_agg.modulus_bits)
+    inbox = server.honest_shares({n: [p for p in server.nodes if p != n] for n in server.nodes})
+    masked = {n: server.mask(n, inbox[n]) for n in server.nodes}
+    held = {c: ClientSession.from_dict(server.contexts[c].state[SESSION_STATE_KEY])._held_shares[target]
+            for c in colluders}  # noqa: SLF001 - what a colluding client hands the server
+    seed_shares = [held[c][0] for c in colluders]
+    key_shares = [held[c][1] for c in colluders]
+    with_target, without_target = set(server.nodes), set(server.nodes) - {target}
+    first = server.endorse(told_survived, with_target)
+    legacy = first.has_error() and "unknown secure aggregation stage" in first.error.reason
+    stories = ((told_survived, with_target, set(), 0), (told_dropped, without_target, {target}, 1))
+    dropped_reply = None
+    for node, survivors, dropped, kind in stories:
+        if legacy:  # clients without a consistency round: the old unmask request
+            reply = server.stage(node, {"stage": "unmask", "survivors": sorted(survivors), "dropped": sorted(dropped)})
+        else:
+            signatures = {}
+            for colluder in colluders:
+                key = identities.load_or_create_identity(server.state_dirs[colluder] / SECAGG_DIR / identities.IDENTITY_FILE)
+                signed = identities.survivors_bytes(server.server_round, server.session_id, survivors)
+                signatures[colluder] = key.sign(signed)
+            if node == told_dropped:
+                signatures.update(server.endorse_all([told_dropped], survivors))
+            else:
+                signatures.update(server.endorse_all([target], with_target))
+                signatures.update({told_survived: bytes(first.content[protocol.SECAGG_KEY]["signature"])})
+            reply = server.unmask(node, survivors, dropped, signatures)
+        if node == told_dropped:
+            dropped_reply = reply
+        if not reply.has_error() and target in revealed(reply):
+            (seed_shares if kind == 0 else key_shares).append(revealed(reply)[target][1])
+    if len(seed_shares) < threshold or len(key_shares) < threshold:
+        return dropped_reply, None
+    seed = combine_shares(seed_shares[:threshold], threshold)
+    target_private = private_key_from_bytes(combine_shares(key_shares[:threshold], threshold))
+    removals = [(seed, SUBTRACT)]
+    for peer in server.nodes:
+        if peer != target:
+            pairwise = derive_shared_key(target_private, bytes(server.advertised[peer]["mask_key"]), MASK_PURPOSE)
+            removals.append((pairwise, SUBTRACT if target < peer else ADD))
+    clear = apply_masks(np.array(masked[target].content[protocol.SECAGG_KEY]["masked"].numpy(), dtype=np.uint64),
+                        removals, bits)
+    return dropped_reply, _dequantized(server, clear)

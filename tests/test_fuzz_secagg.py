@@ -56,12 +56,14 @@ STAGE_KEYS = {
                   protocol.SECAGG_KEY: ["stage", "envelope_key", "mask_key", "identity_key", "signature"]},
     "share": {protocol.SECAGG_KEY: ["to", "ciphertexts"]},
     "mask": {protocol.SECAGG_KEY: [], protocol.SECAGG_REJECTED_KEY: [protocol.SECAGG_REJECTED_FIELD]},
+    "consistency": {protocol.SECAGG_KEY: ["signature"]},
     "unmask": {protocol.SECAGG_KEY: ["for", "kinds", "shares"]},
 }
 REQUEST_KEYS = {
     "share": {protocol.SECAGG_KEY: ["stage", "round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys", "signatures"]},
     "mask": {protocol.SECAGG_KEY: ["stage", "round", "session", "from", "ciphertexts"]},
-    "unmask": {protocol.SECAGG_KEY: ["stage", "round", "session", "survivors", "dropped"]},
+    "consistency": {protocol.SECAGG_KEY: ["stage", "round", "session", "survivors"]},
+    "unmask": {protocol.SECAGG_KEY: ["stage", "round", "session", "survivors", "dropped", "signers", "signatures"]},
 }
 # The stand-in training's update: STEP_UNIT x (node id mod STEP_SPREAD + 1), over EXAMPLES examples each.
 STEP_UNIT, STEP_SPREAD, EXAMPLES = 0.001, 7, 30

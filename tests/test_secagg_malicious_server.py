@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from secagg_attack_support import HostileServer, is_input_of, key_substitution_attack, revealed
+from secagg_attack_support import (
+    HostileServer,
+    inconsistent_survivors_attack,
+    is_input_of,
+    key_substitution_attack,
+    revealed,
+)
 
 from fedguard.clients.secure_aggregation import SESSION_STATE_KEY
 from fedguard.clients.wire import protocol
@@ -89,6 +95,20 @@ def test_attack1_a_site_without_a_roster_refuses_to_share(compose, tmp_path):
     assert reply.has_error() and "roster" in reply.error.reason
 
 
+def test_attack4_inconsistent_survivor_sets_are_refused(compose, tmp_path):
+    """5 sites, k=4, t=3 (2t > k holds, sites assume no colluders), but 2 sites collude with the
+    server: their 2 + 2 shares, one honest site told "the target survived" (a seed share) and
+    one told "it dropped" (a key share) would give 3 of each. The consistency round stops
+    it: the second honest site sees only 2 neighbour signatures on its survivor set."""
+    nodes = (11, 22, 33, 44, 55)
+    server = HostileServer(_cfg(compose, 5, 4, 3), nodes, tmp_path)
+    server.train_all()
+    dropped_reply, rebuilt = inconsistent_survivors_attack(server, TARGET, [11, 33], told_survived=44, told_dropped=55)
+    assert not is_input_of(rebuilt, TARGET), "the server rebuilt the target's input"
+    assert dropped_reply is not None and dropped_reply.has_error()
+    assert "neighbour(s) signed this survivor set" in dropped_reply.error.reason
+
+
 def test_attack2_withheld_shares_client_refuses_to_mask(compose, tmp_path):
     """The server withholds every share from the target, then asks its neighbours for the
     target's self-mask seed: with no pairwise mask, seed removal would expose the input."""
@@ -102,8 +122,9 @@ def test_attack2_withheld_shares_client_refuses_to_mask(compose, tmp_path):
         for node in others:
             assert not server.mask(node, inbox[node]).has_error()
         seed_shares = []
+        endorsements = server.endorse_all(others, set(NODES))
         for node in others:  # "the target survived": reveal its self-mask seed
-            answer = server.unmask(node, set(NODES), set())
+            answer = server.unmask(node, set(NODES), set(), endorsements)
             if not answer.has_error() and TARGET in revealed(answer):
                 seed_shares.append(revealed(answer)[TARGET][1])
         rebuilt = server.rebuild_from_self_seed(_masked(reply), seed_shares)
@@ -128,7 +149,7 @@ def test_attack3_unmask_naming_the_client_dropped_is_refused(compose, tmp_path):
     inbox = server.honest_shares(_complete(NODES))
     for node in NODES:
         assert not server.mask(node, inbox[node]).has_error()
-    reply = server.unmask(TARGET, set(NODES) - {TARGET}, {TARGET})
+    reply = server.endorse(TARGET, set(NODES) - {TARGET})  # the consistency round's survivor set
     assert reply.has_error() and "among the survivors" in reply.error.reason
     assert SESSION_STATE_KEY not in server.contexts[TARGET].state
 
@@ -139,7 +160,8 @@ def test_attack3_unmask_naming_a_peer_both_ways_is_refused(compose, tmp_path):
     inbox = server.honest_shares(_complete(NODES))
     for node in NODES:
         assert not server.mask(node, inbox[node]).has_error()
-    reply = server.unmask(11, set(NODES), {TARGET})  # TARGET both survived and dropped
+    endorsements = server.endorse_all(NODES, set(NODES))
+    reply = server.unmask(11, set(NODES), {TARGET}, endorsements)  # TARGET both survived and dropped
     assert reply.has_error() and "both survived and dropped" in reply.error.reason
     assert SESSION_STATE_KEY not in server.contexts[11].state
 
@@ -226,7 +248,9 @@ def test_honest_round_through_the_hostile_harness_still_completes(compose, tmp_p
     inbox = server.honest_shares(_complete(NODES))
     for node in NODES:
         assert not server.mask(node, inbox[node]).has_error()
-    answers = [server.unmask(node, set(NODES), set()) for node in NODES]
+    endorsements = server.endorse_all(NODES, set(NODES))
+    assert set(endorsements) == set(NODES)
+    answers = [server.unmask(node, set(NODES), set(), endorsements) for node in NODES]
     assert not any(a.has_error() for a in answers)
     assert all(set(revealed(a)) == set(NODES) - {n} for a, n in zip(answers, NODES))
 
@@ -259,6 +283,7 @@ def test_a_second_unmask_request_gets_no_answer(compose, tmp_path):
     inbox = server.honest_shares(_complete(NODES))
     for node in NODES:
         assert not server.mask(node, inbox[node]).has_error()
-    assert not server.unmask(11, set(NODES), set()).has_error()
+    endorsements = server.endorse_all(NODES, set(NODES))
+    assert not server.unmask(11, set(NODES), set(), endorsements).has_error()
     second = server.unmask(11, set(NODES) - {TARGET}, {TARGET})
     assert second.has_error()

@@ -147,3 +147,37 @@ def _load_roster(path: Path, version: tuple[int, int] | None) -> Roster:
 def write_roster(path: Path, roster: Roster) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(roster.to_json() + "\n")
+
+
+SURVIVORS_DOMAIN = b"fedguard-secagg-survivors-v1|"
+
+
+def survivors_bytes(server_round: int, session_id: bytes, survivors: set[int]) -> bytes:
+    """What a survivor signs in the consistency round: the one survivor set it was shown."""
+    listed = ",".join(str(node) for node in sorted(survivors)).encode()
+    return b"|".join([SURVIVORS_DOMAIN, str(server_round).encode(), session_id.hex().encode(), listed])
+
+
+def count_endorsements(
+    identities: dict[int, bytes],
+    signatures: dict[int, bytes],
+    server_round: int,
+    session_id: bytes,
+    survivors: set[int],
+) -> int:
+    """How many distinct known identities (node -> identity key, this client's verified peers)
+    signed exactly this survivor set for this round and session. Signers outside the set, or
+    not among ``identities``, do not count."""
+    message = survivors_bytes(server_round, session_id, survivors)
+    valid: set[bytes] = set()
+    for node, signature in signatures.items():
+        identity = identities.get(node)
+        if identity is None or node not in survivors or identity in valid:
+            continue
+        try:
+            Ed25519PublicKey.from_public_bytes(identity).verify(signature, message)
+        except (InvalidSignature, ValueError):
+            logger.warning("secure aggregation: node %d's signature on the survivor set does not verify", node)
+            continue
+        valid.add(identity)
+    return len(valid)

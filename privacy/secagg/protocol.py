@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedguard.privacy.secagg.envelope import ShareAuthenticationError, open_sealed, seal
 from fedguard.privacy.secagg.keys import (
@@ -39,6 +40,7 @@ from fedguard.privacy.secagg.keys import (
     private_key_from_bytes,
 )
 from fedguard.privacy.secagg.errors import SecAggError
+from fedguard.privacy.secagg.identity import count_endorsements, survivors_bytes
 from fedguard.privacy.secagg.masking import ADD, SUBTRACT, apply_masks
 from fedguard.privacy.secagg.params import (
     MASK_PURPOSE,
@@ -60,8 +62,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # The client session's states, in order; DONE after unmasking or an abort.
-ADVERTISED, SHARED, MASKED, DONE = "advertised", "shared", "masked", "done"
-STAGES = (ADVERTISED, SHARED, MASKED, DONE)
+ADVERTISED, SHARED, MASKED, ENDORSED, DONE = "advertised", "shared", "masked", "endorsed", "done"
+STAGES = (ADVERTISED, SHARED, MASKED, ENDORSED, DONE)
 
 
 def _key_pair(raw_private: bytes) -> KeyPair:
@@ -90,6 +92,10 @@ class ClientSession:
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}
         self._held_shares: dict[int, tuple[bytes, bytes]] = {}  # peer -> (self-seed share, mask-key share)
         self._stage = ADVERTISED
+        # Identity keys of the peers this client shared with (their signed adverts verified), and
+        # the survivor set it signed in the consistency round.
+        self.peer_identities: dict[int, bytes] = {}
+        self._endorsed: list[int] = []
         self.rejected_senders: set[int] = set()  # shares that failed authentication at the mask stage
         self.aborted = False  # set by wipe(): the caller must drop this session
 
@@ -116,6 +122,9 @@ class ClientSession:
             "held_seed_shares": [self._held_shares[p][0] for p in held],
             "held_key_shares": [self._held_shares[p][1] for p in held],
             "stage": self._stage,
+            "identity_peers": sorted(self.peer_identities),
+            "identity_keys": [self.peer_identities[p] for p in sorted(self.peer_identities)],
+            "endorsed": list(self._endorsed),
         }
 
     @classmethod
@@ -138,6 +147,10 @@ class ClientSession:
                 for p, a, b in zip(record["held_from"], record["held_seed_shares"], record["held_key_shares"], strict=True)
             }
             session._stage = str(record["stage"])
+            session.peer_identities = {
+                int(p): bytes(k) for p, k in zip(record["identity_peers"], record["identity_keys"], strict=True)
+            }
+            session._endorsed = [int(n) for n in record["endorsed"]]
             if session._stage not in STAGES:
                 raise ValueError(f"unknown stage {session._stage!r}")
         except (KeyError, TypeError, ValueError) as err:
@@ -244,11 +257,16 @@ class ClientSession:
         self._stage = MASKED
         return masked
 
-    # Stage 3
-    def unmask(self, survivors: set[int], dropped: set[int]) -> dict[int, tuple[str, bytes]]:
-        """Shares to reveal: ('seed', share) for surviving neighbours, ('key', share) for dropped ones."""
-        if self._stage != MASKED:
-            raise SecAggError(f"client {self.node_id}: asked to unmask before sending its masked input")
+    # Consistency round (between stages 2 and 3)
+    def endorse(self, survivors: set[int], identity: Ed25519PrivateKey) -> bytes:
+        """Sign the survivor set the server showed this client; it will unmask for no other set."""
+        self._expect(MASKED, "consistency")
+        self._check_survivors(survivors, set())
+        self._endorsed = sorted(survivors)
+        self._stage = ENDORSED
+        return identity.sign(survivors_bytes(self.server_round, self.session_id, survivors))
+
+    def _check_survivors(self, survivors: set[int], dropped: set[int]) -> None:
         if survivors & dropped:
             self.wipe()
             raise SecAggError(f"client {self.node_id}: server claims nodes both survived and dropped")
@@ -257,9 +275,39 @@ class ClientSession:
             # may be showing only to this client, while others are told it survived: answering
             # would help reveal both its mask key and its self-mask seed.
             self.wipe()
-            raise SecAggError(f"client {self.node_id}: the unmask request does not list this client among the survivors")
+            raise SecAggError(f"client {self.node_id}: the request does not list this client among the survivors")
         if len(survivors) < self.params.threshold:
+            self.wipe()
             raise SecAggError(f"client {self.node_id}: only {len(survivors)} survivors, below threshold")
+
+    # Stage 3
+    def unmask(
+        self, survivors: set[int], dropped: set[int], endorsements: Mapping[int, bytes] | None = None
+    ) -> dict[int, tuple[str, bytes]]:
+        """Shares to reveal: ('seed', share) for surviving neighbours, ('key', share) for dropped ones.
+
+        A client with verified peer identities (every client behind the ClientApp) answers
+        only after the consistency round: for the survivor set it signed, and only when at
+        least ``threshold`` of its neighbours signed that same set (``endorsements``: node ->
+        signature), so the server cannot show different clients different survivor sets.
+        """
+        consistent = endorsements is not None or bool(self.peer_identities)
+        if self._stage not in (MASKED, ENDORSED) or (consistent and self._stage != ENDORSED):
+            what = "before sending its masked input" if self._stage in (ADVERTISED, SHARED) else "out of order"
+            raise SecAggError(f"client {self.node_id}: asked to unmask {what} (session at {self._stage!r})")
+        self._check_survivors(survivors, dropped)
+        if consistent:
+            if sorted(survivors) != self._endorsed:
+                self.wipe()
+                raise SecAggError(f"client {self.node_id}: the unmask survivor set differs from the one it signed")
+            agreeing = count_endorsements(self.peer_identities, dict(endorsements or {}), self.server_round,
+                                          self.session_id, survivors)
+            if agreeing < self.params.threshold:
+                self.wipe()
+                raise SecAggError(
+                    f"client {self.node_id}: only {agreeing} neighbour(s) signed this survivor set, "
+                    f"threshold is {self.params.threshold}"
+                )
         self._stage = DONE  # one answer per session: a second survivor list gets none
         revealed: dict[int, tuple[str, bytes]] = {}
         for peer, (seed_share, key_share) in self._held_shares.items():
