@@ -28,7 +28,8 @@ from fedguard.conf.plans import clients_per_round
 from fedguard.conf.run_config import cached_config_from_yaml
 from fedguard.privacy.secagg.identity import public_bytes, sign_advert
 from fedguard.privacy.secagg.masking import levels_for, quantize
-from fedguard.privacy.secagg.protocol import ClientSession, SecAggError, SecAggParams
+from fedguard.privacy.secagg.params import graph_seed
+from fedguard.privacy.secagg.protocol import ClientSession, SecAggError, SecAggParams, neighbour_graph
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,35 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     return Message(content, reply_to=msg)
 
 
+def _own_neighbours(
+    context: Context, session: ClientSession, cohort: dict[int, tuple[bytes, bytes, bytes, bytes]]
+) -> dict[int, tuple[bytes, bytes]]:
+    """This site's neighbours' round keys, derived by the site itself from the cohort list.
+
+    The share request lists every site of the round's cohort (this one included) with its
+    signed advert. Every advert must verify against this site's roster (the graph is hashed
+    from them all; one the site cannot check could be the server's grinding); the graph seed
+    is the hash of the list, so the server cannot pick this site's peers, only the list.
+    """
+    node_config = dict(context.node_config)
+    roster, identity = site_roster(node_config), site_identity(node_config)
+    own = public_bytes(identity) if identity is not None else b""
+    mine = cohort.get(context.node_id)
+    if mine is None or mine[:3] != (*session.advertise(), own):
+        raise SecAggError(f"client {context.node_id}: the cohort list does not hold this site's own advert")
+    session.policy.check_cohort(len(cohort))
+    others = {node: advert for node, advert in cohort.items() if node != context.node_id}
+    verified = verified_peers(roster, own, session.server_round, session.session_id, others)
+    if len(verified) != len(others):
+        raise SecAggError(
+            f"client {context.node_id}: {len(others) - len(verified)} advert(s) of the cohort list fail verification "
+            f"against this site's roster; refusing a neighbour graph derived from them"
+        )
+    seed = graph_seed(session.server_round, session.session_id, cohort)
+    peers = neighbour_graph(sorted(cohort), session.params.neighbours, seed)[context.node_id]
+    return {peer: verified[peer] for peer in sorted(peers)}
+
+
 def wipe_round(context: Context) -> None:
     """Forget this round's secure-aggregation secrets and held update (the round aborted for this client)."""
     for key in (SESSION_STATE_KEY, INPUT_STATE_KEY, ENCODING_STATE_KEY):
@@ -187,11 +217,8 @@ def _handle_stage(msg: Message, context: Context) -> Message:
             for p, e, m, i, g in zip(request["peers"], request["envelope_keys"], request["mask_keys"],
                                      request["identity_keys"], request["signatures"], strict=True)
         }
-        node_config = dict(context.node_config)
-        roster, identity = site_roster(node_config), site_identity(node_config)
-        own = public_bytes(identity) if identity is not None else b""
-        verified = verified_peers(roster, own, session.server_round, session.session_id, adverts)
-        sealed = session.share(verified)
+        neighbours = _own_neighbours(context, session, adverts)
+        sealed = session.share(neighbours)
         session.peer_identities = {peer: adverts[peer][2] for peer in sealed}
         answer = ConfigRecord({"to": list(sealed), "ciphertexts": list(sealed.values())})
     elif stage == "mask":

@@ -32,7 +32,9 @@ SECAGG_MAX_NEIGHBOURS_KEY = "secagg-max-neighbours"
 SECAGG_COLLUDERS_KEY = "secagg-colluders"
 # The roster of site identity keys, when not at <state-dir>/secagg/roster.json (clients/secagg_identity.py).
 SECAGG_ROSTER_KEY = "secagg-roster"
-SECAGG_POLICY_KEYS = (SECAGG_MIN_THRESHOLD_KEY, SECAGG_MAX_NEIGHBOURS_KEY, SECAGG_COLLUDERS_KEY, SECAGG_ROSTER_KEY)
+SECAGG_MIN_COHORT_KEY = "secagg-min-cohort"
+SECAGG_POLICY_KEYS = (SECAGG_MIN_THRESHOLD_KEY, SECAGG_MAX_NEIGHBOURS_KEY, SECAGG_COLLUDERS_KEY, SECAGG_MIN_COHORT_KEY,
+                      SECAGG_ROSTER_KEY)
 KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_ROOT_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY, STATE_DIR_KEY,
               EPHEMERAL_PRIVACY_KEY, *FLOOR_KEYS, *SECAGG_POLICY_KEYS)
 
@@ -103,11 +105,13 @@ def read_secagg_policy(node_config: dict[str, Any]) -> SitePolicy:
     min_threshold = _optional_int(node_config, SECAGG_MIN_THRESHOLD_KEY, 2)
     max_neighbours = _optional_int(node_config, SECAGG_MAX_NEIGHBOURS_KEY, 2)
     colluders = _optional_int(node_config, SECAGG_COLLUDERS_KEY, 0)
+    min_cohort = _optional_int(node_config, SECAGG_MIN_COHORT_KEY, 0)
     try:
         return SitePolicy(
             min_threshold=2 if min_threshold is None else min_threshold,
             max_neighbours=max_neighbours,
             colluders=0 if colluders is None else colluders,
+            min_cohort=0 if min_cohort is None else min_cohort,
         )
     except PolicyError as err:
         raise SiteConfigError(f"node config: {err}") from err

@@ -24,12 +24,15 @@ from fedguard.clients.secure_aggregation import params_from
 from fedguard.clients.wire.arrays import array_view
 from fedguard.conf.plans import uses_adaptive_clipping
 from fedguard.privacy.secagg.masking import dequantize_sum, levels_for
+from fedguard.privacy.secagg.params import graph_seed
 from fedguard.privacy.secagg.protocol import SecAggError, ServerSession, neighbour_graph
 from fedguard.server.federation import TrainReplies, exchange_messages, sort_train_replies
 from fedguard.server.reply_checks import stage_reply_problem
 
 logger = logging.getLogger(__name__)
 
+# The share request's per-site lists, in the order of graph_seed's advert tuples.
+COHORT_FIELDS = ("envelope_keys", "mask_keys", "identity_keys", "signatures")
 # Seconds between checks for stage answers when no config says otherwise (Flower's own is 0.1).
 DEFAULT_POLL_INTERVAL = 0.01
 
@@ -176,26 +179,25 @@ class SecureAggregationExchange:
             node: (bytes(r.content[protocol.SECAGG_KEY]["identity_key"]), bytes(r.content[protocol.SECAGG_KEY]["signature"]))
             for node, r in keyed.items()
         }
-        graph = neighbour_graph(list(advertised), self.params.neighbours, seed=secrets.randbits(64))
+        # The graph comes from a hash of every signed advert (privacy/secagg/params.py::graph_seed):
+        # each site recomputes it from the cohort list below and derives its own neighbours.
+        cohort = {node: (*advertised[node], *signed[node]) for node in advertised}
+        seed = graph_seed(server_round, session_id, cohort)
+        graph = neighbour_graph(list(advertised), self.params.neighbours, seed=seed)
         session = ServerSession(self.params, server_round, graph)
-        routed = session.route_keys(advertised)
+        session.route_keys(advertised)
+        listing = ConfigRecord(
+            {
+                "stage": "share",
+                "round": server_round,
+                "session": session_id,
+                "peers": sorted(cohort),
+                **{field: [cohort[n][i] for n in sorted(cohort)] for i, field in enumerate(COHORT_FIELDS)},
+            }
+        )
         share_answers = _answers(
             grid,
-            {
-                node: ConfigRecord(
-                    {
-                        "stage": "share",
-                        "round": server_round,
-                        "session": session_id,
-                        "peers": list(keys),
-                        "envelope_keys": [k[0] for k in keys.values()],
-                        "mask_keys": [k[1] for k in keys.values()],
-                        "identity_keys": [signed[peer][0] for peer in keys],
-                        "signatures": [signed[peer][1] for peer in keys],
-                    }
-                )
-                for node, keys in routed.items()
-            },
+            {node: listing for node in cohort},
             self.stage_timeout,
             "share",
             poll_interval=self.poll_interval,

@@ -95,15 +95,17 @@ class HostileServer:
         message.metadata.__dict__["_src_node_id"] = 1
         return client_app(message, self.contexts[node])
 
-    def share_request(self, node: int, peers: list[int]) -> dict:
-        """The honest share request for ``node`` with ``peers`` as its neighbours (their advertised keys)."""
-        request = {"stage": "share", "peers": list(peers)}
+    def share_request(self, node: int, cohort: list[int] | None = None) -> dict:
+        """The share request listing ``cohort`` (default: every site) with their signed adverts;
+        the site derives its own neighbours from it."""
+        listed = sorted(self.nodes if cohort is None else cohort)
+        request = {"stage": "share", "peers": listed}
         for name in ("envelope_key", "mask_key", "identity_key", "signature"):
-            request[f"{name}s"] = [bytes(self.advertised[p][name]) for p in peers]
+            request[f"{name}s"] = [bytes(self.advertised[p][name]) for p in listed]
         return request
 
-    def share(self, node: int, peers: list[int]) -> dict[int, bytes]:
-        reply = self.stage(node, self.share_request(node, peers))
+    def share(self, node: int, cohort: list[int] | None = None) -> dict[int, bytes]:
+        reply = self.stage(node, self.share_request(node, cohort))
         assert not reply.has_error(), reply.error.reason
         record = reply.content[protocol.SECAGG_KEY]
         return {int(to): bytes(c) for to, c in zip(record["to"], record["ciphertexts"], strict=True)}
@@ -126,9 +128,9 @@ class HostileServer:
         return self.stage(node, {"stage": "unmask", "survivors": sorted(survivors), "dropped": sorted(dropped),
                                  "signers": signers, "signatures": [endorsements[n] for n in signers]})
 
-    def honest_shares(self, graph: dict[int, list[int]]) -> dict[int, dict[int, bytes]]:
-        """Stage 1 for every site with ``graph`` as the neighbour sets; returns each site's inbox."""
-        sent = {node: self.share(node, graph[node]) for node in self.nodes}
+    def honest_shares(self) -> dict[int, dict[int, bytes]]:
+        """Stage 1 for every site, each shown the whole cohort; returns each site's inbox."""
+        sent = {node: self.share(node) for node in self.nodes}
         return {node: {s: c[node] for s, c in sent.items() if node in c} for node in self.nodes}
 
     def rebuild_from_self_seed(self, masked: np.ndarray, seed_shares: list[bytes]) -> np.ndarray | None:
@@ -162,9 +164,10 @@ def key_substitution_attack(server: HostileServer, target: int, peers: list[int]
     """
     bits, threshold = int(server.cfg.secure_agg.modulus_bits), int(server.cfg.secure_agg.threshold)
     fakes = {peer: (generate_key_pair(), generate_key_pair()) for peer in peers}
-    request = server.share_request(target, peers)
-    request["envelope_keys"] = [fakes[p][0].public_bytes for p in peers]
-    request["mask_keys"] = [fakes[p][1].public_bytes for p in peers]
+    request = server.share_request(target)
+    listed = request["peers"]
+    request["envelope_keys"] = [fakes[p][0].public_bytes if p in fakes else e for p, e in zip(listed, request["envelope_keys"])]
+    request["mask_keys"] = [fakes[p][1].public_bytes if p in fakes else m for p, m in zip(listed, request["mask_keys"])]
     reply = server.stage(target, request)
     if reply.has_error():
         return reply, None
@@ -227,7 +230,7 @@ def inconsistent_survivors_attack(
     from fedguard.privacy.secagg.protocol import ClientSession
 
     threshold, bits = int(server.cfg.secure_agg.threshold), int(server.cfg.secure_agg.modulus_bits)
-    inbox = server.honest_shares({n: [p for p in server.nodes if p != n] for n in server.nodes})
+    inbox = server.honest_shares()
     masked = {n: server.mask(n, inbox[n]) for n in server.nodes}
     held = {c: ClientSession.from_dict(server.contexts[c].state[SESSION_STATE_KEY])._held_shares[target]
             for c in colluders}  # noqa: SLF001 - what a colluding client hands the server

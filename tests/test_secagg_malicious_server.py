@@ -36,10 +36,6 @@ def _cfg(compose, clients: int = 4, neighbours: int = 3, threshold: int = 2, *ex
     ])
 
 
-def _complete(nodes) -> dict[int, list[int]]:
-    return {node: [p for p in nodes if p != node] for node in nodes}
-
-
 def _masked(reply) -> np.ndarray:
     return reply.content[protocol.SECAGG_KEY]["masked"].numpy()
 
@@ -52,7 +48,7 @@ def test_attack1_substituted_round_keys_are_refused(compose, tmp_path):
     peers = [n for n in NODES if n != TARGET]
     reply, rebuilt = key_substitution_attack(server, TARGET, peers)
     assert not is_input_of(rebuilt, TARGET), "the server rebuilt the target's input"
-    assert reply.has_error() and "threshold" in reply.error.reason  # no verified peer left to share with
+    assert reply.has_error() and "fail verification" in reply.error.reason
     assert SESSION_STATE_KEY not in server.contexts[TARGET].state
 
 
@@ -91,7 +87,7 @@ def test_attack1_relabelled_replayed_or_foreign_adverts_are_left_out(compose, tm
 def test_attack1_a_site_without_a_roster_refuses_to_share(compose, tmp_path):
     server = HostileServer(_cfg(compose), NODES, tmp_path, node_configs={TARGET: {"secagg-roster": str(tmp_path / "none.json")}})
     server.train_all()
-    reply = server.stage(TARGET, server.share_request(TARGET, [n for n in NODES if n != TARGET]))
+    reply = server.stage(TARGET, server.share_request(TARGET))
     assert reply.has_error() and "roster" in reply.error.reason
 
 
@@ -114,7 +110,7 @@ def test_attack2_withheld_shares_client_refuses_to_mask(compose, tmp_path):
     target's self-mask seed: with no pairwise mask, seed removal would expose the input."""
     server = HostileServer(_cfg(compose), NODES, tmp_path)
     server.train_all()
-    inbox = server.honest_shares(_complete(NODES))
+    inbox = server.honest_shares()
     reply = server.mask(TARGET, {})  # every share to the target withheld
     rebuilt = None
     if not reply.has_error():
@@ -136,7 +132,7 @@ def test_attack2_withheld_shares_client_refuses_to_mask(compose, tmp_path):
 def test_attack2_one_share_short_of_threshold_is_refused_too(compose, tmp_path):
     server = HostileServer(_cfg(compose, 5, 4, 3), (11, 22, 33, 44, 55), tmp_path)
     server.train_all()
-    inbox = server.honest_shares(_complete(server.nodes))
+    inbox = server.honest_shares()
     kept = dict(list(inbox[TARGET].items())[:2])  # 2 valid shares, threshold 3
     reply = server.mask(TARGET, kept)
     assert reply.has_error() and "only 2 valid share(s)" in reply.error.reason
@@ -146,7 +142,7 @@ def test_attack3_unmask_naming_the_client_dropped_is_refused(compose, tmp_path):
     """The server tells the target it dropped (the story it tells others to get its mask key)."""
     server = HostileServer(_cfg(compose), NODES, tmp_path)
     server.train_all()
-    inbox = server.honest_shares(_complete(NODES))
+    inbox = server.honest_shares()
     for node in NODES:
         assert not server.mask(node, inbox[node]).has_error()
     reply = server.endorse(TARGET, set(NODES) - {TARGET})  # the consistency round's survivor set
@@ -157,7 +153,7 @@ def test_attack3_unmask_naming_the_client_dropped_is_refused(compose, tmp_path):
 def test_attack3_unmask_naming_a_peer_both_ways_is_refused(compose, tmp_path):
     server = HostileServer(_cfg(compose), NODES, tmp_path)
     server.train_all()
-    inbox = server.honest_shares(_complete(NODES))
+    inbox = server.honest_shares()
     for node in NODES:
         assert not server.mask(node, inbox[node]).has_error()
     endorsements = server.endorse_all(NODES, set(NODES))
@@ -185,15 +181,41 @@ def test_attack6_a_site_refuses_parameters_below_its_own_pins(compose, tmp_path,
     assert SESSION_STATE_KEY in server.contexts[11].state
 
 
-def test_attack6_more_peers_than_announced_are_refused(compose, tmp_path):
-    """Announced k=4, t=3 (3 > 4/2 holds); the server then hands the target 6 peers, among
-    which 3 seed shares and 3 mask-key shares would both be reachable (2t <= 6)."""
+def test_attack5_a_hand_picked_neighbour_set_is_refused(compose, tmp_path):
+    """7 sites, k=4: the server wants the target's peers to be 11, 33, 44 (its colluders) and
+    sends it only those (old clients shared with exactly the peers they were sent). The site
+    derives its peers from the listed cohort and refuses a cohort below its pinned minimum."""
+    nodes = (11, 22, 33, 44, 55, 66, 77)
+    server = HostileServer(_cfg(compose, 7, 4, 3), nodes, tmp_path, node_configs={TARGET: {"secagg-min-cohort": 7}})
+    server.train_all()
+    reply = server.stage(TARGET, server.share_request(TARGET, [11, 22, 33, 44]))
+    assert reply.has_error() and "fewer than this site's minimum 7" in reply.error.reason
+    assert SESSION_STATE_KEY not in server.contexts[TARGET].state
+
+
+def test_attack5_each_site_derives_its_neighbours_from_the_hash_of_all_signed_adverts(compose, tmp_path):
+    """Whatever order or subset of keys the server would prefer, a site shares with exactly the
+    neighbours the hash of the whole cohort's signed adverts gives it; altering any advert is refused."""
+    from fedguard.privacy.secagg.params import graph_seed
+    from fedguard.privacy.secagg.protocol import neighbour_graph
+
     nodes = (11, 22, 33, 44, 55, 66, 77)
     server = HostileServer(_cfg(compose, 7, 4, 3), nodes, tmp_path)
     server.train_all()
-    reply = server.stage(TARGET, server.share_request(TARGET, [n for n in nodes if n != TARGET]))
-    assert reply.has_error() and "more than the announced neighbours=4" in reply.error.reason
-    assert SESSION_STATE_KEY not in server.contexts[TARGET].state
+    request = server.share_request(TARGET)
+    cohort = {n: tuple(request[f][i] for f in ("envelope_keys", "mask_keys", "identity_keys", "signatures"))
+              for i, n in enumerate(request["peers"])}
+    expected = neighbour_graph(list(nodes), 4, graph_seed(1, server.session_id, cohort))[TARGET]
+    reply = server.stage(TARGET, request)
+    assert not reply.has_error()
+    assert set(reply.content[protocol.SECAGG_KEY]["to"]) == expected and len(expected) == 4
+    other = HostileServer(_cfg(compose, 7, 4, 3), nodes, tmp_path / "again")
+    other.train_all()
+    tampered = other.share_request(TARGET)
+    tampered["signatures"] = [s[:-1] + bytes([s[-1] ^ 1]) if p == 55 else s
+                              for p, s in zip(tampered["peers"], tampered["signatures"])]
+    refused = other.stage(TARGET, tampered)  # one advert altered to grind the seed: refused
+    assert refused.has_error() and "fail verification" in refused.error.reason
 
 
 @pytest.mark.parametrize(
@@ -245,7 +267,7 @@ def test_honest_round_through_the_hostile_harness_still_completes(compose, tmp_p
     """The harness itself is sound: honest requests give every client's masked input and shares."""
     server = HostileServer(_cfg(compose), NODES, tmp_path)
     server.train_all()
-    inbox = server.honest_shares(_complete(NODES))
+    inbox = server.honest_shares()
     for node in NODES:
         assert not server.mask(node, inbox[node]).has_error()
     endorsements = server.endorse_all(NODES, set(NODES))
@@ -260,17 +282,16 @@ def test_replayed_reordered_or_foreign_session_stage_requests_are_refused(compos
     """Stage requests carry round and session; each stage runs once, in order."""
     server = HostileServer(_cfg(compose), NODES, tmp_path)
     server.train_all()
-    peers = [n for n in NODES if n != TARGET]
     early = server.mask(TARGET, {})  # mask before share: out of order
     assert early.has_error() and "out of order" in early.error.reason
     server.train(TARGET)  # (the refusal wiped the round) a fresh session for the target
-    other = server.stage(TARGET, {**server.share_request(TARGET, peers), "session": b"an-old-session!!"})
+    other = server.stage(TARGET, {**server.share_request(TARGET), "session": b"an-old-session!!"})
     assert other.has_error() and "another session" in other.error.reason
     assert SESSION_STATE_KEY in server.contexts[TARGET].state  # a stale request changes nothing
-    stale = server.stage(TARGET, {**server.share_request(TARGET, peers), "round": 0})
+    stale = server.stage(TARGET, {**server.share_request(TARGET), "round": 0})
     assert stale.has_error() and "another session" in stale.error.reason
-    inbox = server.honest_shares(_complete(NODES))
-    again = server.stage(TARGET, server.share_request(TARGET, peers))  # a replayed share request
+    inbox = server.honest_shares()
+    again = server.stage(TARGET, server.share_request(TARGET))  # a replayed share request
     assert again.has_error() and "out of order" in again.error.reason
     assert SESSION_STATE_KEY not in server.contexts[TARGET].state  # a protocol violation aborts: secrets wiped
     del inbox
@@ -280,7 +301,7 @@ def test_a_second_unmask_request_gets_no_answer(compose, tmp_path):
     """Once a client has answered one survivor list, a second (a different story) gets nothing."""
     server = HostileServer(_cfg(compose), NODES, tmp_path)
     server.train_all()
-    inbox = server.honest_shares(_complete(NODES))
+    inbox = server.honest_shares()
     for node in NODES:
         assert not server.mask(node, inbox[node]).has_error()
     endorsements = server.endorse_all(NODES, set(NODES))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -52,3 +53,22 @@ def neighbour_graph(nodes: list[int], neighbours: int, seed: int) -> dict[int, s
             graph[node].add(other)
             graph[other].add(node)
     return graph
+
+
+GRAPH_DOMAIN = b"fedguard-secagg-graph-v1|"
+
+
+def graph_seed(server_round: int, session_id: bytes, adverts: dict[int, tuple[bytes, ...]]) -> int:
+    """The neighbour graph's seed: a hash over every signed advert of the cohort.
+
+    Why: a seed the server picks lets it surround a target with colluding sites. Hashed over
+    all sites' fresh, signed round keys, the seed is fixed once the sites have advertised, and
+    each site recomputes it from the cohort list and derives its own neighbours; the server's
+    remaining lever is which sites it lists (see SitePolicy.min_cohort).
+    """
+    digest = hashlib.sha256(GRAPH_DOMAIN + str(server_round).encode() + b"|" + session_id)
+    for node in sorted(adverts):
+        digest.update(str(node).encode() + b"|")
+        for part in adverts[node]:
+            digest.update(len(part).to_bytes(2, "big") + part)
+    return int.from_bytes(digest.digest(), "big")

@@ -27,11 +27,14 @@ class SitePolicy:
     """``min_threshold``: the fewest shares that may rebuild this site's secrets.
     ``max_neighbours``: the most peers this site shares its secrets among (None: no cap
     beyond the threshold rule). ``colluders``: how many of its neighbours the site assumes
-    may collude with the server."""
+    may collude with the server. ``min_cohort``: the fewest sites in a round's cohort list."""
 
     min_threshold: int = 2
     max_neighbours: int | None = None
     colluders: int = 0
+    # The fewest sites a round's cohort list may hold: the neighbour graph is hashed from the
+    # list, so a server showing a site a small hand-picked cohort could still choose its peers.
+    min_cohort: int = 0
 
     def __post_init__(self) -> None:
         if self.min_threshold < 2:
@@ -55,6 +58,10 @@ class SitePolicy:
         degree = min(neighbours, max(cohort - 1, 1))
         if 2 * threshold <= degree + self.colluders:
             raise PolicyError(self._rule_broken(threshold, degree))
+
+    def check_cohort(self, cohort: int) -> None:
+        if cohort < self.min_cohort:
+            raise PolicyError(f"the server's cohort list holds {cohort} sites, fewer than this site's minimum {self.min_cohort}")
 
     def check_degree(self, degree: int, neighbours: int, threshold: int) -> None:
         """Refuse to share secrets among ``degree`` peers (what the server really sent) unless
