@@ -342,3 +342,39 @@ def test_masked_inputs_of_the_wrong_form_are_refused_before_summing():
     for bad in (np.zeros(5, dtype=np.uint64), np.zeros(4, dtype=np.int64), np.zeros((2, 2), dtype=np.uint64)):
         with pytest.raises(SecAggError, match="uint64 vectors of one length"):
             server.aggregate({1: good, 2: good, 3: bad}, {1, 2, 3}, {}, {})
+
+
+@pytest.mark.parametrize("corruption", ["garbage", "duplicate-index", "other-secret"])
+def test_bad_revealed_shares_are_excluded_when_extra_shares_exist(corruption):
+    """A hostile survivor reveals a bad seed share for one peer and a bad key share for a dropped
+    one: with more than threshold shares the server rebuilds the secrets from the others (mask
+    keys checked against the advertised public key, seeds by two agreeing subsets, so a seed needs
+    threshold + 2 shares to outvote one bad share); the sum is exact."""
+    num, k, t = 10, 6, 4
+    nodes = [100 + 7 * i for i in range(num)]
+    params = SecAggParams(BITS, k, t)
+    server = ServerSession(params, 1, neighbour_graph(nodes, k, 5))
+    clients = {n: ClientSession(n, params, 1) for n in nodes}
+    routed = server.route_keys({n: c.advertise() for n, c in clients.items()})
+    inbox = server.route_shares({n: clients[n].share(routed[n]) for n in nodes})
+    dropped_node = nodes[-1]
+    values = {n: np.full(5, n, dtype=np.uint64) for n in nodes}
+    masked = {n: clients[n].mask(inbox[n], values[n]) for n in nodes if n != dropped_node}
+    survivors, masked_with = server.settle(set(masked), inbox, {n: clients[n].rejected_senders for n in masked})
+    revealed = {n: clients[n].unmask(survivors, set(nodes) - survivors) for n in survivors}
+    liar, victim = next(
+        (n, p) for n in sorted(survivors) if dropped_node in revealed[n]
+        for p in sorted(revealed[n]) if p != dropped_node and dropped_node not in server.graph[p]
+    )  # the victim's 6 neighbours all survive: 6 seed shares, one of them bad
+    for target in (victim, dropped_node):
+        kind, share = revealed[liar][target]
+        if corruption == "garbage":
+            bad = share[:3] + bytes(b ^ 0x5A for b in share[3:])
+        elif corruption == "duplicate-index":
+            other = next(revealed[n][target][1] for n in survivors if n != liar and target in revealed[n])
+            bad = other[:2] + share[2:]
+        else:
+            bad = share[:3] + bytes(len(share) - 3)
+        revealed[liar][target] = (kind, bad)
+    total, count = server.aggregate({n: masked[n] for n in survivors}, set(nodes), revealed, masked_with)
+    assert count == len(survivors) and total.tolist() == [sum(survivors)] * 5

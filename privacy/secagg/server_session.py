@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedguard.privacy.secagg.errors import SecAggError
-from fedguard.privacy.secagg.keys import derive_shared_key, private_key_from_bytes
+from fedguard.privacy.secagg.keys import derive_shared_key, private_key_from_bytes, public_bytes_of
 from fedguard.privacy.secagg.masking import ADD, SUBTRACT, apply_masks
 from fedguard.privacy.secagg.params import MASK_PURPOSE, SecAggParams
+from fedguard.privacy.secagg.reconstruct import rebuild
 from fedguard.privacy.secagg.shamir import combine_shares
 
 
@@ -57,6 +58,18 @@ class ServerSession:
         }
         return masked_nodes - left_out, masked_with
 
+    def _is_mask_key_of(self, node: int):
+        """Whether a rebuilt private key is the one behind ``node``'s signed mask public key."""
+        expected = self.public_keys[node][1]
+
+        def check(secret: bytes) -> bool:
+            try:
+                return public_bytes_of(private_key_from_bytes(secret)) == expected
+            except ValueError:
+                return False
+
+        return check
+
     def aggregate(
         self,
         masked: dict[int, np.ndarray],
@@ -88,14 +101,20 @@ class ServerSession:
             maskers = {peer for peer in survivors if node in masked_with.get(peer, set())}
             if kind == "key" and not maskers:
                 continue  # nobody in the sum masked with it: nothing of it to remove
-            shares = [by_peer[node][1] for by_peer in revealed.values() if node in by_peer and by_peer[node][0] == kind]
+            # Only shares from the node's graph neighbours count: no one else was sent one.
+            shares = [
+                by_peer[node][1]
+                for peer, by_peer in sorted(revealed.items())
+                if peer in self.graph.get(node, set()) and node in by_peer and by_peer[node][0] == kind
+            ]
             if len(shares) < threshold:
                 what = "its self-mask" if kind == "seed" else f"the masks {len(maskers)} survivor(s) added with it"
                 raise SecAggError(
                     f"client {node}: only {len(shares)} valid share(s) revealed, threshold is {threshold}; "
                     f"cannot remove {what}"
                 )
-            secret = combine_shares(shares, threshold)
+            check = None if kind == "seed" else self._is_mask_key_of(node)
+            secret = rebuild(shares, threshold, combine_shares, check, owner=f"client {node}")
             if kind == "seed":
                 removals.append((secret, SUBTRACT))
                 continue
