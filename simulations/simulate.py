@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from fedguard.clients.wire import protocol
 from fedguard.conf import validate_config
+from fedguard.conf.plans import secagg_risk_line
 from fedguard.conf.run_config import config_to_yaml
 from fedguard.conf.schema import ConfigError
 from fedguard.server.checkpoint import CheckpointError
@@ -146,6 +147,8 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         file=sys.stderr,
         flush=True,
     )
+    if (risk := secagg_risk_line(cfg)) is not None:
+        print(f"fedguard: {risk}", file=sys.stderr, flush=True)
     if (planned := planned_sample_dp_line(cfg)) is not None:
         print(f"fedguard: {planned}", file=sys.stderr, flush=True)
     launched = time.perf_counter()

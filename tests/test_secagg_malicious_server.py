@@ -308,3 +308,18 @@ def test_a_second_unmask_request_gets_no_answer(compose, tmp_path):
     assert not server.unmask(11, set(NODES), set(), endorsements).has_error()
     second = server.unmask(11, set(NODES) - {TARGET}, {TARGET})
     assert second.has_error()
+
+
+def test_graph_risk_matches_the_issue_reference_and_shrinks_with_the_threshold():
+    """k=4, t=3, 5% colluders, no dropouts: the issue's reference is 2.7e-4 per client-round
+    (a hypergeometric count); the binomial model gives 4.8e-4, and about 0.7-0.9 over a
+    100-site, 50-round run. A larger k at t > k/2 is far safer."""
+    from fedguard.privacy.secagg.risk import graph_risk
+
+    risk = graph_risk(4, 3, 100, 50, 0.05)
+    assert risk.per_client_round == pytest.approx(4 * 0.05**3 * 0.95 + 0.05**4)
+    assert 0.7 < risk.per_run < 0.95 and risk.round_failure == 0
+    safer = graph_risk(8, 6, 100, 50, 0.05)
+    assert safer.per_run < 0.01
+    assert graph_risk(4, 3, 100, 50, 0.05, dropout=0.1).round_failure > 0
+    assert "over the run" in risk.line()
