@@ -1,4 +1,4 @@
-"""The SecAgg+ protocol's four stages as transport-free client and server sessions.
+"""The SecAgg+ protocol's stages as a transport-free client session (the server's: server_session.py).
 
 Bonawitz et al. 2017 with the sparse neighbour graph of Bell et al. 2020: each client
 agrees mask keys with, and Shamir-shares its secrets among, only ``neighbours`` peers,
@@ -7,8 +7,16 @@ plain Python values; carrying them in Flower messages is a separate layer.
 
 Stages: (0) advertise public keys; (1) share the self-mask seed and the mask private
 key among neighbours, encrypted per recipient; (2) send the masked, quantized input;
-(3) for each neighbour, reveal the self-mask share if it survived, the mask-key share
-if it dropped, never both, so the server can remove exactly the masks left in the sum.
+(2b) consistency: sign the survivor set shown; (3) for each neighbour, reveal the
+self-mask share if it survived, the mask-key share if it dropped, never both, so the
+server can remove exactly the masks left in the sum.
+
+Against a server that deviates (Bell et al. 2020's active model) the session runs each
+stage once, in order; refuses to mask with fewer than ``threshold`` valid shares; signs
+one survivor set and unmasks only for it, with ``threshold`` neighbour signatures on it,
+and never when it is not listed as a survivor; any refusal wipes its secrets. Signed
+round keys, the roster and the hash-derived neighbour graph are checked by the caller
+(clients/secure_aggregation.py) before ``share``.
 
 A share that fails authentication (tampered, re-addressed, replayed) does not stop the
 honest receiver: it leaves that sender out of its masks and names it in its stage-2
