@@ -323,3 +323,19 @@ def test_graph_risk_matches_the_issue_reference_and_shrinks_with_the_threshold()
     assert safer.per_run < 0.01
     assert graph_risk(4, 3, 100, 50, 0.05, dropout=0.1).round_failure > 0
     assert "over the run" in risk.line()
+
+
+def test_roster_commands_print_an_identity_and_write_the_roster_sites_load(tmp_path, capsys):
+    from fedguard.clients.deployment.roster_commands import roster_main
+    from fedguard.clients.secagg_identity import site_roster
+
+    lines = []
+    for name in ("lab-a", "lab-b"):
+        assert roster_main(["identity", "--state-dir", str(tmp_path / name), "--name", name]) == 0
+        lines.append(capsys.readouterr().out.strip())
+    assert roster_main(["identity", "--state-dir", str(tmp_path / "lab-a"), "--name", "lab-a"]) == 0
+    assert capsys.readouterr().out.strip() == lines[0]  # the same key on every call
+    out = tmp_path / "lab-a" / "secagg" / "roster.json"
+    assert roster_main(["make", "--out", str(out), *lines]) == 0
+    assert sorted(site_roster({"state-dir": str(tmp_path / "lab-a")}).sites) == ["lab-a", "lab-b"]
+    assert roster_main(["make", "--out", str(out), lines[0], lines[0].replace("lab-a", "lab-c")]) == 1
