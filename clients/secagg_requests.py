@@ -25,10 +25,12 @@ from fedguard.clients.wire.checks import (
     require_record,
 )
 from fedguard.privacy.secagg.identity import IDENTITY_KEY_BYTES, SIGNATURE_BYTES
+from fedguard.privacy.secagg.params import SEED_COMMITMENT_BYTES
 
 # Fields of each SecAgg+ stage request (besides "stage"), as clients/secure_aggregation.py reads them.
 STAGE_FIELDS = {
-    "share": ("round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys", "signatures"),
+    "share": ("round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys", "signatures",
+              "seed_commitments"),
     "mask": ("round", "session", "from", "ciphertexts"),
     "consistency": ("round", "session", "survivors"),
     "unmask": ("round", "session", "survivors", "dropped", "signers", "signatures"),
@@ -68,8 +70,9 @@ def check_stage_request(msg: Message, context: Context) -> None:
         keys = [byte_strings(request, field, MAX_PEERS, size=key_size) for field in ("envelope_keys", "mask_keys")]
         keys.append(byte_strings(request, "identity_keys", MAX_PEERS, size=(0, IDENTITY_KEY_BYTES)))
         keys.append(byte_strings(request, "signatures", MAX_PEERS, size=(0, SIGNATURE_BYTES)))
+        keys.append(byte_strings(request, "seed_commitments", MAX_PEERS, size=(SEED_COMMITMENT_BYTES,) * 2))
         if len({len(peers), *(len(k) for k in keys)}) != 1:
-            raise MalformedMessage("'peers', 'envelope_keys', 'mask_keys', 'identity_keys', 'signatures' must be equally long")
+            raise MalformedMessage(f"{', '.join(repr(f) for f in fields[2:])} must be equally long")
     elif stage == "mask":
         senders = node_ids(request, "from", MAX_PEERS)
         if len(senders) != len(byte_strings(request, "ciphertexts", MAX_PEERS, size=(1, MAX_SHARE_BYTES))):

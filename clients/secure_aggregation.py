@@ -43,7 +43,7 @@ WEIGHT, CLIP_RANGE, MAX_WEIGHT = "weight", "clip_range", "max_weight"
 MODULUS_BITS, MAX_CLIENTS = "modulus_bits", "max_clients"
 FLOAT32_BYTES = 4
 # The advert's identity fields: the site's Ed25519 public key and its signature over the round keys.
-IDENTITY_FIELD, SIGNATURE_FIELD = "identity_key", "signature"
+IDENTITY_FIELD, SIGNATURE_FIELD, COMMITMENT_FIELD = "identity_key", "signature", "seed_commitment"
 
 
 def params_from(cfg) -> SecAggParams:
@@ -112,10 +112,10 @@ def _signed_advert(context: Context, session: ClientSession, envelope_public: by
     identity = site_identity(dict(context.node_config))
     if identity is None:
         logger.warning("client %d: no state dir, so no identity key: advertising unsigned keys", context.node_id)
-        return {IDENTITY_FIELD: b"", SIGNATURE_FIELD: b""}
+        return {IDENTITY_FIELD: b"", SIGNATURE_FIELD: b"", COMMITMENT_FIELD: session.seed_commitment()}
     signature = sign_advert(identity, session.server_round, session.session_id, context.node_id, envelope_public,
-                            mask_public)
-    return {IDENTITY_FIELD: public_bytes(identity), SIGNATURE_FIELD: signature}
+                            mask_public, session.seed_commitment())
+    return {IDENTITY_FIELD: public_bytes(identity), SIGNATURE_FIELD: signature, COMMITMENT_FIELD: session.seed_commitment()}
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -157,7 +157,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
 
 
 def _own_neighbours(
-    context: Context, session: ClientSession, cohort: dict[int, tuple[bytes, bytes, bytes, bytes]]
+    context: Context, session: ClientSession, cohort: dict[int, tuple[bytes, bytes, bytes, bytes, bytes]]
 ) -> dict[int, tuple[bytes, bytes]]:
     """This site's neighbours' round keys, derived by the site itself from the cohort list.
 
@@ -170,7 +170,7 @@ def _own_neighbours(
     roster, identity = site_roster(node_config), site_identity(node_config)
     own = public_bytes(identity) if identity is not None else b""
     mine = cohort.get(context.node_id)
-    if mine is None or mine[:3] != (*session.advertise(), own):
+    if mine is None or (*mine[:3], mine[4]) != (*session.advertise(), own, session.seed_commitment()):
         raise SecAggError(f"client {context.node_id}: the cohort list does not hold this site's own advert")
     session.policy.check_cohort(len(cohort))
     others = {node: advert for node, advert in cohort.items() if node != context.node_id}
@@ -213,9 +213,10 @@ def _handle_stage(msg: Message, context: Context) -> Message:
     session = ClientSession.from_dict(context.state[SESSION_STATE_KEY], read_secagg_policy(dict(context.node_config)))
     if stage == "share":
         adverts = {
-            int(p): (bytes(e), bytes(m), bytes(i), bytes(g))
-            for p, e, m, i, g in zip(request["peers"], request["envelope_keys"], request["mask_keys"],
-                                     request["identity_keys"], request["signatures"], strict=True)
+            int(p): (bytes(e), bytes(m), bytes(i), bytes(g), bytes(c))
+            for p, e, m, i, g, c in zip(request["peers"], request["envelope_keys"], request["mask_keys"],
+                                        request["identity_keys"], request["signatures"], request["seed_commitments"],
+                                        strict=True)
         }
         neighbours = _own_neighbours(context, session, adverts)
         sealed = session.share(neighbours)

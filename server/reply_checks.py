@@ -44,6 +44,7 @@ from fedguard.clients.wire.checks import (
     typed_list,
 )
 from fedguard.privacy.secagg.identity import IDENTITY_KEY_BYTES, SIGNATURE_BYTES
+from fedguard.privacy.secagg.params import SEED_COMMITMENT_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def _clip_indicator(content) -> None:
 
 def _advertised_keys(content) -> None:
     record = require_record(content, protocol.SECAGG_KEY, ConfigRecord)
-    fields = {"stage", "envelope_key", "mask_key", "identity_key", "signature"}
+    fields = {"stage", "envelope_key", "mask_key", "identity_key", "signature", "seed_commitment"}
     if set(record.keys()) != fields or record.get("stage") != "advertise":
         raise MalformedMessage(f"secure aggregation record must be stage=advertise with {sorted(fields - {'stage'})}")
     for key in ("envelope_key", "mask_key"):
@@ -150,6 +151,9 @@ def _advertised_keys(content) -> None:
         if not isinstance(value, bytes) or len(value) != PUBLIC_KEY_BYTES:
             raise MalformedMessage(f"secure aggregation '{key}' must be {PUBLIC_KEY_BYTES} bytes")
     # Unsigned (empty) or an Ed25519 key and signature; only the peers, holding the roster, can verify them.
+    commitment = record["seed_commitment"]
+    if not isinstance(commitment, bytes) or len(commitment) != SEED_COMMITMENT_BYTES:
+        raise MalformedMessage(f"secure aggregation 'seed_commitment' must be {SEED_COMMITMENT_BYTES} bytes")
     for key, size in (("identity_key", IDENTITY_KEY_BYTES), ("signature", SIGNATURE_BYTES)):
         value = record[key]
         if not isinstance(value, bytes) or len(value) not in (0, size):

@@ -32,7 +32,7 @@ from fedguard.server.reply_checks import stage_reply_problem
 logger = logging.getLogger(__name__)
 
 # The share request's per-site lists, in the order of graph_seed's advert tuples.
-COHORT_FIELDS = ("envelope_keys", "mask_keys", "identity_keys", "signatures")
+COHORT_FIELDS = ("envelope_keys", "mask_keys", "identity_keys", "signatures", "seed_commitments")
 # Seconds between checks for stage answers when no config says otherwise (Flower's own is 0.1).
 DEFAULT_POLL_INTERVAL = 0.01
 
@@ -176,7 +176,7 @@ class SecureAggregationExchange:
             for node, r in keyed.items()
         }
         signed = {
-            node: (bytes(r.content[protocol.SECAGG_KEY]["identity_key"]), bytes(r.content[protocol.SECAGG_KEY]["signature"]))
+            node: tuple(bytes(r.content[protocol.SECAGG_KEY][f]) for f in ("identity_key", "signature", "seed_commitment"))
             for node, r in keyed.items()
         }
         # The graph comes from a hash of every signed advert (privacy/secagg/params.py::graph_seed):
@@ -186,6 +186,7 @@ class SecureAggregationExchange:
         graph = neighbour_graph(list(advertised), self.params.neighbours, seed=seed)
         session = ServerSession(self.params, server_round, graph)
         session.route_keys(advertised)
+        session.seed_commitments = {node: signed[node][2] for node in signed}
         listing = ConfigRecord(
             {
                 "stage": "share",

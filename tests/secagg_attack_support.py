@@ -100,7 +100,7 @@ class HostileServer:
         the site derives its own neighbours from it."""
         listed = sorted(self.nodes if cohort is None else cohort)
         request = {"stage": "share", "peers": listed}
-        for name in ("envelope_key", "mask_key", "identity_key", "signature"):
+        for name in ("envelope_key", "mask_key", "identity_key", "signature", "seed_commitment"):
             request[f"{name}s"] = [bytes(self.advertised[p][name]) for p in listed]
         return request
 

@@ -53,14 +53,16 @@ NODES = (11, 22, 33, 44)
 TARGET = 22
 STAGE_KEYS = {
     "advertise": {protocol.METRICS_KEY: [protocol.NUM_EXAMPLES_KEY, protocol.TRAIN_LOSS_KEY],
-                  protocol.SECAGG_KEY: ["stage", "envelope_key", "mask_key", "identity_key", "signature"]},
+                  protocol.SECAGG_KEY: ["stage", "envelope_key", "mask_key", "identity_key", "signature",
+                                          "seed_commitment"]},
     "share": {protocol.SECAGG_KEY: ["to", "ciphertexts"]},
     "mask": {protocol.SECAGG_KEY: [], protocol.SECAGG_REJECTED_KEY: [protocol.SECAGG_REJECTED_FIELD]},
     "consistency": {protocol.SECAGG_KEY: ["signature"]},
     "unmask": {protocol.SECAGG_KEY: ["for", "kinds", "shares"]},
 }
 REQUEST_KEYS = {
-    "share": {protocol.SECAGG_KEY: ["stage", "round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys", "signatures"]},
+    "share": {protocol.SECAGG_KEY: ["stage", "round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys", "signatures",
+                                     "seed_commitments"]},
     "mask": {protocol.SECAGG_KEY: ["stage", "round", "session", "from", "ciphertexts"]},
     "consistency": {protocol.SECAGG_KEY: ["stage", "round", "session", "survivors"]},
     "unmask": {protocol.SECAGG_KEY: ["stage", "round", "session", "survivors", "dropped", "signers", "signatures"]},

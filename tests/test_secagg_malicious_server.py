@@ -63,7 +63,8 @@ def test_attack1_relabelled_replayed_or_foreign_adverts_are_left_out(compose, tm
     server = HostileServer(_cfg(compose), NODES, tmp_path)
     server.train_all()
     adverts = {
-        n: tuple(bytes(server.advertised[n][f]) for f in ("envelope_key", "mask_key", "identity_key", "signature"))
+        n: tuple(bytes(server.advertised[n][f])
+                 for f in ("envelope_key", "mask_key", "identity_key", "signature", "seed_commitment"))
         for n in NODES
     }
     own = adverts[TARGET][2]
@@ -74,11 +75,12 @@ def test_attack1_relabelled_replayed_or_foreign_adverts_are_left_out(compose, tm
     relabelled = {**honest, 55: honest[33]}  # site 33's advert shown again as node 55
     del relabelled[33]
     assert set(verified_peers(server.roster, own, 1, server.session_id, relabelled)) == {11, 44}
-    duplicated = {**honest, 55: (*honest[33][:2], honest[33][2], honest[33][3])}
+    duplicated = {**honest, 55: honest[33]}
     assert set(verified_peers(server.roster, own, 1, server.session_id, duplicated)) == {11, 44}
     stranger = Ed25519PrivateKey.generate()  # a sybil's identity, not on the roster
-    env, mask = honest[11][:2]
-    sybil = {**honest, 11: (env, mask, public_bytes(stranger), sign_advert(stranger, 1, server.session_id, 11, env, mask))}
+    env, mask, commitment = honest[11][0], honest[11][1], honest[11][4]
+    forged = sign_advert(stranger, 1, server.session_id, 11, env, mask, commitment)
+    sybil = {**honest, 11: (env, mask, public_bytes(stranger), forged, commitment)}
     assert set(verified_peers(server.roster, own, 1, server.session_id, sybil)) == {33, 44}
     myself = {**honest, 11: adverts[TARGET]}  # the target's own advert reflected back
     assert set(verified_peers(server.roster, own, 1, server.session_id, myself)) == {33, 44}
@@ -203,7 +205,8 @@ def test_attack5_each_site_derives_its_neighbours_from_the_hash_of_all_signed_ad
     server = HostileServer(_cfg(compose, 7, 4, 3), nodes, tmp_path)
     server.train_all()
     request = server.share_request(TARGET)
-    cohort = {n: tuple(request[f][i] for f in ("envelope_keys", "mask_keys", "identity_keys", "signatures"))
+    fields = ("envelope_keys", "mask_keys", "identity_keys", "signatures", "seed_commitments")
+    cohort = {n: tuple(request[f][i] for f in fields)
               for i, n in enumerate(request["peers"])}
     expected = neighbour_graph(list(nodes), 4, graph_seed(1, server.session_id, cohort))[TARGET]
     reply = server.stage(TARGET, request)

@@ -378,3 +378,29 @@ def test_bad_revealed_shares_are_excluded_when_extra_shares_exist(corruption):
         revealed[liar][target] = (kind, bad)
     total, count = server.aggregate({n: masked[n] for n in survivors}, set(nodes), revealed, masked_with)
     assert count == len(survivors) and total.tolist() == [sum(survivors)] * 5
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["seed-commitments", "no-commitments"])
+def test_a_bad_seed_share_among_threshold_plus_one_is_corrected_by_the_commitment(committed):
+    """5 clients, k=4, t=3: a survivor's seed has 4 shares, one of them bad. Checked against its
+    signed commitment the seed is rebuilt from the other 3; without one the bad share is
+    detected (no 4 shares agree) and the round fails instead of summing a wrong seed."""
+    nodes = [1, 2, 3, 4, 5]
+    params = SecAggParams(BITS, 4, 3)
+    server = ServerSession(params, 1, neighbour_graph(nodes, 4, 0))
+    clients = {n: ClientSession(n, params, 1) for n in nodes}
+    routed = server.route_keys({n: c.advertise() for n, c in clients.items()})
+    if committed:
+        server.seed_commitments = {n: c.seed_commitment() for n, c in clients.items()}
+    inbox = server.route_shares({n: clients[n].share(routed[n]) for n in nodes})
+    masked = {n: clients[n].mask(inbox[n], np.full(3, n, dtype=np.uint64)) for n in nodes}
+    revealed = {n: clients[n].unmask(set(nodes), set()) for n in nodes}
+    kind, share = revealed[2][1]
+    revealed[2][1] = (kind, share[:3] + bytes(b ^ 0x33 for b in share[3:]))
+    masked_with = {n: clients[n].neighbours for n in nodes}
+    if committed:
+        total, count = server.aggregate(masked, set(nodes), revealed, masked_with)
+        assert count == 5 and total.tolist() == [15] * 3
+    else:
+        with pytest.raises(SecAggError, match="client 1: no consistent"):
+            server.aggregate(masked, set(nodes), revealed, masked_with)

@@ -56,6 +56,14 @@ def neighbour_graph(nodes: list[int], neighbours: int, seed: int) -> dict[int, s
 
 
 GRAPH_DOMAIN = b"fedguard-secagg-graph-v1|"
+SEED_COMMITMENT_DOMAIN = b"fedguard-secagg-seed-v1|"
+SEED_COMMITMENT_BYTES = 32
+
+
+def seed_commitment(seed: bytes) -> bytes:
+    """SHA-256 of the self-mask seed, signed at advertise time: the server checks a rebuilt seed against it
+    (the seed is 256 random bits, so the hash hides it)."""
+    return hashlib.sha256(SEED_COMMITMENT_DOMAIN + seed).digest()
 
 
 def graph_seed(server_round: int, session_id: bytes, adverts: dict[int, tuple[bytes, ...]]) -> int:

@@ -57,6 +57,7 @@ from fedguard.privacy.secagg.params import (
     SHARE_PURPOSE,
     SecAggParams,
     neighbour_graph,
+    seed_commitment,
 )
 from fedguard.privacy.secagg.policy import SitePolicy
 from fedguard.privacy.secagg.server_session import ServerSession
@@ -186,6 +187,10 @@ class ClientSession:
     # Stage 0
     def advertise(self) -> tuple[bytes, bytes]:
         return self._envelope_keys.public_bytes, self._mask_keys.public_bytes
+
+    def seed_commitment(self) -> bytes:
+        """The commitment to this round's self-mask seed, advertised (and signed) with the keys."""
+        return seed_commitment(self._self_seed)
 
     # Stage 1
     def share(self, neighbour_keys: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:

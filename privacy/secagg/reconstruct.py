@@ -4,10 +4,10 @@ Why: the shares come from the clients, and a hostile one can reveal garbage, a d
 index, or a share of another secret. One bad share among ``threshold`` gives a wrong
 secret, and a wrong secret silently corrupts the sum (a wrong seed removes the wrong
 self-mask). So every rebuilt mask key is checked against the public key its owner
-signed, and a rebuilt seed is accepted only from ``threshold + 1`` shares that agree (see
-``rebuild``; with exactly ``threshold`` shares there is nothing to compare: the seed is
-taken as rebuilt). Other subsets are tried, so extra shares exclude bad ones instead of
-failing the round: one bad seed share is outvoted given ``threshold + 2`` shares.
+signed, and every rebuilt seed against the commitment its owner signed at advertise time
+(without one, a seed is accepted only from ``threshold + 1`` shares that agree, see
+``rebuild``). Other subsets are tried, so extra shares exclude bad ones instead of
+failing the round.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import numpy as np
 from fedguard.privacy.secagg.errors import SecAggError
 from fedguard.privacy.secagg.keys import derive_shared_key, private_key_from_bytes, public_bytes_of
 from fedguard.privacy.secagg.masking import ADD, SUBTRACT, apply_masks
-from fedguard.privacy.secagg.params import MASK_PURPOSE, SecAggParams
+from fedguard.privacy.secagg.params import MASK_PURPOSE, SecAggParams, seed_commitment
 from fedguard.privacy.secagg.reconstruct import rebuild
 from fedguard.privacy.secagg.shamir import combine_shares
 
@@ -24,6 +24,8 @@ class ServerSession:
     server_round: int
     graph: dict[int, set[int]]
     public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    # Each client's signed commitment to its self-mask seed (rebuilt seeds are checked against it).
+    seed_commitments: dict[int, bytes] = field(default_factory=dict)
 
     def route_keys(self, advertised: dict[int, tuple[bytes, bytes]]) -> dict[int, dict[int, tuple[bytes, bytes]]]:
         self.public_keys = dict(advertised)
@@ -57,6 +59,11 @@ class ServerSession:
             if node in masked_with[other] and other not in masked_with[node]
         }
         return masked_nodes - left_out, masked_with
+
+    def _is_seed_of(self, node: int):
+        """A check of a rebuilt seed against ``node``'s signed commitment (None without one)."""
+        expected = self.seed_commitments.get(node)
+        return None if expected is None else (lambda secret: seed_commitment(secret) == expected)
 
     def _is_mask_key_of(self, node: int):
         """Whether a rebuilt private key is the one behind ``node``'s signed mask public key."""
@@ -113,7 +120,7 @@ class ServerSession:
                     f"client {node}: only {len(shares)} valid share(s) revealed, threshold is {threshold}; "
                     f"cannot remove {what}"
                 )
-            check = None if kind == "seed" else self._is_mask_key_of(node)
+            check = self._is_seed_of(node) if kind == "seed" else self._is_mask_key_of(node)
             secret = rebuild(shares, threshold, combine_shares, check, owner=f"client {node}")
             if kind == "seed":
                 removals.append((secret, SUBTRACT))
