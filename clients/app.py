@@ -27,15 +27,10 @@ from fedguard.clients.client_dp import ClipError, round_clip_norm
 from fedguard.clients.datasets import DatasetBundle, DatasetError, LocalDataError, expected_layout, load_dataset
 from fedguard.clients.wire.checks import (
     parse_run_config,
-    MAX_PEERS,
-    MAX_SHARE_BYTES,
-    PUBLIC_KEY_BYTES,
     MalformedMessage,
-    byte_strings,
     count,
     decode_arrays,
     finite_number,
-    node_ids,
     only_records,
     require_record,
     text,
@@ -45,8 +40,15 @@ from fedguard.clients.partition import PartitionError, partition_indices, split_
 from fedguard.clients.private_training import BudgetExhausted, build_trainer, training_commitments
 from fedguard.clients.layers import run_layers
 from fedguard.clients.releases import released_train_loss, resend_enters_a_new_sum, sends_local_metrics
-from fedguard.clients.secure_aggregation import INPUT_STATE_KEY, SESSION_STATE_KEY, handle_stage
-from fedguard.clients.site import PARTITION_ID_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings, read_site_settings
+from fedguard.clients.secagg_requests import secure_aggregation_stage
+from fedguard.clients.site import (
+    PARTITION_ID_KEY,
+    SECAGG_ROSTER_KEY,
+    STATE_DIR_KEY,
+    SiteConfigError,
+    SiteSettings,
+    read_site_settings,
+)
 from fedguard.clients.data_spend import data_fingerprint
 from fedguard.clients.site_floor import check_site_floor, read_site_floor
 from fedguard.clients.site_state import CachedReply, ResendRefused, SiteStateError, SiteStateStore, arrays_digest
@@ -75,12 +77,8 @@ REJECTIONS = (
 )
 # What a fedguard config text may raise while being parsed and validated.
 MAX_REASON_CHARS = 500
-# Fields of each SecAgg+ stage request (besides "stage"), as clients/secure_aggregation.py reads them.
-STAGE_FIELDS = {
-    "share": ("peers", "envelope_keys", "mask_keys"),
-    "mask": ("from", "ciphertexts"),
-    "unmask": ("survivors", "dropped"),
-}
+# A simulation's roster of its virtual sites' identity keys, beside their state dirs (simulations/simulate.py).
+SIMULATION_ROSTER = "secagg-roster.json"
 
 
 @dataclass(frozen=True)
@@ -342,48 +340,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({protocol.METRICS_KEY: metrics}), reply_to=msg)
 
 
-def check_stage_request(msg: Message, context: Context) -> None:
-    """Refuse a malformed SecAgg+ stage request before the protocol session touches it."""
-    only_records(msg.content, {protocol.SECAGG_KEY})
-    request = require_record(msg.content, protocol.SECAGG_KEY, ConfigRecord)
-    stage = request.get("stage")
-    fields = STAGE_FIELDS.get(stage) if isinstance(stage, str) else None
-    if fields is None:
-        raise MalformedMessage(f"unknown secure aggregation stage {stage!r:.40}; expected one of {list(STAGE_FIELDS)}")
-    if set(request.keys()) != {"stage", *fields}:
-        raise MalformedMessage(f"a {stage} request holds exactly the fields {['stage', *fields]}")
-    if SESSION_STATE_KEY not in context.state:
-        raise MalformedMessage(f"{stage} request, but this client has no secure aggregation session this round")
-    if stage == "share":
-        peers = node_ids(request, "peers", MAX_PEERS)
-        key_size = (PUBLIC_KEY_BYTES, PUBLIC_KEY_BYTES)
-        keys = [byte_strings(request, field, MAX_PEERS, size=key_size) for field in fields[1:]]
-        if not len(peers) == len(keys[0]) == len(keys[1]):
-            raise MalformedMessage("'peers', 'envelope_keys' and 'mask_keys' must be equally long")
-    elif stage == "mask":
-        senders = node_ids(request, "from", MAX_PEERS)
-        if len(senders) != len(byte_strings(request, "ciphertexts", MAX_PEERS, size=(1, MAX_SHARE_BYTES))):
-            raise MalformedMessage("'from' and 'ciphertexts' must be equally long")
-        if INPUT_STATE_KEY not in context.state:
-            raise MalformedMessage("mask request, but this client holds no input for the round")
-    else:
-        node_ids(request, "survivors", MAX_PEERS)
-        node_ids(request, "dropped", MAX_PEERS)
-
-
-def secure_aggregation_stage(msg: Message, context: Context) -> Message:
-    """SecAgg+ stages 1-3 (share, mask, unmask); stage 0 rides on the train reply."""
-    check_stage_request(msg, context)
-    return handle_stage(msg, context)
-
-
 def with_site_state_root(root: Path) -> Mod:
-    """Give each virtual site of a simulation a state dir under ``root`` (a real site sets its own)."""
+    """Give each virtual site of a simulation a state dir under ``root`` (a real site sets its own),
+    and the secure-aggregation roster the harness wrote there (``SIMULATION_ROSTER``), if any."""
 
     def site_state_root(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if not context.node_config.get(STATE_DIR_KEY):
             partition = context.node_config.get(PARTITION_ID_KEY, "unknown")
             context.node_config[STATE_DIR_KEY] = str(root / f"partition-{partition}")
+        if not context.node_config.get(SECAGG_ROSTER_KEY) and (root / SIMULATION_ROSTER).is_file():
+            context.node_config[SECAGG_ROSTER_KEY] = str(root / SIMULATION_ROSTER)
         return call_next(msg, context)
 
     return site_state_root

@@ -20,11 +20,16 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedguard.clients.secagg_identity import site_identity, site_roster, verified_peers
+from fedguard.clients.site import read_secagg_policy
 from fedguard.clients.wire import protocol
 from fedguard.clients.wire.arrays import array_view, flatten_update
+from fedguard.conf.plans import clients_per_round
 from fedguard.conf.run_config import cached_config_from_yaml
+from fedguard.privacy.secagg.identity import public_bytes, sign_advert
 from fedguard.privacy.secagg.masking import levels_for, quantize
-from fedguard.privacy.secagg.protocol import ClientSession, SecAggParams
+from fedguard.privacy.secagg.params import graph_seed
+from fedguard.privacy.secagg.protocol import ClientSession, SecAggError, SecAggParams, neighbour_graph
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +42,8 @@ ENCODING_STATE_KEY = "fedguard.secagg-encoding"
 WEIGHT, CLIP_RANGE, MAX_WEIGHT = "weight", "clip_range", "max_weight"
 MODULUS_BITS, MAX_CLIENTS = "modulus_bits", "max_clients"
 FLOAT32_BYTES = 4
+# The advert's identity fields: the site's Ed25519 public key and its signature over the round keys.
+IDENTITY_FIELD, SIGNATURE_FIELD, COMMITMENT_FIELD = "identity_key", "signature", "seed_commitment"
 
 
 def params_from(cfg) -> SecAggParams:
@@ -99,11 +106,27 @@ def encode_held_update(context: Context) -> np.ndarray:
     return _encode(update, float(encoding[WEIGHT]), float(encoding[CLIP_RANGE]), float(encoding[MAX_WEIGHT]), levels)
 
 
+def _signed_advert(context: Context, session: ClientSession, envelope_public: bytes, mask_public: bytes) -> dict:
+    """The site's identity public key and its signature over the round keys (empty without a state dir:
+    peers then leave this site out, see clients/secagg_identity.py)."""
+    identity = site_identity(dict(context.node_config))
+    if identity is None:
+        logger.warning("client %d: no state dir, so no identity key: advertising unsigned keys", context.node_id)
+        return {IDENTITY_FIELD: b"", SIGNATURE_FIELD: b"", COMMITMENT_FIELD: session.seed_commitment()}
+    signature = sign_advert(identity, session.server_round, session.session_id, context.node_id, envelope_public,
+                            mask_public, session.seed_commitment())
+    return {IDENTITY_FIELD: public_bytes(identity), SIGNATURE_FIELD: signature, COMMITMENT_FIELD: session.seed_commitment()}
+
+
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Train as usual, then hold the update back and advertise SecAgg+ keys instead.
     Installed only for runs with secure_agg=secaggplus (clients/layers.py)."""
-    reply = call_next(msg, context)
     cfg = cached_config_from_yaml(str(msg.content[protocol.CONFIG_KEY][protocol.FEDGUARD_CONFIG_KEY]))
+    params = params_from(cfg)
+    # Before training: a round this site would refuse must not spend its privacy budget.
+    policy = read_secagg_policy(dict(context.node_config))
+    policy.check_announced(params.neighbours, params.threshold, clients_per_round(cfg))
+    reply = call_next(msg, context)
     if reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
         return reply  # errors and budget refusals pass through unchanged
     update = flatten_update(reply.content[protocol.ARRAYS_KEY], msg.content[protocol.ARRAYS_KEY])
@@ -111,14 +134,20 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
         update = np.append(update, float(reply.content[protocol.CLIP_INDICATOR_KEY][protocol.CLIP_INDICATOR_FIELD]))
     weight = float(reply.content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])
     hold_update(context, update, weight, cfg, msg.content[protocol.ARRAYS_KEY])
-    server_round = int(msg.content[protocol.CONFIG_KEY].get(protocol.SERVER_ROUND_KEY, 0))
-    session = ClientSession(context.node_id, params_from(cfg), server_round)
+    config = msg.content[protocol.CONFIG_KEY]
+    server_round = int(config.get(protocol.SERVER_ROUND_KEY, 0))
+    session_id = config.get(protocol.SECAGG_SESSION_KEY, b"")
+    session_id = session_id if isinstance(session_id, bytes) else b""
+    session = ClientSession(context.node_id, params, server_round, session_id=session_id)
     envelope_public, mask_public = session.advertise()
     context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
     content = RecordDict(
         {
             protocol.METRICS_KEY: reply.content[protocol.METRICS_KEY],
-            protocol.SECAGG_KEY: ConfigRecord({"stage": "advertise", "envelope_key": envelope_public, "mask_key": mask_public}),
+            protocol.SECAGG_KEY: ConfigRecord(
+                {"stage": "advertise", "envelope_key": envelope_public, "mask_key": mask_public,
+                 **_signed_advert(context, session, envelope_public, mask_public)}
+            ),
         }
     )
     for key in (protocol.PRIVACY_KEY, protocol.LEDGER_KEY):  # the spend report and its signed record
@@ -127,17 +156,71 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     return Message(content, reply_to=msg)
 
 
+def _own_neighbours(
+    context: Context, session: ClientSession, cohort: dict[int, tuple[bytes, bytes, bytes, bytes, bytes]]
+) -> dict[int, tuple[bytes, bytes]]:
+    """This site's neighbours' round keys, derived by the site itself from the cohort list.
+
+    The share request lists every site of the round's cohort (this one included) with its
+    signed advert. Every advert must verify against this site's roster (the graph is hashed
+    from them all; one the site cannot check could be the server's grinding); the graph seed
+    is the hash of the list, so the server cannot pick this site's peers, only the list.
+    """
+    node_config = dict(context.node_config)
+    roster, identity = site_roster(node_config), site_identity(node_config)
+    own = public_bytes(identity) if identity is not None else b""
+    mine = cohort.get(context.node_id)
+    if mine is None or (*mine[:3], mine[4]) != (*session.advertise(), own, session.seed_commitment()):
+        raise SecAggError(f"client {context.node_id}: the cohort list does not hold this site's own advert")
+    session.policy.check_cohort(len(cohort))
+    others = {node: advert for node, advert in cohort.items() if node != context.node_id}
+    verified = verified_peers(roster, own, session.server_round, session.session_id, others)
+    if len(verified) != len(others):
+        raise SecAggError(
+            f"client {context.node_id}: {len(others) - len(verified)} advert(s) of the cohort list fail verification "
+            f"against this site's roster; refusing a neighbour graph derived from them"
+        )
+    seed = graph_seed(session.server_round, session.session_id, cohort)
+    peers = neighbour_graph(sorted(cohort), session.params.neighbours, seed)[context.node_id]
+    return {peer: verified[peer] for peer in sorted(peers)}
+
+
+def wipe_round(context: Context) -> None:
+    """Forget this round's secure-aggregation secrets and held update (the round aborted for this client)."""
+    for key in (SESSION_STATE_KEY, INPUT_STATE_KEY, ENCODING_STATE_KEY):
+        if key in context.state:
+            del context.state[key]
+
+
 def handle_stage(msg: Message, context: Context) -> Message:
-    """Stages 1-3 of SecAgg+ for this client; its session lives in Context.state between them."""
+    """Stages 1-3 of SecAgg+ for this client; its session lives in Context.state between them.
+
+    A protocol refusal (too few shares, a request that names this client dropped, ...)
+    aborts the round for this client: its keys, seed, held shares and clear update are
+    dropped from its state before the refusal goes back, so no later request can use them.
+    """
+    try:
+        return _handle_stage(msg, context)
+    except SecAggError as err:
+        logger.warning("client %d: secure aggregation round aborted, secrets wiped: %s", context.node_id, err)
+        wipe_round(context)
+        raise
+
+
+def _handle_stage(msg: Message, context: Context) -> Message:
     request = msg.content[protocol.SECAGG_KEY]
     stage = str(request["stage"])
-    session = ClientSession.from_dict(context.state[SESSION_STATE_KEY])
+    session = ClientSession.from_dict(context.state[SESSION_STATE_KEY], read_secagg_policy(dict(context.node_config)))
     if stage == "share":
-        keys = {
-            int(p): (bytes(e), bytes(m))
-            for p, e, m in zip(request["peers"], request["envelope_keys"], request["mask_keys"], strict=True)
+        adverts = {
+            int(p): (bytes(e), bytes(m), bytes(i), bytes(g), bytes(c))
+            for p, e, m, i, g, c in zip(request["peers"], request["envelope_keys"], request["mask_keys"],
+                                        request["identity_keys"], request["signatures"], request["seed_commitments"],
+                                        strict=True)
         }
-        sealed = session.share(keys)
+        neighbours = _own_neighbours(context, session, adverts)
+        sealed = session.share(neighbours)
+        session.peer_identities = {peer: adverts[peer][2] for peer in sealed}
         answer = ConfigRecord({"to": list(sealed), "ciphertexts": list(sealed.values())})
     elif stage == "mask":
         received = {int(s): bytes(c) for s, c in zip(request["from"], request["ciphertexts"], strict=True)}
@@ -145,11 +228,33 @@ def handle_stage(msg: Message, context: Context) -> Message:
         del context.state[INPUT_STATE_KEY]  # the clear input is no longer needed
         del context.state[ENCODING_STATE_KEY]
         context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
-        rejected = ConfigRecord({protocol.SECAGG_REJECTED_FIELD: sorted(session.rejected_senders)})
+        identity = site_identity(dict(context.node_config))
+        if identity is None:
+            raise SecAggError(f"client {context.node_id}: no identity key to sign its mask partners with")
+        rejected = ConfigRecord({
+            protocol.SECAGG_REJECTED_FIELD: sorted(session.rejected_senders),
+            protocol.SECAGG_PARTNERS_FIELD: sorted(session.neighbours),
+            protocol.SECAGG_PARTNERS_SIGNATURE_FIELD: session.sign_partners(identity),
+        })
         reply = RecordDict({protocol.SECAGG_KEY: ArrayRecord({"masked": Array(masked)}), protocol.SECAGG_REJECTED_KEY: rejected})
         return Message(reply, reply_to=msg)
+    elif stage == "consistency":
+        identity = site_identity(dict(context.node_config))
+        if identity is None:
+            raise SecAggError(f"client {context.node_id}: no identity key to sign the survivor set with")
+        answer = ConfigRecord({"signature": session.endorse({int(n) for n in request["survivors"]}, identity)})
     elif stage == "unmask":
-        revealed = session.unmask({int(n) for n in request["survivors"]}, {int(n) for n in request["dropped"]})
+        endorsements = {int(n): bytes(g) for n, g in zip(request["signers"], request["signatures"], strict=True)}
+        try:
+            statements = {
+                int(n): (protocol.partner_list_from_bytes(bytes(lst)), bytes(g))
+                for n, lst, g in zip(request["partner_nodes"], request["partner_lists"], request["partner_signatures"],
+                                     strict=True)
+            }
+        except (KeyError, ValueError) as err:
+            raise SecAggError(f"client {context.node_id}: unreadable mask-partner lists in the unmask request: {err}") from None
+        revealed = session.unmask({int(n) for n in request["survivors"]}, {int(n) for n in request["dropped"]},
+                                  endorsements, statements)
         answer = ConfigRecord(
             {
                 "for": list(revealed),

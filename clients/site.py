@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fedguard.privacy.secagg.policy import PolicyError, SitePolicy
+
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
 DATA_ROOT_KEY = "data-root"
@@ -22,8 +24,19 @@ STATE_DIR_KEY = "state-dir"
 EPHEMERAL_PRIVACY_KEY = "ephemeral-privacy-state"
 # The site's privacy floor (clients/site_floor.py), named here so every key of the schema is in one list.
 FLOOR_KEYS = ("min-noise-multiplier", "max-epsilon", "min-client-noise-multiplier", "max-client-epsilon")
+# The site's own limits on secure aggregation (privacy/secagg/policy.py): the server's
+# config cannot lower them. Defaults: threshold >= 2, no cap on neighbours, no colluders
+# assumed (t > k/2, the least that holds against a malicious server alone).
+SECAGG_MIN_THRESHOLD_KEY = "secagg-min-threshold"
+SECAGG_MAX_NEIGHBOURS_KEY = "secagg-max-neighbours"
+SECAGG_COLLUDERS_KEY = "secagg-colluders"
+# The roster of site identity keys, when not at <state-dir>/secagg/roster.json (clients/secagg_identity.py).
+SECAGG_ROSTER_KEY = "secagg-roster"
+SECAGG_MIN_COHORT_KEY = "secagg-min-cohort"
+SECAGG_POLICY_KEYS = (SECAGG_MIN_THRESHOLD_KEY, SECAGG_MAX_NEIGHBOURS_KEY, SECAGG_COLLUDERS_KEY, SECAGG_MIN_COHORT_KEY,
+                      SECAGG_ROSTER_KEY)
 KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_ROOT_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY, STATE_DIR_KEY,
-              EPHEMERAL_PRIVACY_KEY, *FLOOR_KEYS)
+              EPHEMERAL_PRIVACY_KEY, *FLOOR_KEYS, *SECAGG_POLICY_KEYS)
 
 
 class SiteConfigError(ValueError):
@@ -76,3 +89,29 @@ def read_site_settings(node_config: dict[str, Any]) -> SiteSettings:
         str(node_config[STATE_DIR_KEY]) if node_config.get(STATE_DIR_KEY) else None,
         node_config.get(EPHEMERAL_PRIVACY_KEY) in (True, 1, "true"),
     )
+
+
+def _optional_int(node_config: dict[str, Any], key: str, low: int) -> int | None:
+    value = node_config.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value or value < low:
+        raise SiteConfigError(f"node config '{key}'={value!r} must be an integer >= {low}")
+    return int(value)
+
+
+def read_secagg_policy(node_config: dict[str, Any]) -> SitePolicy:
+    """This site's pinned limits on SecAgg+ parameters (keys ``secagg-*``), defaults where unset."""
+    min_threshold = _optional_int(node_config, SECAGG_MIN_THRESHOLD_KEY, 2)
+    max_neighbours = _optional_int(node_config, SECAGG_MAX_NEIGHBOURS_KEY, 2)
+    colluders = _optional_int(node_config, SECAGG_COLLUDERS_KEY, 0)
+    min_cohort = _optional_int(node_config, SECAGG_MIN_COHORT_KEY, 0)
+    try:
+        return SitePolicy(
+            min_threshold=2 if min_threshold is None else min_threshold,
+            max_neighbours=max_neighbours,
+            colluders=0 if colluders is None else colluders,
+            min_cohort=0 if min_cohort is None else min_cohort,
+        )
+    except PolicyError as err:
+        raise SiteConfigError(f"node config: {err}") from err

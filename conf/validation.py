@@ -84,6 +84,25 @@ def _validate_privacy(cfg: DictConfig) -> None:
         )
 
 
+def _check_secure_agg_graph(neighbours: int, threshold: int, degree: int, num_clients: int) -> None:
+    """The neighbour graph is a ring with k/2 links on each side: an odd k would silently become
+    k + 1 (more peers than announced); and t must exceed k/2, or a server alone can collect
+    both secrets of a client from its honest neighbours (Bell et al. 2020). Sites may demand
+    more (their ``secagg-colluders`` setting)."""
+    if neighbours % 2 == 1 and neighbours < num_clients - 1:
+        raise ConfigError(
+            f"secure_agg.neighbours={neighbours} must be even (each client links to k/2 peers on each side of "
+            f"a ring), or >= simulation.num_clients - 1 = {num_clients - 1} for the complete graph; "
+            f"allowed: {neighbours - 1} or {neighbours + 1}"
+        )
+    if 2 * threshold <= degree:
+        raise ConfigError(
+            f"secure_agg.threshold={threshold} must be more than half the neighbours each client has "
+            f"(degree {degree}), or a server deviating from the protocol can rebuild a client's input; "
+            f"allowed: {degree // 2 + 1}..{degree}"
+        )
+
+
 def _validate_secure_agg(cfg: DictConfig) -> None:
     sa = cfg.secure_agg
     choice("secure_agg.mode", sa.mode, SECURE_AGG_MODES)
@@ -103,6 +122,7 @@ def _validate_secure_agg(cfg: DictConfig) -> None:
             f"secure_agg.threshold={sa.threshold} exceeds the neighbours each client has "
             f"(min(secure_agg.neighbours={sa.neighbours}, clients per round {cohort} - 1) = {degree})"
         )
+    _check_secure_agg_graph(sa.neighbours, sa.threshold, degree, int(cfg.simulation.num_clients))
     in_range("secure_agg.clip_range", sa.clip_range, 0.0, None, low_open=True)
     in_range("secure_agg.modulus_bits", sa.modulus_bits, 8, MAX_MODULUS_BITS)
     in_range("secure_agg.max_weight", sa.max_weight, 1, None)

@@ -43,6 +43,8 @@ from fedguard.clients.wire.checks import (
     text,
     typed_list,
 )
+from fedguard.privacy.secagg.identity import IDENTITY_KEY_BYTES, SIGNATURE_BYTES
+from fedguard.privacy.secagg.params import SEED_COMMITMENT_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ LEDGER_ENTRIES_FIELD = protocol.LEDGER_ENTRIES_FIELD
 MAX_LEDGER_ENTRIES = 100_000
 MAX_LEDGER_ENTRY_CHARS = 8_000
 MAX_TEXT_CHARS = 1000
-SECAGG_STAGES = ("share", "mask", "unmask")
+SECAGG_STAGES = ("share", "mask", "consistency", "unmask")
 SHARE_KINDS = ("seed", "key")
 MASKED_ARRAY = "masked"
 # A plain reply's clip indicator b - 1/2 (adaptive clipping, central noise): exactly one of these.
@@ -141,12 +143,21 @@ def _clip_indicator(content) -> None:
 
 def _advertised_keys(content) -> None:
     record = require_record(content, protocol.SECAGG_KEY, ConfigRecord)
-    if set(record.keys()) != {"stage", "envelope_key", "mask_key"} or record.get("stage") != "advertise":
-        raise MalformedMessage("secure aggregation record must be stage=advertise with envelope_key and mask_key")
+    fields = {"stage", "envelope_key", "mask_key", "identity_key", "signature", "seed_commitment"}
+    if set(record.keys()) != fields or record.get("stage") != "advertise":
+        raise MalformedMessage(f"secure aggregation record must be stage=advertise with {sorted(fields - {'stage'})}")
     for key in ("envelope_key", "mask_key"):
         value = record[key]
         if not isinstance(value, bytes) or len(value) != PUBLIC_KEY_BYTES:
             raise MalformedMessage(f"secure aggregation '{key}' must be {PUBLIC_KEY_BYTES} bytes")
+    # Unsigned (empty) or an Ed25519 key and signature; only the peers, holding the roster, can verify them.
+    commitment = record["seed_commitment"]
+    if not isinstance(commitment, bytes) or len(commitment) != SEED_COMMITMENT_BYTES:
+        raise MalformedMessage(f"secure aggregation 'seed_commitment' must be {SEED_COMMITMENT_BYTES} bytes")
+    for key, size in (("identity_key", IDENTITY_KEY_BYTES), ("signature", SIGNATURE_BYTES)):
+        value = record[key]
+        if not isinstance(value, bytes) or len(value) not in (0, size):
+            raise MalformedMessage(f"secure aggregation '{key}' must be empty or {size} bytes")
 
 
 def _check_train_reply(content, expected_arrays: ArrayRecord | None) -> None:
@@ -233,8 +244,13 @@ def _check_stage_answer(stage: str, content, vector_length: int | None) -> None:
         decode_array(MASKED_ARRAY, array, (length,), np.uint64)
         rejected = require_record(content, protocol.SECAGG_REJECTED_KEY, ConfigRecord)
         node_ids(rejected, protocol.SECAGG_REJECTED_FIELD, MAX_PEERS)
-        if list(rejected.keys()) != [protocol.SECAGG_REJECTED_FIELD]:
-            raise MalformedMessage(f"a mask answer's rejected-senders record holds only '{protocol.SECAGG_REJECTED_FIELD}'")
+        node_ids(rejected, protocol.SECAGG_PARTNERS_FIELD, MAX_PEERS)
+        signature = rejected.get(protocol.SECAGG_PARTNERS_SIGNATURE_FIELD)
+        fields = {protocol.SECAGG_REJECTED_FIELD, protocol.SECAGG_PARTNERS_FIELD, protocol.SECAGG_PARTNERS_SIGNATURE_FIELD}
+        if set(rejected.keys()) != fields or not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
+            raise MalformedMessage(
+                f"a mask answer's record holds exactly {sorted(fields)} (the partners signature: {SIGNATURE_BYTES} bytes)"
+            )
         return
     only_records(content, {protocol.SECAGG_KEY})
     record = require_record(content, protocol.SECAGG_KEY, ConfigRecord)
@@ -243,6 +259,10 @@ def _check_stage_answer(stage: str, content, vector_length: int | None) -> None:
         ciphertexts = byte_strings(record, "ciphertexts", MAX_PEERS, size=(1, MAX_SHARE_BYTES))
         if set(record.keys()) != {"to", "ciphertexts"} or len(peers) != len(ciphertexts):
             raise MalformedMessage("a share answer holds equally long 'to' and 'ciphertexts' lists only")
+    elif stage == "consistency":
+        signature = record.get("signature")
+        if set(record.keys()) != {"signature"} or not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
+            raise MalformedMessage(f"a consistency answer holds one '{SIGNATURE_BYTES}'-byte 'signature' only")
     elif stage == "unmask":
         peers = node_ids(record, "for", MAX_PEERS)
         kinds = typed_list(record, "kinds", str, MAX_PEERS)

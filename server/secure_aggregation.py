@@ -24,12 +24,15 @@ from fedguard.clients.secure_aggregation import params_from
 from fedguard.clients.wire.arrays import array_view
 from fedguard.conf.plans import uses_adaptive_clipping
 from fedguard.privacy.secagg.masking import dequantize_sum, levels_for
+from fedguard.privacy.secagg.params import graph_seed
 from fedguard.privacy.secagg.protocol import SecAggError, ServerSession, neighbour_graph
 from fedguard.server.federation import TrainReplies, exchange_messages, sort_train_replies
 from fedguard.server.reply_checks import stage_reply_problem
 
 logger = logging.getLogger(__name__)
 
+# The share request's per-site lists, in the order of graph_seed's advert tuples.
+COHORT_FIELDS = ("envelope_keys", "mask_keys", "identity_keys", "signatures", "seed_commitments")
 # Seconds between checks for stage answers when no config says otherwise (Flower's own is 0.1).
 DEFAULT_POLL_INTERVAL = 0.01
 
@@ -106,6 +109,22 @@ def _rejected_senders(mask_answers: dict[int, Message], inbox: dict[int, dict[in
     return rejected
 
 
+def _partner_statement(mask_answer: Message) -> tuple[bytes, bytes]:
+    """A survivor's signed mask-partner list, as its neighbours need it to reveal its seed share."""
+    record = mask_answer.content[protocol.SECAGG_REJECTED_KEY]
+    listed = protocol.partner_list_bytes([int(n) for n in record[protocol.SECAGG_PARTNERS_FIELD]])
+    return listed, bytes(record[protocol.SECAGG_PARTNERS_SIGNATURE_FIELD])
+
+
+def check_summands(count: int, max_clients: int) -> None:
+    """Refuse to unmask a sum of more inputs than the quantization levels leave room for (it may have wrapped)."""
+    if count > max_clients:
+        raise SecAggError(
+            f"{count} inputs in the sum, but the quantization levels assume at most {max_clients} "
+            f"(simulation.num_clients); the sum may have wrapped"
+        )
+
+
 class SecureAggregationExchange:
     """One training round's message exchange under SecAgg+."""
 
@@ -118,10 +137,19 @@ class SecureAggregationExchange:
         # Client-level DP's adaptive clipping: each masked input holds the client's clip indicator after the update.
         self.extra = 1 if uses_adaptive_clipping(cfg) else 0
 
+    @staticmethod
+    def new_session_id() -> bytes:
+        """A fresh random id per round's protocol run (replaceable where a test replays one session)."""
+        return secrets.token_bytes(protocol.SECAGG_SESSION_BYTES)
+
     def train(
         self, grid: Grid, messages: Iterable[Message], global_arrays: ArrayRecord, server_round: int, timeout: float
     ) -> tuple[int, TrainReplies]:
         outgoing = list(messages)
+        # A fresh id for this run of the protocol: sites sign it with their round keys.
+        session_id = self.new_session_id()
+        for message in outgoing:
+            message.content[protocol.CONFIG_KEY][protocol.SECAGG_SESSION_KEY] = session_id
         started = time.perf_counter()
         sampled, replies = exchange_messages(grid, outgoing, timeout)
         logger.debug("round %d: secagg stage train+advertise took %.3f s", server_round, time.perf_counter() - started)
@@ -129,7 +157,7 @@ class SecureAggregationExchange:
         sorted_replies = sort_train_replies(server_round, replies)
         keyed = {r.metadata.src_node_id: r for r in sorted_replies.usable if protocol.SECAGG_KEY in r.content}
         try:
-            aggregate = self._run_stages(grid, keyed, instructions, global_arrays, server_round)
+            aggregate = self._run_stages(grid, keyed, instructions, global_arrays, server_round, session_id)
         except (SecAggError, ValueError) as err:  # ValueError: junk shares from a client (Shamir, X25519)
             logger.error("round %d: secure aggregation failed: %s", server_round, err)
             sorted_replies.usable, sorted_replies.contributors = [], 0
@@ -145,6 +173,7 @@ class SecureAggregationExchange:
         instructions: dict[int, Message],
         global_arrays: ArrayRecord,
         server_round: int,
+        session_id: bytes,
     ) -> tuple[Message, int]:
         self.params.validate(max(len(keyed), 2))
         if len(keyed) < self.params.threshold:
@@ -153,22 +182,30 @@ class SecureAggregationExchange:
             node: (bytes(r.content[protocol.SECAGG_KEY]["envelope_key"]), bytes(r.content[protocol.SECAGG_KEY]["mask_key"]))
             for node, r in keyed.items()
         }
-        graph = neighbour_graph(list(advertised), self.params.neighbours, seed=secrets.randbits(64))
+        signed = {
+            node: tuple(bytes(r.content[protocol.SECAGG_KEY][f]) for f in ("identity_key", "signature", "seed_commitment"))
+            for node, r in keyed.items()
+        }
+        # The graph comes from a hash of every signed advert (privacy/secagg/params.py::graph_seed):
+        # each site recomputes it from the cohort list below and derives its own neighbours.
+        cohort = {node: (*advertised[node], *signed[node]) for node in advertised}
+        seed = graph_seed(server_round, session_id, cohort)
+        graph = neighbour_graph(list(advertised), self.params.neighbours, seed=seed)
         session = ServerSession(self.params, server_round, graph)
-        routed = session.route_keys(advertised)
+        session.route_keys(advertised)
+        session.seed_commitments = {node: signed[node][2] for node in signed}
+        listing = ConfigRecord(
+            {
+                "stage": "share",
+                "round": server_round,
+                "session": session_id,
+                "peers": sorted(cohort),
+                **{field: [cohort[n][i] for n in sorted(cohort)] for i, field in enumerate(COHORT_FIELDS)},
+            }
+        )
         share_answers = _answers(
             grid,
-            {
-                node: ConfigRecord(
-                    {
-                        "stage": "share",
-                        "peers": list(keys),
-                        "envelope_keys": [k[0] for k in keys.values()],
-                        "mask_keys": [k[1] for k in keys.values()],
-                    }
-                )
-                for node, keys in routed.items()
-            },
+            {node: listing for node in cohort},
             self.stage_timeout,
             "share",
             poll_interval=self.poll_interval,
@@ -184,7 +221,8 @@ class SecureAggregationExchange:
         mask_answers = _answers(
             grid,
             {
-                node: ConfigRecord({"stage": "mask", "from": list(received), "ciphertexts": list(received.values())})
+                node: ConfigRecord({"stage": "mask", "round": server_round, "session": session_id, "from": list(received),
+                                    "ciphertexts": list(received.values())})
                 for node, received in inbox.items()
             },
             self.stage_timeout,
@@ -205,11 +243,33 @@ class SecureAggregationExchange:
         dropped = set(shares) - survivors
         if len(survivors) < self.params.threshold:
             raise SecAggError(f"{len(survivors)} clients sent masked inputs; threshold is {self.params.threshold}")
-        unmask_answers = _answers(
+        check_summands(len(survivors), int(self.cfg.simulation.num_clients))
+        # Consistency round: every survivor signs the survivor set; each unmasks only on seeing
+        # at least `threshold` of its neighbours' signatures on that same set.
+        consistency_answers = _answers(
             grid,
             {
-                node: ConfigRecord({"stage": "unmask", "survivors": sorted(survivors), "dropped": sorted(dropped)})
+                node: ConfigRecord({"stage": "consistency", "round": server_round, "session": session_id,
+                                    "survivors": sorted(survivors)})
                 for node in survivors
+            },
+            self.stage_timeout,
+            "consistency",
+            poll_interval=self.poll_interval,
+        )
+        signed = {n: bytes(r.content[protocol.SECAGG_KEY]["signature"]) for n, r in consistency_answers.items()}
+        partners = {node: _partner_statement(mask_answers[node]) for node in survivors}
+        unmask_answers = _answers(
+            grid,
+            {  # each survivor gets its neighbours' signatures and signed mask-partner lists (the only ones it can check)
+                node: ConfigRecord({"stage": "unmask", "round": server_round, "session": session_id,
+                                    "survivors": sorted(survivors), "dropped": sorted(dropped),
+                                    "signers": sorted(graph[node] & set(signed)),
+                                    "signatures": [signed[n] for n in sorted(graph[node] & set(signed))],
+                                    "partner_nodes": sorted(graph[node] & survivors),
+                                    "partner_lists": [partners[n][0] for n in sorted(graph[node] & survivors)],
+                                    "partner_signatures": [partners[n][1] for n in sorted(graph[node] & survivors)]})
+                for node in consistency_answers
             },
             self.stage_timeout,
             "unmask",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,7 +99,26 @@ class Federation:
         done = fedguard("keys", "--out", str(keys), cwd=self.root)
         if done.returncode != 0:
             raise RuntimeError(f"fedguard keys failed: {done.stderr}")
+        self.distribute_secagg_roster()
         return keys / "node_key"
+
+    def distribute_secagg_roster(self) -> None:
+        """Every site made so far gets its secure-aggregation identity key and the roster of all of
+        them: the operator's out-of-band step, done with the README's commands (``fedguard roster
+        identity`` per site, ``fedguard roster make``, the file copied into each site's state dir)."""
+        sites = sorted(site for site in self.root.glob("site*") if site.is_dir())
+        entries = []
+        for site in sites:
+            done = fedguard("roster", "identity", "--state-dir", str(site), "--name", site.name, cwd=self.root)
+            if done.returncode != 0:
+                raise RuntimeError(f"fedguard roster identity failed: {done.stderr}")
+            entries.append(done.stdout.strip())
+        roster = self.root / "roster.json"
+        done = fedguard("roster", "make", "--out", str(roster), *entries, cwd=self.root)
+        if done.returncode != 0:
+            raise RuntimeError(f"fedguard roster make failed: {done.stderr}")
+        for site in sites:
+            shutil.copyfile(roster, site / "secagg" / "roster.json")
 
     def start_server(self, timeout: float = 60) -> None:
         self.server = self.spawn(

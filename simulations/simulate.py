@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from fedguard.clients.wire import protocol
 from fedguard.conf import validate_config
+from fedguard.conf.plans import secagg_risk_line
 from fedguard.conf.run_config import config_to_yaml
 from fedguard.conf.schema import ConfigError
 from fedguard.server.checkpoint import CheckpointError
@@ -119,7 +120,8 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     The resolved config travels in the run config exactly as `flwr run` carries it on
     real sites, so simulation exercises the deployment code path.
     """
-    from fedguard.clients.app import build_client_app
+    from fedguard.clients.app import SIMULATION_ROSTER, build_client_app
+    from fedguard.clients.secagg_identity import provision_rosters
     from fedguard.server.app import app as server_app
     from fedguard.server.app import load_resume_point
 
@@ -132,6 +134,12 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     # Virtual sites keep their privacy state and ledgers beside the run, so `resume=` works here too.
     client_app = build_client_app(site_state_root=run_dir / CLIENT_STATE_DIR)
+    if cfg.secure_agg.mode != "off":
+        # The out-of-band step of a real federation, done per run: each virtual site's identity
+        # key in its state dir, and the roster of all of them, which the sites pin.
+        state_root = run_dir / CLIENT_STATE_DIR
+        provision_rosters({f"partition-{i}": state_root / f"partition-{i}" for i in range(int(cfg.simulation.num_clients))},
+                          shared_roster=state_root / SIMULATION_ROSTER)
     # Ray takes seconds to start; say what is starting so a silent terminal is not a hang.
     print(
         f"fedguard: starting the engine: {cfg.simulation.num_clients} clients, dataset {cfg.dataset.name}, "
@@ -139,6 +147,8 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         file=sys.stderr,
         flush=True,
     )
+    if (risk := secagg_risk_line(cfg)) is not None:
+        print(f"fedguard: {risk}", file=sys.stderr, flush=True)
     if (planned := planned_sample_dp_line(cfg)) is not None:
         print(f"fedguard: {planned}", file=sys.stderr, flush=True)
     launched = time.perf_counter()

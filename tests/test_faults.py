@@ -31,9 +31,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedguard.clients.wire import protocol
+from fedguard.clients.app import SIMULATION_ROSTER
 from fedguard.clients.app import app as fedguard_client
+from fedguard.clients.secagg_identity import provision_rosters
 from fedguard.clients.datasets import FASHION_MNIST_FILES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC
-from fedguard.clients.site import DATA_ROOT_KEY, PARTITION_ID_KEY
+from fedguard.clients.site import DATA_ROOT_KEY, PARTITION_ID_KEY, SECAGG_ROSTER_KEY, STATE_DIR_KEY
 from fedguard.clients.secure_aggregation import ENCODING_STATE_KEY, INPUT_ARRAY, INPUT_STATE_KEY, WEIGHT
 from fedguard.conf.run_config import config_to_yaml
 from fedguard.server.app import main as fedguard_server_main
@@ -119,6 +121,7 @@ def _faulty_train(msg: Message, context: Context) -> Message:
     fault = _fault_for(context, "train")
     if fault == "bad-data":
         context.node_config[DATA_ROOT_KEY] = spec["bad_root"]
+    _site_dirs(context)
     reply = fedguard_client(msg, context)
     if fault == "crash":
         # Trained, then died before replying: the work done must not reach the server.
@@ -152,10 +155,19 @@ def _sleep_then_mark_waking(spec: dict[str, Any], partition: int) -> None:
     (Path(spec["replies"]) / WOKE_MARKER.format(partition=partition)).write_text(repr(time.time()))
 
 
+def _site_dirs(context: Context) -> None:
+    """Each virtual site's state dir and the SecAgg+ roster, as `fedguard simulate` sets them."""
+    root = _spec().get("site_root")
+    if root and not context.node_config.get(STATE_DIR_KEY):
+        context.node_config[STATE_DIR_KEY] = str(Path(root) / f"partition-{context.node_config[PARTITION_ID_KEY]}")
+        context.node_config[SECAGG_ROSTER_KEY] = str(Path(root) / SIMULATION_ROSTER)
+
+
 @fault_client.train("secagg")
 def _faulty_stage(msg: Message, context: Context) -> Message:
     """fedguard's real SecAgg+ stage handler; the fault hits partition FAULTY at the spec's stage."""
     stage = str(msg.content[protocol.SECAGG_KEY]["stage"])
+    _site_dirs(context)
     reply = fedguard_client(msg, context)
     _inject(_fault_for(context, stage), f"the secure aggregation {stage} stage")
     return reply
@@ -202,8 +214,12 @@ def _simulate(
 ) -> dict[str, Any]:
     """One fedguard run in Flower's simulation engine with the test ClientApp; returns what it wrote."""
     cfg = compose([*BASE, f"simulation.num_clients={clients}", *overrides])
-    run_dir, replies = tmp_path / "run", tmp_path / "replies"
+    run_dir, replies, sites = tmp_path / "run", tmp_path / "replies", tmp_path / "sites"
     replies.mkdir()
+    if cfg.secure_agg.mode != "off":  # the sites' identity keys and the roster they pin (out of band on real sites)
+        provision_rosters({f"partition-{i}": sites / f"partition-{i}" for i in range(clients)},
+                          shared_roster=sites / SIMULATION_ROSTER)
+        spec = {**spec, "site_root": str(sites)}
     monkeypatch.setenv(FAULT_ENV, json.dumps({**spec, "replies": str(replies), "clients": clients}))
     run_config = {protocol.RUN_CONFIG_FEDGUARD: config_to_yaml(cfg), protocol.RUN_CONFIG_RUN_DIR: str(run_dir)}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)

@@ -9,7 +9,7 @@ Properties: nothing raises out of the exchange; the global model is untouched; t
 outcome is an aggregate of the right shape with finite values, or a clean "no usable
 update"; an answer the form checks reject counts as a dropout, so the round still
 completes with the other clients; a client refusing a malformed request replies with an
-error and leaves its Context.state as it was.
+error and leaves its Context.state as it was (or, for a protocol refusal, wipes its round secrets).
 
 Speed: a whole protocol round per case (key generation, Shamir sharing, sealing, masking
 for four clients) made the 7,000 cases take minutes. Every case starts from the same
@@ -22,7 +22,9 @@ reconstruction is memoized per distinct set of shares, see ``_recombine_once``).
 from __future__ import annotations
 
 import copy
+import tempfile
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,9 +37,10 @@ from fedguard.clients.wire import protocol
 from fedguard.clients.app import app as client_app
 from fedguard.clients.datasets import load_dataset
 from fedguard.clients.models import build_model
-from fedguard.clients.secure_aggregation import secure_aggregation_mod
+from fedguard.clients.secagg_identity import provision_rosters
+from fedguard.clients.secure_aggregation import SESSION_STATE_KEY, secure_aggregation_mod
 from fedguard.conf.run_config import config_to_yaml
-from fedguard.privacy.secagg import protocol as secagg_protocol
+from fedguard.privacy.secagg import server_session as secagg_server_session
 from fedguard.privacy.secagg.shamir import combine_shares
 from fedguard.server.reply_checks import stage_reply_problem, train_reply_problem
 from fedguard.server.secure_aggregation import SecureAggregationExchange
@@ -50,15 +53,19 @@ NODES = (11, 22, 33, 44)
 TARGET = 22
 STAGE_KEYS = {
     "advertise": {protocol.METRICS_KEY: [protocol.NUM_EXAMPLES_KEY, protocol.TRAIN_LOSS_KEY],
-                  protocol.SECAGG_KEY: ["stage", "envelope_key", "mask_key"]},
+                  protocol.SECAGG_KEY: ["stage", "envelope_key", "mask_key", "identity_key", "signature",
+                                          "seed_commitment"]},
     "share": {protocol.SECAGG_KEY: ["to", "ciphertexts"]},
     "mask": {protocol.SECAGG_KEY: [], protocol.SECAGG_REJECTED_KEY: [protocol.SECAGG_REJECTED_FIELD]},
+    "consistency": {protocol.SECAGG_KEY: ["signature"]},
     "unmask": {protocol.SECAGG_KEY: ["for", "kinds", "shares"]},
 }
 REQUEST_KEYS = {
-    "share": {protocol.SECAGG_KEY: ["stage", "peers", "envelope_keys", "mask_keys"]},
-    "mask": {protocol.SECAGG_KEY: ["stage", "from", "ciphertexts"]},
-    "unmask": {protocol.SECAGG_KEY: ["stage", "survivors", "dropped"]},
+    "share": {protocol.SECAGG_KEY: ["stage", "round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys", "signatures",
+                                     "seed_commitments"]},
+    "mask": {protocol.SECAGG_KEY: ["stage", "round", "session", "from", "ciphertexts"]},
+    "consistency": {protocol.SECAGG_KEY: ["stage", "round", "session", "survivors"]},
+    "unmask": {protocol.SECAGG_KEY: ["stage", "round", "session", "survivors", "dropped", "signers", "signatures"]},
 }
 # The stand-in training's update: STEP_UNIT x (node id mod STEP_SPREAD + 1), over EXAMPLES examples each.
 STEP_UNIT, STEP_SPREAD, EXAMPLES = 0.001, 7, 30
@@ -67,6 +74,8 @@ STEP_UNIT, STEP_SPREAD, EXAMPLES = 0.001, 7, 30
 FLOAT32_TOLERANCE = 1e-6
 # Seconds the exchange may wait for train replies; the in-process grid answers at once.
 TRAIN_TIMEOUT = 5.0
+# The sites' state dirs: their identity keys and the roster they pinned (the stand-in for out-of-band distribution).
+SITES_ROOT = Path(tempfile.mkdtemp(prefix="fedguard-fuzz-secagg-"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -87,7 +96,7 @@ def _recombine_once():
         return rebuilt[key]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(secagg_protocol, "combine_shares", recombine)
+        patch.setattr(secagg_server_session, "combine_shares", recombine)
         yield
 
 
@@ -104,6 +113,10 @@ class Setup:
         self.yaml = config_to_yaml(self.cfg)
         self.clients = HonestClients()
         self.exchange = SecureAggregationExchange(self.cfg)  # holds no round state; built once
+        # One session id for every case: the snapshot replays one session's answers (a fresh id
+        # per case would make every train request new to the honest clients).
+        self.exchange.new_session_id = lambda: b"fuzz-session-id!"
+        provision_rosters({f"site-{node}": SITES_ROOT / f"site-{node}" for node in NODES})
 
     def __repr__(self) -> str:
         return "Setup(secaggplus, 4 clients)"
@@ -173,7 +186,8 @@ def _fingerprint(message: Message) -> tuple:
 
 
 def _context(node: int, state: RecordDict) -> Context:
-    node_config = {"partition-id": NODES.index(node), "num-partitions": len(NODES)}
+    node_config = {"partition-id": NODES.index(node), "num-partitions": len(NODES),
+                   "state-dir": str(SITES_ROOT / f"site-{node}")}
     return Context(run_id=1, node_id=node, node_config=node_config, state=state, run_config={})
 
 
@@ -336,7 +350,10 @@ def _request_property(setup: Setup, data, stage: str) -> None:
     grid, _result = _run(setup, data, stage, on_answer=False)
     assert grid.client_reply is not None, f"no {stage} request reached node {TARGET}"
     if grid.client_reply.has_error():
-        assert grid.state_after == grid.state_before, grid.client_reply.error.reason
+        # A malformed request leaves the state as it was; a protocol refusal (too few shares, a
+        # survivor list without the client, ...) aborts the round and wipes its secrets.
+        wiped = SESSION_STATE_KEY not in grid.live[TARGET].state
+        assert grid.state_after == grid.state_before or wiped, grid.client_reply.error.reason
 
 
 def test_replayed_round_is_the_honest_round(setup):

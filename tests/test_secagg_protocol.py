@@ -45,7 +45,7 @@ def _run(
     rejected = {node: clients[node].rejected_senders for node in masked}
     survivors, masked_with = server.settle(set(masked), inbox, rejected)
     dropped = set(shares) - survivors
-    revealed = {node: clients[node].unmask(survivors & clients[node].neighbours, dropped) for node in survivors}
+    revealed = {node: clients[node].unmask(survivors, dropped) for node in survivors}
     total, count = server.aggregate({n: masked[n] for n in survivors}, set(shares), revealed, masked_with)
     expected = sum(updates[node] for node in survivors)
     return dequantize_sum(total, count, CLIP, levels), expected, count, 2 * CLIP / levels
@@ -66,7 +66,7 @@ def test_dropouts_at_each_stage_are_recovered(stage, num_dropped):
     nodes = [100 + 7 * i for i in range(10)]
     dropped = tuple(nodes[:num_dropped])
     kwargs = {f"drop_after_{stage}": dropped}
-    recovered, expected, count, step = _run(10, 6, 3, **kwargs, seed=num_dropped)
+    recovered, expected, count, step = _run(10, 6, 4, **kwargs, seed=num_dropped)
     assert count == 10 - num_dropped
     assert np.max(np.abs(recovered - expected)) <= count * step
 
@@ -82,15 +82,16 @@ def test_a_client_refuses_to_reveal_both_secrets_of_one_peer():
     client = ClientSession(1, params, 1)
     with pytest.raises(SecAggError, match="before sending"):
         client.unmask({2, 3}, set())
-    client._masked_sent = True
+    client._stage = "masked"  # as after sending its masked input
     with pytest.raises(SecAggError, match="both survived and dropped"):
         client.unmask({2, 3}, {3})
 
 
 def test_a_tampered_share_leaves_its_sender_out_of_the_receivers_masks():
-    params = SecAggParams(BITS, 2, 2)
-    nodes = [1, 2, 3]
-    server = ServerSession(params, 1, neighbour_graph(nodes, 2, 0))
+    # 4 clients, so the receiver still holds threshold (2) valid shares after one is tampered.
+    params = SecAggParams(BITS, 3, 2)
+    nodes = [1, 2, 3, 4]
+    server = ServerSession(params, 1, neighbour_graph(nodes, 3, 0))
     clients = {n: ClientSession(n, params, 1) for n in nodes}
     routed = server.route_keys({n: c.advertise() for n, c in clients.items()})
     inbox = server.route_shares({n: clients[n].share(routed[n]) for n in nodes})
@@ -110,11 +111,11 @@ def test_a_tampered_share_leaves_its_sender_out_of_the_receivers_masks():
 
 @pytest.mark.parametrize("receivers", [1, 2, 6], ids=["one-share", "two-shares", "all-shares"])
 def test_a_client_forging_shares_loses_only_its_own_input(receivers):
-    """10 clients, 6 neighbours, threshold 3: the forger's input is left out, every other input is summed exactly."""
+    """10 clients, 6 neighbours, threshold 4: the forger's input is left out, every other input is summed exactly."""
     nodes = [100 + 7 * i for i in range(10)]
     forger = nodes[0]
     peers = sorted(neighbour_graph(nodes, 6, 4)[forger])
-    recovered, expected, count, step = _run(10, 6, 3, seed=4, tampered=[(forger, p) for p in peers[:receivers]])
+    recovered, expected, count, step = _run(10, 6, 4, seed=4, tampered=[(forger, p) for p in peers[:receivers]])
     assert count == 9
     assert np.max(np.abs(recovered - expected)) <= count * step
 
@@ -125,7 +126,7 @@ def test_forged_shares_leaving_too_few_valid_ones_fail_the_round_naming_the_forg
     forger = nodes[0]
     peers = sorted(neighbour_graph(nodes, 6, 4)[forger])
     with pytest.raises(SecAggError, match=f"client {forger}: only 1 valid share"):
-        _run(10, 6, 3, seed=4, tampered=[(forger, p) for p in peers[:5]])
+        _run(10, 6, 4, seed=4, tampered=[(forger, p) for p in peers[:5]])
 
 
 def test_a_receiver_rejecting_an_honest_share_costs_that_sender_this_round_only():
@@ -176,7 +177,7 @@ def test_client_session_survives_a_round_trip_through_state_between_stages():
     masked = {n: clients[n].mask(inbox[n], values[n]) for n in nodes}
     for n in nodes:
         reload(n)
-    revealed = {n: clients[n].unmask(set(nodes) & clients[n].neighbours, set()) for n in nodes}
+    revealed = {n: clients[n].unmask(set(nodes), set()) for n in nodes}
     total, count = server.aggregate(masked, set(nodes), revealed, {n: clients[n].neighbours for n in nodes})
     assert count == 3 and total.tolist() == [6] * 6
 
@@ -341,3 +342,65 @@ def test_masked_inputs_of_the_wrong_form_are_refused_before_summing():
     for bad in (np.zeros(5, dtype=np.uint64), np.zeros(4, dtype=np.int64), np.zeros((2, 2), dtype=np.uint64)):
         with pytest.raises(SecAggError, match="uint64 vectors of one length"):
             server.aggregate({1: good, 2: good, 3: bad}, {1, 2, 3}, {}, {})
+
+
+@pytest.mark.parametrize("corruption", ["garbage", "duplicate-index", "other-secret"])
+def test_bad_revealed_shares_are_excluded_when_extra_shares_exist(corruption):
+    """A hostile survivor reveals a bad seed share for one peer and a bad key share for a dropped
+    one: with more than threshold shares the server rebuilds the secrets from the others (mask
+    keys checked against the advertised public key, seeds by two agreeing subsets, so a seed needs
+    threshold + 2 shares to outvote one bad share); the sum is exact."""
+    num, k, t = 10, 6, 4
+    nodes = [100 + 7 * i for i in range(num)]
+    params = SecAggParams(BITS, k, t)
+    server = ServerSession(params, 1, neighbour_graph(nodes, k, 5))
+    clients = {n: ClientSession(n, params, 1) for n in nodes}
+    routed = server.route_keys({n: c.advertise() for n, c in clients.items()})
+    inbox = server.route_shares({n: clients[n].share(routed[n]) for n in nodes})
+    dropped_node = nodes[-1]
+    values = {n: np.full(5, n, dtype=np.uint64) for n in nodes}
+    masked = {n: clients[n].mask(inbox[n], values[n]) for n in nodes if n != dropped_node}
+    survivors, masked_with = server.settle(set(masked), inbox, {n: clients[n].rejected_senders for n in masked})
+    revealed = {n: clients[n].unmask(survivors, set(nodes) - survivors) for n in survivors}
+    liar, victim = next(
+        (n, p) for n in sorted(survivors) if dropped_node in revealed[n]
+        for p in sorted(revealed[n]) if p != dropped_node and dropped_node not in server.graph[p]
+    )  # the victim's 6 neighbours all survive: 6 seed shares, one of them bad
+    for target in (victim, dropped_node):
+        kind, share = revealed[liar][target]
+        if corruption == "garbage":
+            bad = share[:3] + bytes(b ^ 0x5A for b in share[3:])
+        elif corruption == "duplicate-index":
+            other = next(revealed[n][target][1] for n in survivors if n != liar and target in revealed[n])
+            bad = other[:2] + share[2:]
+        else:
+            bad = share[:3] + bytes(len(share) - 3)
+        revealed[liar][target] = (kind, bad)
+    total, count = server.aggregate({n: masked[n] for n in survivors}, set(nodes), revealed, masked_with)
+    assert count == len(survivors) and total.tolist() == [sum(survivors)] * 5
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["seed-commitments", "no-commitments"])
+def test_a_bad_seed_share_among_threshold_plus_one_is_corrected_by_the_commitment(committed):
+    """5 clients, k=4, t=3: a survivor's seed has 4 shares, one of them bad. Checked against its
+    signed commitment the seed is rebuilt from the other 3; without one the bad share is
+    detected (no 4 shares agree) and the round fails instead of summing a wrong seed."""
+    nodes = [1, 2, 3, 4, 5]
+    params = SecAggParams(BITS, 4, 3)
+    server = ServerSession(params, 1, neighbour_graph(nodes, 4, 0))
+    clients = {n: ClientSession(n, params, 1) for n in nodes}
+    routed = server.route_keys({n: c.advertise() for n, c in clients.items()})
+    if committed:
+        server.seed_commitments = {n: c.seed_commitment() for n, c in clients.items()}
+    inbox = server.route_shares({n: clients[n].share(routed[n]) for n in nodes})
+    masked = {n: clients[n].mask(inbox[n], np.full(3, n, dtype=np.uint64)) for n in nodes}
+    revealed = {n: clients[n].unmask(set(nodes), set()) for n in nodes}
+    kind, share = revealed[2][1]
+    revealed[2][1] = (kind, share[:3] + bytes(b ^ 0x33 for b in share[3:]))
+    masked_with = {n: clients[n].neighbours for n in nodes}
+    if committed:
+        total, count = server.aggregate(masked, set(nodes), revealed, masked_with)
+        assert count == 5 and total.tolist() == [15] * 3
+    else:
+        with pytest.raises(SecAggError, match="client 1: no consistent"):
+            server.aggregate(masked, set(nodes), revealed, masked_with)

@@ -31,7 +31,28 @@ SECAGG_MESSAGE_TYPE = "train.secagg"
 # ConfigRecord beside the mask answer: the senders whose shares failed authentication
 # (the client left them out of its masks), under SECAGG_REJECTED_FIELD.
 SECAGG_REJECTED_KEY = "secagg-rejected"
+# In a SecAgg+ round's train config: the server's random id for this run of the protocol
+# (bytes). Sites sign it with their round keys, so signed keys cannot be replayed into
+# another session of the same round.
+SECAGG_SESSION_KEY = "secagg-session"
+SECAGG_SESSION_BYTES = 16
 SECAGG_REJECTED_FIELD = "from"
+# In the same record: the neighbours the client masked with and its identity key's signature on
+# them (privacy/secagg/identity.py::partners_bytes). The server relays each survivor's pair to
+# its neighbours in the unmask request (a neighbour not on the list keeps that seed share).
+SECAGG_PARTNERS_FIELD = "partners"
+SECAGG_PARTNERS_SIGNATURE_FIELD = "partners-signature"
+
+
+def partner_list_bytes(partners: list[int] | set[int]) -> bytes:
+    """One survivor's mask partners as one ConfigRecord value (records hold no nested lists)."""
+    return ",".join(str(int(node)) for node in sorted(partners)).encode()
+
+
+def partner_list_from_bytes(data: bytes) -> set[int]:
+    """The inverse of ``partner_list_bytes``; ValueError on anything else."""
+    text = data.decode("ascii")
+    return {int(part) for part in text.split(",")} if text else set()
 # Client-level DP with adaptive clipping (privacy/adaptive_clipping.py): ConfigRecord holding
 # the client's centred clip indicator b - 1/2 under CLIP_INDICATOR_FIELD. Sent as is in plain
 # train replies; under SecAgg+ the client's secure-aggregation mod appends it (with its noise

@@ -41,3 +41,8 @@ def derive_shared_key(private: X25519PrivateKey, peer_public: bytes, purpose: by
     return HKDF(algorithm=hashes.SHA256(), length=DERIVED_KEY_BYTES, salt=None, info=KDF_DOMAIN + purpose).derive(
         shared
     )
+
+
+def public_bytes_of(private: X25519PrivateKey) -> bytes:
+    """The raw public key of ``private`` (to check a rebuilt mask key against the one advertised)."""
+    return private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)

@@ -24,6 +24,8 @@ WORD_BYTES = 8
 # it is added into the vector, large enough that the Python loop costs nothing.
 CHUNK_WORDS = 1 << 17
 ADD, SUBTRACT = 1, -1
+# Largest level count: float64 represents every integer up to 2^53 exactly (see levels_for).
+MAX_LEVELS = 1 << 53
 # Entries quantized per step: the working buffers (3 x 512 KiB) stay in cache.
 QUANTIZE_CHUNK = 1 << 16
 
@@ -76,8 +78,13 @@ def apply_masks(total: np.ndarray, masks: Sequence[tuple[bytes, int]], modulus_b
 
 
 def levels_for(modulus_bits: int, max_clients: int) -> int:
-    """Quantization levels per value such that the sum of ``max_clients`` values never wraps."""
-    levels = ((1 << modulus_bits) - 1) // max(max_clients, 1)
+    """Quantization levels per value such that the sum of ``max_clients`` values never wraps.
+
+    Capped at 2^53: quantization runs in float64, which holds integers exactly only up to
+    2^53. Above it ``float(levels)`` rounds up, a value at the clip range quantizes to more
+    than ``levels``, and the sum of a few such values wraps modulo 2^bits to the wrong sign.
+    """
+    levels = min(((1 << modulus_bits) - 1) // max(max_clients, 1), MAX_LEVELS)
     if levels < 2:
         raise QuantizationError(
             f"{modulus_bits} modulus bits leave fewer than 2 levels per value for {max_clients} clients"

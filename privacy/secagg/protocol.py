@@ -1,4 +1,4 @@
-"""The SecAgg+ protocol's four stages as transport-free client and server sessions.
+"""The SecAgg+ protocol's stages as a transport-free client session (the server's: server_session.py).
 
 Bonawitz et al. 2017 with the sparse neighbour graph of Bell et al. 2020: each client
 agrees mask keys with, and Shamir-shares its secrets among, only ``neighbours`` peers,
@@ -7,8 +7,16 @@ plain Python values; carrying them in Flower messages is a separate layer.
 
 Stages: (0) advertise public keys; (1) share the self-mask seed and the mask private
 key among neighbours, encrypted per recipient; (2) send the masked, quantized input;
-(3) for each neighbour, reveal the self-mask share if it survived, the mask-key share
-if it dropped, never both, so the server can remove exactly the masks left in the sum.
+(2b) consistency: sign the survivor set shown; (3) for each neighbour, reveal the
+self-mask share if it survived, the mask-key share if it dropped, never both, so the
+server can remove exactly the masks left in the sum.
+
+Against a server that deviates (Bell et al. 2020's active model) the session runs each
+stage once, in order; refuses to mask with fewer than ``threshold`` valid shares; signs
+one survivor set and unmasks only for it, with ``threshold`` neighbour signatures on it,
+and never when it is not listed as a survivor; any refusal wipes its secrets. Signed
+round keys, the roster and the hash-derived neighbour graph are checked by the caller
+(clients/secure_aggregation.py) before ``share``.
 
 A share that fails authentication (tampered, re-addressed, replayed) does not stop the
 honest receiver: it leaves that sender out of its masks and names it in its stage-2
@@ -24,12 +32,12 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedguard.privacy.secagg.envelope import ShareAuthenticationError, open_sealed, seal
 from fedguard.privacy.secagg.keys import (
@@ -39,57 +47,32 @@ from fedguard.privacy.secagg.keys import (
     private_key_bytes,
     private_key_from_bytes,
 )
+from fedguard.privacy.secagg.errors import SecAggError
+from fedguard.privacy.secagg.identity import count_endorsements, partners_bytes, partners_hold, survivors_bytes
 from fedguard.privacy.secagg.masking import ADD, SUBTRACT, apply_masks
-from fedguard.privacy.secagg.shamir import combine_shares, split_secret
+from fedguard.privacy.secagg.params import (
+    MASK_PURPOSE,
+    SEED_BYTES,
+    SELF_MASK_PURPOSE,
+    SHARE_PURPOSE,
+    SecAggParams,
+    neighbour_graph,
+    seed_commitment,
+)
+from fedguard.privacy.secagg.policy import SitePolicy
+from fedguard.privacy.secagg.server_session import ServerSession
+from fedguard.privacy.secagg.shamir import split_secret
 
-SEED_BYTES = 32
-MASK_PURPOSE = b"pairwise-mask"
-SHARE_PURPOSE = b"share-envelope"
-SELF_MASK_PURPOSE = b"self-mask"
+__all__ = [
+    "MASK_PURPOSE", "SEED_BYTES", "SELF_MASK_PURPOSE", "SHARE_PURPOSE", "ClientSession", "SecAggError", "SecAggParams",
+    "ServerSession", "SitePolicy", "neighbour_graph",
+]
 
 logger = logging.getLogger(__name__)
 
-
-class SecAggError(RuntimeError):
-    """The protocol cannot go on (too few survivors, an inconsistent request, a bad share)."""
-
-
-@dataclass(frozen=True)
-class SecAggParams:
-    modulus_bits: int
-    neighbours: int
-    threshold: int
-
-    def validate(self, cohort: int) -> None:
-        degree = min(self.neighbours, cohort - 1)
-        if cohort < 2:
-            raise SecAggError("secure aggregation needs at least 2 clients in a round")
-        if not 2 <= self.threshold <= degree:
-            raise SecAggError(
-                f"threshold={self.threshold} must be between 2 and the neighbour count {degree} "
-                f"(neighbours={self.neighbours}, {cohort} clients)"
-            )
-
-
-def neighbour_graph(nodes: list[int], neighbours: int, seed: int) -> dict[int, set[int]]:
-    """A k-regular graph: a seeded random ring where each node links to k/2 nodes on each side.
-
-    With k >= n - 1 it is the complete graph. An odd k is rounded up to the next even
-    number for the ring (each link is shared by two nodes).
-    """
-    order = sorted(nodes)
-    random.Random(seed).shuffle(order)
-    count = len(order)
-    if neighbours >= count - 1:
-        return {node: set(order) - {node} for node in order}
-    half = (neighbours + 1) // 2
-    graph: dict[int, set[int]] = {node: set() for node in order}
-    for position, node in enumerate(order):
-        for offset in range(1, half + 1):
-            other = order[(position + offset) % count]
-            graph[node].add(other)
-            graph[other].add(node)
-    return graph
+# The client session's states, in order; DONE after unmasking or an abort.
+ADVERTISED, SHARED, MASKED, ENDORSED, DONE = "advertised", "shared", "masked", "endorsed", "done"
+STAGES = (ADVERTISED, SHARED, MASKED, ENDORSED, DONE)
 
 
 def _key_pair(raw_private: bytes) -> KeyPair:
@@ -106,6 +89,10 @@ class ClientSession:
     params: SecAggParams
     server_round: int
     neighbours: set[int] = field(default_factory=set)
+    # This site's own limits on k and t (never serialized: re-read from the site's settings).
+    policy: SitePolicy = field(default_factory=SitePolicy)
+    # The server's id for this round's run of the protocol: signed adverts and stage requests carry it.
+    session_id: bytes = b""
 
     def __post_init__(self) -> None:
         self._envelope_keys = generate_key_pair()
@@ -113,8 +100,13 @@ class ClientSession:
         self._self_seed = os.urandom(SEED_BYTES)
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}
         self._held_shares: dict[int, tuple[bytes, bytes]] = {}  # peer -> (self-seed share, mask-key share)
-        self._masked_sent = False
+        self._stage = ADVERTISED
+        # Identity keys of the peers this client shared with (their signed adverts verified), and
+        # the survivor set it signed in the consistency round.
+        self.peer_identities: dict[int, bytes] = {}
+        self._endorsed: list[int] = []
         self.rejected_senders: set[int] = set()  # shares that failed authentication at the mask stage
+        self.aborted = False  # set by wipe(): the caller must drop this session
 
     def to_dict(self) -> dict[str, Any]:
         """Everything the session holds, as plain values (ints, bytes, lists of them), for a
@@ -126,6 +118,7 @@ class ClientSession:
         return {
             "node_id": self.node_id,
             "round": self.server_round,
+            "session": self.session_id,
             "params": [self.params.modulus_bits, self.params.neighbours, self.params.threshold],
             "envelope_key": private_key_bytes(self._envelope_keys.private),
             "mask_key": private_key_bytes(self._mask_keys.private),
@@ -137,14 +130,19 @@ class ClientSession:
             "held_from": held,
             "held_seed_shares": [self._held_shares[p][0] for p in held],
             "held_key_shares": [self._held_shares[p][1] for p in held],
-            "masked_sent": self._masked_sent,
+            "stage": self._stage,
+            "identity_peers": sorted(self.peer_identities),
+            "identity_keys": [self.peer_identities[p] for p in sorted(self.peer_identities)],
+            "endorsed": list(self._endorsed),
         }
 
     @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> ClientSession:
+    def from_dict(cls, record: Mapping[str, Any], policy: SitePolicy | None = None) -> ClientSession:
         try:
             bits, neighbours, threshold = (int(v) for v in record["params"])
-            session = cls(int(record["node_id"]), SecAggParams(bits, neighbours, threshold), int(record["round"]))
+            params = SecAggParams(bits, neighbours, threshold)
+            session = cls(int(record["node_id"]), params, int(record["round"]), policy=policy or SitePolicy(),
+                          session_id=bytes(record["session"]))
             session._envelope_keys = _key_pair(bytes(record["envelope_key"]))
             session._mask_keys = _key_pair(bytes(record["mask_key"]))
             session._self_seed = bytes(record["self_seed"])
@@ -157,20 +155,50 @@ class ClientSession:
                 int(p): (bytes(a), bytes(b))
                 for p, a, b in zip(record["held_from"], record["held_seed_shares"], record["held_key_shares"], strict=True)
             }
-            session._masked_sent = bool(record["masked_sent"])
+            session._stage = str(record["stage"])
+            session.peer_identities = {
+                int(p): bytes(k) for p, k in zip(record["identity_peers"], record["identity_keys"], strict=True)
+            }
+            session._endorsed = [int(n) for n in record["endorsed"]]
+            if session._stage not in STAGES:
+                raise ValueError(f"unknown stage {session._stage!r}")
         except (KeyError, TypeError, ValueError) as err:
             raise SecAggError(f"secure aggregation state is malformed: {err}") from err
         return session
+
+    def wipe(self) -> None:
+        """Forget every secret of the round (on abort): fresh random keys and seed replace them,
+        held shares are dropped, and the session can no longer mask or unmask."""
+        self._envelope_keys = generate_key_pair()
+        self._mask_keys = generate_key_pair()
+        self._self_seed = os.urandom(SEED_BYTES)
+        self._held_shares = {}
+        self._peer_keys = {}
+        self._stage = DONE
+        self.aborted = True
+
+    def _expect(self, stage: str, request: str) -> None:
+        """The stages run once each, in order: a replayed or reordered request is refused (a second
+        share would split the secrets again under keys the server may have swapped; a second
+        unmask would answer a second survivor list)."""
+        if self._stage != stage:
+            raise SecAggError(f"client {self.node_id}: {request} request out of order (this session is at {self._stage!r})")
 
     # Stage 0
     def advertise(self) -> tuple[bytes, bytes]:
         return self._envelope_keys.public_bytes, self._mask_keys.public_bytes
 
+    def seed_commitment(self) -> bytes:
+        """The commitment to this round's self-mask seed, advertised (and signed) with the keys."""
+        return seed_commitment(self._self_seed)
+
     # Stage 1
     def share(self, neighbour_keys: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+        self._expect(ADVERTISED, "share")
         peers = sorted(set(neighbour_keys) - {self.node_id})
         if len(peers) < self.params.threshold:
             raise SecAggError(f"client {self.node_id}: {len(peers)} neighbours < threshold {self.params.threshold}")
+        self.policy.check_degree(len(peers), self.params.neighbours, self.params.threshold)
         if len({keys for keys in neighbour_keys.values()}) != len(neighbour_keys):
             raise SecAggError(f"client {self.node_id}: two neighbours advertised the same keys")
         self.neighbours = set(peers)
@@ -182,6 +210,7 @@ class ClientSession:
             key = derive_shared_key(self._envelope_keys.private, self._peer_keys[peer][0], SHARE_PURPOSE)
             payload = len(seed_share).to_bytes(2, "big") + seed_share + key_share
             sealed[peer] = seal(key, payload, sender=self.node_id, receiver=peer, server_round=self.server_round)
+        self._stage = SHARED
         return sealed
 
     # Stage 2
@@ -191,6 +220,9 @@ class ClientSession:
         ``overwrite_input`` masks a contiguous uint64 ``quantized`` in place (the caller's
         copy of the clear input is then gone), sparing a model-sized copy.
         """
+        if self._stage == MASKED:
+            raise SecAggError(f"client {self.node_id}: asked to mask a second time this round")
+        self._expect(SHARED, "mask")
         bits = self.params.modulus_bits
         unknown = sorted(set(received) - self.neighbours)
         if unknown:
@@ -206,6 +238,17 @@ class ClientSession:
                 continue
             seed_length = int.from_bytes(payload[:2], "big")
             self._held_shares[sender] = (payload[2 : 2 + seed_length], payload[2 + seed_length :])
+        if len(self._held_shares) < self.params.threshold:
+            # Bell et al.'s client-side check: with fewer than `threshold` neighbours holding
+            # this client's shares, a server that later names it a survivor to those few can
+            # collect its self-mask seed while no pairwise mask hides the input (with zero
+            # shares received the masked input is the input plus the self-mask alone).
+            held = len(self._held_shares)
+            self.wipe()
+            raise SecAggError(
+                f"client {self.node_id}: only {held} valid share(s) received, threshold is "
+                f"{self.params.threshold}; refusing to send a masked input"
+            )
         # Mask only with neighbours whose shares this client holds: a neighbour that never
         # shared its mask key (or whose share was forged) could not be unmasked if it dropped.
         self.neighbours = set(self._held_shares)
@@ -224,113 +267,95 @@ class ClientSession:
         in_place = in_place and flags.c_contiguous and flags.writeable
         masked = quantized if in_place else np.array(quantized, dtype=np.uint64).reshape(-1)
         apply_masks(masked, masks, bits)
-        self._masked_sent = True
+        self._stage = MASKED
         return masked
 
-    # Stage 3
-    def unmask(self, survivors: set[int], dropped: set[int]) -> dict[int, tuple[str, bytes]]:
-        """Shares to reveal: ('seed', share) for surviving neighbours, ('key', share) for dropped ones."""
-        if not self._masked_sent:
-            raise SecAggError(f"client {self.node_id}: asked to unmask before sending its masked input")
+    def sign_partners(self, identity: Ed25519PrivateKey) -> bytes:
+        """Sign the neighbours this client masked with; sent with the masked input.
+
+        A neighbour reveals this client's seed share only if it is on this signed list: one
+        the server kept this client's share from (so no pairwise mask hides the input from
+        it) would otherwise hand the server the seed while a colluder or a neighbour named
+        dropped gives away the other masks (review of 2026-12-01: 2t - k colluders sufficed).
+        """
+        self._expect(MASKED, "sign its mask partners")
+        return identity.sign(partners_bytes(self.server_round, self.session_id, self.node_id, self.neighbours))
+
+    def _masked_with_me(self, peer: int, statements: Mapping[int, tuple[set[int], bytes]]) -> bool:
+        """Whether ``peer`` signed a mask-partner list for this round and session naming this client."""
+        identity = self.peer_identities.get(peer)
+        if identity is None or peer not in statements:
+            return False
+        partners, signature = statements[peer]
+        return self.node_id in partners and partners_hold(identity, signature, self.server_round, self.session_id,
+                                                          peer, partners)
+
+    # Consistency round (between stages 2 and 3)
+    def endorse(self, survivors: set[int], identity: Ed25519PrivateKey) -> bytes:
+        """Sign the survivor set the server showed this client; it will unmask for no other set."""
+        self._expect(MASKED, "consistency")
+        self._check_survivors(survivors, set())
+        self._endorsed = sorted(survivors)
+        self._stage = ENDORSED
+        return identity.sign(survivors_bytes(self.server_round, self.session_id, survivors))
+
+    def _check_survivors(self, survivors: set[int], dropped: set[int]) -> None:
         if survivors & dropped:
+            self.wipe()
             raise SecAggError(f"client {self.node_id}: server claims nodes both survived and dropped")
+        if self.node_id not in survivors:
+            # A request naming this client dropped (or not naming it at all) is one the server
+            # may be showing only to this client, while others are told it survived: answering
+            # would help reveal both its mask key and its self-mask seed.
+            self.wipe()
+            raise SecAggError(f"client {self.node_id}: the request does not list this client among the survivors")
         if len(survivors) < self.params.threshold:
+            self.wipe()
             raise SecAggError(f"client {self.node_id}: only {len(survivors)} survivors, below threshold")
+
+    # Stage 3
+    def unmask(
+        self,
+        survivors: set[int],
+        dropped: set[int],
+        endorsements: Mapping[int, bytes] | None = None,
+        partner_statements: Mapping[int, tuple[set[int], bytes]] | None = None,
+    ) -> dict[int, tuple[str, bytes]]:
+        """Shares to reveal: ('seed', share) for surviving neighbours, ('key', share) for dropped ones.
+
+        A client with verified peer identities (every client behind the ClientApp) answers
+        only after the consistency round: for the survivor set it signed, and only when at
+        least ``threshold`` of its neighbours signed that same set (``endorsements``: node ->
+        signature), so the server cannot show different clients different survivor sets.
+        """
+        consistent = endorsements is not None or bool(self.peer_identities)
+        if self._stage not in (MASKED, ENDORSED) or (consistent and self._stage != ENDORSED):
+            what = "before sending its masked input" if self._stage in (ADVERTISED, SHARED) else "out of order"
+            raise SecAggError(f"client {self.node_id}: asked to unmask {what} (session at {self._stage!r})")
+        self._check_survivors(survivors, dropped)
+        if consistent:
+            if sorted(survivors) != self._endorsed:
+                self.wipe()
+                raise SecAggError(f"client {self.node_id}: the unmask survivor set differs from the one it signed")
+            agreeing = count_endorsements(self.peer_identities, dict(endorsements or {}), self.server_round,
+                                          self.session_id, survivors)
+            if agreeing < self.params.threshold:
+                self.wipe()
+                raise SecAggError(
+                    f"client {self.node_id}: only {agreeing} neighbour(s) signed this survivor set, "
+                    f"threshold is {self.params.threshold}"
+                )
+        self._stage = DONE  # one answer per session: a second survivor list gets none
         revealed: dict[int, tuple[str, bytes]] = {}
+        statements = dict(partner_statements or {})
         for peer, (seed_share, key_share) in self._held_shares.items():
             if peer in survivors:
+                if consistent and not self._masked_with_me(peer, statements):
+                    # ``partner_statements``: node -> (its signed mask partners, signature).
+                    logger.warning("client %d: no signed mask-partner list of survivor %d naming it; "
+                                   "its seed share stays here", self.node_id, peer)
+                    continue
                 revealed[peer] = ("seed", seed_share)
             elif peer in dropped:
                 revealed[peer] = ("key", key_share)
         return revealed
-
-
-@dataclass
-class ServerSession:
-    params: SecAggParams
-    server_round: int
-    graph: dict[int, set[int]]
-    public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
-
-    def route_keys(self, advertised: dict[int, tuple[bytes, bytes]]) -> dict[int, dict[int, tuple[bytes, bytes]]]:
-        self.public_keys = dict(advertised)
-        alive = set(advertised)
-        return {node: {peer: advertised[peer] for peer in self.graph[node] & alive} for node in alive}
-
-    def route_shares(self, shares: dict[int, dict[int, bytes]]) -> dict[int, dict[int, bytes]]:
-        """Deliver each share to its addressee, if that is a neighbour of its sender that shared too."""
-        inbox: dict[int, dict[int, bytes]] = {node: {} for node in shares}
-        for sender, sealed in shares.items():
-            for receiver, ciphertext in sealed.items():
-                if receiver in inbox and receiver in self.graph.get(sender, set()):
-                    inbox[receiver][sender] = ciphertext
-        return inbox
-
-    def settle(
-        self, masked_nodes: set[int], inbox: dict[int, dict[int, bytes]], rejected: dict[int, set[int]]
-    ) -> tuple[set[int], dict[int, set[int]]]:
-        """Which inputs enter the sum, and whom each of those clients masked with.
-
-        A client masked with the senders it received shares from minus those it rejected.
-        Survivors' pairwise masks cancel only where both sides masked with each other, so a
-        client that some survivor did not mask with (its share was rejected, or it never sent
-        one) is left out of the sum, which needs its mask key instead of its self-mask seed.
-        """
-        masked_with = {node: set(inbox.get(node, {})) - rejected.get(node, set()) for node in masked_nodes}
-        left_out = {
-            other
-            for node in masked_nodes
-            for other in masked_nodes - {node}
-            if node in masked_with[other] and other not in masked_with[node]
-        }
-        return masked_nodes - left_out, masked_with
-
-    def aggregate(
-        self,
-        masked: dict[int, np.ndarray],
-        sharers: set[int],
-        revealed: dict[int, dict[int, tuple[str, bytes]]],
-        masked_with: dict[int, set[int]],
-    ) -> tuple[np.ndarray, int]:
-        """Sum of the survivors' quantized inputs (mod 2^bits) and how many survived.
-
-        ``masked`` holds exactly the inputs to sum (see ``settle``); ``masked_with`` says,
-        for each of them, which peers it added a pairwise mask with.
-        """
-        bits, threshold = self.params.modulus_bits, self.params.threshold
-        survivors = set(masked)
-        if not survivors <= sharers:
-            raise SecAggError(f"masked inputs from clients that never shared keys: {sorted(survivors - sharers)}")
-        if len(survivors) < threshold:
-            raise SecAggError(f"only {len(survivors)} clients sent masked inputs; threshold is {threshold}")
-        shapes = {(np.asarray(v).dtype, np.shape(v)) for v in masked.values()}
-        if len(shapes) != 1 or next(iter(shapes))[0] != np.uint64 or len(next(iter(shapes))[1]) != 1:
-            raise SecAggError(f"masked inputs must be uint64 vectors of one length; got {sorted(map(str, shapes))}")
-        vectors = iter(masked.values())
-        total = np.array(next(vectors), dtype=np.uint64, copy=True)
-        for vector in vectors:
-            np.add(total, vector, out=total)  # uint64 wrap-around is congruent mod 2^bits
-        removals: list[tuple[bytes, int]] = []
-        for node in sorted(sharers):
-            kind = "seed" if node in survivors else "key"
-            maskers = {peer for peer in survivors if node in masked_with.get(peer, set())}
-            if kind == "key" and not maskers:
-                continue  # nobody in the sum masked with it: nothing of it to remove
-            shares = [by_peer[node][1] for by_peer in revealed.values() if node in by_peer and by_peer[node][0] == kind]
-            if len(shares) < threshold:
-                what = "its self-mask" if kind == "seed" else f"the masks {len(maskers)} survivor(s) added with it"
-                raise SecAggError(
-                    f"client {node}: only {len(shares)} valid share(s) revealed, threshold is {threshold}; "
-                    f"cannot remove {what}"
-                )
-            secret = combine_shares(shares, threshold)
-            if kind == "seed":
-                removals.append((secret, SUBTRACT))
-                continue
-            mask_private = private_key_from_bytes(secret)
-            for peer in sorted(maskers):
-                key = derive_shared_key(mask_private, self.public_keys[peer][1], MASK_PURPOSE)
-                # survivor `peer` added +mask if peer < node, else -mask: undo exactly that
-                removals.append((key, SUBTRACT if peer < node else ADD))
-        apply_masks(total, removals, bits)
-        return total, len(survivors)
