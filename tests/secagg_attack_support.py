@@ -146,6 +146,14 @@ class HostileServer:
         sent = {node: self.share(node) for node in self.nodes}
         return {node: {s: c[node] for s, c in sent.items() if node in c} for node in self.nodes}
 
+    def honest_until_masked(self) -> None:
+        """Train, share and mask honestly for every site (each mask must succeed)."""
+        self.train_all()
+        inbox = self.honest_shares()
+        for node in self.nodes:
+            reply = self.mask(node, inbox[node])
+            assert not reply.has_error(), reply.error.reason
+
     def rebuild_from_self_seed(self, masked: np.ndarray, seed_shares: list[bytes]) -> np.ndarray | None:
         """The attack's last step: remove the self-mask rebuilt from ``seed_shares``; the site's
         input (dequantized), or None when the shares are too few to rebuild the seed."""

@@ -159,10 +159,7 @@ def test_attack2_one_share_short_of_threshold_is_refused_too(compose, tmp_path):
 def test_attack3_unmask_naming_the_client_dropped_is_refused(compose, tmp_path):
     """The server tells the target it dropped (the story it tells others to get its mask key)."""
     server = HostileServer(_cfg(compose), NODES, tmp_path)
-    server.train_all()
-    inbox = server.honest_shares()
-    for node in NODES:
-        assert not server.mask(node, inbox[node]).has_error()
+    server.honest_until_masked()
     reply = server.endorse(TARGET, set(NODES) - {TARGET})  # the consistency round's survivor set
     assert reply.has_error() and "among the survivors" in reply.error.reason
     assert SESSION_STATE_KEY not in server.contexts[TARGET].state
@@ -170,10 +167,7 @@ def test_attack3_unmask_naming_the_client_dropped_is_refused(compose, tmp_path):
 
 def test_attack3_unmask_naming_a_peer_both_ways_is_refused(compose, tmp_path):
     server = HostileServer(_cfg(compose), NODES, tmp_path)
-    server.train_all()
-    inbox = server.honest_shares()
-    for node in NODES:
-        assert not server.mask(node, inbox[node]).has_error()
+    server.honest_until_masked()
     endorsements = server.endorse_all(NODES, set(NODES))
     reply = server.unmask(11, set(NODES), {TARGET}, endorsements)  # TARGET both survived and dropped
     assert reply.has_error() and "both survived and dropped" in reply.error.reason
@@ -285,10 +279,7 @@ def test_the_server_refuses_more_summands_than_the_levels_assume():
 def test_honest_round_through_the_hostile_harness_still_completes(compose, tmp_path):
     """The harness itself is sound: honest requests give every client's masked input and shares."""
     server = HostileServer(_cfg(compose), NODES, tmp_path)
-    server.train_all()
-    inbox = server.honest_shares()
-    for node in NODES:
-        assert not server.mask(node, inbox[node]).has_error()
+    server.honest_until_masked()
     endorsements = server.endorse_all(NODES, set(NODES))
     assert set(endorsements) == set(NODES)
     answers = [server.unmask(node, set(NODES), set(), endorsements) for node in NODES]
@@ -319,10 +310,7 @@ def test_replayed_reordered_or_foreign_session_stage_requests_are_refused(compos
 def test_a_second_unmask_request_gets_no_answer(compose, tmp_path):
     """Once a client has answered one survivor list, a second (a different story) gets nothing."""
     server = HostileServer(_cfg(compose), NODES, tmp_path)
-    server.train_all()
-    inbox = server.honest_shares()
-    for node in NODES:
-        assert not server.mask(node, inbox[node]).has_error()
+    server.honest_until_masked()
     endorsements = server.endorse_all(NODES, set(NODES))
     assert not server.unmask(11, set(NODES), set(), endorsements).has_error()
     second = server.unmask(11, set(NODES) - {TARGET}, {TARGET})
