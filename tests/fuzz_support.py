@@ -28,6 +28,16 @@ FUZZ_SETTINGS = settings(
     database=None,
     suppress_health_check=list(HealthCheck),
 )
+FULL_SUITE_CASES = 1000
+
+
+def scaled_examples(full: int) -> int:
+    """Examples for a property test: ``full`` in the full suite (FEDGUARD_FUZZ_CASES=1000, as CI
+    runs it), proportionally fewer in the inner loop (at least 2), so the fast loop stays fast
+    and CI keeps the whole search."""
+    return max(2, round(full * min(FUZZ_CASES, FULL_SUITE_CASES) / FULL_SUITE_CASES))
+
+
 INT64 = st.integers(-(2**63), 2**63 - 1)
 EDGE_INTS = st.sampled_from([0, -1, 1, 2**31, 2**53 + 1, 2**63 - 1, -(2**63)])
 INTS = st.one_of(EDGE_INTS, INT64, st.integers(-3, 1000))

@@ -179,6 +179,7 @@ def test_privacy_is_a_library_of_plain_numbers():
     assert offending == []
 
 
+@pytest.mark.deployment  # starts a separate process
 def test_installed_package_lives_only_under_the_namespace(tmp_path):
     """From a directory that is not the checkout, `import server` fails and `import fedguard.server` works."""
     probe = (

@@ -300,6 +300,7 @@ def test_report_plots_and_json(run_dir, capsys):
         assert (out / plot).read_bytes()[:4] == PNG_MAGIC
 
 
+@pytest.mark.deployment  # starts a separate process
 def test_cli_end_to_end_in_a_subprocess(run_dir, tmp_path):
     lines = ledger_lines(run_dir)
     args = [sys.executable, "-m", "fedguard.simulations.cli", "audit", str(run_dir), "--keys", str(run_dir / "keys"),

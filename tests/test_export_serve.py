@@ -254,6 +254,7 @@ def _png(pixels: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+@pytest.mark.deployment  # starts a separate process
 def test_serve_answers_predictions_card_and_health(image_server):
     image = np.random.default_rng(0).integers(0, 17, size=(8, 8)).tolist()
     reply = image_server.client.post("/predict", json={"inputs": [image, [image]]})  # H x W and C x H x W
@@ -285,6 +286,7 @@ BAD_IMAGE_REQUESTS = {
 }
 
 
+@pytest.mark.deployment  # starts a separate process
 @pytest.mark.parametrize("case", sorted(BAD_IMAGE_REQUESTS))
 def test_serve_rejects_bad_image_input_with_422(image_server, case):
     body, loc = BAD_IMAGE_REQUESTS[case]
@@ -295,17 +297,20 @@ def test_serve_rejects_bad_image_input_with_422(image_server, case):
 
 @pytest.mark.parametrize("raw", [b'{"inputs": [[[NaN, 0, 0, 0, 0, 0, 0, 0]]]}', b'{"inputs": [[[Infinity]]]}',
                                  b"{not json", b"[" * 15000, b"\xff\xfe"])
+@pytest.mark.deployment  # starts a separate process
 def test_serve_rejects_nan_inf_and_broken_json(image_server, raw):
     reply = image_server.client.post("/predict", content=raw, headers={"content-type": "application/json"})
     assert reply.status_code == 422, reply.text
     assert reply.json()["detail"][0]["loc"][0] == "body"
 
 
+@pytest.mark.deployment  # starts a separate process
 def test_serve_limits_body_size(image_server):
     reply = image_server.client.post("/predict", content=b" " * 20001, headers={"content-type": "application/json"})
     assert reply.status_code == 413 and reply.json()["detail"][0]["loc"] == ["body"]
 
 
+@pytest.mark.deployment  # starts a separate process
 def test_serve_tabular_rows_by_position_and_by_name(table_server):
     card = table_server.client.get("/model-card").json()
     names = card["contract"]["feature_names"]

@@ -183,6 +183,7 @@ def _one_line_refusal(proc: subprocess.CompletedProcess, *fragments: str) -> Non
         assert fragment in lines[0]
 
 
+@pytest.mark.deployment  # starts a separate process
 def test_cli_refuses_privacy_key_without_mode_before_anything_runs(tmp_path):
     proc = fedguard("simulate", "privacy.target_epsilon=3", cwd=tmp_path)
     _one_line_refusal(proc, "privacy.target_epsilon has no effect with privacy=none", "privacy=sample_dp")
@@ -245,6 +246,7 @@ def test_second_run_into_the_same_dir_is_refused_then_overwritten(tmp_path):
     assert summary["privacy_mode"] == "none" and summary["engine_overhead_seconds"] > 0
 
 
+@pytest.mark.deployment  # starts a separate process
 def test_client_without_ca_is_told_to_ask_the_server_operator(tmp_path):
     """A site cannot make the federation's CA: `fedguard certs` would make a second, useless one."""
     from fedguard.clients.deployment.key_commands import keys_main

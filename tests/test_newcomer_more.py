@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 FEDGUARD = [sys.executable, "-m", "fedguard.simulations.cli"]
 
 
@@ -29,6 +31,7 @@ def free_port() -> int:
 
 
 # -- 6c. `fedguard run` against an unreachable SuperLink ---------------------------------------------
+@pytest.mark.deployment  # starts a separate process
 def test_run_against_an_unreachable_superlink_names_the_key_and_address(tmp_path):
     ca = tmp_path / "ca.crt"
     ca.write_text("not checked before the SuperLink answers\n")
@@ -122,7 +125,11 @@ def test_noise_to_signal_is_sigma_root_d_over_cohort():
 
 
 def test_adaptive_clipping_cohort_accounts_for_the_count_share():
-    from fedguard.privacy.client_dp_accounting import DEFAULT_COUNT_STDDEV_PER_CLIENT, ClientDpPlan, CohortPlan
+    from fedguard.privacy.client_dp_accounting import (
+        DEFAULT_COUNT_STDDEV_PER_CLIENT,
+        ClientDpPlan,
+        CohortPlan,
+    )
     from fedguard.privacy.client_dp_noise import NoiseSplit, cohort_for_signal
 
     plan = ClientDpPlan(CohortPlan("poisson", 5, 1.0, 5), rounds=10, delta=1e-5, clip_norm=1.0, noise_multiplier=1.0,
@@ -137,7 +144,10 @@ def test_default_client_dp_warns_with_the_numbers_and_the_cohort_it_needs():
     from fedguard.conf import compose_config
     from fedguard.conf.plans import client_dp_plan
     from fedguard.privacy.client_dp_accounting import planned_noise_multiplier
-    from fedguard.server.noise_check import model_parameter_count, swamped_update_warning
+    from fedguard.server.noise_check import (
+        model_parameter_count,
+        swamped_update_warning,
+    )
 
     cfg = compose_config(["privacy=client_dp"])  # 5 clients, all of them each round, mlp on digits
     d = model_parameter_count(cfg)
@@ -161,6 +171,7 @@ def test_no_warning_where_the_cohort_is_large_enough_or_client_dp_is_off():
     assert swamped_update_warning(compose_config(large)) is None  # 1 x sqrt(650) / 50 = 0.51
 
 
+@pytest.mark.deployment  # starts a separate process
 def test_cli_check_prints_the_swamp_warning_once(tmp_path):
     proc = fedguard("simulate", "privacy=client_dp", "--check", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -185,6 +196,7 @@ def test_bare_flwr_run_is_told_apart_from_fedguard_runs(tmp_path):
     assert not bare_flwr_run(["pytest", "run"])
 
 
+@pytest.mark.deployment  # starts a separate process
 def test_flwr_run_in_the_checkout_refuses_before_starting_a_superlink(tmp_path):
     """Flower's own CLI, as a user types it. Made safe even if the refusal regressed: a
     private Flower home and local-SuperLink port, and no `flower-superlink` on PATH, so

@@ -23,14 +23,20 @@ from fedguard.privacy.client_dp_accounting import (
     planned_epsilon,
     planned_noise_multiplier,
 )
-from fedguard.privacy.client_dp_noise import NoiseSplit, combined_noise_multiplier, update_noise_multiplier
+from fedguard.privacy.client_dp_noise import (
+    NoiseSplit,
+    combined_noise_multiplier,
+    update_noise_multiplier,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-# Calibration runs an accountant per example (fixed-size cohorts' RDP about 0.5 s per sigma
-# tried): keep the counts modest so the fast loop stays fast, the deadline off.
-SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-CALIBRATION = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+from fuzz_support import scaled_examples
+
+# Calibration runs an accountant per example (about 0.5 s per sigma tried): the counts are
+# the full suite's (CI); the inner loop runs a tenth (scaled_examples), the deadline off.
+SLOW = settings(max_examples=scaled_examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+CALIBRATION = settings(max_examples=scaled_examples(6), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DELTA = 1e-5
 
 targets = st.floats(min_value=0.5, max_value=8.0)
@@ -69,7 +75,7 @@ def test_epsilon_grows_with_every_round(sigma, rate, population, rounds, samplin
     assert 0 < spent[0] <= spent[1] <= spent[2]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=scaled_examples(300), deadline=None)
 @given(sigma=st.floats(min_value=1e-3, max_value=100.0), factor=st.floats(min_value=1.0001, max_value=1e3))
 def test_adaptive_clipping_split_recombines_to_the_runs_sigma(sigma, factor):
     count_std = sigma * factor * CLIP_COUNT_SENSITIVITY  # 2 sigma_b = factor * sigma > sigma
@@ -80,7 +86,7 @@ def test_adaptive_clipping_split_recombines_to_the_runs_sigma(sigma, factor):
     assert (split.sigma, split.update_sigma, split.count_std) == (sigma, update_sigma, count_std)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=scaled_examples(200), deadline=None)
 @given(sigma=st.floats(min_value=1e-2, max_value=20.0), factor=st.floats(min_value=1.01, max_value=100.0),
        kept=st.floats(min_value=0.01, max_value=1.0))
 def test_dropouts_never_leave_more_noise_than_planned(sigma, factor, kept):
@@ -103,3 +109,16 @@ def test_plans_refuse_impossible_numbers():
         ClientDpPlan(cohort=cohort, rounds=3, delta=DELTA, clip_norm=1.0)  # neither sigma nor a target
     with pytest.raises(PrivacyConfigError):
         ClientDpPlan(cohort=cohort, rounds=3, delta=1.5, clip_norm=1.0, noise_multiplier=1.0)
+
+
+@settings(max_examples=scaled_examples(25), deadline=None)
+@given(history=st.lists(st.tuples(st.sampled_from([0.6, 1.0, 2.5]), st.sampled_from([0.01, 0.2, 1.0]),
+                                  st.integers(min_value=1, max_value=500)), min_size=1, max_size=6))
+def test_cached_rdp_is_opacus_rdp_accountant_bit_for_bit(history):
+    """compute_epsilon caches the per-step RDP vector; the figure must be Opacus's own."""
+    from fedguard.privacy.accounting import merge_history
+    from opacus.accountants import RDPAccountant
+
+    reference = RDPAccountant()
+    reference.history = merge_history(history)
+    assert compute_epsilon(history, DELTA, "rdp").epsilon == reference.get_epsilon(delta=DELTA)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from fedguard.simulations.process_memory import TreeMemoryPeak, descendants
 
 MIB = 1024**2
@@ -17,6 +18,7 @@ WAIT_SECONDS = 30
 POLL_SECONDS = 0.1
 
 
+@pytest.mark.deployment  # starts a separate process
 def test_peak_counts_a_childs_memory():
     root = subprocess.Popen([sys.executable, "-c", ROOT])
     probe = TreeMemoryPeak(root.pid)
