@@ -269,3 +269,18 @@ def test_refusal_reaches_the_server_as_a_reason_without_the_data(tmp_path):
     assert reply.has_error()
     assert "LocalDataError" in reply.error.reason and "column 'smoker' row 2" in reply.error.reason
     assert str(path) in reply.error.reason and "ex-smoker" not in reply.error.reason
+
+
+def test_fedguard_client_takes_data_instead_of_partition_count(tmp_path, capsys):
+    from fedguard.clients.launch import client_main
+
+    common = ["--server", "127.0.0.1:9", "--ca", str(tmp_path / "ca.crt"), "--partition-id", "0",
+              "--state-dir", str(tmp_path / "state")]
+    with pytest.raises(SystemExit):
+        client_main(common)  # neither --num-partitions nor --data
+    assert "--num-partitions is required unless" in capsys.readouterr().err
+    assert client_main([*common, "--data", str(tmp_path / "absent.csv")]) == 1
+    assert "absent.csv: no such file or directory" in capsys.readouterr().err
+    # with its file present the site gets as far as its TLS material (which this test has none of)
+    assert client_main([*common, "--data", str(_csv(tmp_path))]) == 1
+    assert "ca.crt" in capsys.readouterr().err
