@@ -43,12 +43,14 @@ from fedguard.clients.releases import released_train_loss, resend_enters_a_new_s
 from fedguard.clients.secagg_requests import secure_aggregation_stage
 from fedguard.clients.local_data import read_site_examples
 from fedguard.clients.site import (
+    CUSTOM_MODELS_KEY,
     DATA_KEY,
     PARTITION_ID_KEY,
     SECAGG_ROSTER_KEY,
     STATE_DIR_KEY,
     SiteConfigError,
     SiteSettings,
+    check_custom_model_allowed,
     read_site_settings,
 )
 from fedguard.clients.data_spend import data_fingerprint
@@ -198,6 +200,8 @@ def decode_request(msg: Message, context: Context) -> Request:
     config = require_record(content, protocol.CONFIG_KEY, ConfigRecord)
     config_text = text(config, protocol.FEDGUARD_CONFIG_KEY)
     cfg = parse_run_config(config_text)
+    # Before anything builds the model: a custom model is imported only if this site named it.
+    check_custom_model_allowed(str(cfg.model.name), cfg.model.target, dict(context.node_config))
     arrays = decode_arrays(content.get(protocol.ARRAYS_KEY), _model_layout(config_text))
     return Request(
         cfg=cfg,
@@ -384,6 +388,17 @@ def with_site_state_root(root: Path) -> Mod:
     return site_state_root
 
 
+def with_custom_model(target: str) -> Mod:
+    """Simulation only: the virtual sites run on the machine of whoever started it, so they
+    accept the run's own model.target (a real site lists it: `fedguard client --custom-model`)."""
+
+    def custom_model(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        context.node_config.setdefault(CUSTOM_MODELS_KEY, target)
+        return call_next(msg, context)
+
+    return custom_model
+
+
 def with_site_data(paths: list[str]) -> Mod:
     """Give virtual site i of a simulation ``paths[i]`` as its own files (``simulation.site_data``),
     as a real site names them with ``fedguard client --data``; a site's own setting wins."""
@@ -397,12 +412,17 @@ def with_site_data(paths: list[str]) -> Mod:
     return site_data
 
 
-def build_client_app(site_state_root: Path | None = None, site_data: list[str] | None = None) -> ClientApp:
-    """fedguard's ClientApp; simulation passes where its virtual sites keep their state and,
-    for a rehearsal on own files, which file or directory each virtual site reads."""
+def build_client_app(
+    site_state_root: Path | None = None, site_data: list[str] | None = None, custom_model: str | None = None
+) -> ClientApp:
+    """fedguard's ClientApp; simulation passes where its virtual sites keep their state, for a
+    rehearsal on own files which file or directory each virtual site reads, and the run's
+    custom model target its virtual sites accept."""
     front: list[Mod] = [with_site_state_root(site_state_root)] if site_state_root is not None else []
     if site_data:
         front.append(with_site_data(list(site_data)))
+    if custom_model:
+        front.append(with_custom_model(custom_model))
     client_app = ClientApp()
     # The run's layers (SecAgg+, client-level DP) are picked from its config: clients/layers.py.
     client_app.train(mods=[*front, refuse_bad_requests, run_layers])(train)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedguard.clients.site import (
+    CUSTOM_MODELS_KEY,
     DATA_KEY,
     DATA_ROOT_KEY,
     DEVICE_KEY,
@@ -80,6 +81,9 @@ def client_main(argv: list[str]) -> int:
     parser.add_argument("--data", type=Path,
                         help="this site's own data (CSV, Parquet, .npz, an image folder or a saved `datasets` "
                              "directory), checked against the run's data contract (dataset=tabular / images)")
+    parser.add_argument("--custom-model", action="append", default=[], metavar="PACKAGE.MODULE:FACTORY",
+                        help="a team model (model=custom) this site agrees to import and call; repeat for several. "
+                             "Runs naming any other model.target are refused")
     parser.add_argument("--data-root", help="where this site's dataset files are (default: the dataset's own path)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the run's device on this site")
     parser.add_argument("--epsilon-budget", type=float, help="this site's own sample-level epsilon budget")
@@ -99,6 +103,7 @@ def client_main(argv: list[str]) -> int:
         PARTITION_ID_KEY: args.partition_id,
         NUM_PARTITIONS_KEY: args.num_partitions,
         DATA_KEY: str(args.data.resolve()) if args.data else None,
+        CUSTOM_MODELS_KEY: " ".join(args.custom_model) or None,
         DATA_ROOT_KEY: str(Path(args.data_root).resolve()) if args.data_root else None,
         DEVICE_KEY: args.device,
         EPSILON_BUDGET_KEY: args.epsilon_budget,

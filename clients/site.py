@@ -38,7 +38,11 @@ SECAGG_ROSTER_KEY = "secagg-roster"
 SECAGG_MIN_COHORT_KEY = "secagg-min-cohort"
 SECAGG_POLICY_KEYS = (SECAGG_MIN_THRESHOLD_KEY, SECAGG_MAX_NEIGHBOURS_KEY, SECAGG_COLLUDERS_KEY, SECAGG_MIN_COHORT_KEY,
                       SECAGG_ROSTER_KEY)
-KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_KEY, DATA_ROOT_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY, STATE_DIR_KEY,
+# model=custom: the "package.module:factory" targets this site agrees to import and call (space- or
+# comma-separated). The run's config comes from the server; without this list a server could make
+# every site call any importable function with arguments of its choosing.
+CUSTOM_MODELS_KEY = "custom-models"
+KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_KEY, DATA_ROOT_KEY, CUSTOM_MODELS_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY, STATE_DIR_KEY,
               EPHEMERAL_PRIVACY_KEY, *FLOOR_KEYS, *SECAGG_POLICY_KEYS)
 
 
@@ -125,3 +129,16 @@ def read_secagg_policy(node_config: dict[str, Any]) -> SitePolicy:
         )
     except PolicyError as err:
         raise SiteConfigError(f"node config: {err}") from err
+
+
+def check_custom_model_allowed(model_name: str, target: str | None, node_config: dict[str, Any]) -> None:
+    """Refuse a run whose model=custom target this site did not list in ``custom-models``."""
+    if model_name != "custom":
+        return
+    allowed = str(node_config.get(CUSTOM_MODELS_KEY) or "").replace(",", " ").split()
+    if target not in allowed:
+        raise SiteConfigError(
+            f"the run asks this site to build model.target={target!r}, which its '{CUSTOM_MODELS_KEY}' setting "
+            f"does not list (allowed: {', '.join(allowed) or 'none'}); a site imports and calls only the team "
+            "models it named (fedguard client --custom-model TARGET)"
+        )

@@ -127,3 +127,60 @@ def test_under_dp_a_trainable_layer_with_buffers_is_refused_by_name(team_models,
     with pytest.raises(IncompatibleModelError, match=r"cannot train privately: 0 \(trainable layers with buffers"):
         build_model(cfg.model, (15,), 3, private=True)
     assert build_model(cfg.model, (15,), 3)(torch.zeros(2, 15)).shape == (2, 3)
+
+
+SIDE_EFFECTS = textwrap.dedent(
+    """
+    import pathlib
+    from torch import nn
+
+    MARKS = pathlib.Path(__file__).parent
+    (MARKS / "imported").write_text("the site imported this module")
+
+    def build(input_shape, num_classes):
+        (MARKS / "called").write_text("the site called the factory")
+        return nn.Linear(input_shape[0], num_classes)
+    """
+)
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_site_imports_only_the_custom_models_it_listed(tmp_path, monkeypatch, base):
+    """Attack: the run's config comes from the server; a site that honoured any model.target would
+    import and call whatever the server names (e.g. subprocess:getoutput with kwargs cmd=...)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from fedguard.clients.app import app as client_app
+    from fedguard.clients.wire import protocol
+    from fedguard.conf.run_config import config_to_yaml
+
+    (tmp_path / "served_model.py").write_text(SIDE_EFFECTS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = "age,smoker,outcome\n" + "".join(f"{20 + i},{'yes' if i % 2 else 'no'},{'ill' if i % 3 else 'healthy'}\n"
+                                            for i in range(20))
+    (tmp_path / "site.csv").write_text(rows)
+    cfg = copy.deepcopy(base)
+    cfg.dataset.contract = {"features": [{"name": "age", "center": 30, "scale": 10},
+                                         {"name": "smoker", "type": "categorical", "categories": ["no", "yes"]}],
+                            "label": "outcome", "classes": ["healthy", "ill"]}
+    cfg.model.target = "served_model:build"
+    validate_config(cfg)
+    config = {protocol.FEDGUARD_CONFIG_KEY: config_to_yaml(cfg), protocol.SERVER_ROUND_KEY: 1,
+              protocol.LINEAGE_KEY: "t"}
+
+    def train(node_config):
+        arrays = ArrayRecord(nn.Linear(3, 2).state_dict())  # the layout nn.Linear(3, 2) the factory builds
+        message = Message(RecordDict({protocol.ARRAYS_KEY: arrays, protocol.CONFIG_KEY: ConfigRecord(config)}),
+                          dst_node_id=3, message_type="train")
+        message.metadata.__dict__["_src_node_id"] = 1
+        context = Context(run_id=1, node_id=3, state=RecordDict(), run_config={},
+                          node_config={"partition-id": 0, "data": str(tmp_path / "site.csv"), **node_config})
+        return client_app(message, context)
+
+    for listed in ({}, {"custom-models": "other_models:build tabular:net"}):
+        reply = train(listed)
+        assert reply.has_error() and "does not list" in reply.error.reason
+        assert not (tmp_path / "imported").exists() and not (tmp_path / "called").exists()
+    reply = train({"custom-models": "other_models:build,served_model:build"})
+    assert not reply.has_error(), reply.error.reason
+    assert (tmp_path / "called").exists()
