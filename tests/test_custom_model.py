@@ -144,6 +144,7 @@ SIDE_EFFECTS = textwrap.dedent(
 )
 
 
+@pytest.mark.simulation  # trains one local round through the real ClientApp
 @pytest.mark.usefixtures("flower_task_identity")
 def test_a_site_imports_only_the_custom_models_it_listed(tmp_path, monkeypatch, base):
     """Attack: the run's config comes from the server; a site that honoured any model.target would

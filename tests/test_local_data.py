@@ -3,11 +3,17 @@ the file and the column or row, and the reason a site sends never quotes a cell'
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from PIL import Image
+
+import fedguard.conf
+from omegaconf import OmegaConf
 
 from fedguard.clients.app import app as client_app
 from fedguard.clients.app import load_local_data
@@ -79,31 +85,35 @@ def test_bad_image_contracts_name_the_key(change, message):
 
 
 def test_shipped_contracts_compose_and_give_the_model_its_shape():
-    tabular = compose_config(["dataset=tabular", "model=mlp"])
+    images = compose_config(["dataset=images", "model=cnn"])  # one composition (about a second); copies for the rest
+    tabular = copy.deepcopy(images)
+    shipped = OmegaConf.load(Path(fedguard.conf.__file__).parent / "dataset" / "tabular.yaml")
+    tabular.dataset.name, tabular.dataset.contract = shipped.name, shipped.contract
+    tabular.model.name = "mlp"
+    validate_config(tabular)
     assert expected_layout(tabular.dataset) == ((11 + 1 + 3,), 3)
-    images = compose_config(["dataset=images", "model=cnn"])
     assert isinstance(contract_of(images.dataset), ImageContract)
     assert expected_layout(images.dataset) == ((1, 28, 28), 10)
-    digits = compose_config(["dataset=digits"])
-    digits.dataset.contract = {"label": "y"}
+    built_in = copy.deepcopy(images)
+    built_in.dataset.name = "digits"
     with pytest.raises(ConfigError, match="dataset.contract is read only by"):
-        validate_config(digits)
+        validate_config(built_in)
+    built_in.dataset.contract = None
+    built_in.simulation.site_data = ["a", "b", "c", "d", "e"]
     with pytest.raises(ConfigError, match="simulation.site_data maps sites"):
-        compose_config(["dataset=digits", "simulation.site_data=[a,b,c,d,e]"])
+        validate_config(built_in)
+    tabular.simulation.site_data = ["a"]
     with pytest.raises(ConfigError, match="lists 1 paths for simulation.num_clients=5"):
-        compose_config(["dataset=tabular", "simulation.site_data=[a]"])
+        validate_config(tabular)
 
 
 # --- every table format reads the same ---------------------------------------------------------
 
-def test_csv_parquet_npz_and_datasets_dir_give_the_same_examples(tmp_path):
-    from datasets import Dataset
-
+def test_csv_parquet_and_npz_give_the_same_examples(tmp_path):
     frame = pd.DataFrame(ROWS)
-    paths = [_csv(tmp_path), tmp_path / "site.parquet", tmp_path / "site.npz", tmp_path / "hf"]
+    paths = [_csv(tmp_path), tmp_path / "site.parquet", tmp_path / "site.npz"]
     frame.to_parquet(paths[1])
     np.savez(paths[2], **{c: frame[c].to_numpy(dtype=float if c == "age" else str) for c in frame})
-    Dataset.from_pandas(frame).save_to_disk(str(paths[3]))
     for path in paths:
         x, y = read_site_examples(str(path), CONTRACT)
         np.testing.assert_allclose(x, EXPECTED_X, err_msg=str(path))
@@ -171,9 +181,7 @@ def _image_folder(root, size=(8, 8), classes=("cat", "dog"), per_class=3):
     return root
 
 
-def test_image_folder_npz_and_datasets_dir_read_the_same(tmp_path):
-    from datasets import Dataset
-
+def test_image_folder_and_npz_read_the_same(tmp_path):
     folder = _image_folder(tmp_path / "folder")
     x, y = read_site_examples(str(folder), IMAGES)
     assert x.shape == (6, 1, 8, 8) and list(y) == [0, 0, 0, 1, 1, 1]
@@ -182,11 +190,25 @@ def test_image_folder_npz_and_datasets_dir_read_the_same(tmp_path):
     np.savez(tmp_path / "site.npz", images=raw, labels=y)
     x_npz, y_npz = read_site_examples(str(tmp_path / "site.npz"), IMAGES)
     np.testing.assert_allclose(x_npz, x)
+    np.testing.assert_array_equal(y_npz, y)
+
+
+# Importing Hugging Face `datasets` alone costs over a second: in the slow tier with the simulations.
+@pytest.mark.simulation
+def test_saved_datasets_directories_read_like_the_other_formats(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_pandas(pd.DataFrame(ROWS)).save_to_disk(str(tmp_path / "table"))
+    x, y = read_site_examples(str(tmp_path / "table"), CONTRACT)
+    np.testing.assert_allclose(x, EXPECTED_X)
+    np.testing.assert_array_equal(y, EXPECTED_Y)
+    raw = [np.full((8, 8), 40 * (i // 3) + i % 3, dtype=np.uint8) for i in range(6)]
     Dataset.from_dict({"image": [Image.fromarray(a) for a in raw], "label": ["cat"] * 3 + ["dog"] * 3}).save_to_disk(
-        str(tmp_path / "hf"))
-    x_hf, y_hf = read_site_examples(str(tmp_path / "hf"), IMAGES)
-    np.testing.assert_allclose(x_hf, x)
-    np.testing.assert_array_equal(y_hf, y)
+        str(tmp_path / "images"))
+    x_hf, y_hf = read_site_examples(str(tmp_path / "images"), IMAGES)
+    x_folder, y_folder = read_site_examples(str(_image_folder(tmp_path / "folder")), IMAGES)
+    np.testing.assert_allclose(x_hf, x_folder)
+    np.testing.assert_array_equal(y_hf, y_folder)
 
 
 def test_image_refusals_name_the_file_or_folder(tmp_path):
@@ -251,6 +273,7 @@ def test_site_loads_and_splits_its_own_file(tmp_path):
         load_local_data(cfg, read_site_settings({"partition-id": 0, "num-partitions": 1}))
 
 
+@pytest.mark.simulation  # a full ClientApp request (model, mods): over a second on a loaded 2-core machine
 @pytest.mark.usefixtures("flower_task_identity")
 def test_refusal_reaches_the_server_as_a_reason_without_the_data(tmp_path):
     cfg = _site_cfg(tmp_path)
