@@ -42,8 +42,8 @@ from fedguard.clients.layers import run_layers
 from fedguard.clients.releases import released_train_loss, resend_enters_a_new_sum, sends_local_metrics
 from fedguard.clients.secagg_requests import secure_aggregation_stage
 from fedguard.clients.local_data import read_site_examples
+from fedguard.clients.simulation_mods import with_custom_model, with_site_data
 from fedguard.clients.site import (
-    CUSTOM_MODELS_KEY,
     DATA_KEY,
     PARTITION_ID_KEY,
     SECAGG_ROSTER_KEY,
@@ -386,30 +386,6 @@ def with_site_state_root(root: Path) -> Mod:
         return call_next(msg, context)
 
     return site_state_root
-
-
-def with_custom_model(target: str) -> Mod:
-    """Simulation only: the virtual sites run on the machine of whoever started it, so they
-    accept the run's own model.target (a real site lists it: `fedguard client --custom-model`)."""
-
-    def custom_model(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        context.node_config.setdefault(CUSTOM_MODELS_KEY, target)
-        return call_next(msg, context)
-
-    return custom_model
-
-
-def with_site_data(paths: list[str]) -> Mod:
-    """Give virtual site i of a simulation ``paths[i]`` as its own files (``simulation.site_data``),
-    as a real site names them with ``fedguard client --data``; a site's own setting wins."""
-
-    def site_data(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        partition = context.node_config.get(PARTITION_ID_KEY)
-        if not context.node_config.get(DATA_KEY) and isinstance(partition, int) and 0 <= partition < len(paths):
-            context.node_config[DATA_KEY] = paths[partition]
-        return call_next(msg, context)
-
-    return site_data
 
 
 def build_client_app(
