@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedguard.clients.wire import protocol
 from fedguard.clients.client_dp import ClipError, round_clip_norm
-from fedguard.clients.datasets import DatasetBundle, DatasetError, LocalDataError, expected_layout, load_dataset
+from fedguard.clients.datasets import DatasetError, LocalDataError, expected_layout, load_dataset
 from fedguard.clients.wire.checks import (
     parse_run_config,
     MalformedMessage,
@@ -41,19 +41,25 @@ from fedguard.clients.private_training import BudgetExhausted, build_trainer, tr
 from fedguard.clients.layers import run_layers
 from fedguard.clients.releases import released_train_loss, resend_enters_a_new_sum, sends_local_metrics
 from fedguard.clients.secagg_requests import secure_aggregation_stage
+from fedguard.clients.local_data import read_site_examples
+from fedguard.clients.simulation_mods import with_custom_model, with_site_data
 from fedguard.clients.site import (
+    DATA_KEY,
     PARTITION_ID_KEY,
     SECAGG_ROSTER_KEY,
     STATE_DIR_KEY,
     SiteConfigError,
     SiteSettings,
+    check_custom_model_allowed,
     read_site_settings,
 )
 from fedguard.clients.data_spend import data_fingerprint
 from fedguard.clients.site_floor import check_site_floor, read_site_floor
 from fedguard.clients.site_state import CachedReply, ResendRefused, SiteStateError, SiteStateStore, arrays_digest
 from fedguard.clients.training import evaluate_model, make_training_setup, proximal_regularizer
+from fedguard.conf.contract import contract_of
 from fedguard.conf.plans import trains_privately
+from fedguard.conf.schema import CONTRACT_DATASETS
 from fedguard.conf.run_config import cached_config_from_yaml
 from fedguard.privacy.secagg.envelope import ShareAuthenticationError
 from fedguard.privacy.secagg.protocol import SecAggError
@@ -87,7 +93,8 @@ class LocalData:
     train_y: np.ndarray
     validation_x: np.ndarray
     validation_y: np.ndarray
-    bundle: DatasetBundle
+    input_shape: tuple[int, ...]
+    num_classes: int
 
 
 def load_local_data(cfg: DictConfig, site: SiteSettings) -> LocalData:
@@ -99,9 +106,32 @@ def load_local_data(cfg: DictConfig, site: SiteSettings) -> LocalData:
     return _load_local_data_cached(OmegaConf.to_yaml(data_only, resolve=True), site)
 
 
+def _own_files(cfg: DictConfig, site: SiteSettings) -> LocalData:
+    """A site's own files (its node config ``data``), checked against the run's data contract
+    before anything trains; the validation split is a seeded shuffle of them."""
+    if not site.data:
+        raise SiteConfigError(f"dataset={cfg.dataset.name} trains on each site's own files: start this site "
+                              f"with `fedguard client --data PATH` (node config '{DATA_KEY}')")
+    contract = contract_of(cfg.dataset)
+    features, labels = read_site_examples(site.data, contract)
+    order = np.random.default_rng(cfg.seed).permutation(len(labels))
+    held_out = int(len(labels) * float(cfg.dataset.validation_fraction))
+    if len(labels) - held_out < 1:
+        raise LocalDataError(f"{site.data}: {len(labels)} example(s) leave none for training after the "
+                             f"validation split (dataset.validation_fraction={cfg.dataset.validation_fraction})")
+    train, validation = order[held_out:], order[:held_out]
+    return LocalData(features[train], labels[train], features[validation], labels[validation],
+                     contract.input_shape, contract.num_classes)
+
+
 @lru_cache(maxsize=4)
 def _load_local_data_cached(data_text: str, site: SiteSettings) -> LocalData:
     cfg = OmegaConf.create(data_text)
+    if cfg.dataset.name in CONTRACT_DATASETS:
+        return _own_files(cfg, site)
+    if site.data:
+        raise SiteConfigError(f"this site was started with its own files ('{DATA_KEY}'), but the run trains on "
+                              f"the built-in dataset={cfg.dataset.name}; join runs with dataset=tabular or images")
     bundle = load_dataset(cfg.dataset, cfg.seed, root_override=site.data_root)
     parts = partition_indices(bundle.train_y, cfg.partition, site.num_partitions, cfg.seed)
     split = split_train_validation(parts[site.partition_id], cfg.dataset.validation_fraction, cfg.seed + site.partition_id)
@@ -115,7 +145,8 @@ def _load_local_data_cached(data_text: str, site: SiteSettings) -> LocalData:
         train_y=bundle.train_y[split.train_indices],
         validation_x=bundle.train_x[split.validation_indices],
         validation_y=bundle.train_y[split.validation_indices],
-        bundle=bundle,
+        input_shape=bundle.input_shape,
+        num_classes=bundle.num_classes,
     )
 
 
@@ -169,6 +200,8 @@ def decode_request(msg: Message, context: Context) -> Request:
     config = require_record(content, protocol.CONFIG_KEY, ConfigRecord)
     config_text = text(config, protocol.FEDGUARD_CONFIG_KEY)
     cfg = parse_run_config(config_text)
+    # Before anything builds the model: a custom model is imported only if this site named it.
+    check_custom_model_allowed(str(cfg.model.name), cfg.model.target, dict(context.node_config))
     arrays = decode_arrays(content.get(protocol.ARRAYS_KEY), _model_layout(config_text))
     return Request(
         cfg=cfg,
@@ -185,7 +218,7 @@ def _unpack(msg: Message, context: Context):
     cfg, site = request.cfg, request.site
     data = load_local_data(cfg, site)
     model = model_from_state(
-        cfg.model, data.bundle.input_shape, data.bundle.num_classes, request.state_dict, private=trains_privately(cfg)
+        cfg.model, data.input_shape, data.num_classes, request.state_dict, private=trains_privately(cfg)
     )
     device = resolve_device(site.device or cfg.device)
     return cfg, site, data, model, device, request
@@ -355,9 +388,17 @@ def with_site_state_root(root: Path) -> Mod:
     return site_state_root
 
 
-def build_client_app(site_state_root: Path | None = None) -> ClientApp:
-    """fedguard's ClientApp; simulation passes where its virtual sites keep their state."""
+def build_client_app(
+    site_state_root: Path | None = None, site_data: list[str] | None = None, custom_model: str | None = None
+) -> ClientApp:
+    """fedguard's ClientApp; simulation passes where its virtual sites keep their state, for a
+    rehearsal on own files which file or directory each virtual site reads, and the run's
+    custom model target its virtual sites accept."""
     front: list[Mod] = [with_site_state_root(site_state_root)] if site_state_root is not None else []
+    if site_data:
+        front.append(with_site_data(list(site_data)))
+    if custom_model:
+        front.append(with_custom_model(custom_model))
     client_app = ClientApp()
     # The run's layers (SecAgg+, client-level DP) are picked from its config: clients/layers.py.
     client_app.train(mods=[*front, refuse_bad_requests, run_layers])(train)

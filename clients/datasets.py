@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from fedguard.conf.contract import contract_of
+from fedguard.conf.schema import CONTRACT_DATASETS
+
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 FASHION_MNIST_FILES = {
@@ -48,6 +51,9 @@ CLASS_COUNTS = {"fashion_mnist": 10, "digits": 10, "breast_cancer": 2}
 def expected_layout(dataset_cfg: DictConfig) -> tuple[tuple[int, ...], int]:
     """(input shape of one example, number of classes) the configured dataset must have."""
     name = dataset_cfg.name
+    if name in CONTRACT_DATASETS:
+        contract = contract_of(dataset_cfg)
+        return contract.input_shape, contract.num_classes
     if name in IMAGE_SHAPES:
         return IMAGE_SHAPES[name], CLASS_COUNTS[name]
     if name in TABULAR_FEATURES:
@@ -265,6 +271,9 @@ def _load_cached(key: tuple) -> DatasetBundle:
 
 def load_dataset(dataset_cfg: DictConfig, seed: int, root_override: str | None = None) -> DatasetBundle:
     """Load (once per process) the dataset a config names; ``root_override`` comes from a site's node config."""
+    if dataset_cfg.name in CONTRACT_DATASETS:
+        raise DatasetError(f"dataset={dataset_cfg.name} is each site's own files (its --data), described by "
+                           "dataset.contract; there is no shared copy to load")
     key = (
         dataset_cfg.name,
         root_override or dataset_cfg.root,

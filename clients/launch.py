@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from fedguard.clients.site import (
+    CUSTOM_MODELS_KEY,
+    DATA_KEY,
     DATA_ROOT_KEY,
     DEVICE_KEY,
     EPSILON_BUDGET_KEY,
@@ -71,8 +73,17 @@ def client_main(argv: list[str]) -> int:
     parser.add_argument("--ca", type=Path, required=True, help="the federation's CA certificate (ca.crt)")
     parser.add_argument("--key", type=Path, default=Path(DEFAULT_KEYS_DIR) / NODE_PRIVATE_KEY_FILE,
                         help="this site's private key from `fedguard keys`")
-    parser.add_argument("--partition-id", type=int, required=True, help="this site's partition (0-based)")
-    parser.add_argument("--num-partitions", type=int, required=True, help="how many partitions the data is split in")
+    parser.add_argument("--partition-id", type=int, required=True,
+                        help="this site's number (0-based): its partition of a built-in dataset, and its name in "
+                             "the privacy ledger; unique per site")
+    parser.add_argument("--num-partitions", type=int,
+                        help="how many partitions a built-in dataset is split in (not needed with --data)")
+    parser.add_argument("--data", type=Path,
+                        help="this site's own data (CSV, Parquet, .npz, an image folder or a saved `datasets` "
+                             "directory), checked against the run's data contract (dataset=tabular / images)")
+    parser.add_argument("--custom-model", action="append", default=[], metavar="PACKAGE.MODULE:FACTORY",
+                        help="a team model (model=custom) this site agrees to import and call; repeat for several. "
+                             "Runs naming any other model.target are refused")
     parser.add_argument("--data-root", help="where this site's dataset files are (default: the dataset's own path)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the run's device on this site")
     parser.add_argument("--epsilon-budget", type=float, help="this site's own sample-level epsilon budget")
@@ -83,9 +94,16 @@ def client_main(argv: list[str]) -> int:
     parser.add_argument("--max-wait", type=float, default=DEFAULT_MAX_WAIT,
                         help="seconds to keep retrying an unreachable server before giving up")
     args = parser.parse_args(argv)
+    if args.data is None and args.num_partitions is None:
+        parser.error("--num-partitions is required unless the site trains on its own files (--data PATH)")
+    if args.data is not None and not args.data.exists():
+        print(f"fedguard client: --data {args.data}: no such file or directory", file=sys.stderr)
+        return 1
     settings = {
         PARTITION_ID_KEY: args.partition_id,
         NUM_PARTITIONS_KEY: args.num_partitions,
+        DATA_KEY: str(args.data.resolve()) if args.data else None,
+        CUSTOM_MODELS_KEY: " ".join(args.custom_model) or None,
         DATA_ROOT_KEY: str(Path(args.data_root).resolve()) if args.data_root else None,
         DEVICE_KEY: args.device,
         EPSILON_BUDGET_KEY: args.epsilon_budget,
@@ -101,7 +119,8 @@ def client_main(argv: list[str]) -> int:
         return 1
     args.state_dir.mkdir(parents=True, exist_ok=True)
     command = supernode_command(args, node_config_text(settings))
-    print(f"fedguard client: partition {args.partition_id}/{args.num_partitions} joining https://{args.server}", flush=True)
+    what = f"its own data {args.data}" if args.data else f"partition {args.partition_id}/{args.num_partitions}"
+    print(f"fedguard client: site {args.partition_id} ({what}) joining https://{args.server}", flush=True)
     # The SuperNode keeps its Flower files (installed app bundles) in this site's state dir.
     os.environ["FLWR_HOME"] = str((args.state_dir / "flwr").resolve())
     os.execve(command[0], command, environment_with_flower())

@@ -5,6 +5,8 @@ Every layer is one Opacus supports for per-sample gradients (GroupNorm, never Ba
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 from collections.abc import Sequence
 
@@ -48,17 +50,68 @@ class IncompatibleModelError(ValueError):
     """The model has layers Opacus cannot compute per-sample gradients for, and cannot fix."""
 
 
+def _problem_layers(model: nn.Module) -> list[str]:
+    """``name (Type): reason`` for every sub-module Opacus's validators object to."""
+    found = []
+    for name, module in model.named_modules():
+        check = ModuleValidator.VALIDATORS.get(type(module))
+        for problem in check(module) if check is not None else ():
+            found.append(f"{name or '<model>'} ({type(module).__name__}): {problem}")
+    return found
+
+
 def make_dp_compatible(model: nn.Module) -> nn.Module:
     """Check a model with Opacus's validator; fix what it can fix (saying so), refuse the rest."""
     problems = ModuleValidator.validate(model, strict=False)
     if not problems:
+        _refuse_private_buffers(model)
         return model
-    logger.warning("Opacus cannot train these layers privately as they are; replacing them: %s", problems)
+    logger.warning("Opacus cannot train these layers privately as they are; replacing them: %s",
+                   "; ".join(_problem_layers(model)) or problems)
     fixed = ModuleValidator.fix(model)
     remaining = ModuleValidator.validate(fixed, strict=False)
     if remaining:
-        raise IncompatibleModelError(f"the model has layers Opacus cannot train privately: {remaining}")
+        named = "; ".join(_problem_layers(fixed)) or str(remaining)
+        raise IncompatibleModelError(f"the model has layers Opacus cannot train privately: {named}")
+    _refuse_private_buffers(fixed)
     return fixed
+
+
+def _refuse_private_buffers(model: nn.Module) -> None:
+    """A trainable layer that keeps buffers (running statistics of the records) would release
+    them unprotected; Opacus refuses it only once training starts, so refuse it here by name."""
+    layers = [name or "<model>" for name, module in model.named_modules()
+              if any(p.requires_grad for p in module.parameters(recurse=False)) and list(module.buffers(recurse=False))]
+    if layers:
+        raise IncompatibleModelError(
+            f"the model has layers Opacus cannot train privately: {', '.join(layers)} (trainable layers with "
+            "buffers, which would carry statistics of the records outside DP; keep statistics out of trainable "
+            "layers or use GroupNorm)")
+
+
+def _custom_model(model_cfg: DictConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The team's own model: ``model.target`` = "package.module:factory", called with ``model.kwargs``
+    (plus ``input_shape`` and ``num_classes`` when the factory takes them), Hydra-instantiate style."""
+    target = str(model_cfg.target or "")
+    module_name, _, attribute = target.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"model.target={target!r} cannot be loaded ({err}); it must be importable on the "
+                         "server and on every site") from None
+    kwargs = dict(model_cfg.kwargs or {})
+    parameters = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    for key, value in (("input_shape", tuple(input_shape)), ("num_classes", num_classes)):
+        if key not in kwargs and (takes_any or key in parameters):
+            kwargs[key] = value
+    try:
+        model = factory(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"model.target={target!r} does not accept model.kwargs {sorted(kwargs)}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model.target={target!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def build_model(
@@ -103,6 +156,8 @@ def _build_model(model_cfg: DictConfig, input_shape: Sequence[int], num_classes:
         features = nn.Sequential(*_conv_blocks(channels, model_cfg.channels, model_cfg.group_norm_groups))
         flat = model_cfg.channels[-1] * (height // downscale) * (width // downscale)
         return nn.Sequential(features, nn.Flatten(), *_mlp_layers(flat, model_cfg.hidden_sizes, num_classes))
+    if model_cfg.name == "custom":
+        return _custom_model(model_cfg, input_shape, num_classes)
     raise ValueError(f"unknown model {model_cfg.name!r}")
 
 

@@ -16,6 +16,9 @@ from fedguard.privacy.secagg.policy import PolicyError, SitePolicy
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
 DATA_ROOT_KEY = "data-root"
+# The site's own files (dataset=tabular / images): a file or directory checked against the run's
+# data contract. With it the site needs no num-partitions; partition-id only names it in ledgers.
+DATA_KEY = "data"
 DEVICE_KEY = "device"
 EPSILON_BUDGET_KEY = "epsilon-budget"
 # Where the site keeps its privacy state across server restarts (clients/site_state.py).
@@ -35,7 +38,11 @@ SECAGG_ROSTER_KEY = "secagg-roster"
 SECAGG_MIN_COHORT_KEY = "secagg-min-cohort"
 SECAGG_POLICY_KEYS = (SECAGG_MIN_THRESHOLD_KEY, SECAGG_MAX_NEIGHBOURS_KEY, SECAGG_COLLUDERS_KEY, SECAGG_MIN_COHORT_KEY,
                       SECAGG_ROSTER_KEY)
-KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_ROOT_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY, STATE_DIR_KEY,
+# model=custom: the "package.module:factory" targets this site agrees to import and call (space- or
+# comma-separated). The run's config comes from the server; without this list a server could make
+# every site call any importable function with arguments of its choosing.
+CUSTOM_MODELS_KEY = "custom-models"
+KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_KEY, DATA_ROOT_KEY, CUSTOM_MODELS_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY, STATE_DIR_KEY,
               EPHEMERAL_PRIVACY_KEY, *FLOOR_KEYS, *SECAGG_POLICY_KEYS)
 
 
@@ -54,6 +61,8 @@ class SiteSettings:
     state_dir: str | None = None
     # Train privately without a state dir (spend kept for this run only): only when set explicitly.
     ephemeral_privacy_state: bool = False
+    # This site's own data file or directory (DATA_KEY), for a run with a data contract.
+    data: str | None = None
 
 
 def _as_int(node_config: dict[str, Any], key: str) -> int:
@@ -69,8 +78,12 @@ def _as_int(node_config: dict[str, Any], key: str) -> int:
 
 
 def read_site_settings(node_config: dict[str, Any]) -> SiteSettings:
+    data = node_config.get(DATA_KEY) or None
     partition_id = _as_int(node_config, PARTITION_ID_KEY)
-    num_partitions = _as_int(node_config, NUM_PARTITIONS_KEY)
+    if data is not None and NUM_PARTITIONS_KEY not in node_config:
+        num_partitions = partition_id + 1  # no split: the site reads its own files whole
+    else:
+        num_partitions = _as_int(node_config, NUM_PARTITIONS_KEY)
     if num_partitions < 1 or not 0 <= partition_id < num_partitions:
         raise SiteConfigError(
             f"node config needs 0 <= {PARTITION_ID_KEY} < {NUM_PARTITIONS_KEY}; "
@@ -88,6 +101,7 @@ def read_site_settings(node_config: dict[str, Any]) -> SiteSettings:
         None if budget is None else float(budget),
         str(node_config[STATE_DIR_KEY]) if node_config.get(STATE_DIR_KEY) else None,
         node_config.get(EPHEMERAL_PRIVACY_KEY) in (True, 1, "true"),
+        str(data) if data is not None else None,
     )
 
 
@@ -115,3 +129,16 @@ def read_secagg_policy(node_config: dict[str, Any]) -> SitePolicy:
         )
     except PolicyError as err:
         raise SiteConfigError(f"node config: {err}") from err
+
+
+def check_custom_model_allowed(model_name: str, target: str | None, node_config: dict[str, Any]) -> None:
+    """Refuse a run whose model=custom target this site did not list in ``custom-models``."""
+    if model_name != "custom":
+        return
+    allowed = str(node_config.get(CUSTOM_MODELS_KEY) or "").replace(",", " ").split()
+    if target not in allowed:
+        raise SiteConfigError(
+            f"the run asks this site to build model.target={target!r}, which its '{CUSTOM_MODELS_KEY}' setting "
+            f"does not list (allowed: {', '.join(allowed) or 'none'}); a site imports and calls only the team "
+            "models it named (fedguard client --custom-model TARGET)"
+        )

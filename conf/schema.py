@@ -12,9 +12,12 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-DATASETS = ("fashion_mnist", "digits", "breast_cancer", "synthetic")
-IMAGE_DATASETS = ("fashion_mnist", "digits")
-MODELS = ("logreg", "mlp", "cnn")
+DATASETS = ("fashion_mnist", "digits", "breast_cancer", "synthetic", "tabular", "images")
+# Sites' own files, described by dataset.contract (conf/contract.py); the rest are built in.
+CONTRACT_DATASETS = ("tabular", "images")
+IMAGE_DATASETS = ("fashion_mnist", "digits", "images")
+# custom: the team's own torch.nn.Module from model.target ("package.module:factory").
+MODELS = ("logreg", "mlp", "cnn", "custom")
 PARTITIONS = ("iid", "dirichlet", "shards")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -46,6 +49,8 @@ class DatasetConfig:
     num_features: int = 32
     num_classes: int = 10
     class_separation: float = 2.0
+    # dataset=tabular / images: what every site's own files must look like (conf/contract.py).
+    contract: dict[str, Any] | None = None
 
 
 @dataclass
@@ -54,6 +59,9 @@ class ModelConfig:
     hidden_sizes: list[int] = field(default_factory=list)
     channels: list[int] = field(default_factory=lambda: [32, 64])
     group_norm_groups: int = 8
+    # model=custom: "package.module:factory", called with kwargs (+ input_shape, num_classes if it takes them).
+    target: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,6 +142,9 @@ class SimulationConfig:
     client_resources: ClientResources = field(default_factory=ClientResources)
     round_timeout: float = 600.0
     ray_address: str | None = None
+    # Rehearsal on own files: virtual site i reads site_data[i] (a file or a directory), as a real
+    # site reads its `fedguard client --data PATH`. Only with a contract dataset (tabular / images).
+    site_data: list[str] | None = None
 
 
 @dataclass

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedguard.conf.checks import check_noise_setting, choice, in_range
+from fedguard.conf.contract import contract_of
 from fedguard.conf.client_dp_checks import validate_client_clipping, validate_client_dp
 from fedguard.conf.mode_keys import ChosenModes, keys_from_overrides, unused_key_error
 from fedguard.conf.plans import clients_per_round
@@ -20,6 +21,7 @@ from fedguard.conf.run_address import split_host_port
 from fedguard.conf.schema import (
     ACCOUNTANT_NAMES,
     CLIENT_DP_MODES,
+    CONTRACT_DATASETS,
     DATASETS,
     DEVICES,
     GRAD_SAMPLE_MODES,
@@ -181,6 +183,7 @@ def _validate_data_and_model(cfg: DictConfig) -> None:
         in_range("dataset.num_classes", cfg.dataset.num_classes, 2, None)
         in_range("dataset.num_features", cfg.dataset.num_features, 1, None)
         in_range("dataset.num_samples", cfg.dataset.num_samples, cfg.dataset.num_classes * 2, None)
+    _validate_contract_and_custom_model(cfg)
     if cfg.model.name == "cnn" and cfg.dataset.name not in IMAGE_DATASETS:
         raise ConfigError(
             f"model=cnn needs an image dataset ({', '.join(IMAGE_DATASETS)}); "
@@ -196,6 +199,30 @@ def _validate_data_and_model(cfg: DictConfig) -> None:
                 f"model.channels[{i}]={width} must be divisible by "
                 f"model.group_norm_groups={cfg.model.group_norm_groups}"
             )
+
+
+def _validate_contract_and_custom_model(cfg: DictConfig) -> None:
+    """A contract dataset's contract is sound; site_data and model.target are where they belong."""
+    if cfg.dataset.name in CONTRACT_DATASETS:
+        contract_of(cfg.dataset)
+    elif cfg.dataset.contract is not None:
+        raise ConfigError(f"dataset.contract is read only by dataset=tabular or dataset=images, not {cfg.dataset.name}")
+    site_data = cfg.simulation.site_data
+    if site_data is not None:
+        if cfg.dataset.name not in CONTRACT_DATASETS:
+            raise ConfigError(f"simulation.site_data maps sites to their own files: it needs dataset=tabular or "
+                              f"dataset=images (with dataset.contract), not dataset={cfg.dataset.name}")
+        if len(site_data) != cfg.simulation.num_clients:
+            raise ConfigError(f"simulation.site_data lists {len(site_data)} paths for "
+                              f"simulation.num_clients={cfg.simulation.num_clients}: one per virtual site")
+    target = cfg.model.target
+    if cfg.model.name == "custom":
+        module, _, attribute = str(target or "").partition(":")
+        if not module or not attribute or not all(part.isidentifier() for part in [*module.split("."), attribute]):
+            raise ConfigError(f"model.target={target!r} must be 'package.module:factory' (a callable returning "
+                              "a torch.nn.Module)")
+    elif target is not None or cfg.model.kwargs:
+        raise ConfigError(f"model.target and model.kwargs are read only by model=custom, not model={cfg.model.name}")
 
 
 def _validate_simulation(cfg: DictConfig) -> None:

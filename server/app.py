@@ -19,12 +19,12 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from fedguard.clients.wire import protocol
-from fedguard.clients.datasets import load_dataset
+from fedguard.clients.datasets import expected_layout, load_dataset
 from fedguard.clients.models import build_model, count_parameters, resolve_device
 from fedguard.clients.training import evaluate_model
 from fedguard.conf.plans import clients_per_round, trains_privately
 from fedguard.conf.run_config import config_from_yaml, config_to_yaml, resume_mismatches
-from fedguard.conf.schema import ConfigError
+from fedguard.conf.schema import CONTRACT_DATASETS, ConfigError
 from fedguard.server.checkpoint import CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, BackgroundCheckpointWriter, save_checkpoint
 from fedguard.server.federation import run_federation
 from fedguard.server.launch import RUNS_DIR
@@ -95,8 +95,11 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         random.setstate(run_state.sampler_rng)
     torch.manual_seed(cfg.seed)
     config_yaml = config_to_yaml(cfg)
-    bundle = load_dataset(cfg.dataset, cfg.seed)
-    model = build_model(cfg.model, bundle.input_shape, bundle.num_classes, private=trains_privately(cfg))
+    # Sites' own files (a data contract): the server holds no test set; quality comes from
+    # federated evaluation on the sites' held-out splits, where the privacy mode allows it.
+    bundle = None if cfg.dataset.name in CONTRACT_DATASETS else load_dataset(cfg.dataset, cfg.seed)
+    input_shape, num_classes = expected_layout(cfg.dataset)
+    model = build_model(cfg.model, input_shape, num_classes, private=trains_privately(cfg))
     if resume:
         model.load_state_dict(resume.model_state)
     device = resolve_device(cfg.device)
@@ -107,6 +110,8 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     layers = build_layers(cfg, strategy, run_state, run_dir, config_yaml, resumed_after)
 
     def central_evaluation(_server_round: int, arrays: ArrayRecord) -> tuple[float, float]:
+        if bundle is None:
+            return float("nan"), float("nan")
         model.load_state_dict(arrays.to_torch_state_dict())
         outcome = evaluate_model(model, bundle.test_x, bundle.test_y, cfg.evaluate.batch_size, device)
         return outcome.loss, outcome.accuracy
@@ -122,7 +127,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         state = capture_run_state(run_state.lineage, record.round, strategy, excluded, layers.accounting_state())
         checkpoints.submit(
             checkpoint_dir / LATEST_NAME, model_state=arrays.to_torch_state_dict(), server_round=record.round,
-            config_yaml=config_yaml, input_shape=bundle.input_shape, num_classes=bundle.num_classes,
+            config_yaml=config_yaml, input_shape=input_shape, num_classes=num_classes,
             metrics={"test_accuracy": record.test_accuracy, "test_loss": record.test_loss}, run_state=state.to_payload(),
         )
 
@@ -153,7 +158,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     final_path = checkpoint_dir / FINAL_NAME
     save_checkpoint(
         final_path, model_state=result.arrays.to_torch_state_dict(), server_round=result.rounds_completed,
-        config_yaml=config_yaml, input_shape=bundle.input_shape, num_classes=bundle.num_classes, metrics={},
+        config_yaml=config_yaml, input_shape=input_shape, num_classes=num_classes, metrics={},
     )
     return recorder.finish(
         {
@@ -161,6 +166,9 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "lineage": run_state.lineage,
             "resumed_after_round": resumed_after,
             "clients_no_longer_sampled": {str(node): why for node, why in result.excluded_clients.items()},
+            "client_failures": {str(node): why for node, why in result.client_failures.items()},
+            "central_evaluation": "none: the server holds no test data (dataset.contract); see federated_eval_*"
+            if bundle is None else f"the test split of {cfg.dataset.name}",
             **_run_facts(cfg),
             "model_parameters": count_parameters(model),
             "device": str(device),

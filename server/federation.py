@@ -37,6 +37,9 @@ class FederationResult:
     rounds_completed: int
     stop_reason: str
     excluded_clients: dict[int, str] = field(default_factory=dict)
+    # The last reason each client gave for failing a training request (e.g. its own files do not
+    # match the data contract): the reason only, which is all a site sends about its refusal.
+    client_failures: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -216,15 +219,17 @@ def run_federation(
         pool.exclude(node, reason)
     min_clients = int(getattr(strategy, "min_available_nodes", 1))
     arrays = initial_arrays
+    failures: dict[int, str] = {}
     for server_round in range(start_round, num_rounds + 1):
         reason = _reason_to_stop_before(server_round, pool, min_clients, wait_for_clients, stop_before_round)
         if reason is not None:
             logger.warning("stopping before round %d: %s", server_round, reason)
-            return FederationResult(arrays, server_round - 1, reason, dict(pool.excluded))
+            return FederationResult(arrays, server_round - 1, reason, dict(pool.excluded), failures)
         started = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), pool)
         sampled, sorted_replies = exchange.train(pool, messages, arrays, server_round, round_timeout)
         _settle_spend_and_refusals(server_round, sorted_replies, pool, record_spend)
+        failures.update({r.metadata.src_node_id: str(r.error.reason) for r in sorted_replies.failed if r.has_error()})
 
         # Client-level DP releases noise even for an empty Poisson cohort (see server/client_dp.py).
         releases_anyway = sampled == 0 and bool(getattr(strategy, "releases_without_replies", False))
@@ -240,7 +245,7 @@ def run_federation(
         else:
             reason = "no usable training replies"
             logger.warning("round %d: %s (%d sampled); stopping", server_round, reason, sampled)
-            return FederationResult(arrays, server_round - 1, reason, dict(pool.excluded))
+            return FederationResult(arrays, server_round - 1, reason, dict(pool.excluded), failures)
 
         _, eval_replies = exchange_messages(
             pool,
@@ -267,4 +272,4 @@ def run_federation(
             privacy=sorted_replies.privacy,
         )
         on_round_end(record, arrays, dict(pool.excluded))
-    return FederationResult(arrays, num_rounds, "completed all rounds", dict(pool.excluded))
+    return FederationResult(arrays, num_rounds, "completed all rounds", dict(pool.excluded), failures)

@@ -197,6 +197,7 @@ class RunRecorder:
                 "accuracy": last.test_accuracy,
                 "loss": last.test_loss,
                 "train_loss": last.train_loss,
+                "federated_eval_accuracy": last.federated_eval_accuracy,
             }
             summary["mean_round_seconds"] = sum(r.round_seconds for r in self.rounds) / len(self.rounds)
             # Round 1 also pays for the engine's workers starting (Ray starts them on the first

@@ -92,6 +92,10 @@ def main(argv: list[str]) -> int:
     serve.add_argument("--requests", type=int, default=500, help="requests per cell (after 20 warm-up)")
     serve.add_argument("--concurrency", type=int, nargs="+", default=[1], help="concurrent clients per cell")
     serve.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    own_files = sub.add_parser("own-files", help="3 sites' own CSV files: federated with/without DP vs pooled")
+    own_files.add_argument("--rounds", type=int, default=10)
+    own_files.add_argument("--epsilon", type=float, default=3.0, help="sample-level DP target epsilon per site")
+    own_files.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     args = parser.parse_args(argv)
     from fedguard.simulations.simulate import configure_logging
 
@@ -130,6 +134,10 @@ def main(argv: list[str]) -> int:
             run_serve_benchmark(model_dir, args.batch_sizes, args.requests, tuple(args.concurrency))
             for model_dir in args.model_dirs
         ]}
+    elif args.name == "own-files":
+        from fedguard.simulations.bench_own_files import run_own_files_benchmark
+
+        result = run_own_files_benchmark(args.rounds, args.epsilon)
     else:
         return 2
     path = write_result(args.out, args.name, result)

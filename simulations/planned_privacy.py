@@ -14,6 +14,7 @@ from fedguard.clients.datasets import load_dataset
 from fedguard.clients.partition import partition_indices, split_train_validation
 from fedguard.clients.planned_privacy import batches_per_epoch, expected_participation, plan_site
 from fedguard.conf.plans import trains_privately
+from fedguard.conf.schema import CONTRACT_DATASETS
 
 OBSERVERS = (
     "per training record (add or remove one record), against anyone who sees the site's updates or the models "
@@ -30,6 +31,11 @@ def planned_sample_dp_line(cfg: DictConfig) -> str | None:
         return (
             f"sample-level DP: each site calibrates its noise so its planned {rounds} round(s) spend epsilon "
             f"<= {float(cfg.privacy.target_epsilon):g} at delta {float(cfg.privacy.delta):g}, {OBSERVERS}"
+        )
+    if cfg.dataset.name in CONTRACT_DATASETS:  # sizes of sites' own files are known only at the sites
+        return (
+            f"sample-level DP: noise multiplier {float(cfg.privacy.noise_multiplier):g}; each site's epsilon for the "
+            f"planned {rounds} round(s) depends on its own data size and is computed and enforced there, {OBSERVERS}"
         )
     bundle = load_dataset(cfg.dataset, cfg.seed)
     parts = partition_indices(bundle.train_y, cfg.partition, int(cfg.simulation.num_clients), cfg.seed)

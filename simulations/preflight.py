@@ -138,7 +138,16 @@ def check_run_dir(cfg: DictConfig, run_dir: Path | None) -> None:
 def check_data(cfg: DictConfig) -> None:
     """The dataset's files exist (ConfigError naming them), without loading them."""
     from fedguard.clients.datasets import DatasetError, check_dataset_files
+    from fedguard.conf.schema import CONTRACT_DATASETS
 
+    if cfg.dataset.name in CONTRACT_DATASETS:
+        if not cfg.simulation.site_data:
+            raise ConfigError(f"dataset={cfg.dataset.name} is each site's own files: a simulation needs "
+                              "simulation.site_data=[PATH,...], one file or directory per virtual site")
+        for i, path in enumerate(cfg.simulation.site_data):
+            if not Path(path).exists():
+                raise ConfigError(f"simulation.site_data[{i}]={path}: no such file or directory")
+        return
     try:
         check_dataset_files(cfg.dataset)
     except DatasetError as err:

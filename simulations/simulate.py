@@ -133,7 +133,10 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     }
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     # Virtual sites keep their privacy state and ledgers beside the run, so `resume=` works here too.
-    client_app = build_client_app(site_state_root=run_dir / CLIENT_STATE_DIR)
+    site_data = [str(Path(p).resolve()) for p in cfg.simulation.site_data] if cfg.simulation.site_data else None
+    custom_model = str(cfg.model.target) if cfg.model.name == "custom" else None
+    client_app = build_client_app(site_state_root=run_dir / CLIENT_STATE_DIR, site_data=site_data,
+                                  custom_model=custom_model)
     if cfg.secure_agg.mode != "off":
         # The out-of-band step of a real federation, done per run: each virtual site's identity
         # key in its state dir, and the roster of all of them, which the sites pin.
@@ -249,4 +252,5 @@ def simulate(cfg: DictConfig) -> float:
     except Interrupted as stop:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         stop_after_interrupt(stop.run_dir, overrides)
-    return float(summary.get("final", {}).get("accuracy", float("nan")))
+    accuracy = summary.get("final", {}).get("accuracy")
+    return float("nan") if accuracy is None else float(accuracy)

@@ -92,7 +92,7 @@ def _digits_setup(cfg, seed: int = 5):
     from fedguard.clients.models import build_model
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.bundle.input_shape, data.bundle.num_classes, private=True)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, private=True)
     return model, make_training_setup(model, data.train_x, data.train_y, cfg.train, seed)
 
 

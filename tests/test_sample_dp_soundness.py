@@ -51,7 +51,7 @@ def _site_data(cfg, partition: int = 0):
 
 def _model(cfg, data, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_model(cfg.model, data.bundle.input_shape, data.bundle.num_classes, private=True)
+    return build_model(cfg.model, data.input_shape, data.num_classes, private=True)
 
 
 def _flat(model: torch.nn.Module) -> torch.Tensor:
