@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from fedguard.clients.site import (
     SiteConfigError,
     read_site_settings,
 )
+from fedguard.clients.deployment.app_signing import AppSignatureError, read_trusted_publishers
 from fedguard.clients.deployment.key_commands import DEFAULT_KEYS_DIR
 from fedguard.clients.deployment.key_material import NODE_PRIVATE_KEY_FILE, KeyMaterialError, check_certificate_files, check_node_private_key
 from fedguard.clients.deployment.flower_tools import environment_with_flower, flower_executable
@@ -31,6 +33,10 @@ DEFAULT_SITE_DIR = "fedguard-site"
 SITE_CA_HINT = (
     "ask the server operator for the federation's ca.crt (fedguard-server/certs/ca.crt on the server site) "
     "and pass its path with --ca; a site does not create it"
+)
+TRUSTED_PUBLISHERS_HINT = (
+    "a site runs only apps signed by a publisher it trusts: pass --trusted-publishers FILE, a YAML file with the "
+    "line `fedguard publisher key` printed for the federation's app publisher (check it with them out of band)"
 )
 # The SuperNode's local API (ClientApp processes talk to it); one free port per SuperNode on a host.
 DEFAULT_RUNTIME_PORT = 9094
@@ -59,7 +65,24 @@ def supernode_command(args: argparse.Namespace, node_config: str) -> list[str]:
         "--host", "127.0.0.1",
         "--port", str(args.runtime_port),
         "--max-wait-time", str(args.max_wait),
+        # The SuperNode runs no app code and starts no launcher itself: fedguard's app gate
+        # (started by client_main) launches each ClientApp task, after the signature check.
+        "--isolation", "process",
     ]
+
+
+def runtime_api_address(args: argparse.Namespace) -> str:
+    return f"127.0.0.1:{args.runtime_port}"
+
+
+def start_app_gate(args: argparse.Namespace) -> None:
+    """The site's task launcher (clients/deployment/app_gate.py), watching this process: after the
+    exec below this PID is the SuperNode's, so the gate stops when the SuperNode does."""
+    subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+        [sys.executable, "-m", "fedguard.clients.deployment.app_gate", "--runtime-api-address", runtime_api_address(args),
+         "--trusted-publishers", str(args.trusted_publishers.resolve()), "--parent-pid", str(os.getpid())],
+        env=environment_with_flower(),
+    )
 
 
 def client_main(argv: list[str]) -> int:
@@ -71,6 +94,9 @@ def client_main(argv: list[str]) -> int:
     parser.add_argument("--ca", type=Path, required=True, help="the federation's CA certificate (ca.crt)")
     parser.add_argument("--key", type=Path, default=Path(DEFAULT_KEYS_DIR) / NODE_PRIVATE_KEY_FILE,
                         help="this site's private key from `fedguard keys`")
+    parser.add_argument("--trusted-publishers", type=Path,
+                        help="YAML of the app publishers whose signed apps this site runs (key id: \"ssh-ed25519 ...\", "
+                        "lines from `fedguard publisher key`); any other run is refused")
     parser.add_argument("--partition-id", type=int, required=True, help="this site's partition (0-based)")
     parser.add_argument("--num-partitions", type=int, required=True, help="how many partitions the data is split in")
     parser.add_argument("--data-root", help="where this site's dataset files are (default: the dataset's own path)")
@@ -96,7 +122,10 @@ def client_main(argv: list[str]) -> int:
         # The CA is the server operator's (fedguard certs runs on the server site only).
         check_certificate_files(args.ca, hint=SITE_CA_HINT)
         check_node_private_key(args.key)
-    except (SiteConfigError, KeyMaterialError) as err:
+        if args.trusted_publishers is None:
+            raise AppSignatureError(TRUSTED_PUBLISHERS_HINT)
+        publishers = read_trusted_publishers(args.trusted_publishers)
+    except (SiteConfigError, KeyMaterialError, AppSignatureError) as err:
         print(f"fedguard client: {err}", file=sys.stderr)
         return 1
     args.state_dir.mkdir(parents=True, exist_ok=True)
@@ -104,4 +133,6 @@ def client_main(argv: list[str]) -> int:
     print(f"fedguard client: partition {args.partition_id}/{args.num_partitions} joining https://{args.server}", flush=True)
     # The SuperNode keeps its Flower files (installed app bundles) in this site's state dir.
     os.environ["FLWR_HOME"] = str((args.state_dir / "flwr").resolve())
+    print(f"fedguard client: runs only apps signed by {', '.join(sorted(publishers))} ({args.trusted_publishers})", flush=True)
+    start_app_gate(args)
     os.execve(command[0], command, environment_with_flower())

@@ -162,6 +162,9 @@ class DeploymentConfig:
     # then starts with those connected if they are at least the minimum per round.
     wait_for_clients: float = 300.0
     stream: bool = True
+    # The app publisher's signature of this source tree (`fedguard publisher sign`); sites refuse
+    # a run without one from a publisher they trust. null: submit unsigned (every site refuses).
+    app_signature: str | None = None
 
 
 @dataclass

@@ -94,6 +94,30 @@ class Federation:
         if done.returncode != 0:
             raise RuntimeError(f"fedguard certs failed: {done.stderr}")
 
+    @property
+    def publisher_dir(self) -> Path:
+        return self.root / "publisher"
+
+    @property
+    def trusted_publishers(self) -> Path:
+        return self.root / "trusted_publishers.yaml"
+
+    @property
+    def app_signature(self) -> Path:
+        return self.publisher_dir / "fedguard-app.sig"
+
+    def make_publisher(self, key_id: str = "loopback-publisher") -> None:
+        """The app publisher's key and its signature of this source tree (README: `fedguard publisher
+        key`, `fedguard publisher sign`), and the trusted-publishers file every site gets."""
+        done = fedguard("publisher", "key", "--out", str(self.publisher_dir), "--id", key_id, cwd=self.root)
+        if done.returncode != 0:
+            raise RuntimeError(f"fedguard publisher key failed: {done.stderr}")
+        self.trusted_publishers.write_text(done.stdout, encoding="utf-8")
+        done = fedguard("publisher", "sign", "--key", str(self.publisher_dir / "app_publisher_key"),
+                        "--out", str(self.app_signature), cwd=self.root)
+        if done.returncode != 0:
+            raise RuntimeError(f"fedguard publisher sign failed: {done.stderr}")
+
     def make_site_keys(self, partition: int) -> Path:
         keys = self.site_dir(partition) / "keys"
         done = fedguard("keys", "--out", str(keys), cwd=self.root)
@@ -139,6 +163,7 @@ class Federation:
         proc = self.spawn(
             [
                 "client", "--server", self.address, "--ca", str(self.ca_cert), "--key", str(key),
+                "--trusted-publishers", str(self.trusted_publishers),
                 "--partition-id", str(partition), "--num-partitions", str(num_partitions),
                 "--state-dir", str(self.site_dir(partition)), "--runtime-port", str(free_port()), *extra,
             ],
@@ -171,10 +196,12 @@ class Federation:
             time.sleep(1)
         raise TimeoutError(f"fewer than {count} SuperNodes online after {timeout} s; see {self.root}/client*.log")
 
-    def submit(self, *overrides: str, timeout: float = 600) -> subprocess.Popen:
-        """`fedguard run` in the background (its output in run.log)."""
+    def submit(self, *overrides: str, timeout: float = 600, signed: bool = True) -> subprocess.Popen:
+        """`fedguard run` in the background (its output in run.log), with the publisher's signature
+        unless ``signed`` is False (make_publisher first)."""
+        signature = [f"deployment.app_signature={self.app_signature}"] if signed else []
         args = ["run", f"deployment.superlink={self.address}", f"deployment.ca_cert={self.ca_cert}", "progress=false",
-                *overrides]
+                *signature, *overrides]
         return self.spawn(args, "run.log")
 
     def run_dirs(self) -> list[Path]:
