@@ -25,6 +25,7 @@ from fedguard.clients.site import (
     read_site_settings,
 )
 from fedguard.clients.deployment.app_signing import AppSignatureError, read_trusted_publishers
+from fedguard.clients.deployment.site_file import SiteFileError, site_file_defaults
 from fedguard.clients.deployment.key_commands import DEFAULT_KEYS_DIR
 from fedguard.clients.deployment.key_material import NODE_PRIVATE_KEY_FILE, KeyMaterialError, check_certificate_files, check_node_private_key
 from fedguard.clients.deployment.flower_tools import environment_with_flower, flower_executable
@@ -34,6 +35,7 @@ SITE_CA_HINT = (
     "ask the server operator for the federation's ca.crt (fedguard-server/certs/ca.crt on the server site) "
     "and pass its path with --ca; a site does not create it"
 )
+REQUIRED_SETTINGS = ("server", "ca", "partition-id", "num-partitions")
 TRUSTED_PUBLISHERS_HINT = (
     "a site runs only apps signed by a publisher it trusts: pass --trusted-publishers FILE, a YAML file with the "
     "line `fedguard publisher key` printed for the federation's app publisher (check it with them out of band)"
@@ -85,21 +87,24 @@ def start_app_gate(args: argparse.Namespace) -> None:
     )
 
 
-def client_main(argv: list[str]) -> int:
+def client_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedguard client",
         description="Join the federation at --server as this site (Flower SuperNode, TLS, authenticated by its key).",
     )
-    parser.add_argument("--server", required=True, help="the SuperLink's HOST:PORT")
-    parser.add_argument("--ca", type=Path, required=True, help="the federation's CA certificate (ca.crt)")
+    parser.add_argument("--config", type=Path,
+                        help="a site YAML file with these settings (keys as the options: server, ca, key, "
+                        "trusted-publishers, partition-id, ...); flags given here override it")
+    parser.add_argument("--server", help="the SuperLink's HOST:PORT")
+    parser.add_argument("--ca", type=Path, help="the federation's CA certificate (ca.crt)")
     parser.add_argument("--key", type=Path, default=Path(DEFAULT_KEYS_DIR) / NODE_PRIVATE_KEY_FILE,
                         help="this site's private key from `fedguard keys`")
     parser.add_argument("--trusted-publishers", type=Path,
                         help="YAML of the app publishers whose signed apps this site runs (key id: \"ssh-ed25519 ...\", "
                         "lines from `fedguard publisher key`); any other run is refused")
-    parser.add_argument("--partition-id", type=int, required=True, help="this site's partition (0-based)")
-    parser.add_argument("--num-partitions", type=int, required=True, help="how many partitions the data is split in")
-    parser.add_argument("--data-root", help="where this site's dataset files are (default: the dataset's own path)")
+    parser.add_argument("--partition-id", type=int, help="this site's partition (0-based)")
+    parser.add_argument("--num-partitions", type=int, help="how many partitions the data is split in")
+    parser.add_argument("--data-root", type=Path, help="where this site's dataset files are (default: the dataset's own path)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the run's device on this site")
     parser.add_argument("--epsilon-budget", type=float, help="this site's own sample-level epsilon budget")
     parser.add_argument("--state-dir", type=Path, default=Path(DEFAULT_SITE_DIR),
@@ -108,11 +113,31 @@ def client_main(argv: list[str]) -> int:
                         help=f"local port of the SuperNode's own API (default {DEFAULT_RUNTIME_PORT})")
     parser.add_argument("--max-wait", type=float, default=DEFAULT_MAX_WAIT,
                         help="seconds to keep retrying an unreachable server before giving up")
+    return parser
+
+
+def parse_client_args(argv: list[str]) -> argparse.Namespace:
+    """The flags, over the --config file's settings (same conversions and choices); raises SiteFileError."""
+    parser = client_parser()
     args = parser.parse_args(argv)
+    if args.config is not None:
+        parser.set_defaults(**site_file_defaults(parser, args.config, excluded={"config"}))
+        args = parser.parse_args(argv)  # flags on the command line win over the file
+    if missing := [name for name in REQUIRED_SETTINGS if getattr(args, name.replace("-", "_")) is None]:
+        parser.error(f"missing {', '.join('--' + name for name in missing)} (or the same keys in --config FILE)")
+    return args
+
+
+def client_main(argv: list[str]) -> int:
+    try:
+        args = parse_client_args(argv)
+    except SiteFileError as err:
+        print(f"fedguard client: {err}", file=sys.stderr)
+        return 1
     settings = {
         PARTITION_ID_KEY: args.partition_id,
         NUM_PARTITIONS_KEY: args.num_partitions,
-        DATA_ROOT_KEY: str(Path(args.data_root).resolve()) if args.data_root else None,
+        DATA_ROOT_KEY: str(args.data_root.resolve()) if args.data_root else None,
         DEVICE_KEY: args.device,
         EPSILON_BUDGET_KEY: args.epsilon_budget,
         STATE_DIR_KEY: str(args.state_dir.resolve()),
