@@ -156,7 +156,7 @@ class EvaluateConfig:
 class DeploymentConfig:
     """Where `fedguard run` submits (a SuperLink on another site) and how the server waits for sites."""
 
-    superlink: str = "127.0.0.1:9092"
+    superlink: str = "127.0.0.1:9093"
     ca_cert: str = "fedguard-server/certs/ca.crt"
     # Before round 1 the server waits up to this long for all simulation.num_clients sites,
     # then starts with those connected if they are at least the minimum per round.

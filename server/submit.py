@@ -47,8 +47,9 @@ PROBE_TIMEOUT_SECONDS = 5.0
 
 USAGE = """usage: fedguard run [hydra overrides]
 
-Submits a run to the SuperLink at deployment.superlink (TLS, CA deployment.ca_cert), e.g.
-  fedguard run deployment.superlink=server.example.org:9092 deployment.ca_cert=ca.crt \\
+Submits a run to the SuperLink's Control API at deployment.superlink (TLS, CA deployment.ca_cert; loopback
+on the server host, or an SSH tunnel to it: ssh -N -L 9093:127.0.0.1:9093 server.example.org), e.g.
+  fedguard run deployment.superlink=127.0.0.1:9093 deployment.ca_cert=ca.crt deployment.app_signature=fedguard-app.sig \\
       dataset=digits simulation.num_clients=3 simulation.rounds=5 privacy=sample_dp
 Continue a crashed run (a run directory on the server, relative to its state dir):
   fedguard run <same overrides> resume=runs/run-<id>

@@ -41,7 +41,7 @@ separate sites (Flower deployment engine; TLS and site keys always on):
   keys       create a client site's authentication key pair
   roster     a site's secure-aggregation identity key; the roster of them all every site pins
   publisher  the app publisher's signing key and signature (sites run only signed apps)
-  server     start the SuperLink (server site)
+  server     start the SuperLink on loopback behind nginx (server site; sites see only the Fleet API)
   register   register a client site's public key with the SuperLink
   client     join the federation as a site (SuperNode)
   run        submit a run to the SuperLink (same Hydra overrides as simulate)

@@ -61,7 +61,8 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 @dataclass
 class Federation:
     root: Path
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=free_port)  # nginx: the only address sites are given
+    control_port: int = field(default_factory=free_port)  # the SuperLink on loopback: the operator's Control API
     server: subprocess.Popen | None = None
     clients: dict[int, subprocess.Popen] = field(default_factory=dict)
     processes: list[subprocess.Popen] = field(default_factory=list)
@@ -69,6 +70,10 @@ class Federation:
     @property
     def address(self) -> str:
         return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        return f"{LOOPBACK}:{self.control_port}"
 
     @property
     def server_dir(self) -> Path:
@@ -146,17 +151,19 @@ class Federation:
 
     def start_server(self, timeout: float = 60) -> None:
         self.server = self.spawn(
-            ["server", "--certs", str(self.ca_cert.parent), "--listen", self.address, "--state-dir", str(self.server_dir)],
+            ["server", "--certs", str(self.ca_cert.parent), "--listen", self.address, "--superlink", self.control_address,
+             "--state-dir", str(self.server_dir)],
             "server.log",
         )
         wait_for_port(self.port, timeout)
+        wait_for_port(self.control_port, timeout)
 
     def stop_server(self, sig: int = signal.SIGKILL) -> None:
         if self.server is not None:
             stop_process(self.server, sig)
 
     def register(self, public_key: Path) -> subprocess.CompletedProcess:
-        return fedguard("register", str(public_key), "--superlink", self.address, "--ca", str(self.ca_cert), cwd=self.root)
+        return fedguard("register", str(public_key), "--superlink", self.control_address, "--ca", str(self.ca_cert), cwd=self.root)
 
     def start_client(self, partition: int, num_partitions: int, *extra: str, key: Path | None = None) -> subprocess.Popen:
         key = key or self.site_dir(partition) / "keys" / "node_key"
@@ -177,7 +184,7 @@ class Federation:
         from fedguard.server.launch import CONNECTION_NAME, flower_cli_home
         from fedguard.clients.deployment.flower_tools import flower_executable
 
-        with flower_cli_home(self.address, self.ca_cert) as env:
+        with flower_cli_home(self.control_address, self.ca_cert) as env:
             listing = subprocess.run(
                 [flower_executable("flwr"), "supernode", "list", CONNECTION_NAME, "--format", "json"],
                 env=env, capture_output=True, text=True, timeout=60, check=False,
@@ -200,7 +207,7 @@ class Federation:
         """`fedguard run` in the background (its output in run.log), with the publisher's signature
         unless ``signed`` is False (make_publisher first)."""
         signature = [f"deployment.app_signature={self.app_signature}"] if signed else []
-        args = ["run", f"deployment.superlink={self.address}", f"deployment.ca_cert={self.ca_cert}", "progress=false",
+        args = ["run", f"deployment.superlink={self.control_address}", f"deployment.ca_cert={self.ca_cert}", "progress=false",
                 *signature, *overrides]
         return self.spawn(args, "run.log")
 

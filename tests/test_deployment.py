@@ -193,6 +193,28 @@ def test_app_modified_after_signing_is_refused(federation):
         assert installed and not any(fab_hash in name for name in installed), installed
 
 
+def test_only_the_fleet_api_faces_the_sites(federation):
+    """On the public address nginx forwards the Fleet API and /health only; Control and runtime
+    paths are refused there, logged, and never reach the SuperLink. The operator's Control API
+    on the SuperLink's loopback address works (the harness registers and lists sites through it)."""
+    import httpx
+
+    with httpx.Client(base_url=f"https://{federation.address}", verify=str(federation.ca_cert), timeout=30) as public:
+        assert public.get("/health").status_code == 200
+        refused = {path: public.post(path, content=b"\x00").status_code
+                   for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/control/list-runs",
+                                "/v1/runtime/acquire-task", "/v1/runtime/pull-task-input")}
+        assert set(refused.values()) == {403}, refused
+        assert public.get("/docs").status_code == 404 and public.get("/openapi.json").status_code == 404
+    denied = (federation.server_dir / "proxy" / "denied.log").read_text().splitlines()
+    for path in refused:
+        (line,) = [entry for entry in denied if f"POST {path} " in entry]
+        assert " 403 " in line and "upstream=-" in line  # nginx never opened a connection to the SuperLink
+    server_log = (federation.root / "server.log").read_text(errors="replace")
+    assert f"Uvicorn running on https://{federation.control_address}" in server_log
+    assert federation.connected_nodes() == SITES
+
+
 def test_unregistered_site_is_refused(federation):
     key = federation.make_site_keys(SITES)  # a site whose key nobody registered
     proc = federation.start_client(SITES, SITES + 1, "--max-wait", "15", key=key)
@@ -250,6 +272,21 @@ def _wait_for_checkpoint(fed: Federation, completed_round: int, known: list[Path
                 return run_dir
         time.sleep(0.5)
     raise TimeoutError(f"no checkpoint of round {completed_round} after {timeout} s")
+
+
+def test_proxy_death_is_noticed_and_state_survives(federation):
+    """nginx killed: `fedguard server` says so, stops the SuperLink and exits non-zero; restarted
+    with the same state dir, the registered sites and earlier runs are all still there."""
+    runs_before = federation.run_dirs()
+    assert runs_before, "earlier tests left no run directory"
+    pid = int((federation.server_dir / "proxy" / "nginx.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    assert federation.server.wait(timeout=60) == 3
+    log = (federation.root / "server.log").read_text(errors="replace")
+    assert "the proxy (nginx) exited" in log and "Restart `fedguard server` with the same --state-dir" in log
+    federation.start_server()
+    federation.wait_for_nodes(SITES)  # the same registered keys: nothing re-registered
+    assert federation.run_dirs() == runs_before
 
 
 RESUMED_ROUND_TIMEOUT = 180
