@@ -21,7 +21,14 @@ from pathlib import Path
 from fedguard.conf.run_address import split_host_port
 from fedguard.clients.deployment.key_commands import DEFAULT_CERTS_DIR
 from fedguard.server.privacy_ledger import FEDGUARD_HOME_ENV
-from fedguard.server.proxy import PROXY_DIR, ProxyError, ProxySettings, certificate_dns_name, proxy_command
+from fedguard.server.proxy import (
+    PROXY_DIR,
+    ProxyError,
+    ProxySettings,
+    certificate_dns_name,
+    proxy_command,
+    stop_stale_proxy,
+)
 from fedguard.server.supervise import supervise
 from fedguard.clients.deployment.flower_tools import environment_with_flower, flower_executable
 from fedguard.clients.deployment.key_material import (
@@ -40,6 +47,7 @@ DEFAULT_LISTEN = "0.0.0.0:9092"
 DEFAULT_SUPERLINK = "127.0.0.1:9093"
 SUPERLINK_DB = "superlink.db"
 CONNECTION_NAME = "fedguard"
+PROXY_NAME = "proxy (nginx)"
 FLOWER_CONFIG_FILE = "config.toml"
 
 
@@ -87,6 +95,8 @@ def server_main(argv: list[str]) -> int:
             ca_certificate=certs / CA_CERT_FILE, state_dir=state_dir / PROXY_DIR,
         )
         state_dir.mkdir(parents=True, exist_ok=True)
+        if stale := stop_stale_proxy(proxy.state_dir):
+            print(f"fedguard server: stopped the previous run's nginx left behind (pids {stale})", file=sys.stderr, flush=True)
         nginx = proxy_command(proxy)
     except (KeyMaterialError, ProxyError, ValueError) as err:
         print(f"fedguard server: {err}", file=sys.stderr)
@@ -100,7 +110,7 @@ def server_main(argv: list[str]) -> int:
     # The server's ledger signing key (server/privacy_ledger.py) stays in the state dir too.
     os.environ[FEDGUARD_HOME_ENV] = str(state_dir)
     os.chdir(state_dir)
-    return supervise({"SuperLink": command, "proxy (nginx)": nginx}, proxy.state_dir)
+    return supervise({"SuperLink": command, PROXY_NAME: nginx}, proxy.state_dir, groups=frozenset({PROXY_NAME}))
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,3 +194,34 @@ def proxy_command(settings: ProxySettings) -> list[str]:
     state = settings.state_dir.resolve()
     conf = write_proxy_files(settings).resolve()
     return [nginx_executable(), "-p", str(state), "-c", str(conf), "-e", str(state / "error.log")]
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live nginx processes in process group ``pgid`` (Linux /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) == pgid and (entry / "cmdline").read_bytes().startswith(b"nginx"):
+                members.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return members
+
+
+def stop_stale_proxy(state_dir: Path) -> list[int]:
+    """Kill what is left of this state dir's previous nginx (its pid file names the master, whose
+    process group its workers keep): after ``fedguard server`` itself was killed, it would
+    otherwise hold the public port. Returns the killed pids."""
+    try:
+        pgid = int((state_dir / "nginx.pid").read_text().strip())
+    except (OSError, ValueError):
+        return []
+    members = _group_members(pgid)
+    for pid in members:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return members

@@ -11,6 +11,7 @@ database (superlink.db) and the run directories are left as they were: a restart
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -28,21 +29,36 @@ POLL_SECONDS = 0.5
 STOP_GRACE_SECONDS = 15.0
 
 
-def _stop(processes: dict[str, subprocess.Popen]) -> None:
-    for proc in processes.values():
-        if proc.poll() is None:
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _stop(processes: dict[str, subprocess.Popen], groups: set[str]) -> None:
+    """SIGTERM, then SIGKILL after the grace period. A process in ``groups`` is signalled with its
+    whole process group: nginx's workers outlive a killed master and keep the port otherwise."""
+    for name, proc in processes.items():
+        if name in groups:
+            _signal_group(proc.pid, signal.SIGTERM)
+        elif proc.poll() is None:
             proc.terminate()
     deadline = time.monotonic() + STOP_GRACE_SECONDS
-    for proc in processes.values():
+    for name, proc in processes.items():
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if name in groups:
+            _signal_group(proc.pid, signal.SIGKILL)  # workers left behind by a master that died
 
 
-def supervise(commands: dict[str, list[str]], proxy_logs: Path) -> int:
-    """Start every command; return 0 after SIGTERM/SIGINT stopped them all, DIED when one exited on its own."""
+def supervise(commands: dict[str, list[str]], proxy_logs: Path, groups: frozenset[str] = frozenset()) -> int:
+    """Start every command; return 0 after SIGTERM/SIGINT stopped them all, DIED when one exited on its own.
+
+    Commands named in ``groups`` start in a process group of their own, stopped as a whole."""
     stopping = False
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -53,7 +69,8 @@ def supervise(commands: dict[str, list[str]], proxy_logs: Path) -> int:
     processes: dict[str, subprocess.Popen] = {}
     try:
         for name, command in commands.items():
-            processes[name] = subprocess.Popen(command, env=environment_with_flower())
+            processes[name] = subprocess.Popen(command, env=environment_with_flower(),
+                                               process_group=0 if name in groups else None)
         while not stopping:
             for name, proc in processes.items():
                 if (code := proc.poll()) is not None:
@@ -69,6 +86,6 @@ def supervise(commands: dict[str, list[str]], proxy_logs: Path) -> int:
         print("fedguard server: stopping (signal)", file=sys.stderr, flush=True)
         return 0
     finally:
-        _stop(processes)
+        _stop(processes, set(groups))
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -216,5 +216,10 @@ class Federation:
         return sorted(runs.iterdir(), key=lambda p: p.stat().st_mtime) if runs.exists() else []
 
     def close(self) -> None:
+        from fedguard.server.proxy import stop_stale_proxy
+
         for proc in reversed(self.processes):
             stop_process(proc)
+        # nginx runs in its own process group (fedguard server stops it on SIGTERM); after a
+        # server killed with SIGKILL and not restarted, it would be left holding its port.
+        stop_stale_proxy(self.server_dir / "proxy")

@@ -169,7 +169,7 @@ def test_app_modified_after_signing_is_refused(federation):
     signature = federation.app_signature.read_text().strip()
     run_config.write_text(run_config_toml(config_to_yaml(cfg), "", signature))
     assert RUN_CONFIG_APP_SIGNATURE in run_config.read_text()
-    with flower_cli_home(federation.address, federation.ca_cert) as env:
+    with flower_cli_home(federation.control_address, federation.ca_cert) as env:  # the operator's loopback
         started = subprocess.run(
             [flower_executable("flwr"), "run", str(modified), CONNECTION_NAME, "--run-config", str(run_config),
              "--format", "json"], env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -186,11 +186,13 @@ def test_app_modified_after_signing_is_refused(federation):
                                         env=env, capture_output=True, text=True, timeout=60, check=False).stdout
     assert server_log.count(f"{REFUSAL_PREFIX} {run_id}") >= SITES, server_log[-4000:]
     # Nothing of the modified FAB was unpacked on any site (the check comes before the install).
-    # Signed runs came first (test_dp_and_secure_aggregation_across_sites): each site holds that app, only it.
+    # In module order a signed run came first (test_dp_and_secure_aggregation_across_sites): each
+    # site holds that app's unpacked FAB, and not this one.
     fab_hash = answer["fab-hash"]
     for site in range(SITES):
-        installed = [path.name for path in (federation.site_dir(site) / "flwr" / "apps").iterdir()]
-        assert installed and not any(fab_hash in name for name in installed), installed
+        apps = federation.site_dir(site) / "flwr" / "apps"
+        installed = [path.name for path in apps.iterdir()] if apps.exists() else []
+        assert not any(fab_hash in name for name in installed), installed
 
 
 def test_only_the_fleet_api_faces_the_sites(federation):
@@ -199,6 +201,8 @@ def test_only_the_fleet_api_faces_the_sites(federation):
     on the SuperLink's loopback address works (the harness registers and lists sites through it)."""
     import httpx
 
+    denied_log = federation.server_dir / "proxy" / "denied.log"
+    earlier = len(denied_log.read_text().splitlines()) if denied_log.exists() else 0
     with httpx.Client(base_url=f"https://{federation.address}", verify=str(federation.ca_cert), timeout=30) as public:
         assert public.get("/health").status_code == 200
         refused = {path: public.post(path, content=b"\x00").status_code
@@ -206,7 +210,7 @@ def test_only_the_fleet_api_faces_the_sites(federation):
                                 "/v1/runtime/acquire-task", "/v1/runtime/pull-task-input")}
         assert set(refused.values()) == {403}, refused
         assert public.get("/docs").status_code == 404 and public.get("/openapi.json").status_code == 404
-    denied = (federation.server_dir / "proxy" / "denied.log").read_text().splitlines()
+    denied = denied_log.read_text().splitlines()[earlier:]
     for path in refused:
         (line,) = [entry for entry in denied if f"POST {path} " in entry]
         assert " 403 " in line and "upstream=-" in line  # nginx never opened a connection to the SuperLink
