@@ -167,12 +167,15 @@ class EvaluateConfig:
 class DeploymentConfig:
     """Where `fedguard run` submits (a SuperLink on another site) and how the server waits for sites."""
 
-    superlink: str = "127.0.0.1:9092"
+    superlink: str = "127.0.0.1:9093"
     ca_cert: str = "fedguard-server/certs/ca.crt"
     # Before round 1 the server waits up to this long for all simulation.num_clients sites,
     # then starts with those connected if they are at least the minimum per round.
     wait_for_clients: float = 300.0
     stream: bool = True
+    # The app publisher's signature of this source tree (`fedguard publisher sign`); sites refuse
+    # a run without one from a publisher they trust. null: submit unsigned (every site refuses).
+    app_signature: str | None = None
 
 
 @dataclass

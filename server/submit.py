@@ -7,6 +7,7 @@ ClientApp read exactly what was validated on the submitting machine.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import socket
@@ -21,6 +22,13 @@ from fedguard.clients.wire import protocol
 from fedguard.conf.run_address import split_host_port
 from fedguard.conf.run_config import config_to_yaml
 from fedguard.conf.schema import ConfigError
+from fedguard.clients.deployment.app_signing import (
+    APP_DIR,
+    RUN_CONFIG_APP_SIGNATURE,
+    AppSignature,
+    AppSignatureError,
+    build_app_fab,
+)
 from fedguard.clients.deployment.key_material import KeyMaterialError
 from fedguard.server.noise_check import swamped_update_warning
 from fedguard.server.launch import CONNECTION_NAME, RUNS_DIR, flower_cli_home
@@ -37,24 +45,52 @@ STATUS_POLL_SECONDS = 2.0
 # How long the reachability probe waits for the SuperLink to accept a TCP connection.
 PROBE_TIMEOUT_SECONDS = 5.0
 
-# The directory holding fedguard's pyproject.toml with its [tool.flwr.app] section: the app `flwr run` ships.
-APP_DIR = Path(__file__).resolve().parents[1]
 USAGE = """usage: fedguard run [hydra overrides]
 
-Submits a run to the SuperLink at deployment.superlink (TLS, CA deployment.ca_cert), e.g.
-  fedguard run deployment.superlink=server.example.org:9092 deployment.ca_cert=ca.crt \\
+Submits a run to the SuperLink's Control API at deployment.superlink (TLS, CA deployment.ca_cert; loopback
+on the server host, or an SSH tunnel to it: ssh -N -L 9093:127.0.0.1:9093 server.example.org), e.g.
+  fedguard run deployment.superlink=127.0.0.1:9093 deployment.ca_cert=ca.crt deployment.app_signature=fedguard-app.sig \\
       dataset=digits simulation.num_clients=3 simulation.rounds=5 privacy=sample_dp
 Continue a crashed run (a run directory on the server, relative to its state dir):
   fedguard run <same overrides> resume=runs/run-<id>
 """
 
 
-def run_config_toml(config_yaml: str, run_dir: str) -> str:
+def run_config_toml(config_yaml: str, run_dir: str, app_signature: str = "") -> str:
     """A --run-config file: TOML basic strings take JSON's escapes, so json.dumps quotes them safely."""
     return (
         f"{protocol.RUN_CONFIG_FEDGUARD} = {json.dumps(config_yaml)}\n"
         f"{protocol.RUN_CONFIG_RUN_DIR} = {json.dumps(run_dir)}\n"
+        f"{RUN_CONFIG_APP_SIGNATURE} = {json.dumps(app_signature)}\n"
     )
+
+
+def read_app_signature(path: str | None) -> str:
+    """The signature text to ship, checked against the FAB `flwr run` will build from APP_DIR.
+
+    Why check here: every site would refuse a signature of another tree (a file edited since
+    signing, a different checkout) with the same message; the submitter learns it in seconds,
+    before a run is started, with the key to fix. An empty string: unsigned (sites refuse it).
+    """
+    if not path:
+        logger.warning("deployment.app_signature is not set: sites refuse unsigned apps")
+        return ""
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise AppSignatureError(f"deployment.app_signature={path}: {err.strerror or err}") from None
+    try:
+        signature = AppSignature.from_json(text)
+    except AppSignatureError as err:
+        raise AppSignatureError(f"deployment.app_signature={path}: {err}") from None
+    built = hashlib.sha256(build_app_fab(APP_DIR)).hexdigest()
+    if built != signature.fab_sha256:
+        raise AppSignatureError(
+            f"deployment.app_signature={path} signs another version of the app (FAB sha256 {signature.fab_sha256[:16]}...) "
+            f"than the source tree {APP_DIR} (FAB sha256 {built[:16]}...); ask the publisher to sign this tree "
+            "(`fedguard publisher sign`), or submit from the tree it signed"
+        )
+    return text
 
 
 class SuperLinkUnreachable(RuntimeError):
@@ -103,7 +139,8 @@ def run_main(argv: list[str]) -> int:
         with flower_cli_home(superlink, Path(cfg.deployment.ca_cert)) as env, \
                 tempfile.NamedTemporaryFile("w", suffix=".toml", encoding="utf-8") as run_config:
             check_reachable(superlink)  # after the local checks (address, CA file) in flower_cli_home
-            run_config.write(run_config_toml(config_to_yaml(cfg), run_dir))
+            app_signature = read_app_signature(cfg.deployment.app_signature)
+            run_config.write(run_config_toml(config_to_yaml(cfg), run_dir, app_signature))
             run_config.flush()
             run_id = _start_run(env, run_config.name)
             if run_id is None:
@@ -116,7 +153,7 @@ def run_main(argv: list[str]) -> int:
                 return 0  # submitted; follow it with `flwr log`
             subprocess.run([_flwr(), "log", str(run_id), CONNECTION_NAME, "--stream"], env=env, check=False)
             return _final_status(env, run_id)
-    except (KeyMaterialError, ValueError) as err:
+    except (KeyMaterialError, ValueError) as err:  # AppSignatureError is a ValueError
         print(f"fedguard run: {err}", file=sys.stderr)
         return 2
     except SuperLinkUnreachable as err:

@@ -31,6 +31,7 @@ def _deployment(root: Path, sites: int, overrides: list[str]) -> dict[str, Any]:
     fed = Federation(root)
     try:
         fed.make_certs()
+        fed.make_publisher()
         started = time.monotonic()
         fed.start_server()
         for site in range(sites):

@@ -14,6 +14,7 @@ DEPLOYMENT_COMMANDS = {
     "certs": ("fedguard.clients.deployment.key_commands", "certs_main"),
     "keys": ("fedguard.clients.deployment.key_commands", "keys_main"),
     "roster": ("fedguard.clients.deployment.roster_commands", "roster_main"),
+    "publisher": ("fedguard.clients.deployment.publisher_commands", "publisher_main"),
     "server": ("fedguard.server.launch", "server_main"),
     "register": ("fedguard.server.launch", "register_main"),
     "client": ("fedguard.clients.launch", "client_main"),
@@ -39,7 +40,8 @@ separate sites (Flower deployment engine; TLS and site keys always on):
   certs      create the federation's CA and the server's TLS certificate
   keys       create a client site's authentication key pair
   roster     a site's secure-aggregation identity key; the roster of them all every site pins
-  server     start the SuperLink (server site)
+  publisher  the app publisher's signing key and signature (sites run only signed apps)
+  server     start the SuperLink on loopback behind nginx (server site; sites see only the Fleet API)
   register   register a client site's public key with the SuperLink
   client     join the federation as a site (SuperNode)
   run        submit a run to the SuperLink (same Hydra overrides as simulate)

@@ -61,7 +61,8 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 @dataclass
 class Federation:
     root: Path
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=free_port)  # nginx: the only address sites are given
+    control_port: int = field(default_factory=free_port)  # the SuperLink on loopback: the operator's Control API
     server: subprocess.Popen | None = None
     clients: dict[int, subprocess.Popen] = field(default_factory=dict)
     processes: list[subprocess.Popen] = field(default_factory=list)
@@ -69,6 +70,10 @@ class Federation:
     @property
     def address(self) -> str:
         return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        return f"{LOOPBACK}:{self.control_port}"
 
     @property
     def server_dir(self) -> Path:
@@ -93,6 +98,30 @@ class Federation:
         done = fedguard("certs", "--out", str(self.ca_cert.parent), "--host", LOOPBACK, "--host", "localhost", cwd=self.root)
         if done.returncode != 0:
             raise RuntimeError(f"fedguard certs failed: {done.stderr}")
+
+    @property
+    def publisher_dir(self) -> Path:
+        return self.root / "publisher"
+
+    @property
+    def trusted_publishers(self) -> Path:
+        return self.root / "trusted_publishers.yaml"
+
+    @property
+    def app_signature(self) -> Path:
+        return self.publisher_dir / "fedguard-app.sig"
+
+    def make_publisher(self, key_id: str = "loopback-publisher") -> None:
+        """The app publisher's key and its signature of this source tree (README: `fedguard publisher
+        key`, `fedguard publisher sign`), and the trusted-publishers file every site gets."""
+        done = fedguard("publisher", "key", "--out", str(self.publisher_dir), "--id", key_id, cwd=self.root)
+        if done.returncode != 0:
+            raise RuntimeError(f"fedguard publisher key failed: {done.stderr}")
+        self.trusted_publishers.write_text(done.stdout, encoding="utf-8")
+        done = fedguard("publisher", "sign", "--key", str(self.publisher_dir / "app_publisher_key"),
+                        "--out", str(self.app_signature), cwd=self.root)
+        if done.returncode != 0:
+            raise RuntimeError(f"fedguard publisher sign failed: {done.stderr}")
 
     def make_site_keys(self, partition: int) -> Path:
         keys = self.site_dir(partition) / "keys"
@@ -122,23 +151,26 @@ class Federation:
 
     def start_server(self, timeout: float = 60) -> None:
         self.server = self.spawn(
-            ["server", "--certs", str(self.ca_cert.parent), "--listen", self.address, "--state-dir", str(self.server_dir)],
+            ["server", "--certs", str(self.ca_cert.parent), "--listen", self.address, "--superlink", self.control_address,
+             "--state-dir", str(self.server_dir)],
             "server.log",
         )
         wait_for_port(self.port, timeout)
+        wait_for_port(self.control_port, timeout)
 
     def stop_server(self, sig: int = signal.SIGKILL) -> None:
         if self.server is not None:
             stop_process(self.server, sig)
 
     def register(self, public_key: Path) -> subprocess.CompletedProcess:
-        return fedguard("register", str(public_key), "--superlink", self.address, "--ca", str(self.ca_cert), cwd=self.root)
+        return fedguard("register", str(public_key), "--superlink", self.control_address, "--ca", str(self.ca_cert), cwd=self.root)
 
     def start_client(self, partition: int, num_partitions: int, *extra: str, key: Path | None = None) -> subprocess.Popen:
         key = key or self.site_dir(partition) / "keys" / "node_key"
         proc = self.spawn(
             [
                 "client", "--server", self.address, "--ca", str(self.ca_cert), "--key", str(key),
+                "--trusted-publishers", str(self.trusted_publishers),
                 "--partition-id", str(partition), "--num-partitions", str(num_partitions),
                 "--state-dir", str(self.site_dir(partition)), "--runtime-port", str(free_port()), *extra,
             ],
@@ -152,7 +184,7 @@ class Federation:
         from fedguard.server.launch import CONNECTION_NAME, flower_cli_home
         from fedguard.clients.deployment.flower_tools import flower_executable
 
-        with flower_cli_home(self.address, self.ca_cert) as env:
+        with flower_cli_home(self.control_address, self.ca_cert) as env:
             listing = subprocess.run(
                 [flower_executable("flwr"), "supernode", "list", CONNECTION_NAME, "--format", "json"],
                 env=env, capture_output=True, text=True, timeout=60, check=False,
@@ -171,10 +203,12 @@ class Federation:
             time.sleep(1)
         raise TimeoutError(f"fewer than {count} SuperNodes online after {timeout} s; see {self.root}/client*.log")
 
-    def submit(self, *overrides: str, timeout: float = 600) -> subprocess.Popen:
-        """`fedguard run` in the background (its output in run.log)."""
-        args = ["run", f"deployment.superlink={self.address}", f"deployment.ca_cert={self.ca_cert}", "progress=false",
-                *overrides]
+    def submit(self, *overrides: str, timeout: float = 600, signed: bool = True) -> subprocess.Popen:
+        """`fedguard run` in the background (its output in run.log), with the publisher's signature
+        unless ``signed`` is False (make_publisher first)."""
+        signature = [f"deployment.app_signature={self.app_signature}"] if signed else []
+        args = ["run", f"deployment.superlink={self.control_address}", f"deployment.ca_cert={self.ca_cert}", "progress=false",
+                *signature, *overrides]
         return self.spawn(args, "run.log")
 
     def run_dirs(self) -> list[Path]:
@@ -182,5 +216,10 @@ class Federation:
         return sorted(runs.iterdir(), key=lambda p: p.stat().st_mtime) if runs.exists() else []
 
     def close(self) -> None:
+        from fedguard.server.proxy import stop_stale_proxy
+
         for proc in reversed(self.processes):
             stop_process(proc)
+        # nginx runs in its own process group (fedguard server stops it on SIGTERM); after a
+        # server killed with SIGKILL and not restarted, it would be left holding its port.
+        stop_stale_proxy(self.server_dir / "proxy")

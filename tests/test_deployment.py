@@ -1,7 +1,9 @@
 """Separate sites on loopback: `fedguard server`, `register`, `client` and `run` as real OS processes.
 
-One SuperLink (TLS + SuperNode authentication) and three registered SuperNodes serve the
-module; each test adds what it needs (an unregistered site, a killed site, a killed server).
+One SuperLink (TLS + SuperNode authentication) and three registered SuperNodes, trusting the
+loopback app publisher, serve the module; every run is signed unless a test says otherwise, and
+each test adds what it needs (an unsigned or modified app, an unregistered site, a killed site,
+a killed server).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from fedguard.clients.deployment.app_signing import APP_DIR, RUN_CONFIG_APP_SIGNATURE
+from fedguard.clients.deployment.verified_clientapp import REFUSAL_PREFIX
 from fedguard.privacy.accounting import compute_epsilon
 from fedguard.server.checkpoint import CHECKPOINT_DIR, LATEST_NAME, read_checkpoint
 from fedguard.clients.deployment.flower_tools import environment_with_flower, flower_executable
@@ -39,6 +44,7 @@ def federation(tmp_path_factory):
     fed = Federation(tmp_path_factory.mktemp("federation"))
     try:
         fed.make_certs()
+        fed.make_publisher()
         fed.start_server()
         for site in range(SITES):
             key = fed.make_site_keys(site)
@@ -110,6 +116,109 @@ def test_dp_and_secure_aggregation_across_sites(federation):
     assert len(json.loads(audit.stdout)["clients"]) == SITES
 
 
+def _site_logs(fed: Federation) -> list[str]:
+    return [(fed.root / f"client{site}.log").read_text(errors="replace") for site in range(SITES)]
+
+
+def _wait_for_refusals(fed: Federation, run_id: int, timeout: float = 120) -> list[str]:
+    """Each site's refusal line for ``run_id``."""
+    pattern = re.compile(rf"{REFUSAL_PREFIX} {run_id} \(.*")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [pattern.search(log) for log in _site_logs(fed)]
+        if all(lines):
+            return [line.group(0) for line in lines]
+        time.sleep(1)
+    raise AssertionError(f"not every site refused run {run_id}; see {fed.root}/client*.log")
+
+
+def test_unsigned_run_is_refused_by_every_site(federation):
+    run = federation.submit(*FAST_RUN, "simulation.rounds=1", signed=False)
+    try:
+        run.wait(timeout=300)
+    finally:
+        stop_process(run)
+    log = (federation.root / "run.log").read_text(errors="replace")
+    run_id = int(re.findall(r"run (\d+) started", log)[-1])
+    for line in _wait_for_refusals(federation, run_id):
+        assert "unsigned" in line
+    # The ServerApp learned why: each site's refusal reached it as the reply to its message.
+    assert log.count(f"{REFUSAL_PREFIX} {run_id}") >= SITES, log[-4000:]
+    assert "no usable training replies" in log
+
+
+def _modified_app(root: Path) -> Path:
+    """fedguard's tree with one line added to the ClientApp after the publisher signed it."""
+    copy = root / "modified-app"
+    shutil.copytree(APP_DIR, copy, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "__pycache__", "*.egg-info", ".pytest_cache", "outputs", "multirun", "fedguard-*"))
+    app = copy / "clients" / "app.py"
+    app.write_text(app.read_text() + "\nEXFILTRATE = True  # added after signing\n")
+    return copy
+
+
+def test_app_modified_after_signing_is_refused(federation):
+    from fedguard.conf import compose_config
+    from fedguard.conf.run_config import config_to_yaml
+    from fedguard.server.launch import CONNECTION_NAME, flower_cli_home
+    from fedguard.server.submit import run_config_toml
+
+    modified = _modified_app(federation.root)
+    cfg = compose_config([*FAST_RUN, "simulation.rounds=1", "progress=false"])
+    run_config = federation.root / "modified-run.toml"
+    signature = federation.app_signature.read_text().strip()
+    run_config.write_text(run_config_toml(config_to_yaml(cfg), "", signature))
+    assert RUN_CONFIG_APP_SIGNATURE in run_config.read_text()
+    with flower_cli_home(federation.control_address, federation.ca_cert) as env:  # the operator's loopback
+        started = subprocess.run(
+            [flower_executable("flwr"), "run", str(modified), CONNECTION_NAME, "--run-config", str(run_config),
+             "--format", "json"], env=env, capture_output=True, text=True, timeout=300, check=False)
+        answer = json.loads(started.stdout)
+        assert answer.get("success"), started.stdout + started.stderr
+        run_id = int(answer["run-id"])
+        for line in _wait_for_refusals(federation, run_id):
+            assert "modified after signing" in line
+        server_log = ""
+        deadline = time.monotonic() + 120
+        while "no usable training replies" not in server_log and time.monotonic() < deadline:
+            time.sleep(2)
+            server_log = subprocess.run([flower_executable("flwr"), "log", str(run_id), CONNECTION_NAME],
+                                        env=env, capture_output=True, text=True, timeout=60, check=False).stdout
+    assert server_log.count(f"{REFUSAL_PREFIX} {run_id}") >= SITES, server_log[-4000:]
+    # Nothing of the modified FAB was unpacked on any site (the check comes before the install).
+    # In module order a signed run came first (test_dp_and_secure_aggregation_across_sites): each
+    # site holds that app's unpacked FAB, and not this one.
+    fab_hash = answer["fab-hash"]
+    for site in range(SITES):
+        apps = federation.site_dir(site) / "flwr" / "apps"
+        installed = [path.name for path in apps.iterdir()] if apps.exists() else []
+        assert not any(fab_hash in name for name in installed), installed
+
+
+def test_only_the_fleet_api_faces_the_sites(federation):
+    """On the public address nginx forwards the Fleet API and /health only; Control and runtime
+    paths are refused there, logged, and never reach the SuperLink. The operator's Control API
+    on the SuperLink's loopback address works (the harness registers and lists sites through it)."""
+    import httpx
+
+    denied_log = federation.server_dir / "proxy" / "denied.log"
+    earlier = len(denied_log.read_text().splitlines()) if denied_log.exists() else 0
+    with httpx.Client(base_url=f"https://{federation.address}", verify=str(federation.ca_cert), timeout=30) as public:
+        assert public.get("/health").status_code == 200
+        refused = {path: public.post(path, content=b"\x00").status_code
+                   for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/control/list-runs",
+                                "/v1/runtime/acquire-task", "/v1/runtime/pull-task-input")}
+        assert set(refused.values()) == {403}, refused
+        assert public.get("/docs").status_code == 404 and public.get("/openapi.json").status_code == 404
+    denied = denied_log.read_text().splitlines()[earlier:]
+    for path in refused:
+        (line,) = [entry for entry in denied if f"POST {path} " in entry]
+        assert " 403 " in line and "upstream=-" in line  # nginx never opened a connection to the SuperLink
+    server_log = (federation.root / "server.log").read_text(errors="replace")
+    assert f"Uvicorn running on https://{federation.control_address}" in server_log
+    assert federation.connected_nodes() == SITES
+
+
 def test_unregistered_site_is_refused(federation):
     key = federation.make_site_keys(SITES)  # a site whose key nobody registered
     proc = federation.start_client(SITES, SITES + 1, "--max-wait", "15", key=key)
@@ -149,6 +258,12 @@ def test_client_without_ca_or_key_fails_clearly(federation, tmp_path):
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert bad_partition.returncode == 1 and "partition-id" in bad_partition.stderr
+    untrusting = subprocess.run(
+        [sys.executable, "-m", "fedguard.simulations.cli", "client", "--server", federation.address, "--ca", str(federation.ca_cert),
+         "--key", str(federation.site_dir(0) / "keys" / "node_key"), "--partition-id", "0", "--num-partitions", "3"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert untrusting.returncode == 1 and "--trusted-publishers" in untrusting.stderr
 
 
 def _wait_for_checkpoint(fed: Federation, completed_round: int, known: list[Path], timeout: float = RUN_TIMEOUT) -> Path:
@@ -161,6 +276,21 @@ def _wait_for_checkpoint(fed: Federation, completed_round: int, known: list[Path
                 return run_dir
         time.sleep(0.5)
     raise TimeoutError(f"no checkpoint of round {completed_round} after {timeout} s")
+
+
+def test_proxy_death_is_noticed_and_state_survives(federation):
+    """nginx killed: `fedguard server` says so, stops the SuperLink and exits non-zero; restarted
+    with the same state dir, the registered sites and earlier runs are all still there."""
+    runs_before = federation.run_dirs()
+    assert runs_before, "earlier tests left no run directory"
+    pid = int((federation.server_dir / "proxy" / "nginx.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    assert federation.server.wait(timeout=60) == 3
+    log = (federation.root / "server.log").read_text(errors="replace")
+    assert "the proxy (nginx) exited" in log and "Restart `fedguard server` with the same --state-dir" in log
+    federation.start_server()
+    federation.wait_for_nodes(SITES)  # the same registered keys: nothing re-registered
+    assert federation.run_dirs() == runs_before
 
 
 RESUMED_ROUND_TIMEOUT = 180

@@ -1,0 +1,110 @@
+"""One task of a site's SuperNode: check the run's app signature, then run its ClientApp or refuse.
+
+Started by the site's app gate (clients/deployment/app_gate.py) with the task's token, in place
+of Flower's ``flwr-clientapp``: one process per message, as Flower does it. It pulls the task's
+input from the SuperNode's runtime API, and only if a trusted publisher signed exactly this FAB
+(clients/deployment/app_signing.py) does it unpack the FAB and load its ClientApp. Otherwise it
+answers the message with an error (code INVALID_FAB) whose reason names the run and the cause,
+so the ServerApp logs which site refused and why, and logs the same line on the site.
+
+Why not Flower's ``run_clientapp`` with a check around it: it pulls the task input itself (a
+task's input can be pulled once), unpacks the FAB and imports the ClientApp in one function,
+with no point between pulling and importing where a site could decide; the steps below are the
+same public Flower calls in the same order, with the decision in between.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.app.error import Error
+from flwr.cli.install import install_from_fab
+from flwr.clientapp.utils import get_load_client_app_fn
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.supercore.app_utils import start_parent_process_monitor
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from fedguard.clients.deployment.app_signing import (
+    RUN_CONFIG_APP_SIGNATURE,
+    AppSignatureError,
+    app_refusal,
+    read_trusted_publishers,
+)
+
+logger = logging.getLogger("fedguard.site")
+REFUSAL_PREFIX = "fedguard site refused run"
+
+
+def run_task(runtime_api_address: str, token: str, trusted_file: Path) -> int:
+    """Serve one task; 0 when the ClientApp ran, 1 when the site refused it or it failed."""
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address,
+        insecure=True,  # the SuperNode's runtime API listens on 127.0.0.1 only (fedguard client)
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = context = reply = None
+    status, details = SubStatus.FAILED, "the task failed before its input arrived"
+    try:
+        message, context, run, fab = pull_task_input(client)
+        try:
+            # Read on every task: a site revokes a publisher by editing the file, no restart needed.
+            refusal = app_refusal(fab.content, str(context.run_config.get(RUN_CONFIG_APP_SIGNATURE, "")),
+                                  read_trusted_publishers(trusted_file))
+        except AppSignatureError as err:
+            refusal = f"this site's trusted publishers cannot be read: {err}"
+        if refusal is not None:
+            details = f"{REFUSAL_PREFIX} {run.run_id} (app {run.fab_id} {run.fab_version}, FAB {fab.hash_str[:16]}): {refusal}"
+            logger.error("%s", details)
+            reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=details), reply_to=message)
+            return 1
+        install_from_fab(fab.content, skip_prompt=True)
+        client_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
+            run.fab_id, run.fab_version, fab.hash_str
+        )
+        reply = client_app(message=message, context=context)
+        status, details = SubStatus.COMPLETED, ""
+        return 0
+    except Exception as err:  # the reply must still go back, as flwr-clientapp's does
+        logger.exception("the ClientApp failed")
+        details = f"{type(err).__name__}: {err}"
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        return 1
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+            push_task_output(client, context if status == SubStatus.COMPLETED else None, status, details)
+        finally:
+            heartbeat.stop()
+            client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedguard.clients.deployment.verified_clientapp")
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--trusted-publishers", type=Path, required=True)
+    parser.add_argument("--parent-pid", type=int)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per runtime API call (2 a second) otherwise
+    if args.parent_pid is not None:
+        start_parent_process_monitor(args.parent_pid)
+    return run_task(args.runtime_api_address, args.token, args.trusted_publishers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
