@@ -355,9 +355,10 @@ def with_site_state_root(root: Path) -> Mod:
     return site_state_root
 
 
-def build_client_app(site_state_root: Path | None = None) -> ClientApp:
-    """fedguard's ClientApp; simulation passes where its virtual sites keep their state."""
-    front: list[Mod] = [with_site_state_root(site_state_root)] if site_state_root is not None else []
+def build_client_app(site_state_root: Path | None = None, outer_mods: tuple[Mod, ...] = ()) -> ClientApp:
+    """fedguard's ClientApp; simulation passes where its virtual sites keep their state, and on a
+    Ray cluster the mod that places that state on the node a client runs on (outermost)."""
+    front: list[Mod] = [*outer_mods, *([with_site_state_root(site_state_root)] if site_state_root is not None else [])]
     client_app = ClientApp()
     # The run's layers (SecAgg+, client-level DP) are picked from its config: clients/layers.py.
     client_app.train(mods=[*front, refuse_bad_requests, run_layers])(train)
