@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,9 @@ from collections.abc import Iterator
 RAY = str(Path(sys.executable).with_name("ray"))
 # Ray's floor is ~75 MB; the machine is shared, so each node keeps its object store small.
 OBJECT_STORE_BYTES = 100 * 1024 * 1024
-START_SECONDS = 90.0
+START_SECONDS = 120.0
+# What `ray start --block` prints once the node's runtime is up.
+STARTED_MARK = "Ray runtime started."
 
 
 def free_port() -> int:
@@ -52,18 +55,17 @@ class LoopbackCluster:
             self.nodes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                                env={**os.environ, **(env or {})}))
 
-    def wait_for_nodes(self, count: int) -> None:
-        """Until the cluster reports ``count`` alive nodes (``ray status`` from this venv)."""
+    def wait_started(self) -> None:
+        """Until the last node's `ray start` says its runtime started (its raylet joined the cluster)."""
+        log = Path(self.temp_dirs[-1]) / "ray-start.log"
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline:
-            for node in self.nodes:
-                if node.poll() is not None:
-                    raise RuntimeError(f"a Ray node exited early ({node.returncode}); see {self.temp_dirs}")
-            status = subprocess.run([RAY, "status", f"--address={self.address}"], capture_output=True, text=True)
-            if status.returncode == 0 and _active_nodes(status.stdout) >= count:
+            if self.nodes[-1].poll() is not None:
+                raise RuntimeError(f"a Ray node exited early ({self.nodes[-1].returncode}): {log.read_text()[-2000:]}")
+            if STARTED_MARK in log.read_text():
                 return
-            time.sleep(1.0)
-        raise TimeoutError(f"the loopback Ray cluster did not reach {count} nodes in {START_SECONDS:.0f} s")
+            time.sleep(0.5)
+        raise TimeoutError(f"the loopback Ray node did not start in {START_SECONDS:.0f} s: {log.read_text()[-2000:]}")
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
@@ -79,21 +81,8 @@ class LoopbackCluster:
                 os.killpg(node.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-def _active_nodes(status_text: str) -> int:
-    """The node lines under "Active:" in `ray status`."""
-    lines = status_text.splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == "Active:")
-    except StopIteration:
-        return 0
-    count = 0
-    for line in lines[start + 1:]:
-        if not line.strip().startswith("1 node_"):
-            break
-        count += 1
-    return count
+        for temp_dir in self.temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @contextmanager
@@ -102,9 +91,9 @@ def loopback_cluster(worker_env: dict[str, str] | None = None) -> Iterator[Loopb
     cluster = LoopbackCluster(address=f"127.0.0.1:{free_port()}")
     try:
         cluster.add_node(head=True, resources={"head_site": 1})
-        cluster.wait_for_nodes(1)
+        cluster.wait_started()
         cluster.add_node(head=False, resources={"worker_site": 1}, env=worker_env)
-        cluster.wait_for_nodes(2)
+        cluster.wait_started()
         yield cluster
     finally:
         cluster.stop()
