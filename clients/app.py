@@ -36,7 +36,7 @@ from fedguard.clients.wire.checks import (
     text,
 )
 from fedguard.clients.models import build_model, model_from_state, resolve_device
-from fedguard.clients.partition import PartitionError, partition_indices, split_train_validation
+from fedguard.clients.partition import PartitionError, partition_of, split_train_validation
 from fedguard.clients.private_training import BudgetExhausted, build_trainer, training_commitments
 from fedguard.clients.layers import run_layers
 from fedguard.clients.releases import released_train_loss, resend_enters_a_new_sum, sends_local_metrics
@@ -103,8 +103,8 @@ def load_local_data(cfg: DictConfig, site: SiteSettings) -> LocalData:
 def _load_local_data_cached(data_text: str, site: SiteSettings) -> LocalData:
     cfg = OmegaConf.create(data_text)
     bundle = load_dataset(cfg.dataset, cfg.seed, root_override=site.data_root)
-    parts = partition_indices(bundle.train_y, cfg.partition, site.num_partitions, cfg.seed)
-    split = split_train_validation(parts[site.partition_id], cfg.dataset.validation_fraction, cfg.seed + site.partition_id)
+    rows = partition_of(bundle.train_y, cfg.partition, site.num_partitions, cfg.seed, site.partition_id)
+    split = split_train_validation(rows, cfg.dataset.validation_fraction, cfg.seed + site.partition_id)
     if len(split.train_indices) == 0:
         raise LocalDataError(
             f"partition {site.partition_id} of {site.num_partitions} holds no training examples "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedguard.simulations.cluster import NODE_DATA_ROOT_ENV, PLACEMENT_FILE, read_placement
+from fedguard.simulations.cluster import NODE_DATA_ROOT_ENV, PLACEMENT_FILE, ClusterError, join_cluster, read_placement
 from tests.cli_support import FEDGUARD, fedguard
 from tests.ray_cluster_support import LoopbackCluster, loopback_cluster
 
@@ -69,15 +69,17 @@ def test_two_node_cluster_runs_clients_on_both_and_keeps_state_on_the_driver(clu
 
 
 def test_worker_without_the_data_stops_the_run_naming_the_node(cluster: LoopbackCluster, empty_data_root, tmp_path):
-    run_dir = tmp_path / "no-data-run"
-    proc = subprocess.run(
-        [*FEDGUARD, "simulate", "dataset=fashion_mnist", "model=logreg", "simulation=tiny",
-         "simulation.num_clients=2", "simulation.rounds=1", f"simulation.ray_address={cluster.address}",
-         "progress=false", f"hydra.run.dir={run_dir}"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode != 0
-    named = NODE_ID.findall(proc.stderr)
-    assert len(named) == 1, proc.stderr[-3000:]  # the worker, not the head that has the data
-    assert "1 of 2 nodes" in proc.stderr and str(empty_data_root) in proc.stderr, proc.stderr[-3000:]
-    assert not (run_dir / "metrics.jsonl").exists()  # stopped before any round
+    """What `fedguard simulate` runs before the engine (it prints the error and exits 2), in this process."""
+    import ray
+
+    dataset_yaml = (Path(__file__).parents[1] / "conf" / "dataset" / "fashion_mnist.yaml").read_text()
+    try:
+        with pytest.raises(ClusterError) as stopped:
+            join_cluster(cluster.address, {}, dataset_yaml, tmp_path, tmp_path / "client-state")
+    finally:
+        ray.shutdown()
+    message = str(stopped.value)
+    named = NODE_ID.findall(message)
+    assert len(named) == 1, message  # the worker, not the head, which has the data
+    assert "1 of 2 nodes" in message and "Fashion-MNIST" in message and str(empty_data_root) in message
+    assert not (tmp_path / PLACEMENT_FILE).exists()  # stopped before anything was placed
