@@ -36,7 +36,7 @@ from fedguard.clients.wire.checks import (
     text,
 )
 from fedguard.clients.models import build_model, model_from_state, resolve_device
-from fedguard.clients.partition import PartitionError, partition_indices, split_train_validation
+from fedguard.clients.partition import PartitionError, partition_of, split_train_validation
 from fedguard.clients.private_training import BudgetExhausted, build_trainer, training_commitments
 from fedguard.clients.layers import run_layers
 from fedguard.clients.releases import released_train_loss, resend_enters_a_new_sum, sends_local_metrics
@@ -133,8 +133,8 @@ def _load_local_data_cached(data_text: str, site: SiteSettings) -> LocalData:
         raise SiteConfigError(f"this site was started with its own files ('{DATA_KEY}'), but the run trains on "
                               f"the built-in dataset={cfg.dataset.name}; join runs with dataset=tabular or images")
     bundle = load_dataset(cfg.dataset, cfg.seed, root_override=site.data_root)
-    parts = partition_indices(bundle.train_y, cfg.partition, site.num_partitions, cfg.seed)
-    split = split_train_validation(parts[site.partition_id], cfg.dataset.validation_fraction, cfg.seed + site.partition_id)
+    rows = partition_of(bundle.train_y, cfg.partition, site.num_partitions, cfg.seed, site.partition_id)
+    split = split_train_validation(rows, cfg.dataset.validation_fraction, cfg.seed + site.partition_id)
     if len(split.train_indices) == 0:
         raise LocalDataError(
             f"partition {site.partition_id} of {site.num_partitions} holds no training examples "
@@ -389,12 +389,16 @@ def with_site_state_root(root: Path) -> Mod:
 
 
 def build_client_app(
-    site_state_root: Path | None = None, site_data: list[str] | None = None, custom_model: str | None = None
+    site_state_root: Path | None = None,
+    site_data: list[str] | None = None,
+    custom_model: str | None = None,
+    outer_mods: tuple[Mod, ...] = (),
 ) -> ClientApp:
     """fedguard's ClientApp; simulation passes where its virtual sites keep their state, for a
-    rehearsal on own files which file or directory each virtual site reads, and the run's
-    custom model target its virtual sites accept."""
-    front: list[Mod] = [with_site_state_root(site_state_root)] if site_state_root is not None else []
+    rehearsal on own files which file or directory each virtual site reads, the run's custom
+    model target its virtual sites accept, and on a Ray cluster the mod that places that state
+    on the node a client runs on (outermost)."""
+    front: list[Mod] = [*outer_mods, *([with_site_state_root(site_state_root)] if site_state_root is not None else [])]
     if site_data:
         front.append(with_site_data(list(site_data)))
     if custom_model:

@@ -51,9 +51,14 @@ def _build_partitioner(name: str, num_partitions: int, alpha: float, min_size: i
 
 
 @lru_cache(maxsize=4)
-def _partition_cached(
+def _partitioner_cached(
     labels_bytes: bytes, name: str, num_partitions: int, alpha: float, min_size: int, shards: int, seed: int
-) -> tuple[np.ndarray, ...]:
+):
+    """The partitioner over these labels, built once per process; partitions are cut from it on demand.
+
+    Why on demand: a virtual client needs only its own partition, and cutting all of them
+    (a Hugging Face shard or select per partition, ~15 ms each) costs minutes per worker
+    process at 10,000 clients."""
     from datasets import Dataset
 
     labels = np.frombuffer(labels_bytes, dtype=np.int64)
@@ -66,16 +71,11 @@ def _partition_cached(
     table = Dataset.from_dict({"label": labels[order], "row": order})
     partitioner = _build_partitioner(name, num_partitions, alpha, min_size, shards, seed)
     partitioner.dataset = table
-    try:
-        parts = tuple(np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(num_partitions))
-    except ValueError as err:  # flwr-datasets raises ValueError for impossible splits
-        raise PartitionError(f"partition={name} failed for {num_partitions} clients: {err}") from err
-    return parts
+    return partitioner
 
 
-def partition_indices(labels: np.ndarray, partition_cfg: DictConfig, num_partitions: int, seed: int) -> list[np.ndarray]:
-    """Row indices of each client's share of ``labels``; the same seed gives the same split."""
-    parts = _partition_cached(
+def _partitioner(labels: np.ndarray, partition_cfg: DictConfig, num_partitions: int, seed: int):
+    return _partitioner_cached(
         np.ascontiguousarray(labels, dtype=np.int64).tobytes(),
         partition_cfg.name,
         int(num_partitions),
@@ -84,7 +84,29 @@ def partition_indices(labels: np.ndarray, partition_cfg: DictConfig, num_partiti
         int(partition_cfg.shards_per_client),
         int(seed),
     )
-    return list(parts)
+
+
+def _cut(partitioner, partition_id: int, name: str, num_partitions: int) -> np.ndarray:
+    try:
+        return np.asarray(partitioner.load_partition(partition_id)["row"], dtype=np.int64)
+    except ValueError as err:  # flwr-datasets raises ValueError for impossible splits
+        raise PartitionError(f"partition={name} failed for {num_partitions} clients: {err}") from err
+
+
+def partition_of(
+    labels: np.ndarray, partition_cfg: DictConfig, num_partitions: int, seed: int, partition_id: int
+) -> np.ndarray:
+    """Row indices of one client's share: the same rows as ``partition_indices(...)[partition_id]``."""
+    if not 0 <= partition_id < num_partitions:
+        raise PartitionError(f"partition id {partition_id} is outside 0..{num_partitions - 1}")
+    partitioner = _partitioner(labels, partition_cfg, num_partitions, seed)
+    return _cut(partitioner, partition_id, partition_cfg.name, num_partitions)
+
+
+def partition_indices(labels: np.ndarray, partition_cfg: DictConfig, num_partitions: int, seed: int) -> list[np.ndarray]:
+    """Row indices of each client's share of ``labels``; the same seed gives the same split."""
+    partitioner = _partitioner(labels, partition_cfg, num_partitions, seed)
+    return [_cut(partitioner, i, partition_cfg.name, num_partitions) for i in range(num_partitions)]
 
 
 def split_train_validation(indices: np.ndarray, validation_fraction: float, seed: int) -> ClientSplit:

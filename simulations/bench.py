@@ -86,6 +86,13 @@ def main(argv: list[str]) -> int:
     client_dp.add_argument("--model", default="logreg")
     client_dp.add_argument("--local-epochs", type=int, default=1)
     client_dp.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    scale = sub.add_parser("scale", help="time per round and peak memory at 100 / 1,000 / 10,000 virtual clients")
+    scale.add_argument("--clients", type=int, nargs="+", default=[100, 1000, 10000])
+    scale.add_argument("--per-round", type=int, default=100, help="expected clients a round at every population")
+    scale.add_argument("--rounds", type=int, default=5)
+    scale.add_argument("--privacy", nargs="+", default=["sample_dp", "client_dp"], choices=["sample_dp", "client_dp", "none"])
+    scale.add_argument("--ray-address", default=None, help="run every cell on this Ray cluster (simulation.ray_address)")
+    scale.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     serve = sub.add_parser("serve", help="requests/s and p50/p99 latency of `fedguard serve` on loopback")
     serve.add_argument("model_dirs", type=Path, nargs="+", help="directories written by `fedguard export --out`")
     serve.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
@@ -127,6 +134,10 @@ def main(argv: list[str]) -> int:
             args.clients, args.rounds, args.sample_rate, args.epsilons, args.clip_norm, args.dataset, args.model,
             args.local_epochs,
         )
+    elif args.name == "scale":
+        from fedguard.simulations.bench_scale import run_scale_benchmark
+
+        result = run_scale_benchmark(args.clients, args.per_round, args.rounds, args.privacy, args.ray_address)
     elif args.name == "serve":
         from fedguard.simulations.bench_serve import run_serve_benchmark
 

@@ -29,6 +29,7 @@ from fedguard.conf.schema import ConfigError
 from fedguard.server.checkpoint import CheckpointError
 from fedguard.server.noise_check import swamped_update_warning
 from fedguard.server.run_record import SUMMARY_FILE, clear_results, write_json_atomic
+from fedguard.simulations.cluster import ClusterError
 from fedguard.simulations.planned_privacy import planned_sample_dp_line
 from fedguard.simulations.preflight import check_data, check_resources, check_run_dir, fail
 
@@ -78,17 +79,28 @@ def backend_config(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def quiet_workers(log_level: str) -> None:
+def quiet_workers(log_level: str) -> dict[str, str]:
     """Keep library noise off the console in the engine's workers (they inherit this process's
     environment): Flower's shutdown notices ("Manually terminating ClientAppActor") through
     FLWR_LOG_LEVEL, which its console handler reads at import, and the accountants' numeric
-    notes through PYTHONWARNINGS. Errors still show; log_level=DEBUG shows everything."""
+    notes through PYTHONWARNINGS. Errors still show; log_level=DEBUG shows everything.
+
+    Returns the variables set, for a cluster's workers (which inherit their node's environment,
+    not the driver's: simulations/cluster.py passes them in the job's runtime_env)."""
     if log_level == "DEBUG":
-        return
+        return {}
     os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
     os.environ["FEDGUARD_QUIET_FLOWER"] = "1"  # read by fedguard.clients.app in each worker
     ignores = [f"ignore::UserWarning:{module}" for module in LIBRARY_NOISE_MODULES]
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS", ""), *ignores]))
+    return {key: os.environ[key] for key in ("FLWR_LOG_LEVEL", "FEDGUARD_QUIET_FLOWER", "PYTHONWARNINGS")}
+
+
+def config_to_yaml_dataset(cfg: DictConfig) -> str:
+    """The dataset section alone, for the per-node data check on a cluster."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(cfg.dataset, resolve=True)
 
 
 def launch(
@@ -102,16 +114,19 @@ def launch(
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
-    _run_simulation(
-        num_supernodes=num_clients,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
-        backend_name="ray",
-        backend_config=backend,
-        server_app_context=context,
-        verbose_logging=logging.getLogger().level <= logging.DEBUG,
-    )
+    from fedguard.simulations.engine_dispatch import sparse_dispatch
+
+    with sparse_dispatch():  # the engine's feeder asks only nodes with a message (10,000 clients: see the module)
+        _run_simulation(
+            num_supernodes=num_clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_name="ray",
+            backend_config=backend,
+            server_app_context=context,
+            verbose_logging=logging.getLogger().level <= logging.DEBUG,
+        )
 
 
 def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -132,11 +147,19 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         protocol.RUN_CONFIG_RUN_DIR: str(run_dir),
     }
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    worker_env = quiet_workers(str(cfg.log_level))
+    outer_mods = ()
+    if cfg.simulation.ray_address:
+        # Every node is checked (fedguard, data) before any round; the state stays on this machine.
+        from fedguard.simulations.cluster import join_cluster
+
+        outer_mods = (join_cluster(str(cfg.simulation.ray_address), worker_env, config_to_yaml_dataset(cfg),
+                                   run_dir, run_dir / CLIENT_STATE_DIR),)
     # Virtual sites keep their privacy state and ledgers beside the run, so `resume=` works here too.
     site_data = [str(Path(p).resolve()) for p in cfg.simulation.site_data] if cfg.simulation.site_data else None
     custom_model = str(cfg.model.target) if cfg.model.name == "custom" else None
     client_app = build_client_app(site_state_root=run_dir / CLIENT_STATE_DIR, site_data=site_data,
-                                  custom_model=custom_model)
+                                  custom_model=custom_model, outer_mods=outer_mods)
     if cfg.secure_agg.mode != "off":
         # The out-of-band step of a real federation, done per run: each virtual site's identity
         # key in its state dir, and the roster of all of them, which the sites pin.
@@ -156,7 +179,6 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         print(f"fedguard: {planned}", file=sys.stderr, flush=True)
     launched = time.perf_counter()
     try:
-        quiet_workers(str(cfg.log_level))
         launch(server_app, client_app, int(cfg.simulation.num_clients), backend_config(cfg), context)
     except KeyboardInterrupt:
         raise Interrupted(run_dir) from None
@@ -167,6 +189,10 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     # Ray's start and shutdown happen outside the ServerApp's wall_seconds; record them apart.
     summary["engine_overhead_seconds"] = max(0.0, engine_seconds - float(summary.get("wall_seconds", 0.0)))
+    if cfg.simulation.ray_address:
+        from fedguard.simulations.cluster import placement_summary
+
+        summary["cluster"] = {"address": str(cfg.simulation.ray_address), **placement_summary(run_dir)}
     write_json_atomic(summary_path, summary)
     return summary
 
@@ -247,6 +273,8 @@ def simulate(cfg: DictConfig) -> float:
         summary = run_simulation(cfg, run_dir)
     except ConfigError as err:
         raise SystemExit(fail(f"bad config: {err}")) from None
+    except ClusterError as err:
+        raise SystemExit(fail(f"cannot run on the cluster: {err}")) from None
     except CheckpointError as err:
         raise SystemExit(fail(f"cannot resume: {err}")) from None
     except Interrupted as stop:

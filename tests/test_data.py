@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedguard.clients.datasets import DatasetError, load_dataset, read_idx
-from fedguard.clients.partition import PartitionError, partition_indices, split_train_validation
+from fedguard.clients.partition import PartitionError, partition_indices, partition_of, split_train_validation
 from fedguard.conf import compose_config
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -68,6 +68,18 @@ def test_bundled_datasets_load(name):
 
 def _labels(num: int = 5000, classes: int = 10, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, classes, size=num).astype(np.int64)
+
+
+@pytest.mark.parametrize("name", ["iid", "dirichlet", "shards"])
+def test_one_clients_partition_is_its_share_of_the_whole_split(name):
+    """A virtual client cuts only its own partition (10,000 clients: not all of them); the same rows."""
+    cfg = compose_config([f"partition={name}"])
+    labels = _labels(seed=3)
+    whole = partition_indices(labels, cfg.partition, 10, seed=5)
+    for partition_id in (9, 0, 4):  # any order: the partitioner is shared, cut on demand
+        assert np.array_equal(partition_of(labels.copy(), cfg.partition, 10, 5, partition_id), whole[partition_id])
+    with pytest.raises(PartitionError):
+        partition_of(labels, cfg.partition, 10, 5, 10)
 
 
 @pytest.mark.parametrize("name", ["iid", "dirichlet", "shards"])
