@@ -99,16 +99,22 @@ def clipped_gradient_sum(
         p.grad = torch.zeros_like(p)  # a parameter no recorded layer reached gets a zero clipped sum
     if batch == 0 or not records:
         return loss_per_sample.new_zeros(batch)
-    outputs = [r.output for r in records]
-    output_grads = torch.autograd.grad(loss_per_sample.sum(), outputs, allow_unused=True)
+    output_grads = list(torch.autograd.grad(loss_per_sample.sum(), [r.output for r in records], allow_unused=True))
+    # The graph is freed; drop the outputs too, and each output gradient once its layer has used it,
+    # so the peak stays at what ghost clipping's backward pass holds.
+    inputs = [(r.module, r.activation) for r in records]
+    del records
     layers = []
     squared = loss_per_sample.new_zeros(batch).detach()
-    for record, grad in zip(records, output_grads):
+    for index, (module, activation) in enumerate(inputs):
+        grad, output_grads[index] = output_grads[index], None
         if grad is None:
             continue  # the loss does not depend on this layer's output: its gradient is zero
-        layer = LAYERS[type(record.module)](record.module, record.activation, grad.detach())
+        layer = LAYERS[type(module)](module, activation, grad.detach())
+        del grad
         squared = squared + layer.squared_norms
-        layers.append((record.module, layer))
+        layers.append((module, layer))
+    del inputs
     factors = clip_factors(squared, max_grad_norm)
     wanted = {id(p) for p in params}
     for module, layer in layers:
