@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 # Opacus's clip factor, min(1, C / (norm + 1e-6)), kept identical so every mode clips alike.
 NORM_EPSILON = 1e-6
+# The model attribute naming the hooks attached to it.
+ATTACHED = "_fedguard_bookkeeping_hooks"
 
 
 class BookkeepingUnsupported(ValueError):
@@ -52,6 +54,10 @@ class BookkeepingHooks:
             raise BookkeepingUnsupported(
                 "book-keeping clipping cannot handle: " + "; ".join(f"{k}: {v}" for k, v in problems.items())
             )
+        previous = getattr(model, ATTACHED, None)
+        if previous is not None:
+            previous.remove()  # a model privatized again (a new round) must not record each layer twice
+        setattr(model, ATTACHED, self)
         self.model = model
         self.layers = [m for m in model.modules() if trainable_params(m)]
         self.records: list[_Record] = []
@@ -75,6 +81,8 @@ class BookkeepingHooks:
         for handle in self.handles:
             handle.remove()
         self.handles, self.records = [], []
+        if getattr(self.model, ATTACHED, None) is self:
+            delattr(self.model, ATTACHED)
 
 
 def clip_factors(squared_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:

@@ -262,6 +262,19 @@ def test_reused_layer_and_inplace_output_are_refused():
         loss(model(torch.randn(2, 3)), torch.randn(2, 3)).backward()
 
 
+def test_attaching_again_replaces_the_earlier_hooks():
+    model = nn.Sequential(nn.Linear(3, 2))
+    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
+                                          max_grad_norm=1.0, expected_batch_size=2)
+    first, _ = use_bookkeeping(model, opt, _PerSampleLoss(), 1.0)
+    second, loss = use_bookkeeping(model, opt, _PerSampleLoss(), 1.0)
+    assert first.handles == []
+    loss(model(torch.randn(2, 3)), torch.randn(2, 2)).backward()  # one record per layer: no "ran twice"
+    assert model[0].weight.grad.norm() > 0
+    second.remove()
+    assert not hasattr(model, "_fedguard_bookkeeping_hooks")
+
+
 def test_config_names_bookkeeping_among_the_allowed_modes():
     with pytest.raises(ConfigError, match="bookkeeping"):
         compose_config(["privacy=sample_dp", "privacy.grad_sample_mode=fastest"])
@@ -279,8 +292,11 @@ def test_training_round_in_bookkeeping_mode_matches_hooks_without_noise():
     torch.manual_seed(5)
     features = torch.randn(96, 1, 8, 8).numpy()
     labels = torch.randint(0, 10, (96,)).numpy()
-    for mode in ("hooks", "bookkeeping"):
-        cfg = compose_config([*overrides, f"privacy.grad_sample_mode={mode}"])
+    variants = {"hooks": ["privacy.grad_sample_mode=hooks"], "bookkeeping": ["privacy.grad_sample_mode=bookkeeping"],
+                # physical batches of 5: the clipped sums of the pieces add up to the logical batch's
+                "split": ["privacy.grad_sample_mode=bookkeeping", "privacy.max_physical_batch_size=5"]}
+    for mode, extra in variants.items():
+        cfg = compose_config([*overrides, *extra])
         torch.manual_seed(0)
         model = build_model(cfg.model, (1, 8, 8), 10, private=True)
         before = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -289,3 +305,4 @@ def test_training_round_in_bookkeeping_mode_matches_hooks_without_noise():
         updates[mode] = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
     assert updates["hooks"].norm() > 0
     assert torch.allclose(updates["bookkeeping"], updates["hooks"], atol=1e-6, rtol=1e-4)
+    assert torch.allclose(updates["split"], updates["hooks"], atol=1e-6, rtol=1e-4)
