@@ -153,6 +153,7 @@ def test_fedguard_models_match_opacus_hooks(model_name, batch):
     _assert_matches_hooks(model, x, y, nn.CrossEntropyLoss())
 
 
+@pytest.mark.simulation  # over a second on the shared 2-core machine (8 random models, each against Opacus)
 @settings(max_examples=8, deadline=None)
 @given(
     batch=st.integers(1, 6), channels=st.integers(1, 5), out=st.integers(1, 6), size=st.integers(3, 7),
@@ -220,6 +221,7 @@ def _one_private_step(mode: str, x: torch.Tensor, y: torch.Tensor):
     return update, (opt.noise_multiplier, opt.max_grad_norm, opt.expected_batch_size), engine.accountant.history
 
 
+@pytest.mark.simulation  # over a second on the shared 2-core machine: a local training run
 def test_a_bookkeeping_step_draws_noise_and_accounts_exactly_like_ghost():
     torch.manual_seed(3)
     x, y = torch.randn(9, 1, 8, 8), torch.randint(0, 10, (9,))
@@ -284,6 +286,7 @@ def test_config_names_bookkeeping_among_the_allowed_modes():
         == "bookkeeping"
 
 
+@pytest.mark.simulation  # over a second on the shared 2-core machine: a local training run
 def test_training_round_in_bookkeeping_mode_matches_hooks_without_noise():
     overrides = ["privacy=sample_dp", "model=cnn", "dataset=digits", "privacy.target_epsilon=null",
                  "privacy.noise_multiplier=0", "privacy.allow_zero_noise=true", "privacy.poisson_sampling=false",
