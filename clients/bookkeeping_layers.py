@@ -111,6 +111,19 @@ def linear(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> LayerGradient
 def conv2d(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> LayerGradients:
     trainable = trainable_params(module)
     batch = a.shape[0]
+    steps = g.shape[2] * g.shape[3]
+    width = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+    if module.dilation == (1, 1) and steps * (width + module.out_channels) >= module.out_channels * width:
+        # Materialized per-sample weight gradients from a strided view of the padded input: the same
+        # numbers as im2col + bmm without copying every receptive field (im2col dominated the step).
+        (pad_h, pad_w), (kh, kw), (sh, sw) = module.padding, module.kernel_size, module.stride
+        windows = F.pad(a, (pad_w, pad_w, pad_h, pad_h)).unfold(2, kh, sh).unfold(3, kw, sw)
+        per_sample: dict[str, torch.Tensor] = {}
+        if "weight" in trainable:
+            per_sample["weight"] = torch.einsum("bohw,bchwij->bocij", g, windows[:, :, : g.shape[2], : g.shape[3]])
+        if "bias" in trainable:
+            per_sample["bias"] = g.sum((2, 3))
+        return _materialized(per_sample, batch, g)
     # im2col: each output position's receptive field as a column, [B, C_in*kh*kw, L].
     cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
     g3 = g.reshape(batch, module.out_channels, -1)
