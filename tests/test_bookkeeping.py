@@ -277,6 +277,7 @@ def test_attaching_again_replaces_the_earlier_hooks():
     assert not hasattr(model, "_fedguard_bookkeeping_hooks")
 
 
+@pytest.mark.simulation  # three Hydra compositions: over a second on the shared machine
 def test_config_names_bookkeeping_among_the_allowed_modes():
     with pytest.raises(ConfigError, match="bookkeeping"):
         compose_config(["privacy=sample_dp", "privacy.grad_sample_mode=fastest"])
