@@ -26,7 +26,7 @@ PRIVACY_MODES = ("none", "sample_dp", "client_dp", "sample_and_client_dp")
 SAMPLE_DP_MODES = ("sample_dp", "sample_and_client_dp")
 CLIENT_DP_MODES = ("client_dp", "sample_and_client_dp")
 ACCOUNTANT_NAMES = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost", "bookkeeping")
 SECURE_AGG_MODES = ("off", "secaggplus")
 # Robust aggregators look at individual updates, which secure aggregation hides.
 NEEDS_INDIVIDUAL_UPDATES = ("fedmedian", "fedtrimmedavg", "krum")

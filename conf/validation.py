@@ -79,9 +79,9 @@ def _validate_privacy(cfg: DictConfig) -> None:
     if dp.max_physical_batch_size is not None:
         in_range("privacy.max_physical_batch_size", dp.max_physical_batch_size, 1, None)
     validate_sample_dp(cfg)
-    if dp.grad_sample_mode == "ghost" and cfg.strategy.name == "fedprox":
+    if dp.grad_sample_mode in ("ghost", "bookkeeping") and cfg.strategy.name == "fedprox":
         raise ConfigError(
-            "privacy.grad_sample_mode=ghost cannot add FedProx's proximal term to its loss; "
+            f"privacy.grad_sample_mode={dp.grad_sample_mode} cannot add FedProx's proximal term to its loss; "
             "use grad_sample_mode=hooks or functorch with strategy=fedprox"
         )
 

@@ -48,12 +48,13 @@ def main(argv: list[str]) -> int:
     overhead.add_argument("--hidden", type=int, default=1024, help="MLP width; two hidden layers (~1.1M parameters)")
     overhead.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
     overhead.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
-    dp = sub.add_parser("dp", help="local training throughput: each Opacus grad_sample_mode vs non-private")
+    dp = sub.add_parser("dp", help="local training throughput and peak memory: each grad_sample_mode vs non-private")
     dp.add_argument("--dataset", default="fashion_mnist")
-    dp.add_argument("--model", default="cnn")
+    dp.add_argument("--model", nargs="+", default=["cnn", "mlp"])
     dp.add_argument("--batch-size", type=int, default=64)
     dp.add_argument("--warmup-steps", type=int, default=5)
     dp.add_argument("--steps", type=int, default=40)
+    dp.add_argument("--repeats", type=int, default=3, help="alternating runs of every mode; the best is reported")
     dp.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     secagg = sub.add_parser("secagg", help="round wall time with SecAgg+ vs without, fedguard's and Flower's")
     secagg.add_argument("--clients", type=int, nargs="+", default=[10, 100])
@@ -112,9 +113,12 @@ def main(argv: list[str]) -> int:
 
         result = run_overhead_benchmark(args.clients, args.rounds, args.hidden, args.repeats)
     elif args.name == "dp":
-        from fedguard.simulations.bench_dp import run_dp_benchmark
+        from fedguard.simulations.bench_dp import dp_table, run_dp_benchmark
 
-        result = run_dp_benchmark(args.dataset, args.model, args.batch_size, args.warmup_steps, args.steps)
+        runs = [run_dp_benchmark(args.dataset, m, args.batch_size, args.warmup_steps, args.steps, args.repeats)
+                for m in args.model]
+        result = {"runs": runs}
+        print(dp_table(runs))
     elif args.name == "secagg":
         from fedguard.simulations.bench_secagg import run_secagg_benchmark
 

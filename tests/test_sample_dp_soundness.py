@@ -146,7 +146,7 @@ def _tiny_setup(cfg, n: int = 20, width: int = 8):
     return make_training_setup(model, features, labels, cfg.train, seed=None)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bookkeeping"])
 @pytest.mark.parametrize("max_steps", [None, 30])
 def test_every_poisson_draw_releases_noise_and_is_accounted_once(mode, max_steps, drawn_masks, monkeypatch):
     noise_calls = []
