@@ -126,13 +126,16 @@ def compute_epsilon(history: Sequence[HistoryEntry], delta: float, accountant: s
     return EpsilonReport(prv_epsilon, accountant)
 
 
+@functools.lru_cache(maxsize=1024)
 def calibrate_noise_multiplier(
     *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
     """Smallest sigma (to within 1%) whose whole planned run stays within ``target_epsilon``.
 
     Opacus's binary search can land slightly over the target (Opacus #346); the result
-    is re-checked on the full plan and raised until it fits.
+    is re-checked on the full plan and raised until it fits. A pure function of five numbers
+    costing seconds at large sample rates (each probe is a full RDP vector), and a simulation
+    worker plans many virtual sites with the same numbers: cached per process.
     """
     if target_epsilon <= 0:
         raise PrivacyConfigError(f"privacy.target_epsilon={target_epsilon} must be > 0")

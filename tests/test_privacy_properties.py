@@ -122,3 +122,17 @@ def test_cached_rdp_is_opacus_rdp_accountant_bit_for_bit(history):
     reference = RDPAccountant()
     reference.history = merge_history(history)
     assert compute_epsilon(history, DELTA, "rdp").epsilon == reference.get_epsilon(delta=DELTA)
+
+
+def test_calibration_cache_returns_the_uncached_search_and_refusals_are_not_cached():
+    """calibrate_noise_multiplier is memoized per process (a worker plans many sites alike)."""
+    from fedguard.privacy.accounting import PrivacyConfigError
+
+    args = {"target_epsilon": 2.0, "delta": DELTA, "sample_rate": 0.05, "steps": 40, "accountant": "rdp"}
+    assert calibrate_noise_multiplier(**args) == calibrate_noise_multiplier.__wrapped__(**args)
+    hits = calibrate_noise_multiplier.cache_info().hits
+    assert calibrate_noise_multiplier(**args) == calibrate_noise_multiplier.__wrapped__(**args)
+    assert calibrate_noise_multiplier.cache_info().hits == hits + 1
+    for _ in range(2):  # an impossible target raises every time, never a cached value
+        with pytest.raises(PrivacyConfigError):
+            calibrate_noise_multiplier(**{**args, "target_epsilon": -1.0})
