@@ -35,17 +35,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from fedguard.clients.deployment.key_material import (
+    PRIVATE_FILE_MODE,
+    PUBLIC_FILE_MODE,
+    KeyMaterialError,
+)
+from fedguard.clients.deployment.yaml_file import read_yaml_file
 from flwr.supercore.primitives.asymmetric_ed25519 import (
     create_message_to_sign,
     decode_base64url,
     sign_message,
     verify_signature,
 )
-
-from fedguard.clients.deployment.key_material import PRIVATE_FILE_MODE, PUBLIC_FILE_MODE, KeyMaterialError
 
 # The run config key (declared in pyproject.toml's [tool.flwr.app.config]) that carries the signature.
 RUN_CONFIG_APP_SIGNATURE = "fedguard-app-signature"
@@ -192,12 +195,7 @@ def trusted_entry(key_id: str, public_key: ed25519.Ed25519PublicKey) -> str:
 
 def read_trusted_publishers(path: Path) -> dict[str, ed25519.Ed25519PublicKey]:
     """A site's trusted publishers: Flower's trusted-entities YAML, every entry an Ed25519 OpenSSH key."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise AppSignatureError(f"cannot read the trusted publishers file {path}: {err.strerror or err}") from None
-    except yaml.YAMLError as err:
-        raise AppSignatureError(f"{path} is not YAML: {err}") from None
+    data = read_yaml_file(path, AppSignatureError, "the trusted publishers file")
     if not isinstance(data, dict) or not data:
         raise AppSignatureError(f"{path} must map at least one key id to an 'ssh-ed25519 ...' public key")
     trusted = {}

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
+from fedguard.clients.deployment.yaml_file import read_yaml_file
 
 
 class SiteFileError(ValueError):
@@ -45,12 +45,7 @@ def _convert(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
 
 def site_file_defaults(parser: argparse.ArgumentParser, path: Path, *, excluded: set[str]) -> dict[str, Any]:
     """The file's settings as parser defaults (dest -> converted value)."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise SiteFileError(f"cannot read the site file {path}: {err.strerror or err}") from None
-    except yaml.YAMLError as err:
-        raise SiteFileError(f"{path} is not YAML: {err}") from None
+    data = read_yaml_file(path, SiteFileError, "the site file")
     if data is None:
         return {}
     if not isinstance(data, dict):

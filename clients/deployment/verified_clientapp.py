@@ -20,6 +20,12 @@ import logging
 import sys
 from pathlib import Path
 
+from fedguard.clients.deployment.app_signing import (
+    RUN_CONFIG_APP_SIGNATURE,
+    AppSignatureError,
+    app_refusal,
+    read_trusted_publishers,
+)
 from flwr.app import Message
 from flwr.app.error import Error
 from flwr.cli.install import install_from_fab
@@ -27,16 +33,16 @@ from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+)
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
-
-from fedguard.clients.deployment.app_signing import (
-    RUN_CONFIG_APP_SIGNATURE,
-    AppSignatureError,
-    app_refusal,
-    read_trusted_publishers,
+from flwr.supernode.runtime.run_clientapp import (
+    pull_task_input,
+    push_message,
+    push_task_output,
 )
 
 logger = logging.getLogger("fedguard.site")
