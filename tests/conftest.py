@@ -7,9 +7,32 @@ import tempfile
 
 import pytest
 
+INNER_LOOP_MARKERS = frozenset({"not simulation and not deployment", "not deployment and not simulation"})
+
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # The server's ledger signing key lives in $FEDGUARD_HOME; keep the tests' keys out of ~/.fedguard.
 os.environ.setdefault("FEDGUARD_HOME", tempfile.mkdtemp(prefix="fedguard-home-"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Spread the inner loop over every core when pytest-xdist is installed.
+
+    `pytest -m "not simulation and not deployment"` is the loop a developer runs after each edit; its ~500
+    tests are independent, CPU-bound and safe to run side by side, so one worker per core halves its time.
+    The full suite stays in one process: its Ray simulations and SuperLink/SuperNode federations size
+    their timeouts for a machine they have to themselves. `-n N` on the command line wins, and
+    FEDGUARD_TEST_WORKERS=0 turns the spreading off (for `--pdb`, say).
+    """
+    if not hasattr(config.option, "numprocesses") or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # xdist not installed, or already inside a worker
+    if config.option.numprocesses is not None or config.getoption("usepdb", False):
+        return
+    if " ".join((config.option.markexpr or "").split()) not in INNER_LOOP_MARKERS:
+        return
+    workers = int(os.environ.get("FEDGUARD_TEST_WORKERS", len(os.sched_getaffinity(0))))
+    if workers > 1:
+        config.option.numprocesses = workers
 
 
 @pytest.fixture(scope="session")
