@@ -249,3 +249,44 @@ def test_the_audit_catches_a_site_that_under_reports_its_preprocessing_spend(bas
     result = _audited_run(_cfg(base_cfg, target_epsilon=3.0), tmp_path, monkeypatch)
     assert result.exit_code == ExitCode.MISMATCH
     assert any("preprocessing: reported" in m for m in result.spend.clients["0"].mismatches)
+
+
+@pytest.mark.simulation  # reads a site's file through the ClientApp's loader: over a second under load
+def test_sites_standardise_with_the_federated_statistics_and_keep_their_data_fingerprint(base_cfg, tmp_path):
+    """Training rows are scaled by dataset.statistics, yet charged to the same per-data account as
+    the statistics release (the fingerprint is taken under the declared scaling)."""
+    from fedguard.clients.app import load_local_data
+
+    sites = wine_sites(tmp_path, state=False)
+    site = read_site_settings(sites[100])
+    declared = load_local_data(_cfg(base_cfg), site)
+    cfg = _cfg(base_cfg)
+    outcome = run_preprocessing(LoopbackGrid(sites), cfg, _yaml(cfg), LINEAGE, timeout=60)
+    cfg.dataset.statistics = outcome.statistics
+    federated = load_local_data(cfg, site)
+    assert federated.fingerprint == declared.fingerprint == own_split(cfg, site).fingerprint
+    alcohol = outcome.statistics["features"]["alcohol"]
+    raw = own_split(cfg, site).train_records.numeric[:, 0]
+    np.testing.assert_allclose(federated.train_x[:, 0], (raw - alcohol["mean"]) / alcohol["std"], rtol=1e-5)
+    assert not np.allclose(federated.train_x[:, 0], declared.train_x[:, 0])
+
+
+@pytest.mark.simulation  # three sites read through the real ClientApp
+def test_a_reply_whose_sums_do_not_fit_the_contract_is_not_used(base_cfg, tmp_path):
+    """A site (or a forged reply) sending a vector of the wrong length, or NaN, is named and left out."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedguard.clients.wire import protocol
+
+    class ForgingGrid(LoopbackGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            forged = RecordDict({protocol.PREPROCESS_KEY: ConfigRecord({protocol.PREPROCESS_SUMS_FIELD: [1.0, float("nan")]})})
+            replies[1] = Message(forged, reply_to=self.sent[1])
+            return replies
+
+    cfg = _cfg(base_cfg)
+    sites = wine_sites(tmp_path, state=False)
+    outcome = run_preprocessing(ForgingGrid(sites), cfg, _yaml(cfg), LINEAGE, timeout=60)
+    assert outcome.sites == 2 and set(outcome.failures) == {101}
+    assert "unusable statistics" in outcome.failures[101]
