@@ -41,7 +41,8 @@ from fedguard.clients.private_training import BudgetExhausted, build_trainer, tr
 from fedguard.clients.layers import run_layers
 from fedguard.clients.releases import released_train_loss, resend_enters_a_new_sum, sends_local_metrics
 from fedguard.clients.secagg_requests import secure_aggregation_stage
-from fedguard.clients.local_data import read_site_examples
+from fedguard.clients.own_files import own_examples
+from fedguard.clients.preprocessing import PreprocessingRefused, preprocessing_stage
 from fedguard.clients.simulation_mods import with_custom_model, with_site_data
 from fedguard.clients.site import (
     DATA_KEY,
@@ -79,7 +80,7 @@ if os.environ.get(QUIET_FLOWER_ENV):
 # Flower's traceback.
 REJECTIONS = (
     MalformedMessage, DatasetError, PartitionError, SiteConfigError, SecAggError, ShamirError, ShareAuthenticationError,
-    SiteStateError, ClipError, ResendRefused,
+    SiteStateError, ClipError, ResendRefused, PreprocessingRefused,
 )
 # What a fedguard config text may raise while being parsed and validated.
 MAX_REASON_CHARS = 500
@@ -95,6 +96,8 @@ class LocalData:
     validation_y: np.ndarray
     input_shape: tuple[int, ...]
     num_classes: int
+    # Own files: the training rows' id under the contract's declared scaling (clients/own_files.py).
+    fingerprint: str | None = None
 
 
 def load_local_data(cfg: DictConfig, site: SiteSettings) -> LocalData:
@@ -109,19 +112,11 @@ def load_local_data(cfg: DictConfig, site: SiteSettings) -> LocalData:
 def _own_files(cfg: DictConfig, site: SiteSettings) -> LocalData:
     """A site's own files (its node config ``data``), checked against the run's data contract
     before anything trains; the validation split is a seeded shuffle of them."""
-    if not site.data:
-        raise SiteConfigError(f"dataset={cfg.dataset.name} trains on each site's own files: start this site "
-                              f"with `fedguard client --data PATH` (node config '{DATA_KEY}')")
+    features, labels, split = own_examples(cfg, site)
     contract = contract_of(cfg.dataset)
-    features, labels = read_site_examples(site.data, contract)
-    order = np.random.default_rng(cfg.seed).permutation(len(labels))
-    held_out = int(len(labels) * float(cfg.dataset.validation_fraction))
-    if len(labels) - held_out < 1:
-        raise LocalDataError(f"{site.data}: {len(labels)} example(s) leave none for training after the "
-                             f"validation split (dataset.validation_fraction={cfg.dataset.validation_fraction})")
-    train, validation = order[held_out:], order[:held_out]
+    train, validation = split.train, split.validation
     return LocalData(features[train], labels[train], features[validation], labels[validation],
-                     contract.input_shape, contract.num_classes)
+                     contract.input_shape, contract.num_classes, split.fingerprint)
 
 
 @lru_cache(maxsize=4)
@@ -296,7 +291,7 @@ def _site_state_store(cfg: DictConfig, site: SiteSettings, msg: Message, data) -
                                "set node config ephemeral-privacy-state=true to train without one")
     lineage = text(msg.content[protocol.CONFIG_KEY], protocol.LINEAGE_KEY)
     try:
-        return SiteStateStore(root, lineage, data_fingerprint=data_fingerprint((data.train_x, data.train_y)),
+        return SiteStateStore(root, lineage, data_fingerprint=data.fingerprint or data_fingerprint((data.train_x, data.train_y)),
                               site_budget=site.epsilon_budget)
     except SiteStateError as err:
         raise MalformedMessage(str(err)) from None
@@ -408,6 +403,7 @@ def build_client_app(
     client_app.train(mods=[*front, refuse_bad_requests, run_layers])(train)
     client_app.evaluate(mods=[*front, refuse_bad_requests])(evaluate)
     client_app.train("secagg", mods=[*front, refuse_bad_requests])(secure_aggregation_stage)
+    client_app.query("preprocess", mods=[*front, refuse_bad_requests])(preprocessing_stage)
     return client_app
 
 

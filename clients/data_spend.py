@@ -103,6 +103,11 @@ class DataSpend:
         prior = [entry for name, rec in sorted(record["lineages"].items()) if name != lineage for entry in _history(rec)]
         return prior, record["budget_epsilon"]
 
+    def lineages(self) -> set[str]:
+        """Every lineage (or release, e.g. ``<lineage>-preprocessing``) recorded on this data."""
+        with self._locked():
+            return set(self._read()["lineages"])
+
     def save(self, lineage: str, history: list[HistoryEntry], budget: float | None) -> None:
         """Record this lineage's whole history on the data and keep the strictest budget (fsync'ed)."""
         with self._locked():

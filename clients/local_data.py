@@ -13,6 +13,7 @@ to the server as the site's reason for sitting the run out, so it never quotes a
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -126,24 +127,73 @@ def _coded_column(values, column: str, allowed: tuple[str, ...], where: Path, wh
     return codes
 
 
-def table_examples(path: Path, contract: TabularContract) -> tuple[np.ndarray, np.ndarray]:
-    """Model inputs (numeric scaled, categorical one-hot, in contract order) and label indices."""
+@dataclass(frozen=True)
+class TableRecords:
+    """A site's table as the contract reads it, before any scaling: numeric columns (float64, in
+    contract order), category indices (one array per categorical feature) and label indices."""
+
+    numeric: np.ndarray
+    codes: tuple[np.ndarray, ...]
+    labels: np.ndarray
+
+    def take(self, rows: np.ndarray) -> TableRecords:
+        return TableRecords(self.numeric[rows], tuple(c[rows] for c in self.codes), self.labels[rows])
+
+
+@dataclass(frozen=True)
+class ImageRecords:
+    """A site's images as N x C x H x W uint8 pixels of the contract's size, and label indices."""
+
+    pixels: np.ndarray
+    labels: np.ndarray
+
+    def take(self, rows: np.ndarray) -> ImageRecords:
+        return ImageRecords(self.pixels[rows], self.labels[rows])
+
+
+SiteRecords = TableRecords | ImageRecords
+
+
+def table_records(path: Path, contract: TabularContract) -> TableRecords:
+    """The file's contract columns, checked (each refusal names the column and row)."""
     frame = read_table(path)
     if missing := [c for c in contract.columns if c not in frame.columns]:
         raise LocalDataError(f"{path}: column {missing[0]!r} is missing ({len(missing)} contract column(s) missing; "
                              f"the file has {', '.join(map(str, frame.columns[:20]))})")
     if len(frame) == 0:
         raise LocalDataError(f"{path}: holds no rows")
-    blocks = []
+    numeric, codes = [], []
     for feature in contract.features:
         if feature.kind == "numeric":
-            numbers = _numeric_column(frame[feature.name], feature.name, path)
-            blocks.append(((numbers - feature.center) / feature.scale)[:, None])
+            numeric.append(_numeric_column(frame[feature.name], feature.name, path))
         else:
-            codes = _coded_column(frame[feature.name], feature.name, feature.categories, path, "category")
-            blocks.append(np.eye(feature.width)[codes])
+            codes.append(_coded_column(frame[feature.name], feature.name, feature.categories, path, "category"))
     labels = _coded_column(frame[contract.label], contract.label, contract.classes, path, "label")
-    return np.concatenate(blocks, axis=1).astype(np.float32), labels
+    matrix = np.stack(numeric, axis=1) if numeric else np.zeros((len(frame), 0))
+    return TableRecords(matrix, tuple(codes), labels)
+
+
+def encode_records(records: SiteRecords, contract: Contract) -> np.ndarray:
+    """Model inputs: numeric ``(value - center) / scale``, categorical one-hot, in contract order;
+    images ``(pixel / 255 - mean) / std``."""
+    if isinstance(records, ImageRecords):
+        assert isinstance(contract, ImageContract)
+        pixels = records.pixels.astype(np.float32) / 255.0
+        return ((pixels - contract.mean) / contract.std).astype(np.float32)
+    assert isinstance(contract, TabularContract)
+    blocks, numeric, coded = [], iter(records.numeric.T), iter(records.codes)
+    for feature in contract.features:
+        if feature.kind == "numeric":
+            blocks.append(((next(numeric) - feature.center) / feature.scale)[:, None])
+        else:
+            blocks.append(np.eye(feature.width)[next(coded)])
+    return np.concatenate(blocks, axis=1).astype(np.float32)
+
+
+def table_examples(path: Path, contract: TabularContract) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs (numeric scaled, categorical one-hot, in contract order) and label indices."""
+    records = table_records(path, contract)
+    return encode_records(records, contract), records.labels
 
 
 def _fit_image(image, contract: ImageContract, where: str) -> np.ndarray:
@@ -236,12 +286,24 @@ def _array_images(path: Path, contract: ImageContract) -> tuple[list[np.ndarray]
     return images, labels
 
 
-def image_examples(path: Path, contract: ImageContract) -> tuple[np.ndarray, np.ndarray]:
-    """N x C x H x W float32 inputs (``(pixel / 255 - mean) / std``) and label indices."""
+def image_records(path: Path, contract: ImageContract) -> ImageRecords:
     is_folder = path.is_dir() and not _is_hf_dir(path)
     images, labels = _folder_images(path, contract) if is_folder else _array_images(path, contract)
-    pixels = np.stack(images).astype(np.float32) / 255.0
-    return ((pixels - contract.mean) / contract.std).astype(np.float32), np.asarray(labels, dtype=np.int64)
+    return ImageRecords(np.stack(images), np.asarray(labels, dtype=np.int64))
+
+
+def image_examples(path: Path, contract: ImageContract) -> tuple[np.ndarray, np.ndarray]:
+    """N x C x H x W float32 inputs (``(pixel / 255 - mean) / std``) and label indices."""
+    records = image_records(path, contract)
+    return encode_records(records, contract), records.labels
+
+
+def read_site_records(data: str, contract: Contract) -> SiteRecords:
+    """A site's records from its ``--data`` path, checked against ``contract``, not yet scaled."""
+    path = resolve_data_path(Path(data), contract)
+    if isinstance(contract, TabularContract):
+        return table_records(path, contract)
+    return image_records(path, contract)
 
 
 def read_site_examples(data: str, contract: Contract) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 
 from fedguard.conf.plans import clients_per_round
+from fedguard.conf.preprocessing_checks import federated_preprocessing
 from fedguard.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
 
 
@@ -46,19 +47,30 @@ class SitePlan:
 
 def plan_site(cfg: DictConfig, batches_per_epoch: int) -> SitePlan:
     """The noise a site with ``batches_per_epoch`` batches uses and the epsilon its planned
-    participation spends (calibrated to ``privacy.target_epsilon``, or at the fixed sigma)."""
+    participation spends (calibrated to ``privacy.target_epsilon``, or at the fixed sigma).
+
+    With federated preprocessing the statistics release spends ``dataset.preprocessing_epsilon``
+    first, so training is calibrated to what is left; the budget check before every round
+    composes both exactly (RDP), which is at most their sum."""
     dp = cfg.privacy
     sample_rate = 1.0 / batches_per_epoch  # Opacus's own definition for its DPDataLoader
     steps = expected_participation(cfg) * planned_steps(cfg, batches_per_epoch)
     if dp.target_epsilon is not None:
         sigma = calibrate_noise_multiplier(
-            target_epsilon=float(dp.target_epsilon), delta=float(dp.delta), sample_rate=sample_rate,
+            target_epsilon=float(dp.target_epsilon) - preprocessing_epsilon(cfg), delta=float(dp.delta), sample_rate=sample_rate,
             steps=steps, accountant=str(dp.accountant),
         )
     else:
         sigma = float(dp.noise_multiplier)
     epsilon = compute_epsilon([(sigma, sample_rate, steps)], float(dp.delta), str(dp.accountant)).epsilon
     return SitePlan(sigma, sample_rate, steps, epsilon)
+
+
+def preprocessing_epsilon(cfg: DictConfig) -> float:
+    """What the federated statistics release takes from a site's sample-level budget (0 if none)."""
+    if not federated_preprocessing(cfg) or cfg.privacy.mode != "sample_dp":
+        return 0.0
+    return float(cfg.dataset.preprocessing_epsilon)
 
 
 def batches_per_epoch(train_examples: int, batch_size: int) -> int:

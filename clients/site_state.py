@@ -48,7 +48,7 @@ from fedguard.clients.private_training import PRIOR_KEY
 from fedguard.clients.wire import protocol
 from fedguard.privacy.client_budget import STATE_KEY
 from fedguard.privacy.ledger import LedgerWriter, entry_to_wire, read_ledger
-from fedguard.privacy.ledger_events import BudgetRefusal, SampleDpTraining
+from fedguard.privacy.ledger_events import BudgetRefusal, LedgerEvent, SampleDpTraining
 from fedguard.privacy.signing import client_party, load_or_create_signing_key, public_key_openssh
 
 logger = logging.getLogger(__name__)
@@ -214,6 +214,11 @@ class SiteStateStore:
             event = SampleDpTraining.from_report(
                 report, client=partition_id, server_round=server_round, max_grad_norm=max_grad_norm, committed=committed
             )
+        with LedgerWriter(self.ledger_path, self._signing_key, client_party(partition_id), ledger_id=f"{self.lineage}-{partition_id}") as ledger:
+            ledger.append(event)
+
+    def record_event(self, event: LedgerEvent, *, partition_id: int) -> None:
+        """Append another privacy release of this site (e.g. preprocessing statistics) to its ledger."""
         with LedgerWriter(self.ledger_path, self._signing_key, client_party(partition_id), ledger_id=f"{self.lineage}-{partition_id}") as ledger:
             ledger.append(event)
 

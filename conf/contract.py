@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fedguard.conf.schema import ConfigError
@@ -25,7 +25,10 @@ RESIZE_RULES = ("refuse", "resize", "center_crop")
 IMAGE_CHANNELS = (1, 3)
 TABULAR_KEYS = ("features", "label", "classes")
 IMAGE_KEYS = ("channels", "height", "width", "classes", "resize", "mean", "std")
-FEATURE_KEYS = ("name", "type", "categories", "center", "scale")
+FEATURE_KEYS = ("name", "type", "categories", "center", "scale", "low", "high", "frequencies")
+# dataset.preprocessing: declared (the contract's constants, no privacy cost) or federated
+# (statistics computed across sites before training: clients/preprocessing.py).
+PREPROCESSING_MODES = ("declared", "federated")
 
 
 class ContractError(ConfigError):
@@ -57,6 +60,12 @@ class Feature:
     categories: tuple[str, ...] = ()
     center: float = 0.0
     scale: float = 1.0
+    # The declared range of a numeric column: federated preprocessing clips to it, which is what
+    # bounds one record's effect on the released sums (its sensitivity). None: not declared.
+    low: float | None = None
+    high: float | None = None
+    # A categorical column whose category frequencies federated preprocessing releases.
+    frequencies: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -69,6 +78,15 @@ class Feature:
             raise ContractError(f"feature {self.name!r} is numeric but lists categories")
         if not math.isfinite(self.center) or not math.isfinite(self.scale) or self.scale <= 0:
             raise ContractError(f"feature {self.name!r}: center must be finite and scale finite and > 0")
+        if (self.low is None) != (self.high is None):
+            raise ContractError(f"feature {self.name!r}: give both low and high (its declared range) or neither")
+        if self.low is not None:
+            if self.kind != "numeric":
+                raise ContractError(f"feature {self.name!r} is categorical; low/high belong to numeric features")
+            if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.high <= self.low:
+                raise ContractError(f"feature {self.name!r}: low={self.low}, high={self.high}; need finite low < high")
+        if self.frequencies and self.kind != "categorical":
+            raise ContractError(f"feature {self.name!r}: frequencies=true is for categorical features")
 
     @property
     def width(self) -> int:
@@ -174,6 +192,9 @@ def _feature(node: Any, where: str) -> Feature:
     kind = node.get("type", "numeric")
     if kind not in FEATURE_KINDS:
         raise ContractError(f"{where}.type={kind!r}; allowed: {', '.join(FEATURE_KINDS)}")
+    frequencies = node.get("frequencies", False)
+    if not isinstance(frequencies, bool):
+        raise ContractError(f"{where}.frequencies={frequencies!r}; allowed: true, false")
     try:
         return Feature(
             name=str(node.get("name") or ""),
@@ -181,6 +202,9 @@ def _feature(node: Any, where: str) -> Feature:
             categories=_text_list(node, "categories", where) if kind == "categorical" else (),
             center=_number(node, "center", where, 0.0),
             scale=_number(node, "scale", where, 1.0),
+            low=None if node.get("low") is None else _number(node, "low", where, 0.0),
+            high=None if node.get("high") is None else _number(node, "high", where, 0.0),
+            frequencies=frequencies,
         )
     except ContractError as err:
         raise ContractError(f"{where}: {err}") from None
@@ -222,10 +246,42 @@ def contract_from_config(kind: str, node: Mapping[str, Any] | None) -> Contract:
     raise ContractError(f"dataset.name={kind!r} has no data contract; contracts exist for tabular and images")
 
 
-def contract_of(dataset_cfg: Any) -> Contract:
-    """The contract of a composed ``dataset`` config node (DictConfig or plain mapping)."""
-    from omegaconf import DictConfig, OmegaConf
+def _plain(node: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    node = dataset_cfg.contract
-    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-    return contract_from_config(str(dataset_cfg.name), plain)
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
+
+
+def declared_contract_of(dataset_cfg: Any) -> Contract:
+    """The contract as the team declared it, ignoring any federated statistics: what a site's
+    privacy accounting fingerprints its data under (the same records whatever the scaling)."""
+    return contract_from_config(str(dataset_cfg.name), _plain(dataset_cfg.contract))
+
+
+def with_statistics(contract: Contract, statistics: Mapping[str, Any] | None) -> Contract:
+    """The contract with its scaling replaced by federated statistics (``dataset.statistics``,
+    written by the server after federated preprocessing): numeric features standardised by the
+    federation's mean and std, images by the federation's pixel mean and std."""
+    if not statistics:
+        return contract
+    where = "dataset.statistics"
+    try:
+        if isinstance(contract, ImageContract):
+            pixels = statistics["pixels"]
+            return replace(contract, mean=float(pixels["mean"]), std=float(pixels["std"]))
+        numeric = statistics.get("features", {})
+        features = tuple(
+            replace(f, center=float(numeric[f.name]["mean"]), scale=float(numeric[f.name]["std"]))
+            if f.kind == "numeric" and f.name in numeric else f
+            for f in contract.features
+        )
+        return replace(contract, features=features)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ContractError(f"{where} does not fit the contract ({type(err).__name__}: {err})") from None
+
+
+def contract_of(dataset_cfg: Any) -> Contract:
+    """The contract of a composed ``dataset`` config node (DictConfig or plain mapping), scaled by
+    the run's federated statistics when the server has computed them."""
+    statistics = dataset_cfg.get("statistics") if hasattr(dataset_cfg, "get") else None
+    return with_statistics(declared_contract_of(dataset_cfg), _plain(statistics))

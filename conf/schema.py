@@ -51,6 +51,14 @@ class DatasetConfig:
     class_separation: float = 2.0
     # dataset=tabular / images: what every site's own files must look like (conf/contract.py).
     contract: dict[str, Any] | None = None
+    # declared: the contract's constants scale the inputs (no privacy cost). federated: the sites
+    # compute standardization statistics together before round 1 (clients/preprocessing.py); under
+    # sample-level DP each site pays preprocessing_epsilon for them from its budget.
+    preprocessing: str = "declared"
+    preprocessing_epsilon: float = 0.5
+    # Written by the server after federated preprocessing (never by hand): the federation's
+    # means/stds (and category frequencies) every site then preprocesses with; saved with the model.
+    statistics: dict[str, Any] | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedguard.conf.checks import check_noise_setting, choice, in_range
 from fedguard.conf.contract import contract_of
+from fedguard.conf.preprocessing_checks import check_preprocessing
 from fedguard.conf.client_dp_checks import validate_client_clipping, validate_client_dp
 from fedguard.conf.mode_keys import ChosenModes, keys_from_overrides, unused_key_error
 from fedguard.conf.plans import clients_per_round
@@ -205,6 +206,7 @@ def _validate_contract_and_custom_model(cfg: DictConfig) -> None:
     """A contract dataset's contract is sound; site_data and model.target are where they belong."""
     if cfg.dataset.name in CONTRACT_DATASETS:
         contract_of(cfg.dataset)
+        check_preprocessing(cfg)
     elif cfg.dataset.contract is not None:
         raise ConfigError(f"dataset.contract is read only by dataset=tabular or dataset=images, not {cfg.dataset.name}")
     site_data = cfg.simulation.site_data

@@ -238,6 +238,41 @@ class RunResumed(LedgerEvent):
 
 
 @dataclass(frozen=True)
+class PreprocessingRelease(LedgerEvent):
+    """A site's noisy standardization sums, released once before training (privacy/preprocessing.py).
+
+    ``numeric`` and ``categorical`` give the vector's layout, from which the audit recomputes the
+    sensitivity ``sqrt(1 + 2 numeric + categorical)`` itself; ``noise_std`` is what was added.
+    Accounted as one Gaussian step at sampling rate 1; ``epsilon`` is the site's cumulative spend
+    on its data after it."""
+
+    kind: ClassVar[str] = "preprocessing_release"
+    client: str
+    noise_multiplier: float
+    noise_std: float
+    numeric: int
+    categorical: int
+    delta: float
+    accountant: str
+    epsilon: float
+    budget_epsilon: float | None = None
+    round: int = 0
+
+    def __post_init__(self) -> None:
+        _finite("noise_multiplier", self.noise_multiplier)
+        _finite("noise_std", self.noise_std)
+        _rate("delta", self.delta)
+        _finite("epsilon", self.epsilon)
+        _accountant(self.accountant)
+        for name in ("numeric", "categorical"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or int(value) < 0:
+                raise EventError(f"{name}={value} must be a non-negative integer")
+        object.__setattr__(self, "client", str(self.client))
+        object.__setattr__(self, "budget_epsilon", _budget(self.budget_epsilon))
+
+
+@dataclass(frozen=True)
 class RunFinished(LedgerEvent):
     kind: ClassVar[str] = "run_finished"
     run_id: str
@@ -247,6 +282,7 @@ class RunFinished(LedgerEvent):
 
 CLIENT_ENTRY_KIND = "client_entry"
 EVENT_TYPES: dict[str, type[LedgerEvent]] = {
-    cls.kind: cls for cls in (RunStarted, SampleDpTraining, BudgetRefusal, ClientDpRelease, RunResumed, RunFinished)
+    cls.kind: cls
+    for cls in (RunStarted, SampleDpTraining, BudgetRefusal, ClientDpRelease, RunResumed, RunFinished, PreprocessingRelease)
 }
 KNOWN_KINDS = frozenset(EVENT_TYPES) | {CLIENT_ENTRY_KIND}

@@ -7,6 +7,7 @@ config under ``fedguard-config`` and results go to ``run-dir``.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -16,19 +17,21 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedguard.clients.wire import protocol
 from fedguard.clients.datasets import expected_layout, load_dataset
 from fedguard.clients.models import build_model, count_parameters, resolve_device
 from fedguard.clients.training import evaluate_model
 from fedguard.conf.plans import clients_per_round, trains_privately
+from fedguard.conf.preprocessing_checks import federated_preprocessing
 from fedguard.conf.run_config import config_from_yaml, config_to_yaml, resume_mismatches
 from fedguard.conf.schema import CONTRACT_DATASETS, ConfigError
 from fedguard.server.checkpoint import CHECKPOINT_DIR, FINAL_NAME, LATEST_NAME, BackgroundCheckpointWriter, save_checkpoint
 from fedguard.server.federation import run_federation
 from fedguard.server.launch import RUNS_DIR
 from fedguard.server.layers import build_layers
+from fedguard.server.preprocessing import STATISTICS_FILE, run_preprocessing
 from fedguard.server.run_record import RoundRecord, RunRecorder
 from fedguard.server.run_state import (
     ResumePoint,
@@ -61,7 +64,9 @@ def load_resume_point(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
     if Path(cfg.resume).resolve() != run_dir.resolve():
         raise ConfigError(f"resume={cfg.resume} but results would go to {run_dir}; a resumed run continues in its own directory")
     # overwrite is about the directory, not the computation (and older runs lack the key).
-    if differ := [key for key in resume_mismatches(config_from_yaml(point.config_yaml), cfg) if key != "overwrite"]:
+    # dataset.statistics: written by the original run's federated preprocessing, reused as it was.
+    mismatches = resume_mismatches(config_from_yaml(point.config_yaml), cfg)
+    if differ := [key for key in mismatches if key != "overwrite" and not key.startswith("dataset.statistics")]:
         raise ConfigError(f"resume={cfg.resume} needs the original run's config; these keys differ: {', '.join(differ)}")
     logger.warning("resuming run %s after round %d", point.run_state.lineage, point.run_state.completed_round)
     return point
@@ -131,6 +136,17 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             metrics={"test_accuracy": record.test_accuracy, "test_loss": record.test_loss}, run_state=state.to_payload(),
         )
 
+    waiter = ClientWaiter(int(cfg.simulation.num_clients), float(cfg.deployment.wait_for_clients))
+    preprocessing: dict[str, Any] = {}
+    try:
+        if federated_preprocessing(cfg):
+            config_yaml, preprocessing = _federated_statistics(grid, cfg, config_yaml, run_state, resume, layers, waiter,
+                                                               run_dir)
+    except BaseException:
+        recorder.close()
+        checkpoints.close()
+        layers.close()
+        raise
     shared_config = ConfigRecord({protocol.FEDGUARD_CONFIG_KEY: config_yaml, protocol.LINEAGE_KEY: run_state.lineage})
     try:
         result = run_federation(
@@ -146,7 +162,7 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             train_exchange=layers.train_exchange,
             start_round=run_state.completed_round + 1,
             excluded_clients=run_state.excluded_clients,
-            wait_for_clients=ClientWaiter(int(cfg.simulation.num_clients), float(cfg.deployment.wait_for_clients)),
+            wait_for_clients=waiter,
             record_spend=layers.record_spend,
             stop_before_round=layers.stop_before_round,
         )
@@ -174,8 +190,27 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "device": str(device),
             "checkpoint": str(final_path),
             **layers.summary(),
+            **({"preprocessing": preprocessing} if preprocessing else {}),
         }
     )
+
+
+def _federated_statistics(grid: Grid, cfg: DictConfig, config_yaml: str, run_state: RunState,
+                          resume: ResumePoint | None, layers, waiter: ClientWaiter, run_dir: Path) -> tuple[str, dict]:
+    """Run federated preprocessing (or, on resume, reuse the original run's statistics) and
+    return the run config every site trains with from now on, carrying them."""
+    if resume is not None:
+        statistics = config_from_yaml(resume.config_yaml).dataset.statistics
+        summary = {"mode": "federated", "reused_from": "the original run (resume)"}
+    else:
+        waiter(grid, int(cfg.simulation.num_clients))
+        outcome = run_preprocessing(grid, cfg, config_yaml, run_state.lineage, float(cfg.simulation.round_timeout),
+                                    layers.record_spend if layers.ledger else None)
+        statistics, summary = outcome.statistics, outcome.summary()
+        (run_dir / STATISTICS_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True), encoding="utf-8")
+    with open_dict(cfg):
+        cfg.dataset.statistics = OmegaConf.to_container(statistics) if isinstance(statistics, DictConfig) else statistics
+    return config_to_yaml(cfg), summary
 
 
 def _run_facts(cfg: DictConfig) -> dict[str, Any]:

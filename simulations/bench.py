@@ -103,6 +103,8 @@ def main(argv: list[str]) -> int:
     own_files = sub.add_parser("own-files", help="3 sites' own CSV files: federated with/without DP vs pooled")
     own_files.add_argument("--rounds", type=int, default=10)
     own_files.add_argument("--epsilon", type=float, default=3.0, help="sample-level DP target epsilon per site")
+    own_files.add_argument("--kind", choices=("csv", "images"), default="csv",
+                           help="csv: three wine CSV sites; images: three Fashion-MNIST image folders (PNG)")
     own_files.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     args = parser.parse_args(argv)
     from fedguard.simulations.simulate import configure_logging
@@ -150,12 +152,16 @@ def main(argv: list[str]) -> int:
             for model_dir in args.model_dirs
         ]}
     elif args.name == "own-files":
-        from fedguard.simulations.bench_own_files import run_own_files_benchmark
+        from fedguard.simulations.bench_own_files import run_own_files_benchmark, run_own_images_benchmark
 
-        result = run_own_files_benchmark(args.rounds, args.epsilon)
+        if args.kind == "images":
+            result = run_own_images_benchmark(args.rounds, args.epsilon)
+        else:
+            result = run_own_files_benchmark(args.rounds, args.epsilon)
     else:
         return 2
-    path = write_result(args.out, args.name, result)
+    name = f"{args.name}-images" if getattr(args, "kind", None) == "images" else args.name
+    path = write_result(args.out, name, result)  # own-files-images.json beside own-files.json
     print(json.dumps(result, indent=2))
     print(f"written to {path}", file=sys.stderr)
     return 0

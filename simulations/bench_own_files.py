@@ -1,5 +1,7 @@
 """``fedguard bench own-files``: three sites' own CSV files (wine, different sizes and label
-mixes) federated without DP and with sample-level DP, beside the same rows pooled centrally.
+mixes) federated without DP and with sample-level DP, beside the same rows pooled centrally;
+``--kind images``: three Fashion-MNIST image folders the same way, with federated
+preprocessing, and the time that stage took.
 
 A quarter of the wine rows (stratified, fixed split) is held out before the sites' files are
 written; every variant is scored on it: the federations through their final checkpoint, the
@@ -30,8 +32,9 @@ from fedguard.simulations.example_sites import CSV_NAME, wine_table, write_sites
 TEST_FRACTION = 0.25
 
 
-def _federate(sites: list[Path], run_dir: Path, rounds: int, privacy: list[str]) -> dict[str, Any]:
-    args = [sys.executable, "-m", "fedguard.simulations.cli", "simulate", "dataset=tabular", "model=mlp",
+def _federate(sites: list[Path], run_dir: Path, rounds: int, privacy: list[str],
+              task: tuple[str, ...] = ("dataset=tabular", "model=mlp")) -> dict[str, Any]:
+    args = [sys.executable, "-m", "fedguard.simulations.cli", "simulate", *task,
             "simulation.num_clients=3", f"simulation.rounds={rounds}", "simulation.min_clients_per_round=3",
             f"simulation.site_data=[{','.join(map(str, sites))}]", "progress=false", f"hydra.run.dir={run_dir}",
             *privacy]
@@ -88,4 +91,71 @@ def run_own_files_benchmark(rounds: int, epsilon: float) -> dict[str, Any]:
     print(f"{'variant':44} {'test accuracy':>13} {'seconds':>8}", file=sys.stderr)
     for name, row in results["variants"].items():
         print(f"{name:44} {row['test_accuracy']:13.3f} {row['wall_seconds']:8.1f}", file=sys.stderr)
+    return results
+
+
+def _checkpoint_model(summary: dict[str, Any]):
+    """The run's final model and the contract it was trained under (its federated statistics)."""
+    from fedguard.conf.run_config import config_from_yaml
+    from fedguard.server.checkpoint import read_checkpoint
+
+    path = Path(summary["checkpoint"])
+    return load_global_model(path), contract_of(config_from_yaml(read_checkpoint(path)["config_yaml"]).dataset)
+
+
+def run_own_images_benchmark(rounds: int, epsilon: float, sizes: tuple[int, ...] = (300, 200, 150),
+                             test_images: int = 2000) -> dict[str, Any]:
+    """Three image-folder sites (federated preprocessing, with and without DP) beside the same
+    images pooled centrally (standardised by their own pooled mean/std); scored on the first
+    ``test_images`` of Fashion-MNIST's test split, which no site holds."""
+    from dataclasses import replace
+
+    from fedguard.clients.datasets import _find_idx_file, read_idx
+    from fedguard.clients.local_data import ImageRecords, encode_records, image_records
+    from fedguard.simulations.example_sites import FASHION_MNIST_DIR, write_image_sites
+
+    cfg = compose_config(["dataset=images", "model=cnn"])
+    declared = contract_of(cfg.dataset)
+    pixels = read_idx(_find_idx_file(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte"))[:test_images, None]
+    labels = read_idx(_find_idx_file(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte"))[:test_images].astype(np.int64)
+    test = ImageRecords(pixels, labels)
+    results: dict[str, Any] = {"rounds": rounds, "site_images": list(sizes), "test_images": test_images, "variants": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        sites = write_image_sites(root / "data", sizes)
+        variants = {
+            "federated, no DP, federated preprocessing": ["dataset.preprocessing=federated"],
+            f"federated, sample-level DP eps {epsilon:g}, federated preprocessing": [
+                "dataset.preprocessing=federated", "privacy=sample_dp", f"privacy.target_epsilon={epsilon}"],
+        }
+        for name, extra in variants.items():
+            run = _federate(sites, root / f"run{len(results['variants'])}", rounds, extra, ("dataset=images", "model=cnn"))
+            model, contract = _checkpoint_model(run["summary"])
+            clients = run["summary"].get("privacy", {}).get("clients", {})
+            results["variants"][name] = {
+                "test_accuracy": _accuracy(model, encode_records(test, contract), labels),
+                "wall_seconds": run["seconds"],
+                "preprocessing_seconds": run["summary"]["preprocessing"]["seconds"],
+                "statistics": run["summary"]["preprocessing"]["statistics"],
+                "epsilon_per_site": {pid: entry["epsilon"] for pid, entry in clients.items()},
+            }
+        records = [image_records(site, declared) for site in sites]
+        pooled_pixels = np.concatenate([r.pixels for r in records])
+        pooled_y = np.concatenate([r.labels for r in records])
+        scaled = pooled_pixels.astype(np.float64) / 255.0
+        pooled_contract = replace(declared, mean=float(scaled.mean()), std=float(scaled.std()))
+        torch.manual_seed(int(cfg.seed))
+        model = build_model(cfg.model, declared.input_shape, declared.num_classes)
+        started = time.perf_counter()
+        pooled = ImageRecords(pooled_pixels, pooled_y)
+        run_epochs(make_training_setup(model, encode_records(pooled, pooled_contract), pooled_y, cfg.train, int(cfg.seed)),
+                   rounds * int(cfg.train.local_epochs), torch.device("cpu"))
+        results["variants"]["pooled centrally, no DP"] = {
+            "test_accuracy": _accuracy(model, encode_records(test, pooled_contract), labels),
+            "wall_seconds": time.perf_counter() - started,
+            "statistics": {"pixels": {"mean": pooled_contract.mean, "std": pooled_contract.std}}}
+    print(f"{'variant':62} {'test accuracy':>13} {'seconds':>8} {'preprocessing s':>15}", file=sys.stderr)
+    for name, row in results["variants"].items():
+        print(f"{name:62} {row['test_accuracy']:13.3f} {row['wall_seconds']:8.1f} "
+              f"{row.get('preprocessing_seconds', float('nan')):15.1f}", file=sys.stderr)
     return results

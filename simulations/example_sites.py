@@ -52,6 +52,51 @@ def write_sites(root: Path, frame=None) -> list[Path]:
     return sites
 
 
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Images per site (different sizes) and each site's class mix: site 0 sees every class evenly,
+# site 1 mostly tops and footwear, site 2 never a bag or an ankle boot.
+IMAGE_SITE_SIZES = (300, 200, 150)
+IMAGE_SITE_WEIGHTS = (
+    (1, 1, 1, 1, 1, 1, 1, 1, 1, 1),
+    (3, 1, 3, 1, 3, 3, 1, 3, 1, 3),
+    (2, 2, 2, 2, 2, 2, 2, 2, 0, 0),
+)
+
+
+def write_image_sites(root: Path, sizes=IMAGE_SITE_SIZES, source: Path = FASHION_MNIST_DIR, split: str = "train",
+                      offset: int = 0) -> list[Path]:
+    """One image folder per site under ``root`` (a sub-folder per class of conf/dataset/images.yaml,
+    one PNG per image), cut from Fashion-MNIST's ``split`` files without overlap, by
+    IMAGE_SITE_WEIGHTS; ``offset`` skips that many images first (a disjoint set for testing)."""
+    import numpy as np
+    from PIL import Image
+
+    from fedguard.clients.datasets import _find_idx_file, read_idx
+    from fedguard.conf import compose_config
+
+    classes = list(compose_config(["dataset=images"]).dataset.contract.classes)
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(_find_idx_file(source, f"{prefix}-images-idx3-ubyte"))[offset:]
+    labels = read_idx(_find_idx_file(source, f"{prefix}-labels-idx1-ubyte"))[offset:]
+    unused = {c: list(np.flatnonzero(labels == c)) for c in range(len(classes))}
+    sites = []
+    for i, (size, weights) in enumerate(zip(sizes, IMAGE_SITE_WEIGHTS)):
+        share = np.asarray(weights, dtype=float) / sum(weights)
+        counts = np.floor(share * size).astype(int)
+        counts[int(np.argmax(share))] += size - counts.sum()
+        site = root / f"site-{i}"
+        for c, n in enumerate(counts):
+            if n == 0:
+                continue  # a class this site never saw: no folder (an empty one is refused)
+            folder = site / classes[c]
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in unused[c][:n]:
+                Image.fromarray(images[index]).save(folder / f"{index + offset}.png")
+            unused[c] = unused[c][n:]
+        sites.append(site)
+    return sites
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m fedguard.simulations.example_sites DIR", file=sys.stderr)

@@ -70,3 +70,12 @@ EVAL_ACCURACY_KEY = "eval_accuracy"
 # Flower run-config keys (pyproject [tool.flwr.app.config] and `flwr run --run-config`).
 RUN_CONFIG_FEDGUARD = "fedguard-config"
 RUN_CONFIG_RUN_DIR = "run-dir"
+
+# Federated preprocessing (clients/preprocessing.py): a query message before round 1; the reply's
+# config record holds the site's (noisy) bounded sums and their layout, nothing else about its data.
+PREPROCESS_MESSAGE_TYPE = "query.preprocess"
+PREPROCESS_KEY = "preprocess"
+PREPROCESS_SUMS_FIELD = "sums"
+PREPROCESS_NUMERIC_FIELD = "numeric"
+PREPROCESS_CATEGORIES_FIELD = "categories"
+PREPROCESS_NOISE_STD_FIELD = "noise-std"

@@ -9,6 +9,11 @@ Check rules (documented in the report):
 * sample level, q and steps: recomputed from what the site signed (batch size, dataset
   size, local epochs, max_steps; privacy/audit/commitments.py), never taken from the
   stated figures alone; entries without those fields are listed as "q not verifiable".
+* sample level, ``preprocessing_release`` (federated standardization statistics): one Gaussian
+  step at sampling rate 1 in the client's history, its noise multiplier taken as
+  ``min(stated, noise_std / sqrt(1 + 2 numeric + categorical))``: the sensitivity of the
+  bounded sums vector (count, first and second moments in [-1, 1] and [0, 1], one count
+  per categorical feature), written out here rather than taken from the code under audit.
 * federation (``client_dp_release``): every event, Poisson via RDP or PLD as above,
   fixed-size cohorts via RDP without replacement (replace-one neighbours). The noise
   multiplier used is ``min(stated, noise_std / clip_norm)``: what the noise really was.
@@ -29,7 +34,7 @@ from typing import Any
 
 from fedguard.privacy.audit import commitments, recompute
 from fedguard.privacy.audit.verify import AttributedEvent
-from fedguard.privacy.ledger_events import BudgetRefusal, ClientDpRelease, RunStarted, SampleDpTraining
+from fedguard.privacy.ledger_events import BudgetRefusal, ClientDpRelease, PreprocessingRelease, RunStarted, SampleDpTraining
 
 # A stated noise multiplier may differ from noise_std / clip_norm by float round-off only.
 NOISE_CONSISTENCY_RTOL = 1e-6
@@ -127,6 +132,11 @@ def audit_client(name: str, events: list[AttributedEvent], tolerance: float, wit
     last_delta: float | None = None
     for event in events:
         body = event.body
+        if event.kind == PreprocessingRelease.kind:
+            history.append((_preprocessing_sigma(body, audit), 1.0, 1))
+            audit.steps += 1
+            _note_release(audit, body, history, tolerance, label="preprocessing")
+            continue
         if event.kind == BudgetRefusal.kind:
             audit.refusals += 1
             audit.budget = body["budget_epsilon"] if body["budget_epsilon"] is not None else audit.budget
@@ -160,6 +170,33 @@ def audit_client(name: str, events: list[AttributedEvent], tolerance: float, wit
     _check_monotone(audit)
     _check_budget(audit, tolerance)
     return audit
+
+
+def _preprocessing_sigma(body: dict[str, Any], audit: SpendAudit) -> float:
+    """The noise multiplier the statistics release really had: noise std over the vector's sensitivity."""
+    sensitivity = math.sqrt(1 + 2 * int(body["numeric"]) + int(body["categorical"]))
+    from_noise = float(body["noise_std"]) / sensitivity
+    stated = float(body["noise_multiplier"])
+    if from_noise < stated * (1 - NOISE_CONSISTENCY_RTOL):
+        audit.mismatches.append(
+            f"preprocessing: noise_multiplier {stated:g} but noise_std/sensitivity = {from_noise:g}"
+        )
+    return min(stated, from_noise)
+
+
+def _note_release(
+    audit: SpendAudit, body: dict[str, Any], history: list[tuple[float, float, int]], tolerance: float, label: str
+) -> None:
+    """Recompute the cumulative epsilon after a release and compare it with the stated one."""
+    audit.accountant, audit.delta, audit.epsilon_reported = body["accountant"], body["delta"], body["epsilon"]
+    if body.get("budget_epsilon") is not None:
+        audit.budget = body["budget_epsilon"]
+    method = "RDP" if body["accountant"] == "rdp" else "PLD"
+    epsilon_of = recompute.rdp_epsilon if method == "RDP" else recompute.pld_epsilon
+    recomputed = epsilon_of(recompute.merge(history), body["delta"])
+    if recompute.exceeds(recomputed, body["epsilon"], tolerance):
+        audit.mismatches.append(f"{label}: reported {body['epsilon']:.6g}, {method} recomputed {recomputed:.6g}")
+    audit.timeline.append(TimelinePoint(int(body.get("round", 0)), float(body["epsilon"]), recomputed))
 
 
 def _with_clip_count(update_sigma: float, count_std: float) -> float:
@@ -275,7 +312,7 @@ def audit_spend(events: list[AttributedEvent], tolerance: float, with_pld: bool 
     releases: list[AttributedEvent] = []
     run: dict[str, Any] = {}
     for event in events:
-        if event.kind in (SampleDpTraining.kind, BudgetRefusal.kind):
+        if event.kind in (SampleDpTraining.kind, BudgetRefusal.kind, PreprocessingRelease.kind):
             per_client[str(event.body["client"])].append(event)
         elif event.kind == ClientDpRelease.kind:
             releases.append(event)

@@ -22,7 +22,14 @@ from fedguard.privacy.ledger import (
     parse_line,
     verify_entry,
 )
-from fedguard.privacy.ledger_events import EVENT_TYPES, BudgetRefusal, ClientDpRelease, EventError, SampleDpTraining
+from fedguard.privacy.ledger_events import (
+    EVENT_TYPES,
+    BudgetRefusal,
+    ClientDpRelease,
+    EventError,
+    PreprocessingRelease,
+    SampleDpTraining,
+)
 from fedguard.privacy.signing import SERVER_PARTY, KeyRegistry, client_party
 
 logger = logging.getLogger(__name__)
@@ -43,7 +50,7 @@ NO_REGISTRY = "no_key_registry"
 EMPTY_LEDGER = "empty_ledger"
 
 # Who must have signed each kind: privacy is attested by the party that spent it.
-CLIENT_SPENT_KINDS = (SampleDpTraining.kind, BudgetRefusal.kind)
+CLIENT_SPENT_KINDS = (SampleDpTraining.kind, BudgetRefusal.kind, PreprocessingRelease.kind)
 SERVER_SPENT_KINDS = (ClientDpRelease.kind,)
 
 

@@ -1,0 +1,61 @@
+"""A site's own files as the training set and the statistics input of a run with a data contract.
+
+Both the training request and the federated-preprocessing request read the same rows the
+same way: the contract's records, a seeded shuffle into training and validation rows, and
+a fingerprint of the training rows under the contract's *declared* scaling. The fingerprint
+names the data in the site's per-data spend (clients/data_spend.py), so the statistics
+release and every later training round on those records are charged to the same account
+whatever scaling the federation's statistics later give them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from omegaconf import DictConfig
+
+from fedguard.clients.data_spend import data_fingerprint
+from fedguard.clients.datasets import LocalDataError
+from fedguard.clients.local_data import SiteRecords, encode_records, read_site_records
+from fedguard.clients.site import DATA_KEY, SiteConfigError, SiteSettings
+from fedguard.conf.contract import contract_of, declared_contract_of
+
+
+@dataclass(frozen=True)
+class OwnSplit:
+    """A site's records split into training and validation rows, and the training rows' id."""
+
+    records: SiteRecords
+    train: np.ndarray
+    validation: np.ndarray
+    fingerprint: str
+
+    @property
+    def train_records(self) -> SiteRecords:
+        return self.records.take(self.train)
+
+
+def own_split(cfg: DictConfig, site: SiteSettings) -> OwnSplit:
+    """Read and check the site's files, split them (seeded by the run), fingerprint the training rows."""
+    if not site.data:
+        raise SiteConfigError(f"dataset={cfg.dataset.name} trains on each site's own files: start this site "
+                              f"with `fedguard client --data PATH` (node config '{DATA_KEY}')")
+    declared = declared_contract_of(cfg.dataset)
+    records = read_site_records(site.data, declared)
+    labels = records.labels
+    order = np.random.default_rng(cfg.seed).permutation(len(labels))
+    held_out = int(len(labels) * float(cfg.dataset.validation_fraction))
+    if len(labels) - held_out < 1:
+        raise LocalDataError(f"{site.data}: {len(labels)} example(s) leave none for training after the "
+                             f"validation split (dataset.validation_fraction={cfg.dataset.validation_fraction})")
+    train, validation = order[held_out:], order[:held_out]
+    declared_x = encode_records(records, declared)
+    return OwnSplit(records, train, validation, data_fingerprint((declared_x[train], labels[train])))
+
+
+def own_examples(cfg: DictConfig, site: SiteSettings) -> tuple[np.ndarray, np.ndarray, OwnSplit]:
+    """All the site's model inputs under the run's scaling (federated statistics where the server
+    computed them, the declared constants otherwise), their labels, and the split."""
+    split = own_split(cfg, site)
+    return encode_records(split.records, contract_of(cfg.dataset)), split.records.labels, split
