@@ -10,6 +10,8 @@ import pytest
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # The server's ledger signing key lives in $FEDGUARD_HOME; keep the tests' keys out of ~/.fedguard.
 os.environ.setdefault("FEDGUARD_HOME", tempfile.mkdtemp(prefix="fedguard-home-"))
+# The scattering front end's feature cache (clients/scattering.py) too.
+os.environ.setdefault("FEDGUARD_CACHE_DIR", tempfile.mkdtemp(prefix="fedguard-cache-"))
 
 
 @pytest.fixture(scope="session")
