@@ -104,6 +104,17 @@ def main(argv: list[str]) -> int:
     own_files.add_argument("--rounds", type=int, default=10)
     own_files.add_argument("--epsilon", type=float, default=3.0, help="sample-level DP target epsilon per site")
     own_files.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    accuracy = sub.add_parser("accuracy", help="Fashion-MNIST, 10 IID clients: test accuracy at each epsilon and "
+                              "without DP (hyperparameters tuned on validation splits with --tune)")
+    accuracy.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    accuracy.add_argument("--rounds", type=int, default=20)
+    accuracy.add_argument("--preset", default="dp_images", help="conf/preset/<name>.yaml")
+    accuracy.add_argument("--tune", action="store_true", help="choose among the candidates on validation splits "
+                          "first (else the preset's settings)")
+    accuracy.add_argument("--tune-epsilon", type=float, default=3.0)
+    accuracy.add_argument("--nonprivate-lr", type=float, default=0.1,
+                          help="step size of the non-private run (no clipping bounds its gradients)")
+    accuracy.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     args = parser.parse_args(argv)
     from fedguard.simulations.simulate import configure_logging
 
@@ -153,6 +164,12 @@ def main(argv: list[str]) -> int:
         from fedguard.simulations.bench_own_files import run_own_files_benchmark
 
         result = run_own_files_benchmark(args.rounds, args.epsilon)
+    elif args.name == "accuracy":
+        from fedguard.simulations.bench_accuracy import accuracy_table, run_accuracy_benchmark
+
+        result = run_accuracy_benchmark(args.epsilons, args.rounds, args.preset, args.tune, args.tune_epsilon,
+                                        args.nonprivate_lr)
+        print(accuracy_table(result))
     else:
         return 2
     path = write_result(args.out, args.name, result)

@@ -77,6 +77,16 @@ def test_model_trains_only_the_layers_after_the_transform(fresh_cache):
     assert scattering_channels(2, 8) == 81 and scattering_channels(3, 4) == 1 + 12 + 48
 
 
+@pytest.mark.simulation  # a config composition: over a second under load
+def test_the_dp_images_preset_picks_the_scattering_model_and_dp_sized_batches():
+    cfg = compose_config(["+preset=dp_images", "dataset=fashion_mnist", "privacy=sample_dp",
+                          "privacy.target_epsilon=3"])
+    assert cfg.model.name == "scatter_linear" and cfg.model.group_norm_groups == 27
+    assert (cfg.train.batch_size, cfg.train.learning_rate, cfg.privacy.max_grad_norm) == (1024, 4.0, 0.1)
+    # a user's own choice still wins over the preset
+    assert compose_config(["+preset=dp_images", "dataset=fashion_mnist", "train.batch_size=256"]).train.batch_size == 256
+
+
 @pytest.mark.simulation  # four config compositions: over a second under load
 def test_bad_scattering_settings_are_refused_naming_the_key():
     for override, key in (("model.group_norm_groups=10", "model.group_norm_groups"),
