@@ -114,6 +114,8 @@ def main(argv: list[str]) -> int:
     accuracy.add_argument("--tune-epsilon", type=float, default=3.0)
     accuracy.add_argument("--nonprivate-lr", type=float, default=0.1,
                           help="step size of the non-private run (no clipping bounds its gradients)")
+    accuracy.add_argument("--from-runs", type=Path, default=None,
+                          help="collect finished tune-*/eps-* run directories under this folder instead of running")
     accuracy.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     args = parser.parse_args(argv)
     from fedguard.simulations.simulate import configure_logging
@@ -167,8 +169,11 @@ def main(argv: list[str]) -> int:
     elif args.name == "accuracy":
         from fedguard.simulations.bench_accuracy import accuracy_table, run_accuracy_benchmark
 
-        result = run_accuracy_benchmark(args.epsilons, args.rounds, args.preset, args.tune, args.tune_epsilon,
-                                        args.nonprivate_lr)
+        from fedguard.simulations.bench_accuracy import collect_runs
+
+        result = (collect_runs(args.from_runs, args.tune_epsilon) if args.from_runs else
+                  run_accuracy_benchmark(args.epsilons, args.rounds, args.preset, args.tune, args.tune_epsilon,
+                                         args.nonprivate_lr))
         print(accuracy_table(result))
     else:
         return 2

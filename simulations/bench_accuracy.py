@@ -45,10 +45,16 @@ def _simulate(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     seconds, load_after = time.perf_counter() - started, os.getloadavg()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return {**read_run(run_dir), "wall_seconds": round(seconds, 1),
+            "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)]}
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """A finished run directory's summary and last metrics line (its wall time from the summary)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"summary": summary, "last": last, "wall_seconds": round(seconds, 1),
-            "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)]}
+    return {"summary": summary, "last": last, "wall_seconds": round(summary["wall_seconds"], 1),
+            "load_average_1min": None}
 
 
 def _overrides(settings: dict[str, Any]) -> list[str]:
@@ -65,39 +71,56 @@ def _privacy(summary: dict[str, Any]) -> dict[str, Any]:
             "sample_rate": sorted({c["sample_rate"] for c in clients.values()})}
 
 
-def tune(root: Path, epsilon: float, rounds: int, preset: str) -> dict[str, Any]:
-    """Score every candidate by its last round's federated validation accuracy; return all and the best."""
-    scores: dict[str, Any] = {}
-    for name, settings in CANDIDATES.items():
-        run = _simulate(root / f"tune-{name}", [f"+preset={preset}", "privacy=sample_dp",
-                                                f"privacy.target_epsilon={epsilon}", f"simulation.rounds={rounds}",
-                                                "evaluate.fraction_clients=1.0",
-                                                "privacy.release_unaccounted_metrics=true", *_overrides(settings)])
-        scores[name] = {"settings": settings, "validation_accuracy": run["last"]["federated_eval_accuracy"],
-                        "wall_seconds": run["wall_seconds"], "load_average_1min": run["load_average_1min"],
-                        **_privacy(run["summary"])}
-        print(f"tuning {name}: validation accuracy {scores[name]['validation_accuracy']:.4f}", file=sys.stderr)
+def tuning_overrides(settings: dict[str, Any], epsilon: float, rounds: int, preset: str) -> list[str]:
+    return [f"+preset={preset}", "privacy=sample_dp", f"privacy.target_epsilon={epsilon}", f"simulation.rounds={rounds}",
+            "evaluate.fraction_clients=1.0", "privacy.release_unaccounted_metrics=true", *_overrides(settings)]
+
+
+def final_overrides(epsilon: float | None, rounds: int, preset: str, settings: dict[str, Any],
+                    nonprivate_lr: float) -> list[str]:
+    if epsilon is None:  # same model and schedule; no clipping, so the step size is the non-private one
+        return [f"simulation.rounds={rounds}", f"+preset={preset}", "privacy=none",
+                *_overrides({k: v for k, v in settings.items() if not k.startswith("privacy.")}),
+                f"train.learning_rate={nonprivate_lr}"]
+    return [f"simulation.rounds={rounds}", f"+preset={preset}", "privacy=sample_dp",
+            f"privacy.target_epsilon={epsilon}", *_overrides(settings)]
+
+
+def _tuning_score(name: str, run: dict[str, Any]) -> dict[str, Any]:
+    return {"settings": CANDIDATES.get(name), "validation_accuracy": run["last"]["federated_eval_accuracy"],
+            "rounds": run["summary"]["rounds"], "wall_seconds": run["wall_seconds"],
+            "load_average_1min": run["load_average_1min"], **_privacy(run["summary"])}
+
+
+def _final_row(epsilon: float | None, run: dict[str, Any]) -> dict[str, Any]:
+    return {"target_epsilon": epsilon, "test_accuracy": run["last"]["test_accuracy"],
+            "rounds": run["summary"]["rounds"], "wall_seconds": run["wall_seconds"],
+            "load_average_1min": run["load_average_1min"], **_privacy(run["summary"])}
+
+
+def _chosen(scores: dict[str, Any], epsilon: float) -> dict[str, Any]:
     best = max(scores, key=lambda name: scores[name]["validation_accuracy"])
     return {"epsilon": epsilon, "scored_on": "federated evaluation on the sites' validation splits "
             "(10% of each site's rows, not trained on), last round; test accuracy not read",
             "candidates": scores, "chosen": best}
 
 
+def tune(root: Path, epsilon: float, rounds: int, preset: str) -> dict[str, Any]:
+    """Score every candidate by its last round's federated validation accuracy; return all and the best."""
+    scores: dict[str, Any] = {}
+    for name, settings in CANDIDATES.items():
+        run = _simulate(root / f"tune-{name}", tuning_overrides(settings, epsilon, rounds, preset))
+        scores[name] = _tuning_score(name, run)
+        print(f"tuning {name}: validation accuracy {scores[name]['validation_accuracy']:.4f}", file=sys.stderr)
+    return _chosen(scores, epsilon)
+
+
 def final_runs(root: Path, epsilons: list[float], rounds: int, preset: str, settings: dict[str, Any],
                nonprivate_lr: float) -> list[dict[str, Any]]:
     rows = []
     for epsilon in [*epsilons, None]:
-        if epsilon is None:  # same model and schedule; no clipping, so the step size is the non-private one
-            extra = [f"+preset={preset}", "privacy=none",
-                     *_overrides({k: v for k, v in settings.items() if not k.startswith("privacy.")}),
-                     f"train.learning_rate={nonprivate_lr}"]
-        else:
-            extra = [f"+preset={preset}", "privacy=sample_dp", f"privacy.target_epsilon={epsilon}",
-                     *_overrides(settings)]
-        run = _simulate(root / f"eps-{epsilon}", [f"simulation.rounds={rounds}", *extra])
-        row = {"target_epsilon": epsilon, "overrides": extra, "test_accuracy": run["last"]["test_accuracy"],
-               "rounds": run["summary"]["rounds"], "wall_seconds": run["wall_seconds"],
-               "load_average_1min": run["load_average_1min"], **_privacy(run["summary"])}
+        extra = final_overrides(epsilon, rounds, preset, settings, nonprivate_lr)
+        row = {**_final_row(epsilon, _simulate(root / f"eps-{epsilon}", extra)), "overrides": extra}
         print(f"epsilon {epsilon}: test accuracy {row['test_accuracy']:.4f}", file=sys.stderr)
         rows.append(row)
     return rows
@@ -122,5 +145,22 @@ def accuracy_table(result: dict[str, Any]) -> str:
         max_eps = f"{row['max_client_epsilon']:.3f}" if "max_client_epsilon" in row else "-"
         sigma = ", ".join(f"{s:.3f}" for s in row.get("noise_multiplier", [])) or "-"
         lines.append(f"| {eps} | {row['test_accuracy']:.4f} | {max_eps} | {sigma} | {row['wall_seconds']:.0f} | "
-                     f"{row['load_average_1min'][0]}-{row['load_average_1min'][1]} |")
+                     f"{'-'.join(map(str, row['load_average_1min'] or ['see JSON']))} |")
     return "\n".join(lines)
+
+
+def collect_runs(root: Path, tune_epsilon: float) -> dict[str, Any]:
+    """The same figures from run directories made by the same commands run by hand (``tune-<candidate>``
+    and ``eps-<epsilon>`` / ``eps-None`` under ``root``), e.g. two at a time on a busy machine."""
+    scores = {d.name.removeprefix("tune-"): _tuning_score(d.name.removeprefix("tune-"), read_run(d))
+              for d in sorted(root.glob("tune-*")) if (d / "summary.json").is_file()}
+    rows = []
+    for d in sorted(root.glob("eps-*")):
+        if (d / "summary.json").is_file():
+            label = d.name.removeprefix("eps-")
+            epsilon = None if label == "None" else float(label)
+            config = (d / "config.yaml").read_text()
+            rows.append({**_final_row(epsilon, read_run(d)), "config": config})
+    rows.sort(key=lambda row: float("inf") if row["target_epsilon"] is None else row["target_epsilon"])
+    return {"setup": "Fashion-MNIST, 10 IID clients, all sampled every round, delta 1e-5, RDP",
+            "tuning": _chosen(scores, tune_epsilon) if scores else None, "runs": rows}
