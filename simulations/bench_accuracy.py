@@ -142,11 +142,28 @@ def accuracy_table(result: dict[str, Any]) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for row in result["runs"]:
         eps = "non-private" if row["target_epsilon"] is None else f"{row['target_epsilon']:g}"
+        if row.get("incomplete"):
+            eps += f" (stopped after round {row['rounds']})"
         max_eps = f"{row['max_client_epsilon']:.3f}" if "max_client_epsilon" in row else "-"
         sigma = ", ".join(f"{s:.3f}" for s in row.get("noise_multiplier", [])) or "-"
         lines.append(f"| {eps} | {row['test_accuracy']:.4f} | {max_eps} | {sigma} | {row['wall_seconds']:.0f} | "
                      f"{'-'.join(map(str, row['load_average_1min'] or ['see JSON']))} |")
     return "\n".join(lines)
+
+
+def _partial_row(epsilon: float | None, run_dir: Path) -> dict[str, Any]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = lines[-1]
+    clients = last.get("privacy") or []
+    row = {"target_epsilon": epsilon, "incomplete": True, "rounds": last["round"],
+           "test_accuracy": last["test_accuracy"], "wall_seconds": round(sum(m["round_seconds"] for m in lines), 1),
+           "load_average_1min": None}
+    if clients:
+        row.update({"max_client_epsilon": max(c["epsilon"] for c in clients),
+                    "noise_multiplier": sorted({c["noise_multiplier"] for c in clients}),
+                    "steps_per_client": sorted({c["steps_total"] for c in clients}),
+                    "sample_rate": sorted({c["sample_rate"] for c in clients})})
+    return row
 
 
 def collect_runs(root: Path, tune_epsilon: float) -> dict[str, Any]:
@@ -156,11 +173,13 @@ def collect_runs(root: Path, tune_epsilon: float) -> dict[str, Any]:
               for d in sorted(root.glob("tune-*")) if (d / "summary.json").is_file()}
     rows = []
     for d in sorted(root.glob("eps-*")):
+        label = d.name.removeprefix("eps-")
+        epsilon = None if label == "None" else float(label)
+        config = (d / "config.yaml").read_text()
         if (d / "summary.json").is_file():
-            label = d.name.removeprefix("eps-")
-            epsilon = None if label == "None" else float(label)
-            config = (d / "config.yaml").read_text()
             rows.append({**_final_row(epsilon, read_run(d)), "config": config})
+        elif (d / "metrics.jsonl").is_file():  # stopped before its last round: say so, with what it reached
+            rows.append({**_partial_row(epsilon, d), "config": config})
     rows.sort(key=lambda row: float("inf") if row["target_epsilon"] is None else row["target_epsilon"])
     return {"setup": "Fashion-MNIST, 10 IID clients, all sampled every round, delta 1e-5, RDP",
             "tuning": _chosen(scores, tune_epsilon) if scores else None, "runs": rows}
