@@ -170,9 +170,9 @@ def collect_runs(root: Path, tune_epsilon: float) -> dict[str, Any]:
     """The same figures from run directories made by the same commands run by hand (``tune-<candidate>``
     and ``eps-<epsilon>`` / ``eps-None`` under ``root``), e.g. two at a time on a busy machine."""
     scores = {d.name.removeprefix("tune-"): _tuning_score(d.name.removeprefix("tune-"), read_run(d))
-              for d in sorted(root.glob("tune-*")) if (d / "summary.json").is_file()}
+              for d in sorted(root.glob("tune-*")) if d.is_dir() and (d / "summary.json").is_file()}
     rows = []
-    for d in sorted(root.glob("eps-*")):
+    for d in sorted(p for p in root.glob("eps-*") if p.is_dir()):
         label = d.name.removeprefix("eps-")
         epsilon = None if label == "None" else float(label)
         config = (d / "config.yaml").read_text()
