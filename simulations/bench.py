@@ -114,6 +114,8 @@ def main(argv: list[str]) -> int:
     accuracy.add_argument("--tune-epsilon", type=float, default=3.0)
     accuracy.add_argument("--nonprivate-lr", type=float, default=0.1,
                           help="step size of the non-private run (no clipping bounds its gradients)")
+    accuracy.add_argument("--tune-one-site", action="store_true",
+                          help="only the cheap tuning: candidates trained on one site, scored on the validation rows")
     accuracy.add_argument("--from-runs", type=Path, default=None,
                           help="collect finished tune-*/eps-* run directories under this folder instead of running")
     accuracy.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
@@ -171,10 +173,16 @@ def main(argv: list[str]) -> int:
 
         from fedguard.simulations.bench_accuracy import collect_runs
 
-        result = (collect_runs(args.from_runs, args.tune_epsilon) if args.from_runs else
+        from fedguard.simulations.bench_accuracy import tune_on_one_site
+
+        if args.tune_one_site:
+            args.name = "accuracy-tuning"
+        result = (tune_on_one_site(args.tune_epsilon, args.rounds, args.preset) if args.tune_one_site else
+                  collect_runs(args.from_runs, args.tune_epsilon) if args.from_runs else
                   run_accuracy_benchmark(args.epsilons, args.rounds, args.preset, args.tune, args.tune_epsilon,
                                          args.nonprivate_lr))
-        print(accuracy_table(result))
+        if not args.tune_one_site:
+            print(accuracy_table(result))
     else:
         return 2
     path = write_result(args.out, args.name, result)

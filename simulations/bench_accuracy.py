@@ -183,3 +183,44 @@ def collect_runs(root: Path, tune_epsilon: float) -> dict[str, Any]:
     rows.sort(key=lambda row: float("inf") if row["target_epsilon"] is None else row["target_epsilon"])
     return {"setup": "Fashion-MNIST, 10 IID clients, all sampled every round, delta 1e-5, RDP",
             "tuning": _chosen(scores, tune_epsilon) if scores else None, "runs": rows}
+
+
+def tune_on_one_site(epsilon: float, rounds: int, preset: str) -> dict[str, Any]:
+    """The cheap tuning: site 0 of the same federation (same partition and split) trains alone with
+    DP-SGD for the steps it takes over all rounds (rounds x local epochs, one planned round, so the
+    same q, steps and sigma as in the federation), and each candidate is scored on the validation
+    rows of all ten sites (held out in the federation, never trained on). No averaging across sites,
+    so it ranks per-site DP-SGD settings, not the federation's accuracy. The test split is not loaded."""
+    import numpy as np
+    import torch
+    from flwr.app import RecordDict
+
+    from fedguard.clients.datasets import load_dataset
+    from fedguard.clients.models import build_model
+    from fedguard.clients.partition import partition_of, split_train_validation
+    from fedguard.clients.private_training import build_trainer
+    from fedguard.clients.training import evaluate_model, make_training_setup
+    from fedguard.conf import compose_config
+
+    scores: dict[str, Any] = {}
+    for name, settings in CANDIDATES.items():
+        epochs = int(settings["train.local_epochs"]) * rounds
+        cfg = compose_config([*BASE, f"+preset={preset}", "privacy=sample_dp", f"privacy.target_epsilon={epsilon}",
+                              "simulation.num_clients=1", "simulation.rounds=1", "simulation.min_clients_per_round=1",
+                              *_overrides({**settings, "train.local_epochs": epochs})])
+        bundle = load_dataset(cfg.dataset, cfg.seed)
+        splits = [split_train_validation(partition_of(bundle.train_y, cfg.partition, 10, cfg.seed, pid),
+                                         cfg.dataset.validation_fraction, cfg.seed + pid) for pid in range(10)]
+        train = splits[0].train_indices
+        validation = np.concatenate([s.validation_indices for s in splits])
+        model = build_model(cfg.model, bundle.input_shape, bundle.num_classes, private=True)
+        setup = make_training_setup(model, bundle.train_x[train], bundle.train_y[train], cfg.train, None)
+        started = time.perf_counter()
+        result = build_trainer(cfg, None).train(setup, state=RecordDict(), device=torch.device("cpu"), regularizer=None)
+        accuracy = evaluate_model(model, bundle.train_x[validation], bundle.train_y[validation], 1024,
+                                  torch.device("cpu")).accuracy
+        scores[name] = {"settings": settings, "validation_accuracy": accuracy, "training_rows": len(train),
+                        "validation_rows": len(validation), "epsilon": result.privacy["epsilon"],
+                        "seconds": round(time.perf_counter() - started, 1), "load_average_1min": os.getloadavg()[0]}
+        print(f"one-site tuning {name}: validation accuracy {accuracy:.4f}", file=sys.stderr)
+    return {**_chosen(scores, epsilon), "how": tune_on_one_site.__doc__}
