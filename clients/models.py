@@ -156,9 +156,27 @@ def _build_model(model_cfg: DictConfig, input_shape: Sequence[int], num_classes:
         features = nn.Sequential(*_conv_blocks(channels, model_cfg.channels, model_cfg.group_norm_groups))
         flat = model_cfg.channels[-1] * (height // downscale) * (width // downscale)
         return nn.Sequential(features, nn.Flatten(), *_mlp_layers(flat, model_cfg.hidden_sizes, num_classes))
+    if model_cfg.name == "scatter_linear":
+        return _scatter_model(model_cfg, tuple(input_shape), num_classes)
     if model_cfg.name == "custom":
         return _custom_model(model_cfg, input_shape, num_classes)
     raise ValueError(f"unknown model {model_cfg.name!r}")
+
+
+def _scatter_model(model_cfg: DictConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Tramèr & Boneh's ScatterNet + linear model: fixed scattering features, GroupNorm over the
+    scattering channels (per example, so no statistic of other records enters), then a linear
+    layer (or an MLP with ``model.hidden_sizes``). Only the last two are trained."""
+    from fedguard.clients.scattering import ScatteringFrontEnd
+
+    front = ScatteringFrontEnd(input_shape, model_cfg.scattering_scale, model_cfg.scattering_angles)
+    channels, height, width = front.output_shape
+    groups = model_cfg.group_norm_groups
+    if channels % groups:
+        raise ValueError(f"model.group_norm_groups={groups} must divide the {channels} scattering channels "
+                         f"(model.scattering_scale={front.scale}, model.scattering_angles={front.angles})")
+    return nn.Sequential(front, nn.GroupNorm(groups, channels), nn.Flatten(),
+                         *_mlp_layers(channels * height * width, model_cfg.hidden_sizes, num_classes))
 
 
 def count_parameters(model: nn.Module) -> int:

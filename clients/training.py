@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedguard.clients.scattering import warm_model
 from fedguard.privacy.randomness import os_generator
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def make_training_setup(
     """Model, SGD and a shuffling loader. ``seed=None`` draws the shuffle from OS randomness:
     what a DP client must use (the DP layer also replaces the sampler's generator itself)."""
     generator = os_generator() if seed is None else torch.Generator().manual_seed(seed)
+    warm_model(model, features)  # a fixed front end (scattering) runs once per image, not per batch
     dataset = TensorDataset(torch.from_numpy(features), torch.from_numpy(labels))
     loader = DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=True, generator=generator)
     optimizer = torch.optim.SGD(
@@ -151,6 +153,7 @@ def evaluate_model(
     """Mean cross-entropy and accuracy over a whole split."""
     if len(labels) == 0:
         return EvaluationOutcome(loss=float("nan"), accuracy=float("nan"), num_examples=0)
+    warm_model(model, features)
     model.to(device)
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")

@@ -17,7 +17,8 @@ DATASETS = ("fashion_mnist", "digits", "breast_cancer", "synthetic", "tabular", 
 CONTRACT_DATASETS = ("tabular", "images")
 IMAGE_DATASETS = ("fashion_mnist", "digits", "images")
 # custom: the team's own torch.nn.Module from model.target ("package.module:factory").
-MODELS = ("logreg", "mlp", "cnn", "custom")
+# scatter_linear: fixed wavelet-scattering features (kymatio) + GroupNorm + linear, for DP on images.
+MODELS = ("logreg", "mlp", "cnn", "scatter_linear", "custom")
 PARTITIONS = ("iid", "dirichlet", "shards")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -67,6 +68,9 @@ class ModelConfig:
     hidden_sizes: list[int] = field(default_factory=list)
     channels: list[int] = field(default_factory=lambda: [32, 64])
     group_norm_groups: int = 8
+    # model=scatter_linear: the scattering's number of scales J and of angles L.
+    scattering_scale: int = 2
+    scattering_angles: int = 8
     # model=custom: "package.module:factory", called with kwargs (+ input_shape, num_classes if it takes them).
     target: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)

@@ -185,14 +185,25 @@ def _validate_data_and_model(cfg: DictConfig) -> None:
         in_range("dataset.num_features", cfg.dataset.num_features, 1, None)
         in_range("dataset.num_samples", cfg.dataset.num_samples, cfg.dataset.num_classes * 2, None)
     _validate_contract_and_custom_model(cfg)
-    if cfg.model.name == "cnn" and cfg.dataset.name not in IMAGE_DATASETS:
+    if cfg.model.name in ("cnn", "scatter_linear") and cfg.dataset.name not in IMAGE_DATASETS:
         raise ConfigError(
-            f"model=cnn needs an image dataset ({', '.join(IMAGE_DATASETS)}); "
+            f"model={cfg.model.name} needs an image dataset ({', '.join(IMAGE_DATASETS)}); "
             f"dataset={cfg.dataset.name} is tabular: use model=mlp or model=logreg"
         )
     for i, width in enumerate(cfg.model.hidden_sizes):
         in_range(f"model.hidden_sizes[{i}]", width, 1, None)
     in_range("model.group_norm_groups", cfg.model.group_norm_groups, 1, None)  # before dividing by it (fuzzing found 0)
+    if cfg.model.name == "scatter_linear":
+        in_range("model.scattering_scale", cfg.model.scattering_scale, 1, 4)
+        in_range("model.scattering_angles", cfg.model.scattering_angles, 1, 16)
+        scale, angles = cfg.model.scattering_scale, cfg.model.scattering_angles
+        per_channel = 1 + scale * angles + angles * angles * scale * (scale - 1) // 2
+        if per_channel % cfg.model.group_norm_groups:  # images with C channels have C * per_channel
+            raise ConfigError(
+                f"model.group_norm_groups={cfg.model.group_norm_groups} must divide the {per_channel} scattering "
+                f"channels per image channel (model.scattering_scale={scale}, model.scattering_angles={angles})"
+            )
+        return
     for i, width in enumerate(cfg.model.channels):
         in_range(f"model.channels[{i}]", width, 1, None)
         if width % cfg.model.group_norm_groups:

@@ -106,6 +106,21 @@ def main(argv: list[str]) -> int:
     own_files.add_argument("--kind", choices=("csv", "images"), default="csv",
                            help="csv: three wine CSV sites; images: three Fashion-MNIST image folders (PNG)")
     own_files.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    accuracy = sub.add_parser("accuracy", help="Fashion-MNIST, 10 IID clients: test accuracy at each epsilon and "
+                              "without DP (hyperparameters tuned on validation splits with --tune)")
+    accuracy.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    accuracy.add_argument("--rounds", type=int, default=20)
+    accuracy.add_argument("--preset", default="dp_images", help="conf/preset/<name>.yaml")
+    accuracy.add_argument("--tune", action="store_true", help="choose among the candidates on validation splits "
+                          "first (else the preset's settings)")
+    accuracy.add_argument("--tune-epsilon", type=float, default=3.0)
+    accuracy.add_argument("--nonprivate-lr", type=float, default=0.1,
+                          help="step size of the non-private run (no clipping bounds its gradients)")
+    accuracy.add_argument("--tune-one-site", action="store_true",
+                          help="only the cheap tuning: candidates trained on one site, scored on the validation rows")
+    accuracy.add_argument("--from-runs", type=Path, default=None,
+                          help="collect finished tune-*/eps-* run directories under this folder instead of running")
+    accuracy.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     args = parser.parse_args(argv)
     from fedguard.simulations.simulate import configure_logging
 
@@ -158,6 +173,22 @@ def main(argv: list[str]) -> int:
             result = run_own_images_benchmark(args.rounds, args.epsilon)
         else:
             result = run_own_files_benchmark(args.rounds, args.epsilon)
+    elif args.name == "accuracy":
+        from fedguard.simulations.bench_accuracy import (
+            accuracy_table,
+            collect_runs,
+            run_accuracy_benchmark,
+            tune_on_one_site,
+        )
+
+        if args.tune_one_site:
+            args.name = "accuracy-tuning"
+        result = (tune_on_one_site(args.tune_epsilon, args.rounds, args.preset) if args.tune_one_site else
+                  collect_runs(args.from_runs, args.tune_epsilon) if args.from_runs else
+                  run_accuracy_benchmark(args.epsilons, args.rounds, args.preset, args.tune, args.tune_epsilon,
+                                         args.nonprivate_lr))
+        if not args.tune_one_site:
+            print(accuracy_table(result))
     else:
         return 2
     name = f"{args.name}-images" if getattr(args, "kind", None) == "images" else args.name

@@ -12,6 +12,8 @@ INNER_LOOP_MARKERS = frozenset({"not simulation and not deployment", "not deploy
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # The server's ledger signing key lives in $FEDGUARD_HOME; keep the tests' keys out of ~/.fedguard.
 os.environ.setdefault("FEDGUARD_HOME", tempfile.mkdtemp(prefix="fedguard-home-"))
+# The scattering front end's feature cache (clients/scattering.py) too.
+os.environ.setdefault("FEDGUARD_CACHE_DIR", tempfile.mkdtemp(prefix="fedguard-cache-"))
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -143,7 +143,7 @@ def _model_config(model_name: str):
     return compose_config([f"model={model_name}", "dataset=digits"])
 
 
-@pytest.mark.parametrize("model_name", ["cnn", "mlp", "logreg"])
+@pytest.mark.parametrize("model_name", ["cnn", "mlp", "logreg", "scatter_linear"])
 @pytest.mark.parametrize("batch", [1, 11])
 def test_fedguard_models_match_opacus_hooks(model_name, batch):
     cfg = _model_config(model_name)
