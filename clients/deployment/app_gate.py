@@ -33,7 +33,7 @@ POLL_SECONDS = 0.5
 def task_command(runtime_api_address: str, token: str, trusted_file: Path, parent_pid: int) -> list[str]:
     return [sys.executable, "-m", "fedguard.clients.deployment.verified_clientapp",
             "--runtime-api-address", runtime_api_address, "--token", token,
-            "--trusted-publishers", str(trusted_file), "--parent-pid", str(parent_pid)]
+            "--trusted-publishers", str(trusted_file), "--parent-pid", str(parent_pid), "--launched-at", repr(time.time())]
 
 
 def serve(runtime_api_address: str, trusted_file: Path, parent_pid: int) -> None:

@@ -16,8 +16,10 @@ same public Flower calls in the same order, with the decision in between.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from fedguard.clients.deployment.app_signing import (
@@ -47,10 +49,17 @@ from flwr.supernode.runtime.run_clientapp import (
 
 logger = logging.getLogger("fedguard.site")
 REFUSAL_PREFIX = "fedguard site refused run"
+# One line per task on the site's log, read by `fedguard bench deployment` for its breakdown.
+TIMING_PREFIX = "fedguard task timing"
 
 
-def run_task(runtime_api_address: str, token: str, trusted_file: Path) -> int:
-    """Serve one task; 0 when the ClientApp ran, 1 when the site refused it or it failed."""
+def run_task(runtime_api_address: str, token: str, trusted_file: Path, launched_at: float | None = None) -> int:
+    """Serve one task; 0 when the ClientApp ran, 1 when the site refused it or it failed.
+
+    ``launched_at`` (the launcher's clock when it started this task) dates the task's start-up
+    in its timing line: how long the process took from launch to its first own line of work.
+    """
+    clock = {"entered": time.time()}
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,
         insecure=True,  # the SuperNode's runtime API listens on 127.0.0.1 only (fedguard client)
@@ -64,6 +73,7 @@ def run_task(runtime_api_address: str, token: str, trusted_file: Path) -> int:
     status, details = SubStatus.FAILED, "the task failed before its input arrived"
     try:
         message, context, run, fab = pull_task_input(client)
+        clock["pulled"] = time.time()
         try:
             # Read on every task: a site revokes a publisher by editing the file, no restart needed.
             refusal = app_refusal(fab.content, str(context.run_config.get(RUN_CONFIG_APP_SIGNATURE, "")),
@@ -79,7 +89,9 @@ def run_task(runtime_api_address: str, token: str, trusted_file: Path) -> int:
         client_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
             run.fab_id, run.fab_version, fab.hash_str
         )
+        clock["loaded"] = time.time()
         reply = client_app(message=message, context=context)
+        clock["answered"] = time.time()
         status, details = SubStatus.COMPLETED, ""
         return 0
     except Exception as err:  # the reply must still go back, as flwr-clientapp's does
@@ -96,6 +108,27 @@ def run_task(runtime_api_address: str, token: str, trusted_file: Path) -> int:
         finally:
             heartbeat.stop()
             client.close()
+            clock["pushed"] = time.time()
+            _log_timing(message, clock, launched_at)
+
+
+def _log_timing(message: Message | None, clock: dict[str, float], launched_at: float | None) -> None:
+    """The task's phases in seconds: start-up (launch to entry), pull, app load, the app's own
+    work, push. A phase the task never reached is left out."""
+    def span(start: str, end: str) -> float | None:
+        return round(clock[end] - clock[start], 4) if start in clock and end in clock else None
+
+    if launched_at is not None:
+        clock["launched"] = launched_at
+    phases = {"start_s": span("launched", "entered"), "pull_s": span("entered", "pulled"),
+              "load_s": span("pulled", "loaded"), "app_s": span("loaded", "answered"),
+              "push_s": span("answered", "pushed")}
+    line = {"run": message.metadata.run_id if message else None,
+            "round": message.metadata.group_id if message else None,
+            "type": message.metadata.message_type if message else None,
+            "end": round(clock["pushed"], 4),
+            **{k: v for k, v in phases.items() if v is not None}}
+    logger.info("%s %s", TIMING_PREFIX, json.dumps(line))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token", required=True)
     parser.add_argument("--trusted-publishers", type=Path, required=True)
     parser.add_argument("--parent-pid", type=int)
+    parser.add_argument("--launched-at", type=float, help="the launcher's time.time() when it started this task")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per runtime API call (2 a second) otherwise
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
-    return run_task(args.runtime_api_address, args.token, args.trusted_publishers)
+    return run_task(args.runtime_api_address, args.token, args.trusted_publishers, args.launched_at)
 
 
 if __name__ == "__main__":
