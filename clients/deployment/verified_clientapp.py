@@ -1,7 +1,8 @@
 """One task of a site's SuperNode: check the run's app signature, then run its ClientApp or refuse.
 
-Started by the site's app gate (clients/deployment/app_gate.py) with the task's token, in place
-of Flower's ``flwr-clientapp``: one process per message, as Flower does it. It pulls the task's
+Run by the site's app gate (clients/deployment/app_gate.py) with the task's token, in place
+of Flower's ``flwr-clientapp``: one process per message, as Flower does it (a fork of the warm
+gate, or a fresh interpreter with ``--task-launch spawn``). It pulls the task's
 input from the SuperNode's runtime API, and only if a trusted publisher signed exactly this FAB
 (clients/deployment/app_signing.py) does it unpack the FAB and load its ClientApp. Otherwise it
 answers the message with an error (code INVALID_FAB) whose reason names the run and the cause,
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedguard.clients.wire.protocol import SERVER_ROUND_KEY
 from fedguard.clients.deployment.app_signing import (
     RUN_CONFIG_APP_SIGNATURE,
     AppSignatureError,
@@ -112,6 +114,20 @@ def run_task(runtime_api_address: str, token: str, trusted_file: Path, launched_
             _log_timing(message, clock, launched_at)
 
 
+def _round_and_stage(message: Message | None) -> tuple[int | None, str | None]:
+    """The server round a message belongs to (fedguard's servers put it in the message's config,
+    not in Flower's group id) and, for a SecAgg+ stage request, the stage."""
+    try:
+        for record in message.content.config_records.values():
+            value = record.get(SERVER_ROUND_KEY, record.get("round"))
+            if value is not None:
+                stage = record.get("stage")
+                return int(value), None if stage is None else str(stage)
+    except Exception:  # noqa: BLE001 - a timing line never fails a task
+        pass
+    return None, None
+
+
 def _log_timing(message: Message | None, clock: dict[str, float], launched_at: float | None) -> None:
     """The task's phases in seconds: start-up (launch to entry), pull, app load, the app's own
     work, push. A phase the task never reached is left out."""
@@ -123,8 +139,8 @@ def _log_timing(message: Message | None, clock: dict[str, float], launched_at: f
     phases = {"start_s": span("launched", "entered"), "pull_s": span("entered", "pulled"),
               "load_s": span("pulled", "loaded"), "app_s": span("loaded", "answered"),
               "push_s": span("answered", "pushed")}
-    line = {"run": message.metadata.run_id if message else None,
-            "round": message.metadata.group_id if message else None,
+    round_number, stage = _round_and_stage(message)
+    line = {"run": message.metadata.run_id if message else None, "round": round_number, "stage": stage,
             "type": message.metadata.message_type if message else None,
             "end": round(clock["pushed"], 4),
             **{k: v for k, v in phases.items() if v is not None}}
