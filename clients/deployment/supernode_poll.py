@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) < 2 or argv[1] != "--":
         print("usage: supernode_poll POLL_SECONDS -- FLOWER_SUPERNODE_ARGS...", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # WARNING: at INFO every library's records (httpx: one per request) would reach the site's log.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     install_poll_clock(float(argv[0]))
     from flwr.supernode.cli import flower_supernode
 
