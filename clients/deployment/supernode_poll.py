@@ -82,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) < 2 or argv[1] != "--":
         print("usage: supernode_poll POLL_SECONDS -- FLOWER_SUPERNODE_ARGS...", file=sys.stderr)
         return 2
-    # WARNING: at INFO every library's records (httpx: one per request) would reach the site's log.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Its own warning only: a root handler would also print every record Flower's logger passes on
+    # (the runtime API's DEBUG line per request, several a second).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
     install_poll_clock(float(argv[0]))
     from flwr.supernode.cli import flower_supernode
 
