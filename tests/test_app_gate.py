@@ -68,3 +68,21 @@ def test_a_task_forked_after_warm_up_trains_with_threads_and_the_launcher_ran_no
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fedguard.clients.app" in WARM_MODULES
+
+
+def test_the_task_pulls_its_input_with_flowers_own_calls_in_flowers_order():
+    """verified_clientapp.pull_task_input mirrors Flower 1.41's (only the object pull's backoff
+    differs): the runtime API calls must be the same, in the same order, or the copy is stale."""
+    import inspect
+    import re
+
+    from flwr.supernode.runtime import run_clientapp
+
+    from fedguard.clients.deployment import verified_clientapp
+
+    def calls(function) -> list[str]:
+        return re.findall(r"client\.(\w+)", inspect.getsource(function))
+
+    assert calls(verified_clientapp.pull_task_input) == calls(run_clientapp.pull_task_input) == [
+        "PullTaskInput", "PullMessages", "PullObject", "ConfirmMessageReceived"]
+    assert "initial_backoff=initial_backoff" in inspect.getsource(verified_clientapp.pull_task_input)
