@@ -30,7 +30,9 @@ from fedguard.clients.deployment.app_signing import AppSignatureError, read_trus
 from fedguard.clients.deployment.site_file import SiteFileError, site_file_defaults
 from fedguard.clients.deployment.key_commands import DEFAULT_KEYS_DIR
 from fedguard.clients.deployment.key_material import NODE_PRIVATE_KEY_FILE, KeyMaterialError, check_certificate_files, check_node_private_key
-from fedguard.clients.deployment.flower_tools import environment_with_flower, flower_executable
+from fedguard.clients.deployment.flower_tools import environment_with_flower
+from fedguard.clients.deployment.supernode_poll import DEFAULT_POLL_SECONDS, POLL_RANGE, check_poll_seconds
+from fedguard.clients.deployment.app_gate import LAUNCH_MODES
 
 DEFAULT_SITE_DIR = "fedguard-site"
 SITE_CA_HINT = (
@@ -60,8 +62,9 @@ def node_config_text(settings: dict[str, Any]) -> str:
 
 
 def supernode_command(args: argparse.Namespace, node_config: str) -> list[str]:
+    """Flower's flower-supernode, run through fedguard's poll-interval patch (supernode_poll.py)."""
     return [
-        flower_executable("flower-supernode"),
+        sys.executable, "-m", "fedguard.clients.deployment.supernode_poll", repr(args.poll_interval), "--",
         "--superlink", args.server,
         "--root-certificates", str(args.ca.resolve()),
         "--auth-supernode-private-key", str(args.key.resolve()),
@@ -84,7 +87,8 @@ def start_app_gate(args: argparse.Namespace) -> None:
     exec below this PID is the SuperNode's, so the gate stops when the SuperNode does."""
     subprocess.Popen(  # noqa: S603 - fixed argv, no shell
         [sys.executable, "-m", "fedguard.clients.deployment.app_gate", "--runtime-api-address", runtime_api_address(args),
-         "--trusted-publishers", str(args.trusted_publishers.resolve()), "--parent-pid", str(os.getpid())],
+         "--trusted-publishers", str(args.trusted_publishers.resolve()), "--parent-pid", str(os.getpid()),
+         "--launch", args.task_launch],
         env=environment_with_flower(),
     )
 
@@ -124,6 +128,12 @@ def client_parser() -> argparse.ArgumentParser:
                         help=f"local port of the SuperNode's own API (default {DEFAULT_RUNTIME_PORT})")
     parser.add_argument("--max-wait", type=float, default=DEFAULT_MAX_WAIT,
                         help="seconds to keep retrying an unreachable server before giving up")
+    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_SECONDS,
+                        help=f"seconds between asks for the server's next message when there is none "
+                             f"({POLL_RANGE[0]}-{POLL_RANGE[1]}; default {DEFAULT_POLL_SECONDS}, Flower's own: 3)")
+    parser.add_argument("--task-launch", choices=LAUNCH_MODES, default="fork",
+                        help="fork: each ClientApp task in a fork of a launcher that imported the ClientApp once "
+                             "(default); spawn: a fresh Python per task (slower; for platforms without fork)")
     return parser
 
 
@@ -160,6 +170,11 @@ def client_main(argv: list[str]) -> int:
         EPSILON_BUDGET_KEY: args.epsilon_budget,
         STATE_DIR_KEY: str(args.state_dir.resolve()),
     }
+    try:
+        check_poll_seconds(args.poll_interval)
+    except ValueError as err:
+        print(f"fedguard client: {err}", file=sys.stderr)
+        return 1
     try:
         read_site_settings({k: v for k, v in settings.items() if v is not None})
         # The CA is the server operator's (fedguard certs runs on the server site only).

@@ -76,6 +76,8 @@ def main(argv: list[str]) -> int:
     deployment.add_argument("--rounds", type=int, default=5)
     deployment.add_argument("--dataset", default="digits")
     deployment.add_argument("--model", default="mlp")
+    deployment.add_argument("--configs", nargs="+", default=["plain", "secagg_sample_dp"],
+                            choices=["plain", "secagg_sample_dp"], help="plain and/or SecAgg+ with sample-level DP")
     deployment.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     client_dp = sub.add_parser("client-dp", help="accuracy vs client-level epsilon at 1,000 clients; wall time, memory")
     client_dp.add_argument("--clients", type=int, default=1000)
@@ -147,7 +149,7 @@ def main(argv: list[str]) -> int:
     elif args.name == "deployment":
         from fedguard.simulations.bench_deployment import run_deployment_benchmark
 
-        result = run_deployment_benchmark(args.sites, args.rounds, args.dataset, args.model)
+        result = run_deployment_benchmark(args.sites, args.rounds, args.dataset, args.model, args.configs)
     elif args.name == "client-dp":
         from fedguard.simulations.bench_client_dp import run_client_dp_benchmark
 

@@ -1,30 +1,80 @@
 """``fedguard bench deployment``: separate-sites round time vs simulation, same config.
 
 The deployment side is a real federation on loopback (simulations/local_federation.py):
-`fedguard server` (TLS, SuperNode authentication), registered sites from `fedguard client`,
-`fedguard run`. Reported: time from starting the server to the first round starting,
-and the mean round wall time, beside the same config in Flower's simulation engine.
+`fedguard server` (TLS, SuperNode authentication, nginx), registered sites from `fedguard
+client` (signed app), `fedguard run`. Reported per config: time from starting the server to
+the first round, the mean round wall time beside the same config in Flower's simulation
+engine, and where a deployed round's time goes.
+
+The breakdown comes from the timing line each ClientApp task writes on its site's log
+(clients/deployment/verified_clientapp.py). Per round and per message stage, the site that
+answered last sets the stage's critical path; what is left of the round's wall time is spent
+waiting: the SuperNode's poll for new messages, the launcher's poll for tasks, the server's own
+work and transport. Components are means over sites, summed over a round's stages.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from fedguard.clients.deployment.verified_clientapp import TIMING_PREFIX
 from fedguard.simulations.local_federation import Federation, stop_process
 
 POLL_SECONDS = 0.2
 RUN_TIMEOUT = 1800.0
+# The configs the issue names: plain, and SecAgg+ with sample-level DP (a fixed noise multiplier,
+# so no calibration search is timed; the settings of the deployment test).
+CONFIGS: dict[str, list[str]] = {
+    "plain": [],
+    "secagg_sample_dp": ["train.learning_rate=0.2", "privacy=sample_dp", "privacy.target_epsilon=null",
+                         "privacy.noise_multiplier=1.0", "secure_agg=secaggplus", "secure_agg.threshold=2"],
+}
+TIMING_LINE = re.compile(re.escape(TIMING_PREFIX) + r" (\{.*\})")
 
 
 def _round_lines(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def task_timings(log_text: str) -> list[dict[str, Any]]:
+    return [json.loads(match.group(1)) for match in TIMING_LINE.finditer(log_text)]
+
+
+def round_breakdown(round_seconds: list[float], sites: list[list[dict[str, Any]]]) -> dict[str, float]:
+    """Mean seconds per round: process start and app load, training, secure-aggregation stages,
+    evaluation, runtime-API transfers, and the rest (waiting). ``sites`` holds each site's timing
+    lines; a line's ``round`` is the round number Flower puts in the message's group id."""
+    totals: dict[str, float] = defaultdict(float)
+    for number, seconds in enumerate(round_seconds, start=1):
+        per_site = [[t for t in lines if str(t.get("round")) == str(number)] for lines in sites]
+        stages = max((len(lines) for lines in per_site), default=0)
+        critical = 0.0
+        for stage in range(stages):
+            tasks = [lines[stage] for lines in per_site if len(lines) > stage]
+            critical += max(_task_total(t) for t in tasks)
+            for t in tasks:
+                share = 1.0 / len(tasks)
+                totals["process_start_s"] += share * (t.get("start_s", 0.0) + t.get("load_s", 0.0))
+                totals["transfer_s"] += share * (t.get("pull_s", 0.0) + t.get("push_s", 0.0))
+                kind = {"train": "training_s", "train.secagg": "secagg_stages_s"}.get(t.get("type"), "evaluation_s")
+                totals[kind] += share * t.get("app_s", 0.0)
+        totals["messages_per_site"] += stages
+        totals["waiting_s"] += seconds - critical
+    rounds = max(len(round_seconds), 1)
+    return {key: round(value / rounds, 3) for key, value in sorted(totals.items())}
+
+
+def _task_total(timing: dict[str, Any]) -> float:
+    return sum(timing.get(key, 0.0) for key in ("start_s", "pull_s", "load_s", "app_s", "push_s"))
 
 
 def _deployment(root: Path, sites: int, overrides: list[str]) -> dict[str, Any]:
@@ -38,6 +88,7 @@ def _deployment(root: Path, sites: int, overrides: list[str]) -> dict[str, Any]:
             key = fed.make_site_keys(site)
             if fed.register(key.with_suffix(".pub")).returncode != 0:
                 raise RuntimeError(f"could not register site {site}")
+        for site in range(sites):
             fed.start_client(site, sites)
         run = fed.submit(*overrides)
         first_round_started = None
@@ -52,10 +103,17 @@ def _deployment(root: Path, sites: int, overrides: list[str]) -> dict[str, Any]:
         if run.returncode != 0:
             raise RuntimeError(f"fedguard run failed; see {root}/run.log")
         rounds = _round_lines(fed.run_dirs()[-1])
+        round_seconds = [r["round_seconds"] for r in rounds]
+        timings = [task_timings((root / f"client{site}.log").read_text(errors="replace")) for site in range(sites)]
         return {
             "server_start_to_first_round_s": first_round_started,
-            "round_seconds": [r["round_seconds"] for r in rounds],
+            "round_seconds": round_seconds,
             "final_accuracy": rounds[-1]["test_accuracy"],
+            "breakdown_per_round": round_breakdown(round_seconds, timings),
+            # Round 1 carries the cold start (first data load, first imports); rounds 2.. are the steady state.
+            "breakdown_per_round_after_first": round_breakdown(
+                round_seconds[1:], [[{**t, "round": int(t["round"]) - 1} for t in lines if str(t.get("round")) != "1"
+                                     and str(t.get("round", "")).isdigit()] for lines in timings]),
         }
     finally:
         fed.close()
@@ -75,25 +133,32 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def run_deployment_benchmark(sites: int, rounds: int, dataset: str, model: str) -> dict[str, Any]:
-    overrides = [f"dataset={dataset}", f"model={model}", f"simulation.num_clients={sites}",
-                 f"simulation.rounds={rounds}", "progress=false"]
-    with tempfile.TemporaryDirectory(prefix="fedguard-bench-deployment-") as tmp:
-        deployment = _deployment(Path(tmp), sites, overrides)
-        simulation = _simulation(Path(tmp), overrides)
-    result = {
-        "config": {"sites": sites, "rounds": rounds, "dataset": dataset, "model": model},
-        "deployment": deployment,
-        "simulation": simulation,
-        "mean_round_seconds": {
-            "deployment": _mean(deployment["round_seconds"]),
-            "simulation": _mean(simulation["round_seconds"]),
-        },
-    }
-    print(
-        f"{sites} sites, {dataset}/{model}, {rounds} rounds: server start -> first round "
-        f"{deployment['server_start_to_first_round_s']:.1f} s; mean round {result['mean_round_seconds']['deployment']:.2f} s "
-        f"(deployment) vs {result['mean_round_seconds']['simulation']:.2f} s (simulation)",
-        file=sys.stderr,
-    )
+def run_deployment_benchmark(sites: int, rounds: int, dataset: str, model: str,
+                             configs: list[str] | None = None) -> dict[str, Any]:
+    base = [f"dataset={dataset}", f"model={model}", f"simulation.num_clients={sites}",
+            f"simulation.rounds={rounds}", "progress=false"]
+    result: dict[str, Any] = {"config": {"sites": sites, "rounds": rounds, "dataset": dataset, "model": model},
+                              "runs": {}}
+    for name in configs or list(CONFIGS):
+        overrides = [*base, *CONFIGS[name]]
+        with tempfile.TemporaryDirectory(prefix="fedguard-bench-deployment-") as tmp:
+            deployment = _deployment(Path(tmp), sites, overrides)
+            simulation = _simulation(Path(tmp), overrides)
+        mean = {"deployment": _mean(deployment["round_seconds"]), "simulation": _mean(simulation["round_seconds"])}
+        result["runs"][name] = {"overrides": CONFIGS[name], "deployment": deployment, "simulation": simulation,
+                                "mean_round_seconds": mean,
+                                "deployed_over_simulated": round(mean["deployment"] / mean["simulation"], 2)}
+    print(deployment_table(result), file=sys.stderr)
     return result
+
+
+def deployment_table(result: dict[str, Any]) -> str:
+    keys = ("process_start_s", "transfer_s", "training_s", "secagg_stages_s", "evaluation_s", "waiting_s")
+    rows = ["| config | simulated s/round | deployed s/round | x | messages/site/round | "
+            + " | ".join(keys) + " |", "|" + " --- |" * (5 + len(keys))]
+    for name, run in result["runs"].items():
+        parts = run["deployment"]["breakdown_per_round"]
+        rows.append(f"| {name} | {run['mean_round_seconds']['simulation']:.2f} | {run['mean_round_seconds']['deployment']:.2f} "
+                    f"| {run['deployed_over_simulated']:.1f} | {parts.get('messages_per_site', 0):.0f} | "
+                    + " | ".join(f"{parts.get(key, 0.0):.2f}" for key in keys) + " |")
+    return "\n".join(rows)
