@@ -54,15 +54,18 @@ TARGET = 22
 STAGE_KEYS = {
     "advertise": {protocol.METRICS_KEY: [protocol.NUM_EXAMPLES_KEY, protocol.TRAIN_LOSS_KEY],
                   protocol.SECAGG_KEY: ["stage", "envelope_key", "mask_key", "identity_key", "signature",
-                                          "seed_commitment"]},
+                                          "seed_commitment", "nonce_commitment"]},
+    "cohort": {protocol.SECAGG_KEY: ["nonce"]},
     "share": {protocol.SECAGG_KEY: ["to", "ciphertexts"]},
     "mask": {protocol.SECAGG_KEY: [], protocol.SECAGG_REJECTED_KEY: [protocol.SECAGG_REJECTED_FIELD]},
     "consistency": {protocol.SECAGG_KEY: ["signature"]},
     "unmask": {protocol.SECAGG_KEY: ["for", "kinds", "shares"]},
 }
 REQUEST_KEYS = {
+    "cohort": {protocol.SECAGG_KEY: ["stage", "round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys",
+                                      "signatures", "seed_commitments", "nonce_commitments"]},
     "share": {protocol.SECAGG_KEY: ["stage", "round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys", "signatures",
-                                     "seed_commitments"]},
+                                     "seed_commitments", "nonce_commitments", "nonces"]},
     "mask": {protocol.SECAGG_KEY: ["stage", "round", "session", "from", "ciphertexts"]},
     "consistency": {protocol.SECAGG_KEY: ["stage", "round", "session", "survivors"]},
     "unmask": {protocol.SECAGG_KEY: ["stage", "round", "session", "survivors", "dropped", "signers", "signatures"]},
@@ -340,6 +343,11 @@ def _answer_property(setup: Setup, data, stage: str) -> None:
     assert reply is not None, f"no {stage} answer of node {TARGET} was fuzzed"
     problem = (train_reply_problem(reply, None) if stage == "advertise" else
                stage_reply_problem(stage, reply, 1 + sum(int(np.prod(setup.arrays[k].shape)) for k in setup.arrays.keys())))
+    if stage == "cohort":  # the graph needs every listed site's nonce: a bad one fails the round, never a part of it
+        assert result.contributed in (0, len(NODES))
+        if problem is not None:
+            assert result.contributed == 0, problem
+        return
     if problem is not None:  # a dropout the protocol tolerates: the other three complete the round
         assert result.contributed >= len(NODES) - 1, problem
     if stage == "share":  # forged, re-addressed or missing shares cost the round at most the sender's input
@@ -390,6 +398,18 @@ def test_a_client_forging_every_share_loses_only_its_own_input(setup):
 @given(st.data())
 def test_fuzz_server_advertise_answer(setup, data):
     _answer_property(setup, data, "advertise")
+
+
+@FUZZ_SETTINGS
+@given(st.data())
+def test_fuzz_server_cohort_answer(setup, data):
+    _answer_property(setup, data, "cohort")
+
+
+@FUZZ_SETTINGS
+@given(st.data())
+def test_fuzz_client_cohort_request(setup, data):
+    _request_property(setup, data, "cohort")
 
 
 @FUZZ_SETTINGS

@@ -70,15 +70,18 @@ def load_or_create_identity(path: Path) -> Ed25519PrivateKey:
 
 
 def advert_bytes(server_round: int, session_id: bytes, node_id: int, envelope_key: bytes, mask_key: bytes,
-                 seed_commitment: bytes) -> bytes:
-    """What a site signs: its round keys and self-mask seed commitment, bound to round, session and node id."""
+                 seed_commitment: bytes, nonce_commitment: bytes) -> bytes:
+    """What a site signs: its round keys, self-mask seed commitment and graph-nonce commitment,
+    bound to round, session and node id."""
     return b"|".join([ADVERT_DOMAIN, str(server_round).encode(), session_id.hex().encode(), str(node_id).encode(),
-                      envelope_key.hex().encode(), mask_key.hex().encode(), seed_commitment.hex().encode()])
+                      envelope_key.hex().encode(), mask_key.hex().encode(), seed_commitment.hex().encode(),
+                      nonce_commitment.hex().encode()])
 
 
 def sign_advert(identity: Ed25519PrivateKey, server_round: int, session_id: bytes, node_id: int,
-                envelope_key: bytes, mask_key: bytes, seed_commitment: bytes) -> bytes:
-    return identity.sign(advert_bytes(server_round, session_id, node_id, envelope_key, mask_key, seed_commitment))
+                envelope_key: bytes, mask_key: bytes, seed_commitment: bytes, nonce_commitment: bytes) -> bytes:
+    return identity.sign(advert_bytes(server_round, session_id, node_id, envelope_key, mask_key, seed_commitment,
+                                      nonce_commitment))
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,14 @@ class Roster:
         return self._by_key.get(identity_key)
 
     def verify_advert(self, identity_key: bytes, signature: bytes, server_round: int, session_id: bytes,
-                      node_id: int, envelope_key: bytes, mask_key: bytes, seed_commitment: bytes) -> str:
+                      node_id: int, envelope_key: bytes, mask_key: bytes, seed_commitment: bytes,
+                      nonce_commitment: bytes) -> str:
         """The site name whose identity signed these round keys for ``node_id``; RosterError otherwise."""
         name = self.name_of(identity_key)
         if name is None:
             raise RosterError(f"node {node_id}: its identity key is not on this site's roster")
-        signed = advert_bytes(server_round, session_id, node_id, envelope_key, mask_key, seed_commitment)
+        signed = advert_bytes(server_round, session_id, node_id, envelope_key, mask_key, seed_commitment,
+                              nonce_commitment)
         if not _signature_holds(identity_key, signature, signed):
             raise RosterError(f"node {node_id} ({name}): round keys not signed by its identity key")
         return name
