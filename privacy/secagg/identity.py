@@ -21,6 +21,7 @@ another round, another session, or under another node's id.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from fedguard.privacy.secagg.errors import SecAggError
 IDENTITY_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 ADVERT_DOMAIN = b"fedguard-secagg-advert-v1|"
+ROSTER_FINGERPRINT_DOMAIN = b"fedguard-secagg-roster-fingerprint-v1|"
 ROSTER_FORMAT = "fedguard-secagg-roster-v1"
 IDENTITY_FILE = "identity.key"
 ROSTER_FILE = "roster.json"
@@ -114,6 +116,21 @@ class Roster:
             raise RosterError(f"node {node_id} ({name}): round keys not signed by its identity key")
         return name
 
+    def fingerprint(self) -> str:
+        """A short, human-comparable digest of every (name, key) entry, in any order.
+
+        Why: the operator writes the roster, and an entry it slips in is a colluder every site
+        would trust. Sites read this aloud or paste it to each other over a channel the operator
+        does not control; equal fingerprints mean they pinned the same sites. 128 bits of
+        SHA-256, in groups of four hex digits.
+        """
+        digest = hashlib.sha256(ROSTER_FINGERPRINT_DOMAIN)
+        for name, key in sorted(self.sites.items()):
+            encoded = name.encode()
+            digest.update(len(encoded).to_bytes(2, "big") + encoded + key)
+        text = digest.hexdigest()[:32]
+        return f"{len(self.sites)} sites " + "-".join(text[i:i + 4] for i in range(0, len(text), 4))
+
     def to_json(self) -> str:
         return json.dumps({"format": ROSTER_FORMAT, "sites": {n: k.hex() for n, k in sorted(self.sites.items())}},
                           indent=2)
@@ -156,7 +173,10 @@ def _signature_holds(identity_key: bytes, signature: bytes, message: bytes) -> b
 
 @lru_cache(maxsize=16)
 def _load_roster(path: Path, version: tuple[int, int] | None) -> Roster:
-    return Roster._parse(path)  # noqa: SLF001 - the cached half of Roster.load
+    roster = Roster._parse(path)  # noqa: SLF001 - the cached half of Roster.load
+    # Once per file version: the fingerprint the site compares with the other sites (fedguard roster fingerprint).
+    logger.info("secure aggregation: pinned roster %s, fingerprint %s", path, roster.fingerprint())
+    return roster
 
 
 def write_roster(path: Path, roster: Roster) -> None:
