@@ -34,6 +34,10 @@ from fedguard.privacy.secagg.protocol import ClientSession, SecAggError, SecAggP
 logger = logging.getLogger(__name__)
 
 SESSION_STATE_KEY = "fedguard.secagg-session"
+# Every session id and round this site has entered a secure-aggregation session with (this run).
+RELEASED_STATE_KEY = "fedguard.secagg-released"
+RELEASED_SESSIONS, RELEASED_ROUNDS = "sessions", "rounds"
+MAX_REMEMBERED_SESSIONS = 100_000
 INPUT_STATE_KEY = "fedguard.secagg-input"
 INPUT_ARRAY = "input"
 # Alongside the held update: its weight and the encoding settings, since stage requests
@@ -123,6 +127,38 @@ def _signed_advert(context: Context, session: ClientSession, envelope_public: by
             NONCE_COMMITMENT_FIELD: session.nonce_commitment()}
 
 
+def _check_fresh(context: Context, server_round: int, session_id: bytes) -> None:
+    """Refuse, before training, a session id this site already used or a round it already entered a session for.
+
+    Why: a second session on the same round (a retrained update, or the same one masked
+    afresh) lets the server difference two sums that differ in this site's input; a reused
+    session id would let it replay signed adverts, survivor sets and partner lists of
+    another round's session. Sites that train with DP refuse a repeated round from their
+    on-disk replay cache too (clients/app.py); this check covers every site, DP or not.
+    """
+    if not session_id:
+        raise SecAggError(f"client {context.node_id}: the train request carries no secure-aggregation session id")
+    released = context.state.get(RELEASED_STATE_KEY)
+    if released is None:
+        return
+    if session_id in released[RELEASED_SESSIONS]:
+        raise SecAggError(f"client {context.node_id}: secure-aggregation session {session_id.hex()} was already used; "
+                          "a reused session id is refused")
+    if server_round in released[RELEASED_ROUNDS]:
+        raise SecAggError(f"client {context.node_id}: round {server_round} already entered a secure-aggregation session "
+                          "on this site; a second session on it would let the server difference two sums")
+
+
+def _remember_released(context: Context, server_round: int, session_id: bytes) -> None:
+    released = context.state.get(RELEASED_STATE_KEY)
+    sessions = [] if released is None else list(released[RELEASED_SESSIONS])
+    rounds = [] if released is None else list(released[RELEASED_ROUNDS])
+    context.state[RELEASED_STATE_KEY] = ConfigRecord({
+        RELEASED_SESSIONS: [*sessions, session_id][-MAX_REMEMBERED_SESSIONS:],
+        RELEASED_ROUNDS: [*rounds, server_round][-MAX_REMEMBERED_SESSIONS:],
+    })
+
+
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Train as usual, then hold the update back and advertise SecAgg+ keys instead.
     Installed only for runs with secure_agg=secaggplus (clients/layers.py)."""
@@ -131,6 +167,11 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     # Before training: a round this site would refuse must not spend its privacy budget.
     policy = read_secagg_policy(dict(context.node_config))
     policy.check_announced(params.neighbours, params.threshold, clients_per_round(cfg))
+    config = msg.content[protocol.CONFIG_KEY]
+    server_round = int(config.get(protocol.SERVER_ROUND_KEY, 0))
+    session_id = config.get(protocol.SECAGG_SESSION_KEY, b"")
+    session_id = session_id if isinstance(session_id, bytes) else b""
+    _check_fresh(context, server_round, session_id)
     reply = call_next(msg, context)
     if reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
         return reply  # errors and budget refusals pass through unchanged
@@ -139,10 +180,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
         update = np.append(update, float(reply.content[protocol.CLIP_INDICATOR_KEY][protocol.CLIP_INDICATOR_FIELD]))
     weight = float(reply.content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])
     hold_update(context, update, weight, cfg, msg.content[protocol.ARRAYS_KEY])
-    config = msg.content[protocol.CONFIG_KEY]
-    server_round = int(config.get(protocol.SERVER_ROUND_KEY, 0))
-    session_id = config.get(protocol.SECAGG_SESSION_KEY, b"")
-    session_id = session_id if isinstance(session_id, bytes) else b""
+    _remember_released(context, server_round, session_id)
     session = ClientSession(context.node_id, params, server_round, session_id=session_id)
     envelope_public, mask_public = session.advertise()
     context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())

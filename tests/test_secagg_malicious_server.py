@@ -294,7 +294,10 @@ def test_replayed_reordered_or_foreign_session_stage_requests_are_refused(compos
     server.train_all()
     early = server.mask(TARGET, {})  # mask before share: out of order
     assert early.has_error() and "out of order" in early.error.reason
-    server.train(TARGET)  # (the refusal wiped the round) a fresh session for the target
+    with pytest.raises(SecAggError, match="already used"):  # the round was wiped; no second session on it
+        server.train(TARGET)
+    server = HostileServer(_cfg(compose), NODES, tmp_path / "next")
+    server.train_all()
     other = server.stage(TARGET, {**server.share_request(TARGET), "session": b"an-old-session!!"})
     assert other.has_error() and "another session" in other.error.reason
     assert SESSION_STATE_KEY in server.contexts[TARGET].state  # a stale request changes nothing
