@@ -72,6 +72,8 @@ def main(argv: list[str]) -> int:
     risk.add_argument("--rounds", type=int, default=50)
     risk.add_argument("--bound", type=float, default=None, help="run-wide exposure bound (default: the config's)")
     risk.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    attacks = sub.add_parser("secagg-attacks", help="fedguard's hostile-server attacks run against Flower's secaggplus_mod")
+    attacks.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     poisoning = sub.add_parser("poisoning", help="final accuracy per strategy with 0/2/5 of 20 clients poisoning")
     poisoning.add_argument("--rounds", type=int, default=5)
     poisoning.add_argument("--factor", type=float, default=-10.0, help="attackers send old + factor * update")
@@ -136,6 +138,10 @@ def main(argv: list[str]) -> int:
 
         bound = DEFAULT_MAX_RUN_EXPOSURE if args.bound is None else args.bound
         result = run_secagg_risk_benchmark(args.cohorts, args.collusions, args.dropouts, args.rounds, bound)
+    elif args.name == "secagg-attacks":
+        from fedguard.simulations.bench_secagg_attacks_flower import run_secagg_attack_table
+
+        result = run_secagg_attack_table()
     elif args.name == "poisoning":
         from fedguard.simulations.bench_poisoning import run_poisoning_benchmark
 
