@@ -110,13 +110,13 @@ def _adverts(listing: list[int], commitments: dict[int, bytes]) -> dict[int, tup
 
 @pytest.mark.simulation
 def test_a_grinding_server_places_its_colluders_around_the_target_no_more_than_chance():
-    """Over 60 sessions the server grinds up to 1,200 lists each, knowing every advert and
+    """Over 40 sessions the server grinds up to 1,200 lists each, knowing every advert and
     every nonce but the target's (it guesses that one), and takes the list its prediction
     likes. With the seed hashed from the list alone (the design before) the same search
     surrounds the target in almost every session; with commit-and-reveal the target's real
     neighbours hold all 3 colluders as often as a uniform draw does (4 of 19: 16/3876 per
     session), checked by a binomial tail at a 1e-9 false-failure rate."""
-    sessions, tries = 60, 1200
+    sessions, tries = 40, 1200
     rng = random.Random(int.from_bytes(os.urandom(8), "big"))  # the search's own choices; no effect on the claim
     chance = comb(len(COLLUDERS), len(COLLUDERS)) * comb(LISTED - 1 - len(COLLUDERS), NEIGHBOURS - len(COLLUDERS)) / comb(
         LISTED - 1, NEIGHBOURS)
