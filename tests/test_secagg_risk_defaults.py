@@ -50,6 +50,7 @@ def test_sized_graph_meets_the_bound_and_a_smaller_one_does_not(cohort, collusio
                    > DEFAULT_MAX_ROUND_FAILURE for s in range(smaller // 2 + 1, smaller + 1))
 
 
+@pytest.mark.simulation  # three Hydra compositions: over a second under load
 def test_a_run_above_the_bound_is_refused_naming_the_keys_and_the_sized_graph_composes(compose):
     run = ["secure_agg=secaggplus", "simulation.num_clients=100", "simulation.fraction_train=1.0", "simulation.rounds=50"]
     with pytest.raises(ConfigError) as refused:
