@@ -9,6 +9,11 @@ the consistency round makes all of them see the same set, so the colluders must 
 draws (a binomial tail; for a cohort of n with exactly ``collusion * n`` colluders the
 hypergeometric tail is slightly smaller). Dropouts cost availability, not privacy: a site
 whose surviving neighbours are fewer than ``t`` cannot be unmasked, and the round fails.
+
+``graph_risk`` draws neighbours as independent Bernoulli(collusion) trials (the issue's
+reference figures); ``listed_risk`` is what the config checks: the worst case of a server
+that lists all ceil(collusion x sites) of its colluders in every cohort, the one lever it
+keeps once commit-and-reveal stops it from grinding the graph itself.
 """
 
 from __future__ import annotations
