@@ -86,27 +86,29 @@ def verified_peers(
     own_identity: bytes,
     server_round: int,
     session_id: bytes,
-    adverts: Mapping[int, tuple[bytes, bytes, bytes, bytes, bytes]],
+    adverts: Mapping[int, tuple[bytes, bytes, bytes, bytes, bytes, bytes]],
 ) -> dict[int, tuple[bytes, bytes]]:
     """The peers whose round keys (envelope, mask) a roster site signed for this round and session.
 
-    ``adverts``: node -> (envelope key, mask key, identity key, signature, seed commitment), as the server
+    ``adverts``: node -> (envelope key, mask key, identity key, signature, seed commitment, graph-nonce
+    commitment), as the server
     relayed them. A peer with a bad or missing signature, a key off the roster, this site's
     own identity, or an identity another relayed peer also claims is left out (the server
     could otherwise stand in for a site, or show one site twice): this site then neither
     shares with it nor masks with it.
     """
     claims: dict[bytes, list[int]] = {}
-    for node, (_e, _m, identity, _s, _c) in adverts.items():
+    for node, (_e, _m, identity, _s, _c, _n) in adverts.items():
         claims.setdefault(identity, []).append(node)
     verified: dict[int, tuple[bytes, bytes]] = {}
-    for node, (envelope, mask, identity, signature, commitment) in sorted(adverts.items()):
+    for node, (envelope, mask, identity, signature, commitment, nonce_commitment) in sorted(adverts.items()):
         try:
             if identity == own_identity:
                 raise RosterError(f"node {node}: relayed with this site's own identity key")
             if len(claims[identity]) > 1:
                 raise RosterError(f"node {node}: its identity key is also claimed by nodes {claims[identity]}")
-            roster.verify_advert(identity, signature, server_round, session_id, node, envelope, mask, commitment)
+            roster.verify_advert(identity, signature, server_round, session_id, node, envelope, mask, commitment,
+                                 nonce_commitment)
         except (RosterError, ValueError) as err:
             logger.warning("secure aggregation: leaving peer %d out: %s", node, err)
             continue

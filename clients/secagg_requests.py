@@ -4,7 +4,7 @@ Every stage request names the round and the session (the server's random id, sig
 the sites with their round keys) it belongs to; one for another round or session, a
 replay of an earlier session's request, is refused here without touching the client's
 state. Stage order (share, then mask, then unmask, each once) is the session's own
-state machine (privacy/secagg/protocol.py).
+state machine (privacy/secagg/protocol.py): cohort, share, mask, consistency, unmask.
 """
 
 from __future__ import annotations
@@ -25,14 +25,16 @@ from fedguard.clients.wire.checks import (
     require_record,
 )
 from fedguard.privacy.secagg.identity import IDENTITY_KEY_BYTES, SIGNATURE_BYTES
-from fedguard.privacy.secagg.params import SEED_COMMITMENT_BYTES
+from fedguard.privacy.secagg.params import GRAPH_NONCE_BYTES, SEED_COMMITMENT_BYTES
 
 # One survivor's mask partners, comma-separated node ids (20 digits + comma each).
 MAX_PARTNER_LIST_BYTES = 21 * MAX_PEERS
 # Fields of each SecAgg+ stage request (besides "stage"), as clients/secure_aggregation.py reads them.
+COHORT_LIST = ("peers", "envelope_keys", "mask_keys", "identity_keys", "signatures", "seed_commitments",
+               "nonce_commitments")
 STAGE_FIELDS = {
-    "share": ("round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys", "signatures",
-              "seed_commitments"),
+    "cohort": ("round", "session", *COHORT_LIST),
+    "share": ("round", "session", *COHORT_LIST, "nonces"),
     "mask": ("round", "session", "from", "ciphertexts"),
     "consistency": ("round", "session", "survivors"),
     "unmask": ("round", "session", "survivors", "dropped", "signers", "signatures", "partner_nodes", "partner_lists",
@@ -67,13 +69,16 @@ def check_stage_request(msg: Message, context: Context) -> None:
     if SESSION_STATE_KEY not in context.state:
         raise MalformedMessage(f"{stage} request, but this client has no secure aggregation session this round")
     _check_session(request, context, stage)
-    if stage == "share":
+    if stage in ("cohort", "share"):
         peers = node_ids(request, "peers", MAX_PEERS)
         key_size = (PUBLIC_KEY_BYTES, PUBLIC_KEY_BYTES)
         keys = [byte_strings(request, field, MAX_PEERS, size=key_size) for field in ("envelope_keys", "mask_keys")]
         keys.append(byte_strings(request, "identity_keys", MAX_PEERS, size=(0, IDENTITY_KEY_BYTES)))
         keys.append(byte_strings(request, "signatures", MAX_PEERS, size=(0, SIGNATURE_BYTES)))
-        keys.append(byte_strings(request, "seed_commitments", MAX_PEERS, size=(SEED_COMMITMENT_BYTES,) * 2))
+        for field in ("seed_commitments", "nonce_commitments"):
+            keys.append(byte_strings(request, field, MAX_PEERS, size=(SEED_COMMITMENT_BYTES,) * 2))
+        if stage == "share":
+            keys.append(byte_strings(request, "nonces", MAX_PEERS, size=(GRAPH_NONCE_BYTES,) * 2))
         if len({len(peers), *(len(k) for k in keys)}) != 1:
             raise MalformedMessage(f"{', '.join(repr(f) for f in fields[2:])} must be equally long")
     elif stage == "mask":
@@ -103,6 +108,6 @@ def check_stage_request(msg: Message, context: Context) -> None:
 
 
 def secure_aggregation_stage(msg: Message, context: Context) -> Message:
-    """SecAgg+ stages 1-3 (share, mask, consistency, unmask); stage 0 rides on the train reply."""
+    """SecAgg+ stages 1-3 (cohort, share, mask, consistency, unmask); stage 0 rides on the train reply."""
     check_stage_request(msg, context)
     return handle_stage(msg, context)

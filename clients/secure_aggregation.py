@@ -28,12 +28,16 @@ from fedguard.conf.plans import clients_per_round
 from fedguard.conf.run_config import cached_config_from_yaml
 from fedguard.privacy.secagg.identity import public_bytes, sign_advert
 from fedguard.privacy.secagg.masking import levels_for, quantize
-from fedguard.privacy.secagg.params import graph_seed
+from fedguard.privacy.secagg.params import cohort_digest, graph_seed, nonce_commitment
 from fedguard.privacy.secagg.protocol import ClientSession, SecAggError, SecAggParams, neighbour_graph
 
 logger = logging.getLogger(__name__)
 
 SESSION_STATE_KEY = "fedguard.secagg-session"
+# Every session id and round this site has entered a secure-aggregation session with (this run).
+RELEASED_STATE_KEY = "fedguard.secagg-released"
+RELEASED_SESSIONS, RELEASED_ROUNDS = "sessions", "rounds"
+MAX_REMEMBERED_SESSIONS = 100_000
 INPUT_STATE_KEY = "fedguard.secagg-input"
 INPUT_ARRAY = "input"
 # Alongside the held update: its weight and the encoding settings, since stage requests
@@ -44,6 +48,9 @@ MODULUS_BITS, MAX_CLIENTS = "modulus_bits", "max_clients"
 FLOAT32_BYTES = 4
 # The advert's identity fields: the site's Ed25519 public key and its signature over the round keys.
 IDENTITY_FIELD, SIGNATURE_FIELD, COMMITMENT_FIELD = "identity_key", "signature", "seed_commitment"
+NONCE_COMMITMENT_FIELD = "nonce_commitment"
+# The cohort list's per-site fields in stage requests, in the order of an advert tuple.
+COHORT_FIELDS = ("envelope_keys", "mask_keys", "identity_keys", "signatures", "seed_commitments", "nonce_commitments")
 
 
 def params_from(cfg) -> SecAggParams:
@@ -112,10 +119,44 @@ def _signed_advert(context: Context, session: ClientSession, envelope_public: by
     identity = site_identity(dict(context.node_config))
     if identity is None:
         logger.warning("client %d: no state dir, so no identity key: advertising unsigned keys", context.node_id)
-        return {IDENTITY_FIELD: b"", SIGNATURE_FIELD: b"", COMMITMENT_FIELD: session.seed_commitment()}
+        return {IDENTITY_FIELD: b"", SIGNATURE_FIELD: b"", COMMITMENT_FIELD: session.seed_commitment(),
+                NONCE_COMMITMENT_FIELD: session.nonce_commitment()}
     signature = sign_advert(identity, session.server_round, session.session_id, context.node_id, envelope_public,
-                            mask_public, session.seed_commitment())
-    return {IDENTITY_FIELD: public_bytes(identity), SIGNATURE_FIELD: signature, COMMITMENT_FIELD: session.seed_commitment()}
+                            mask_public, session.seed_commitment(), session.nonce_commitment())
+    return {IDENTITY_FIELD: public_bytes(identity), SIGNATURE_FIELD: signature, COMMITMENT_FIELD: session.seed_commitment(),
+            NONCE_COMMITMENT_FIELD: session.nonce_commitment()}
+
+
+def _check_fresh(context: Context, server_round: int, session_id: bytes) -> None:
+    """Refuse, before training, a session id this site already used or a round it already entered a session for.
+
+    Why: a second session on the same round (a retrained update, or the same one masked
+    afresh) lets the server difference two sums that differ in this site's input; a reused
+    session id would let it replay signed adverts, survivor sets and partner lists of
+    another round's session. Sites that train with DP refuse a repeated round from their
+    on-disk replay cache too (clients/app.py); this check covers every site, DP or not.
+    """
+    if not session_id:
+        raise SecAggError(f"client {context.node_id}: the train request carries no secure-aggregation session id")
+    released = context.state.get(RELEASED_STATE_KEY)
+    if released is None:
+        return
+    if session_id in released[RELEASED_SESSIONS]:
+        raise SecAggError(f"client {context.node_id}: secure-aggregation session {session_id.hex()} was already used; "
+                          "a reused session id is refused")
+    if server_round in released[RELEASED_ROUNDS]:
+        raise SecAggError(f"client {context.node_id}: round {server_round} already entered a secure-aggregation session "
+                          "on this site; a second session on it would let the server difference two sums")
+
+
+def _remember_released(context: Context, server_round: int, session_id: bytes) -> None:
+    released = context.state.get(RELEASED_STATE_KEY)
+    sessions = [] if released is None else list(released[RELEASED_SESSIONS])
+    rounds = [] if released is None else list(released[RELEASED_ROUNDS])
+    context.state[RELEASED_STATE_KEY] = ConfigRecord({
+        RELEASED_SESSIONS: [*sessions, session_id][-MAX_REMEMBERED_SESSIONS:],
+        RELEASED_ROUNDS: [*rounds, server_round][-MAX_REMEMBERED_SESSIONS:],
+    })
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -126,6 +167,11 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     # Before training: a round this site would refuse must not spend its privacy budget.
     policy = read_secagg_policy(dict(context.node_config))
     policy.check_announced(params.neighbours, params.threshold, clients_per_round(cfg))
+    config = msg.content[protocol.CONFIG_KEY]
+    server_round = int(config.get(protocol.SERVER_ROUND_KEY, 0))
+    session_id = config.get(protocol.SECAGG_SESSION_KEY, b"")
+    session_id = session_id if isinstance(session_id, bytes) else b""
+    _check_fresh(context, server_round, session_id)
     reply = call_next(msg, context)
     if reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
         return reply  # errors and budget refusals pass through unchanged
@@ -134,10 +180,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
         update = np.append(update, float(reply.content[protocol.CLIP_INDICATOR_KEY][protocol.CLIP_INDICATOR_FIELD]))
     weight = float(reply.content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])
     hold_update(context, update, weight, cfg, msg.content[protocol.ARRAYS_KEY])
-    config = msg.content[protocol.CONFIG_KEY]
-    server_round = int(config.get(protocol.SERVER_ROUND_KEY, 0))
-    session_id = config.get(protocol.SECAGG_SESSION_KEY, b"")
-    session_id = session_id if isinstance(session_id, bytes) else b""
+    _remember_released(context, server_round, session_id)
     session = ClientSession(context.node_id, params, server_round, session_id=session_id)
     envelope_public, mask_public = session.advertise()
     context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
@@ -156,21 +199,21 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     return Message(content, reply_to=msg)
 
 
-def _own_neighbours(
-    context: Context, session: ClientSession, cohort: dict[int, tuple[bytes, bytes, bytes, bytes, bytes]]
+def _verified_cohort(
+    context: Context, session: ClientSession, cohort: dict[int, tuple[bytes, ...]]
 ) -> dict[int, tuple[bytes, bytes]]:
-    """This site's neighbours' round keys, derived by the site itself from the cohort list.
+    """The listed peers' round keys, once the whole cohort list checks out against this site's roster.
 
-    The share request lists every site of the round's cohort (this one included) with its
-    signed advert. Every advert must verify against this site's roster (the graph is hashed
-    from them all; one the site cannot check could be the server's grinding); the graph seed
-    is the hash of the list, so the server cannot pick this site's peers, only the list.
+    The list holds every site of the round's cohort (this one included) with its signed
+    advert. Every advert must verify: the graph is drawn from the whole list, and an advert
+    this site cannot check could be one the server made up.
     """
     node_config = dict(context.node_config)
     roster, identity = site_roster(node_config), site_identity(node_config)
     own = public_bytes(identity) if identity is not None else b""
     mine = cohort.get(context.node_id)
-    if mine is None or (*mine[:3], mine[4]) != (*session.advertise(), own, session.seed_commitment()):
+    expected = (*session.advertise(), own, session.seed_commitment(), session.nonce_commitment())
+    if mine is None or (*mine[:3], *mine[4:]) != expected:
         raise SecAggError(f"client {context.node_id}: the cohort list does not hold this site's own advert")
     session.policy.check_cohort(len(cohort))
     others = {node: advert for node, advert in cohort.items() if node != context.node_id}
@@ -180,9 +223,31 @@ def _own_neighbours(
             f"client {context.node_id}: {len(others) - len(verified)} advert(s) of the cohort list fail verification "
             f"against this site's roster; refusing a neighbour graph derived from them"
         )
-    seed = graph_seed(session.server_round, session.session_id, cohort)
+    return verified
+
+
+def _own_neighbours(
+    context: Context, session: ClientSession, cohort: dict[int, tuple[bytes, ...]], nonces: dict[int, bytes]
+) -> dict[int, tuple[bytes, bytes]]:
+    """This site's neighbours' round keys, derived by the site itself from the cohort list it fixed
+    and every listed site's revealed graph nonce (each checked against its signed commitment)."""
+    verified = _verified_cohort(context, session, cohort)
+    if cohort_digest(session.server_round, session.session_id, cohort) != session.cohort_digest:
+        raise SecAggError(f"client {context.node_id}: the share request's cohort list differs from the one it fixed")
+    if set(nonces) != set(cohort):
+        raise SecAggError(f"client {context.node_id}: graph nonces missing for {sorted(set(cohort) - set(nonces))}")
+    forged = sorted(node for node, nonce in nonces.items() if nonce_commitment(nonce) != cohort[node][5])
+    if forged:
+        raise SecAggError(f"client {context.node_id}: revealed graph nonce(s) of {forged} do not match their commitments")
+    seed = graph_seed(session.cohort_digest, nonces)
     peers = neighbour_graph(sorted(cohort), session.params.neighbours, seed)[context.node_id]
     return {peer: verified[peer] for peer in sorted(peers)}
+
+
+def _cohort_of(request) -> dict[int, tuple[bytes, ...]]:
+    """node -> (envelope key, mask key, identity key, signature, seed commitment, nonce commitment)."""
+    columns = [request[field] for field in COHORT_FIELDS]
+    return {int(p): tuple(bytes(column[i]) for column in columns) for i, p in enumerate(request["peers"])}
 
 
 def wipe_round(context: Context) -> None:
@@ -193,7 +258,7 @@ def wipe_round(context: Context) -> None:
 
 
 def handle_stage(msg: Message, context: Context) -> Message:
-    """Stages 1-3 of SecAgg+ for this client; its session lives in Context.state between them.
+    """Stages 1-3 of SecAgg+ (cohort, share, mask, consistency, unmask) for this client; its session lives in Context.state between them.
 
     A protocol refusal (too few shares, a request that names this client dropped, ...)
     aborts the round for this client: its keys, seed, held shares and clear update are
@@ -211,14 +276,15 @@ def _handle_stage(msg: Message, context: Context) -> Message:
     request = msg.content[protocol.SECAGG_KEY]
     stage = str(request["stage"])
     session = ClientSession.from_dict(context.state[SESSION_STATE_KEY], read_secagg_policy(dict(context.node_config)))
-    if stage == "share":
-        adverts = {
-            int(p): (bytes(e), bytes(m), bytes(i), bytes(g), bytes(c))
-            for p, e, m, i, g, c in zip(request["peers"], request["envelope_keys"], request["mask_keys"],
-                                        request["identity_keys"], request["signatures"], request["seed_commitments"],
-                                        strict=True)
-        }
-        neighbours = _own_neighbours(context, session, adverts)
+    if stage == "cohort":
+        cohort = _cohort_of(request)
+        _verified_cohort(context, session, cohort)
+        nonce = session.fix_cohort(cohort_digest(session.server_round, session.session_id, cohort))
+        answer = ConfigRecord({"nonce": nonce})
+    elif stage == "share":
+        adverts = _cohort_of(request)
+        nonces = {int(p): bytes(n) for p, n in zip(request["peers"], request["nonces"], strict=True)}
+        neighbours = _own_neighbours(context, session, adverts, nonces)
         sealed = session.share(neighbours)
         session.peer_identities = {peer: adverts[peer][2] for peer in sealed}
         answer = ConfigRecord({"to": list(sealed), "ciphertexts": list(sealed.values())})

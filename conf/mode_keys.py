@@ -38,7 +38,7 @@ SECURE_AGG_KEYS_BY_MODE: dict[str, frozenset[str]] = {
     "off": frozenset({"mode"}),
     "secaggplus": frozenset({
         "mode", "neighbours", "threshold", "clip_range", "modulus_bits", "max_weight", "stage_timeout",
-        "stage_poll_interval",
+        "stage_poll_interval", "assumed_collusion", "assumed_dropout", "max_run_exposure",
     }),
 }
 # Override prefixes Hydra accepts in front of a key: force-add, add, delete.

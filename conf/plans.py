@@ -14,7 +14,7 @@ from fedguard.conf.schema import CLIENT_DP_MODES, SAMPLE_DP_MODES
 from fedguard.privacy.adaptive_clipping import AdaptiveClipRule
 from fedguard.privacy.client_dp_accounting import ClientDpPlan, CohortPlan
 from fedguard.privacy.client_dp_noise import clamp_headroom
-from fedguard.privacy.secagg.risk import graph_risk
+from fedguard.privacy.secagg.risk import listed_risk
 from omegaconf import DictConfig
 
 
@@ -91,14 +91,13 @@ def adaptive_clip_rule(cfg: DictConfig) -> AdaptiveClipRule:
     )
 
 
-# The collusion fraction the printed SecAgg+ risk assumes (the issue's reference setting).
-ASSUMED_COLLUSION = 0.05
-
-
 def secagg_risk_line(cfg: DictConfig) -> str | None:
     """The planned run's SecAgg+ exposure figures (privacy/secagg/risk.py), or None without SecAgg+."""
     if cfg.secure_agg.mode == "off":
         return None
-    risk = graph_risk(int(cfg.secure_agg.neighbours), int(cfg.secure_agg.threshold), clients_per_round(cfg),
-                      int(cfg.simulation.rounds), ASSUMED_COLLUSION)
-    return f"{risk.line()} (assuming {ASSUMED_COLLUSION:.0%} of sites collude with the server)"
+    sa = cfg.secure_agg
+    risk = listed_risk(int(sa.neighbours), int(sa.threshold), clients_per_round(cfg), int(cfg.simulation.num_clients),
+                       int(cfg.simulation.rounds), float(sa.assumed_collusion), float(sa.assumed_dropout))
+    return (f"{risk.line()} (assuming {sa.assumed_collusion:.0%} of sites collude with the server, which lists all "
+            f"of them in every cohort, and {sa.assumed_dropout:.0%} drop out; refused above {sa.max_run_exposure:g} "
+            f"over the run)")

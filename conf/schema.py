@@ -129,6 +129,10 @@ class SecureAggConfig:
     max_weight: int = 100000
     stage_timeout: float = 120.0
     stage_poll_interval: float = 0.01
+    # The risk the graph is sized against (privacy/secagg/risk.py): colluding and dropping fractions, run-wide bound.
+    assumed_collusion: float = 0.05
+    assumed_dropout: float = 0.05
+    max_run_exposure: float = 0.001
 
 
 @dataclass

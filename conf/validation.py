@@ -17,6 +17,7 @@ from fedguard.conf.preprocessing_checks import check_preprocessing
 from fedguard.conf.client_dp_checks import validate_client_clipping, validate_client_dp
 from fedguard.conf.mode_keys import ChosenModes, keys_from_overrides, unused_key_error
 from fedguard.conf.plans import clients_per_round
+from fedguard.privacy.secagg.risk import colluders_in, listed_risk, size_graph
 from fedguard.conf.sample_dp_checks import validate_sample_dp
 from fedguard.conf.run_address import split_host_port
 from fedguard.conf.schema import (
@@ -106,6 +107,27 @@ def _check_secure_agg_graph(neighbours: int, threshold: int, degree: int, num_cl
         )
 
 
+def _check_secure_agg_risk(sa, cohort: int, population: int, rounds: int) -> None:
+    """Refuse a graph whose run-wide exposure exceeds the stated bound under the assumed collusion and dropouts."""
+    in_range("secure_agg.assumed_collusion", sa.assumed_collusion, 0.0, 0.5)
+    in_range("secure_agg.assumed_dropout", sa.assumed_dropout, 0.0, 0.5)
+    in_range("secure_agg.max_run_exposure", sa.max_run_exposure, 0.0, 1.0, low_open=True)
+    risk = listed_risk(int(sa.neighbours), int(sa.threshold), cohort, population, rounds,
+                       float(sa.assumed_collusion), float(sa.assumed_dropout))
+    if risk.per_run > sa.max_run_exposure:
+        sized = size_graph(cohort, population, rounds, float(sa.assumed_collusion), float(sa.assumed_dropout),
+                           float(sa.max_run_exposure))
+        hint = (f"secure_agg.neighbours={sized[0]} secure_agg.threshold={sized[1]} meets it" if sized else
+                "no neighbours/threshold meets it with rounds failing at most 5% of the time from dropouts")
+        raise ConfigError(
+            f"secure_agg.neighbours={sa.neighbours} and secure_agg.threshold={sa.threshold} expose some honest site "
+            f"with probability {risk.per_run:.3g} over {rounds} rounds of {cohort} sites when the server lists all "
+            f"{colluders_in(population, float(sa.assumed_collusion))} of its colluders, above "
+            f"secure_agg.max_run_exposure={sa.max_run_exposure} (secure_agg.assumed_collusion={sa.assumed_collusion}); "
+            f"{hint}"
+        )
+
+
 def _validate_secure_agg(cfg: DictConfig) -> None:
     sa = cfg.secure_agg
     choice("secure_agg.mode", sa.mode, SECURE_AGG_MODES)
@@ -136,6 +158,7 @@ def _validate_secure_agg(cfg: DictConfig) -> None:
             f"secure_agg.modulus_bits={sa.modulus_bits} leaves fewer than 2 quantization levels for "
             f"{cfg.simulation.num_clients} clients; raise it"
         )
+    _check_secure_agg_risk(sa, cohort, int(cfg.simulation.num_clients), int(cfg.simulation.rounds))
 
 
 def check_mode_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:

@@ -44,7 +44,7 @@ from fedguard.clients.wire.checks import (
     typed_list,
 )
 from fedguard.privacy.secagg.identity import IDENTITY_KEY_BYTES, SIGNATURE_BYTES
-from fedguard.privacy.secagg.params import SEED_COMMITMENT_BYTES
+from fedguard.privacy.secagg.params import GRAPH_NONCE_BYTES, SEED_COMMITMENT_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ LEDGER_ENTRIES_FIELD = protocol.LEDGER_ENTRIES_FIELD
 MAX_LEDGER_ENTRIES = 100_000
 MAX_LEDGER_ENTRY_CHARS = 8_000
 MAX_TEXT_CHARS = 1000
-SECAGG_STAGES = ("share", "mask", "consistency", "unmask")
+SECAGG_STAGES = ("cohort", "share", "mask", "consistency", "unmask")
 SHARE_KINDS = ("seed", "key")
 MASKED_ARRAY = "masked"
 # A plain reply's clip indicator b - 1/2 (adaptive clipping, central noise): exactly one of these.
@@ -143,7 +143,7 @@ def _clip_indicator(content) -> None:
 
 def _advertised_keys(content) -> None:
     record = require_record(content, protocol.SECAGG_KEY, ConfigRecord)
-    fields = {"stage", "envelope_key", "mask_key", "identity_key", "signature", "seed_commitment"}
+    fields = {"stage", "envelope_key", "mask_key", "identity_key", "signature", "seed_commitment", "nonce_commitment"}
     if set(record.keys()) != fields or record.get("stage") != "advertise":
         raise MalformedMessage(f"secure aggregation record must be stage=advertise with {sorted(fields - {'stage'})}")
     for key in ("envelope_key", "mask_key"):
@@ -151,9 +151,10 @@ def _advertised_keys(content) -> None:
         if not isinstance(value, bytes) or len(value) != PUBLIC_KEY_BYTES:
             raise MalformedMessage(f"secure aggregation '{key}' must be {PUBLIC_KEY_BYTES} bytes")
     # Unsigned (empty) or an Ed25519 key and signature; only the peers, holding the roster, can verify them.
-    commitment = record["seed_commitment"]
-    if not isinstance(commitment, bytes) or len(commitment) != SEED_COMMITMENT_BYTES:
-        raise MalformedMessage(f"secure aggregation 'seed_commitment' must be {SEED_COMMITMENT_BYTES} bytes")
+    for key in ("seed_commitment", "nonce_commitment"):
+        commitment = record[key]
+        if not isinstance(commitment, bytes) or len(commitment) != SEED_COMMITMENT_BYTES:
+            raise MalformedMessage(f"secure aggregation '{key}' must be {SEED_COMMITMENT_BYTES} bytes")
     for key, size in (("identity_key", IDENTITY_KEY_BYTES), ("signature", SIGNATURE_BYTES)):
         value = record[key]
         if not isinstance(value, bytes) or len(value) not in (0, size):
@@ -254,7 +255,11 @@ def _check_stage_answer(stage: str, content, vector_length: int | None) -> None:
         return
     only_records(content, {protocol.SECAGG_KEY})
     record = require_record(content, protocol.SECAGG_KEY, ConfigRecord)
-    if stage == "share":
+    if stage == "cohort":
+        nonce = record.get("nonce")
+        if set(record.keys()) != {"nonce"} or not isinstance(nonce, bytes) or len(nonce) != GRAPH_NONCE_BYTES:
+            raise MalformedMessage(f"a cohort answer holds one {GRAPH_NONCE_BYTES}-byte 'nonce' only")
+    elif stage == "share":
         peers = node_ids(record, "to", MAX_PEERS)
         ciphertexts = byte_strings(record, "ciphertexts", MAX_PEERS, size=(1, MAX_SHARE_BYTES))
         if set(record.keys()) != {"to", "ciphertexts"} or len(peers) != len(ciphertexts):

@@ -20,19 +20,17 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedguard.clients.wire import protocol
-from fedguard.clients.secure_aggregation import params_from
+from fedguard.clients.secure_aggregation import COHORT_FIELDS, params_from
 from fedguard.clients.wire.arrays import array_view
 from fedguard.conf.plans import uses_adaptive_clipping
 from fedguard.privacy.secagg.masking import dequantize_sum, levels_for
-from fedguard.privacy.secagg.params import graph_seed
+from fedguard.privacy.secagg.params import cohort_digest, graph_seed, nonce_commitment
 from fedguard.privacy.secagg.protocol import SecAggError, ServerSession, neighbour_graph
 from fedguard.server.federation import TrainReplies, exchange_messages, sort_train_replies
 from fedguard.server.reply_checks import stage_reply_problem
 
 logger = logging.getLogger(__name__)
 
-# The share request's per-site lists, in the order of graph_seed's advert tuples.
-COHORT_FIELDS = ("envelope_keys", "mask_keys", "identity_keys", "signatures", "seed_commitments")
 # Seconds between checks for stage answers when no config says otherwise (Flower's own is 0.1).
 DEFAULT_POLL_INTERVAL = 0.01
 
@@ -183,29 +181,37 @@ class SecureAggregationExchange:
             for node, r in keyed.items()
         }
         signed = {
-            node: tuple(bytes(r.content[protocol.SECAGG_KEY][f]) for f in ("identity_key", "signature", "seed_commitment"))
+            node: tuple(bytes(r.content[protocol.SECAGG_KEY][f])
+                        for f in ("identity_key", "signature", "seed_commitment", "nonce_commitment"))
             for node, r in keyed.items()
         }
-        # The graph comes from a hash of every signed advert (privacy/secagg/params.py::graph_seed):
-        # each site recomputes it from the cohort list below and derives its own neighbours.
+        # Commit-and-reveal graph (privacy/secagg/params.py::graph_seed): the cohort list goes out
+        # first, each site fixes it and reveals its graph nonce; the seed needs every listed
+        # site's nonce, so the list is chosen before any nonce is known and cannot be changed after.
         cohort = {node: (*advertised[node], *signed[node]) for node in advertised}
-        seed = graph_seed(server_round, session_id, cohort)
+        listing = {
+            "round": server_round,
+            "session": session_id,
+            "peers": sorted(cohort),
+            **{field: [cohort[n][i] for n in sorted(cohort)] for i, field in enumerate(COHORT_FIELDS)},
+        }
+        cohort_answers = _answers(grid, {node: ConfigRecord({"stage": "cohort", **listing}) for node in cohort},
+                                  self.stage_timeout, "cohort", poll_interval=self.poll_interval)
+        nonces = {node: bytes(r.content[protocol.SECAGG_KEY]["nonce"]) for node, r in cohort_answers.items()
+                  if nonce_commitment(bytes(r.content[protocol.SECAGG_KEY]["nonce"])) == signed[node][3]}
+        if set(nonces) != set(cohort):
+            # Leaving a site out now would let the server pick among graphs it has already seen.
+            raise SecAggError(f"graph nonce missing or not matching its commitment from {sorted(set(cohort) - set(nonces))}; "
+                              f"the graph cannot be drawn without every listed site's nonce")
+        seed = graph_seed(cohort_digest(server_round, session_id, cohort), nonces)
         graph = neighbour_graph(list(advertised), self.params.neighbours, seed=seed)
         session = ServerSession(self.params, server_round, graph)
         session.route_keys(advertised)
         session.seed_commitments = {node: signed[node][2] for node in signed}
-        listing = ConfigRecord(
-            {
-                "stage": "share",
-                "round": server_round,
-                "session": session_id,
-                "peers": sorted(cohort),
-                **{field: [cohort[n][i] for n in sorted(cohort)] for i, field in enumerate(COHORT_FIELDS)},
-            }
-        )
+        share_request = ConfigRecord({"stage": "share", **listing, "nonces": [nonces[n] for n in sorted(cohort)]})
         share_answers = _answers(
             grid,
-            {node: listing for node in cohort},
+            {node: share_request for node in cohort},
             self.stage_timeout,
             "share",
             poll_interval=self.poll_interval,

@@ -65,6 +65,15 @@ def main(argv: list[str]) -> int:
         "--flower", action=argparse.BooleanOptionalAction, default=True, help="also time Flower's legacy SecAgg+"
     )
     secagg.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    risk = sub.add_parser("secagg-risk", help="SecAgg+ exposure and dropout failure vs cohort, collusion, dropouts")
+    risk.add_argument("--cohorts", type=int, nargs="+", default=[10, 33, 100, 1000])
+    risk.add_argument("--collusions", type=float, nargs="+", default=[0.01, 0.05, 0.1])
+    risk.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.05, 0.1])
+    risk.add_argument("--rounds", type=int, default=50)
+    risk.add_argument("--bound", type=float, default=None, help="run-wide exposure bound (default: the config's)")
+    risk.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    attacks = sub.add_parser("secagg-attacks", help="fedguard's hostile-server attacks run against Flower's secaggplus_mod")
+    attacks.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     poisoning = sub.add_parser("poisoning", help="final accuracy per strategy with 0/2/5 of 20 clients poisoning")
     poisoning.add_argument("--rounds", type=int, default=5)
     poisoning.add_argument("--factor", type=float, default=-10.0, help="attackers send old + factor * update")
@@ -142,6 +151,16 @@ def main(argv: list[str]) -> int:
         from fedguard.simulations.bench_secagg import run_secagg_benchmark
 
         result = run_secagg_benchmark(args.clients, args.parameters, args.rounds, args.repeats, args.flower)
+    elif args.name == "secagg-risk":
+        from fedguard.privacy.secagg.risk import DEFAULT_MAX_RUN_EXPOSURE
+        from fedguard.simulations.bench_secagg_risk import run_secagg_risk_benchmark
+
+        bound = DEFAULT_MAX_RUN_EXPOSURE if args.bound is None else args.bound
+        result = run_secagg_risk_benchmark(args.cohorts, args.collusions, args.dropouts, args.rounds, bound)
+    elif args.name == "secagg-attacks":
+        from fedguard.simulations.bench_secagg_attacks_flower import run_secagg_attack_table
+
+        result = run_secagg_attack_table()
     elif args.name == "poisoning":
         from fedguard.simulations.bench_poisoning import run_poisoning_benchmark
 

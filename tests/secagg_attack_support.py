@@ -30,6 +30,7 @@ from fedguard.privacy.secagg.protocol import MASK_PURPOSE, SHARE_PURPOSE
 from fedguard.privacy.secagg.shamir import combine_shares, split_secret
 
 EXAMPLES = 30
+ADVERT_FIELDS = ("envelope_key", "mask_key", "identity_key", "signature", "seed_commitment", "nonce_commitment")
 STEP_UNIT = 0.01
 
 
@@ -59,6 +60,7 @@ class HostileServer:
     advertised: dict[int, ConfigRecord] = field(default_factory=dict)
     # Each masking site's signed mask-partner list (what the server relays at unmask; it cannot forge one).
     partner_statements: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    nonces: dict[int, bytes] = field(default_factory=dict)  # graph nonces the sites revealed
 
     def __post_init__(self) -> None:
         bundle = load_dataset(self.cfg.dataset, self.cfg.seed)
@@ -97,13 +99,30 @@ class HostileServer:
         message.metadata.__dict__["_src_node_id"] = 1
         return client_app(message, self.contexts[node])
 
-    def share_request(self, node: int, cohort: list[int] | None = None) -> dict:
-        """The share request listing ``cohort`` (default: every site) with their signed adverts;
-        the site derives its own neighbours from it."""
+    def cohort_request(self, cohort: list[int] | None = None) -> dict:
+        """The cohort stage's request listing ``cohort`` (default: every site) with their signed adverts."""
         listed = sorted(self.nodes if cohort is None else cohort)
-        request = {"stage": "share", "peers": listed}
-        for name in ("envelope_key", "mask_key", "identity_key", "signature", "seed_commitment"):
+        request = {"stage": "cohort", "peers": listed}
+        for name in ADVERT_FIELDS:
             request[f"{name}s"] = [bytes(self.advertised[p][name]) for p in listed]
+        return request
+
+    def reveal(self, node: int, cohort: list[int] | None = None, request: dict | None = None) -> Message:
+        """The cohort stage for ``node``: it fixes the listed cohort and reveals its graph nonce (kept here)."""
+        reply = self.stage(node, request or self.cohort_request(cohort))
+        if not reply.has_error():
+            self.nonces[node] = bytes(reply.content[protocol.SECAGG_KEY]["nonce"])
+        return reply
+
+    def share_request(self, node: int, cohort: list[int] | None = None) -> dict:
+        """The share request listing ``cohort`` (default: every site) with their signed adverts and
+        revealed graph nonces; every listed site not yet asked is first shown the same list."""
+        request = self.cohort_request(cohort)
+        for peer in request["peers"]:
+            if peer not in self.nonces:
+                self.reveal(peer, cohort)
+        request["stage"] = "share"
+        request["nonces"] = [self.nonces.get(p, bytes(32)) for p in request["peers"]]
         return request
 
     def share(self, node: int, cohort: list[int] | None = None) -> dict[int, bytes]:

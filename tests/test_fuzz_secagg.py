@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from fuzz_support import FUZZ_SETTINGS, mutate_content, snapshot
-from hypothesis import given
+from fuzz_support import FUZZ_SETTINGS, mutate_content, scaled_examples, snapshot
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedguard.clients.wire import protocol
@@ -54,15 +54,18 @@ TARGET = 22
 STAGE_KEYS = {
     "advertise": {protocol.METRICS_KEY: [protocol.NUM_EXAMPLES_KEY, protocol.TRAIN_LOSS_KEY],
                   protocol.SECAGG_KEY: ["stage", "envelope_key", "mask_key", "identity_key", "signature",
-                                          "seed_commitment"]},
+                                          "seed_commitment", "nonce_commitment"]},
+    "cohort": {protocol.SECAGG_KEY: ["nonce"]},
     "share": {protocol.SECAGG_KEY: ["to", "ciphertexts"]},
     "mask": {protocol.SECAGG_KEY: [], protocol.SECAGG_REJECTED_KEY: [protocol.SECAGG_REJECTED_FIELD]},
     "consistency": {protocol.SECAGG_KEY: ["signature"]},
     "unmask": {protocol.SECAGG_KEY: ["for", "kinds", "shares"]},
 }
 REQUEST_KEYS = {
+    "cohort": {protocol.SECAGG_KEY: ["stage", "round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys",
+                                      "signatures", "seed_commitments", "nonce_commitments"]},
     "share": {protocol.SECAGG_KEY: ["stage", "round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys", "signatures",
-                                     "seed_commitments"]},
+                                     "seed_commitments", "nonce_commitments", "nonces"]},
     "mask": {protocol.SECAGG_KEY: ["stage", "round", "session", "from", "ciphertexts"]},
     "consistency": {protocol.SECAGG_KEY: ["stage", "round", "session", "survivors"]},
     "unmask": {protocol.SECAGG_KEY: ["stage", "round", "session", "survivors", "dropped", "signers", "signatures"]},
@@ -340,6 +343,11 @@ def _answer_property(setup: Setup, data, stage: str) -> None:
     assert reply is not None, f"no {stage} answer of node {TARGET} was fuzzed"
     problem = (train_reply_problem(reply, None) if stage == "advertise" else
                stage_reply_problem(stage, reply, 1 + sum(int(np.prod(setup.arrays[k].shape)) for k in setup.arrays.keys())))
+    if stage == "cohort":  # the graph needs every listed site's nonce: a bad one fails the round, never a part of it
+        assert result.contributed in (0, len(NODES))
+        if problem is not None:
+            assert result.contributed == 0, problem
+        return
     if problem is not None:  # a dropout the protocol tolerates: the other three complete the round
         assert result.contributed >= len(NODES) - 1, problem
     if stage == "share":  # forged, re-addressed or missing shares cost the round at most the sender's input
@@ -390,6 +398,23 @@ def test_a_client_forging_every_share_loses_only_its_own_input(setup):
 @given(st.data())
 def test_fuzz_server_advertise_answer(setup, data):
     _answer_property(setup, data, "advertise")
+
+
+# The cohort stage's request and answer: 100 cases each in CI (the other stages keep 1,000), to keep
+# the new stage's share of the suite small; its fields are the share request's, fuzzed there in full.
+COHORT_FUZZ_SETTINGS = settings(FUZZ_SETTINGS, max_examples=scaled_examples(100))
+
+
+@COHORT_FUZZ_SETTINGS
+@given(st.data())
+def test_fuzz_server_cohort_answer(setup, data):
+    _answer_property(setup, data, "cohort")
+
+
+@COHORT_FUZZ_SETTINGS
+@given(st.data())
+def test_fuzz_client_cohort_request(setup, data):
+    _request_property(setup, data, "cohort")
 
 
 @FUZZ_SETTINGS

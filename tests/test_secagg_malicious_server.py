@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from secagg_attack_support import (
+    ADVERT_FIELDS,
     HostileServer,
     inconsistent_survivors_attack,
     is_input_of,
@@ -65,7 +66,7 @@ def test_attack1_relabelled_replayed_or_foreign_adverts_are_left_out(compose, tm
     server.train_all()
     adverts = {
         n: tuple(bytes(server.advertised[n][f])
-                 for f in ("envelope_key", "mask_key", "identity_key", "signature", "seed_commitment"))
+                 for f in ADVERT_FIELDS)
         for n in NODES
     }
     own = adverts[TARGET][2]
@@ -79,9 +80,9 @@ def test_attack1_relabelled_replayed_or_foreign_adverts_are_left_out(compose, tm
     duplicated = {**honest, 55: honest[33]}
     assert set(verified_peers(server.roster, own, 1, server.session_id, duplicated)) == {11, 44}
     stranger = Ed25519PrivateKey.generate()  # a sybil's identity, not on the roster
-    env, mask, commitment = honest[11][0], honest[11][1], honest[11][4]
-    forged = sign_advert(stranger, 1, server.session_id, 11, env, mask, commitment)
-    sybil = {**honest, 11: (env, mask, public_bytes(stranger), forged, commitment)}
+    env, mask, commitment, nonce_commitment = honest[11][0], honest[11][1], honest[11][4], honest[11][5]
+    forged = sign_advert(stranger, 1, server.session_id, 11, env, mask, commitment, nonce_commitment)
+    sybil = {**honest, 11: (env, mask, public_bytes(stranger), forged, commitment, nonce_commitment)}
     assert set(verified_peers(server.roster, own, 1, server.session_id, sybil)) == {33, 44}
     myself = {**honest, 11: adverts[TARGET]}  # the target's own advert reflected back
     assert set(verified_peers(server.roster, own, 1, server.session_id, myself)) == {33, 44}
@@ -90,7 +91,7 @@ def test_attack1_relabelled_replayed_or_foreign_adverts_are_left_out(compose, tm
 def test_attack1_a_site_without_a_roster_refuses_to_share(compose, tmp_path):
     server = HostileServer(_cfg(compose), NODES, tmp_path, node_configs={TARGET: {"secagg-roster": str(tmp_path / "none.json")}})
     server.train_all()
-    reply = server.stage(TARGET, server.share_request(TARGET))
+    reply = server.reveal(TARGET)
     assert reply.has_error() and "roster" in reply.error.reason
 
 
@@ -200,25 +201,24 @@ def test_attack5_a_hand_picked_neighbour_set_is_refused(compose, tmp_path):
     nodes = (11, 22, 33, 44, 55, 66, 77)
     server = HostileServer(_cfg(compose, 7, 4, 3), nodes, tmp_path, node_configs={TARGET: {"secagg-min-cohort": 7}})
     server.train_all()
-    reply = server.stage(TARGET, server.share_request(TARGET, [11, 22, 33, 44]))
+    reply = server.reveal(TARGET, [11, 22, 33, 44])
     assert reply.has_error() and "fewer than this site's minimum 7" in reply.error.reason
     assert SESSION_STATE_KEY not in server.contexts[TARGET].state
 
 
-def test_attack5_each_site_derives_its_neighbours_from_the_hash_of_all_signed_adverts(compose, tmp_path):
+def test_attack5_each_site_derives_its_neighbours_from_the_cohort_it_fixed_and_all_revealed_nonces(compose, tmp_path):
     """Whatever order or subset of keys the server would prefer, a site shares with exactly the
-    neighbours the hash of the whole cohort's signed adverts gives it; altering any advert is refused."""
-    from fedguard.privacy.secagg.params import graph_seed
+    neighbours the hash of the fixed cohort list and every revealed nonce gives it; altering any advert is refused."""
+    from fedguard.privacy.secagg.params import cohort_digest, graph_seed
     from fedguard.privacy.secagg.protocol import neighbour_graph
 
     nodes = (11, 22, 33, 44, 55, 66, 77)
     server = HostileServer(_cfg(compose, 7, 4, 3), nodes, tmp_path)
     server.train_all()
     request = server.share_request(TARGET)
-    fields = ("envelope_keys", "mask_keys", "identity_keys", "signatures", "seed_commitments")
-    cohort = {n: tuple(request[f][i] for f in fields)
-              for i, n in enumerate(request["peers"])}
-    expected = neighbour_graph(list(nodes), 4, graph_seed(1, server.session_id, cohort))[TARGET]
+    cohort = {n: tuple(request[f"{f}s"][i] for f in ADVERT_FIELDS) for i, n in enumerate(request["peers"])}
+    seed = graph_seed(cohort_digest(1, server.session_id, cohort), dict(zip(request["peers"], request["nonces"])))
+    expected = neighbour_graph(list(nodes), 4, seed)[TARGET]
     reply = server.stage(TARGET, request)
     assert not reply.has_error()
     assert set(reply.content[protocol.SECAGG_KEY]["to"]) == expected and len(expected) == 4
@@ -294,7 +294,10 @@ def test_replayed_reordered_or_foreign_session_stage_requests_are_refused(compos
     server.train_all()
     early = server.mask(TARGET, {})  # mask before share: out of order
     assert early.has_error() and "out of order" in early.error.reason
-    server.train(TARGET)  # (the refusal wiped the round) a fresh session for the target
+    with pytest.raises(SecAggError, match="already used"):  # the round was wiped; no second session on it
+        server.train(TARGET)
+    server = HostileServer(_cfg(compose), NODES, tmp_path / "next")
+    server.train_all()
     other = server.stage(TARGET, {**server.share_request(TARGET), "session": b"an-old-session!!"})
     assert other.has_error() and "another session" in other.error.reason
     assert SESSION_STATE_KEY in server.contexts[TARGET].state  # a stale request changes nothing

@@ -12,6 +12,12 @@ from fedguard.privacy.secagg.protocol import ClientSession, SecAggError, SecAggP
 BITS, CLIP, LENGTH = 32, 1.0, 300
 
 
+def _in_cohort(session: ClientSession) -> ClientSession:
+    """A session past the cohort stage (these tests hand it its neighbours directly)."""
+    session.fix_cohort(b"cohort-digest")
+    return session
+
+
 def _flip_last_byte(ciphertext: bytes) -> bytes:
     return ciphertext[:-1] + bytes([ciphertext[-1] ^ 1])
 
@@ -27,7 +33,7 @@ def _run(
     nodes = [100 + 7 * i for i in range(num_clients)]
     graph = neighbour_graph(nodes, neighbours, seed)
     server = ServerSession(params, server_round=1, graph=graph)
-    clients = {node: ClientSession(node, params, server_round=1) for node in nodes}
+    clients = {node: _in_cohort(ClientSession(node, params, server_round=1)) for node in nodes}
     levels = levels_for(BITS, num_clients)
     updates = {node: rng.uniform(-CLIP, CLIP, LENGTH) for node in nodes}
 
@@ -92,7 +98,7 @@ def test_a_tampered_share_leaves_its_sender_out_of_the_receivers_masks():
     params = SecAggParams(BITS, 3, 2)
     nodes = [1, 2, 3, 4]
     server = ServerSession(params, 1, neighbour_graph(nodes, 3, 0))
-    clients = {n: ClientSession(n, params, 1) for n in nodes}
+    clients = {n: _in_cohort(ClientSession(n, params, 1)) for n in nodes}
     routed = server.route_keys({n: c.advertise() for n, c in clients.items()})
     inbox = server.route_shares({n: clients[n].share(routed[n]) for n in nodes})
     sender = min(inbox[1])
@@ -160,7 +166,7 @@ def test_client_session_survives_a_round_trip_through_state_between_stages():
     params = SecAggParams(BITS, 2, 2)
     nodes = [1, 2, 3]
     server = ServerSession(params, 1, neighbour_graph(nodes, 2, 0))
-    clients = {n: ClientSession(n, params, 1) for n in nodes}
+    clients = {n: _in_cohort(ClientSession(n, params, 1)) for n in nodes}
 
     def reload(node):  # what a ClientApp does between messages: serialize, deserialize
         state = RecordDict({"secagg": ConfigRecord(clients[node].to_dict())})
@@ -170,6 +176,7 @@ def test_client_session_survives_a_round_trip_through_state_between_stages():
     routed = server.route_keys({n: c.advertise() for n, c in clients.items()})
     for n in nodes:
         reload(n)
+        assert clients[n].cohort_digest == b"cohort-digest"
     inbox = server.route_shares({n: clients[n].share(routed[n]) for n in nodes})
     for n in nodes:
         reload(n)
@@ -199,7 +206,7 @@ def test_masking_in_place_gives_the_same_sum_and_copies_otherwise():
     params = SecAggParams(BITS, 2, 2)
     nodes = [1, 2, 3]
     server = ServerSession(params, 1, neighbour_graph(nodes, 2, 0))
-    clients = {n: ClientSession(n, params, 1) for n in nodes}
+    clients = {n: _in_cohort(ClientSession(n, params, 1)) for n in nodes}
     inbox = server.route_shares({n: clients[n].share(keys) for n, keys in server.route_keys(
         {n: c.advertise() for n, c in clients.items()}).items()})
     inputs = {n: np.full(5, n, dtype=np.uint64) for n in nodes}
@@ -355,7 +362,7 @@ def test_bad_revealed_shares_are_excluded_when_extra_shares_exist(corruption):
     nodes = [100 + 7 * i for i in range(num)]
     params = SecAggParams(BITS, k, t)
     server = ServerSession(params, 1, neighbour_graph(nodes, k, 5))
-    clients = {n: ClientSession(n, params, 1) for n in nodes}
+    clients = {n: _in_cohort(ClientSession(n, params, 1)) for n in nodes}
     routed = server.route_keys({n: c.advertise() for n, c in clients.items()})
     inbox = server.route_shares({n: clients[n].share(routed[n]) for n in nodes})
     dropped_node = nodes[-1]
@@ -389,7 +396,7 @@ def test_a_bad_seed_share_among_threshold_plus_one_is_corrected_by_the_commitmen
     nodes = [1, 2, 3, 4, 5]
     params = SecAggParams(BITS, 4, 3)
     server = ServerSession(params, 1, neighbour_graph(nodes, 4, 0))
-    clients = {n: ClientSession(n, params, 1) for n in nodes}
+    clients = {n: _in_cohort(ClientSession(n, params, 1)) for n in nodes}
     routed = server.route_keys({n: c.advertise() for n, c in clients.items()})
     if committed:
         server.seed_commitments = {n: c.seed_commitment() for n, c in clients.items()}

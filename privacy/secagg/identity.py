@@ -21,6 +21,7 @@ another round, another session, or under another node's id.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from fedguard.privacy.secagg.errors import SecAggError
 IDENTITY_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 ADVERT_DOMAIN = b"fedguard-secagg-advert-v1|"
+ROSTER_FINGERPRINT_DOMAIN = b"fedguard-secagg-roster-fingerprint-v1|"
 ROSTER_FORMAT = "fedguard-secagg-roster-v1"
 IDENTITY_FILE = "identity.key"
 ROSTER_FILE = "roster.json"
@@ -70,15 +72,18 @@ def load_or_create_identity(path: Path) -> Ed25519PrivateKey:
 
 
 def advert_bytes(server_round: int, session_id: bytes, node_id: int, envelope_key: bytes, mask_key: bytes,
-                 seed_commitment: bytes) -> bytes:
-    """What a site signs: its round keys and self-mask seed commitment, bound to round, session and node id."""
+                 seed_commitment: bytes, nonce_commitment: bytes) -> bytes:
+    """What a site signs: its round keys, self-mask seed commitment and graph-nonce commitment,
+    bound to round, session and node id."""
     return b"|".join([ADVERT_DOMAIN, str(server_round).encode(), session_id.hex().encode(), str(node_id).encode(),
-                      envelope_key.hex().encode(), mask_key.hex().encode(), seed_commitment.hex().encode()])
+                      envelope_key.hex().encode(), mask_key.hex().encode(), seed_commitment.hex().encode(),
+                      nonce_commitment.hex().encode()])
 
 
 def sign_advert(identity: Ed25519PrivateKey, server_round: int, session_id: bytes, node_id: int,
-                envelope_key: bytes, mask_key: bytes, seed_commitment: bytes) -> bytes:
-    return identity.sign(advert_bytes(server_round, session_id, node_id, envelope_key, mask_key, seed_commitment))
+                envelope_key: bytes, mask_key: bytes, seed_commitment: bytes, nonce_commitment: bytes) -> bytes:
+    return identity.sign(advert_bytes(server_round, session_id, node_id, envelope_key, mask_key, seed_commitment,
+                                      nonce_commitment))
 
 
 @dataclass(frozen=True)
@@ -99,15 +104,32 @@ class Roster:
         return self._by_key.get(identity_key)
 
     def verify_advert(self, identity_key: bytes, signature: bytes, server_round: int, session_id: bytes,
-                      node_id: int, envelope_key: bytes, mask_key: bytes, seed_commitment: bytes) -> str:
+                      node_id: int, envelope_key: bytes, mask_key: bytes, seed_commitment: bytes,
+                      nonce_commitment: bytes) -> str:
         """The site name whose identity signed these round keys for ``node_id``; RosterError otherwise."""
         name = self.name_of(identity_key)
         if name is None:
             raise RosterError(f"node {node_id}: its identity key is not on this site's roster")
-        signed = advert_bytes(server_round, session_id, node_id, envelope_key, mask_key, seed_commitment)
+        signed = advert_bytes(server_round, session_id, node_id, envelope_key, mask_key, seed_commitment,
+                              nonce_commitment)
         if not _signature_holds(identity_key, signature, signed):
             raise RosterError(f"node {node_id} ({name}): round keys not signed by its identity key")
         return name
+
+    def fingerprint(self) -> str:
+        """A short, human-comparable digest of every (name, key) entry, in any order.
+
+        Why: the operator writes the roster, and an entry it slips in is a colluder every site
+        would trust. Sites read this aloud or paste it to each other over a channel the operator
+        does not control; equal fingerprints mean they pinned the same sites. 128 bits of
+        SHA-256, in groups of four hex digits.
+        """
+        digest = hashlib.sha256(ROSTER_FINGERPRINT_DOMAIN)
+        for name, key in sorted(self.sites.items()):
+            encoded = name.encode()
+            digest.update(len(encoded).to_bytes(2, "big") + encoded + key)
+        text = digest.hexdigest()[:32]
+        return f"{len(self.sites)} sites " + "-".join(text[i:i + 4] for i in range(0, len(text), 4))
 
     def to_json(self) -> str:
         return json.dumps({"format": ROSTER_FORMAT, "sites": {n: k.hex() for n, k in sorted(self.sites.items())}},
@@ -151,7 +173,10 @@ def _signature_holds(identity_key: bytes, signature: bytes, message: bytes) -> b
 
 @lru_cache(maxsize=16)
 def _load_roster(path: Path, version: tuple[int, int] | None) -> Roster:
-    return Roster._parse(path)  # noqa: SLF001 - the cached half of Roster.load
+    roster = Roster._parse(path)  # noqa: SLF001 - the cached half of Roster.load
+    # Once per file version: the fingerprint the site compares with the other sites (fedguard roster fingerprint).
+    logger.info("secure aggregation: pinned roster %s, fingerprint %s", path, roster.fingerprint())
+    return roster
 
 
 def write_roster(path: Path, roster: Roster) -> None:

@@ -66,17 +66,37 @@ def seed_commitment(seed: bytes) -> bytes:
     return hashlib.sha256(SEED_COMMITMENT_DOMAIN + seed).digest()
 
 
-def graph_seed(server_round: int, session_id: bytes, adverts: dict[int, tuple[bytes, ...]]) -> int:
-    """The neighbour graph's seed: a hash over every signed advert of the cohort.
+GRAPH_NONCE_BYTES = 32
+NONCE_COMMITMENT_DOMAIN = b"fedguard-secagg-graph-nonce-v1|"
 
-    Why: a seed the server picks lets it surround a target with colluding sites. Hashed over
-    all sites' fresh, signed round keys, the seed is fixed once the sites have advertised, and
-    each site recomputes it from the cohort list and derives its own neighbours; the server's
-    remaining lever is which sites it lists (see SitePolicy.min_cohort).
-    """
+
+def nonce_commitment(nonce: bytes) -> bytes:
+    """SHA-256 of a site's graph nonce, signed in its advert; the nonce is revealed only after the
+    site has fixed the cohort list it will draw its neighbours from."""
+    return hashlib.sha256(NONCE_COMMITMENT_DOMAIN + nonce).digest()
+
+
+def cohort_digest(server_round: int, session_id: bytes, adverts: dict[int, tuple[bytes, ...]]) -> bytes:
+    """A hash of the cohort list: every listed site's id and signed advert (nonce commitment included)."""
     digest = hashlib.sha256(GRAPH_DOMAIN + str(server_round).encode() + b"|" + session_id)
     for node in sorted(adverts):
         digest.update(str(node).encode() + b"|")
         for part in adverts[node]:
             digest.update(len(part).to_bytes(2, "big") + part)
-    return int.from_bytes(digest.digest(), "big")
+    return digest.digest()
+
+
+def graph_seed(digest: bytes, nonces: dict[int, bytes]) -> int:
+    """The neighbour graph's seed: the cohort list's digest and every listed site's revealed nonce.
+
+    Why commit-and-reveal: a seed hashed from the adverts alone let the server re-draw the
+    graph by leaving sites out of the list (a 20-of-33 subset put 3 colluders around a target
+    in about 1,100 tries). Each site signs a commitment to a fresh OS-random nonce in its
+    advert and reveals the nonce only after it has fixed the cohort list (``cohort_digest``);
+    its own nonce then enters a seed whose every other input was already bound, so whatever
+    list the server chose, this site's neighbours are a fresh uniform draw from it.
+    """
+    hasher = hashlib.sha256(GRAPH_DOMAIN + b"seed|" + digest)
+    for node in sorted(nonces):
+        hasher.update(str(node).encode() + b"|" + nonces[node])
+    return int.from_bytes(hasher.digest(), "big")

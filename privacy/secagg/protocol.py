@@ -5,8 +5,10 @@ agrees mask keys with, and Shamir-shares its secrets among, only ``neighbours`` 
 so its cost grows with the neighbour count, not with the cohort. The sessions exchange
 plain Python values; carrying them in Flower messages is a separate layer.
 
-Stages: (0) advertise public keys; (1) share the self-mask seed and the mask private
-key among neighbours, encrypted per recipient; (2) send the masked, quantized input;
+Stages: (0) advertise public keys and a commitment to a fresh graph nonce; (1a) fix the
+cohort list and reveal the nonce (the graph's seed needs every listed site's nonce, so
+the server cannot re-draw the graph by choosing the list); (1b) share the self-mask
+seed and the mask private key among neighbours, encrypted per recipient; (2) send the masked, quantized input;
 (2b) consistency: sign the survivor set shown; (3) for each neighbour, reveal the
 self-mask share if it survived, the mask-key share if it dropped, never both, so the
 server can remove exactly the masks left in the sum.
@@ -53,10 +55,12 @@ from fedguard.privacy.secagg.masking import ADD, SUBTRACT, apply_masks
 from fedguard.privacy.secagg.params import (
     MASK_PURPOSE,
     SEED_BYTES,
+    GRAPH_NONCE_BYTES,
     SELF_MASK_PURPOSE,
     SHARE_PURPOSE,
     SecAggParams,
     neighbour_graph,
+    nonce_commitment,
     seed_commitment,
 )
 from fedguard.privacy.secagg.policy import SitePolicy
@@ -71,8 +75,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # The client session's states, in order; DONE after unmasking or an abort.
-ADVERTISED, SHARED, MASKED, ENDORSED, DONE = "advertised", "shared", "masked", "endorsed", "done"
-STAGES = (ADVERTISED, SHARED, MASKED, ENDORSED, DONE)
+ADVERTISED, COHORT, SHARED, MASKED, ENDORSED, DONE = "advertised", "cohort", "shared", "masked", "endorsed", "done"
+STAGES = (ADVERTISED, COHORT, SHARED, MASKED, ENDORSED, DONE)
 
 
 def _key_pair(raw_private: bytes) -> KeyPair:
@@ -98,6 +102,10 @@ class ClientSession:
         self._envelope_keys = generate_key_pair()
         self._mask_keys = generate_key_pair()
         self._self_seed = os.urandom(SEED_BYTES)
+        # Commit-and-reveal for the neighbour graph: committed in the advert, revealed once the
+        # cohort list is fixed (``fix_cohort``); the digest of that list is kept to hold the server to it.
+        self._graph_nonce = os.urandom(GRAPH_NONCE_BYTES)
+        self.cohort_digest = b""
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}
         self._held_shares: dict[int, tuple[bytes, bytes]] = {}  # peer -> (self-seed share, mask-key share)
         self._stage = ADVERTISED
@@ -123,6 +131,8 @@ class ClientSession:
             "envelope_key": private_key_bytes(self._envelope_keys.private),
             "mask_key": private_key_bytes(self._mask_keys.private),
             "self_seed": self._self_seed,
+            "graph_nonce": self._graph_nonce,
+            "cohort_digest": self.cohort_digest,
             "neighbours": sorted(self.neighbours),
             "peers": peers,
             "peer_envelope_keys": [self._peer_keys[p][0] for p in peers],
@@ -146,6 +156,8 @@ class ClientSession:
             session._envelope_keys = _key_pair(bytes(record["envelope_key"]))
             session._mask_keys = _key_pair(bytes(record["mask_key"]))
             session._self_seed = bytes(record["self_seed"])
+            session._graph_nonce = bytes(record["graph_nonce"])
+            session.cohort_digest = bytes(record["cohort_digest"])
             session.neighbours = {int(n) for n in record["neighbours"]}
             session._peer_keys = {
                 int(p): (bytes(e), bytes(m))
@@ -192,9 +204,26 @@ class ClientSession:
         """The commitment to this round's self-mask seed, advertised (and signed) with the keys."""
         return seed_commitment(self._self_seed)
 
-    # Stage 1
+    def nonce_commitment(self) -> bytes:
+        """The commitment to this round's graph nonce, advertised (and signed) with the keys."""
+        return nonce_commitment(self._graph_nonce)
+
+    # Stage 1a
+    def fix_cohort(self, digest: bytes) -> bytes:
+        """Bind this session to one cohort list (its digest) and reveal the graph nonce, once.
+
+        Revealed only now, the nonce enters a graph seed whose other inputs (the list and every
+        listed site's nonce commitment) are already fixed, so the server learns this site's
+        neighbours only when it can no longer change them.
+        """
+        self._expect(ADVERTISED, "cohort")
+        self.cohort_digest = bytes(digest)
+        self._stage = COHORT
+        return self._graph_nonce
+
+    # Stage 1b
     def share(self, neighbour_keys: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
-        self._expect(ADVERTISED, "share")
+        self._expect(COHORT, "share")
         peers = sorted(set(neighbour_keys) - {self.node_id})
         if len(peers) < self.params.threshold:
             raise SecAggError(f"client {self.node_id}: {len(peers)} neighbours < threshold {self.params.threshold}")
@@ -330,7 +359,7 @@ class ClientSession:
         """
         consistent = endorsements is not None or bool(self.peer_identities)
         if self._stage not in (MASKED, ENDORSED) or (consistent and self._stage != ENDORSED):
-            what = "before sending its masked input" if self._stage in (ADVERTISED, SHARED) else "out of order"
+            what = "before sending its masked input" if self._stage in (ADVERTISED, COHORT, SHARED) else "out of order"
             raise SecAggError(f"client {self.node_id}: asked to unmask {what} (session at {self._stage!r})")
         self._check_survivors(survivors, dropped)
         if consistent:
