@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -28,6 +29,8 @@ def train_message(cfg, server_round: int, arrays: ArrayRecord | None = None, nod
         protocol.SERVER_ROUND_KEY: server_round,
         protocol.LINEAGE_KEY: LINEAGE,
     }
+    if cfg.secure_agg.mode != "off":  # the server opens a fresh SecAgg+ session with every train request
+        config[protocol.SECAGG_SESSION_KEY] = os.urandom(protocol.SECAGG_SESSION_BYTES)
     content = RecordDict({protocol.ARRAYS_KEY: arrays or global_arrays(cfg), protocol.CONFIG_KEY: ConfigRecord(config)})
     message = Message(content, dst_node_id=node, message_type="train")
     message.metadata.__dict__["_src_node_id"] = 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import dp_accounting
 import numpy as np
@@ -129,6 +130,8 @@ def test_clip_norm_converges_to_the_target_quantile(gamma, start):
 # -- the client ---------------------------------------------------------------------------------
 def _train_message(cfg, old: ArrayRecord, clip_norm: float | None, server_round: int = 1) -> Message:
     config = {protocol.FEDGUARD_CONFIG_KEY: config_to_yaml(cfg), protocol.SERVER_ROUND_KEY: server_round}
+    if cfg.secure_agg.mode != "off":  # the server opens a fresh SecAgg+ session with every train request
+        config[protocol.SECAGG_SESSION_KEY] = os.urandom(protocol.SECAGG_SESSION_BYTES)
     if clip_norm is not None:
         config[protocol.CLIENT_CLIP_NORM_KEY] = clip_norm
     return Message(RecordDict({protocol.ARRAYS_KEY: old, protocol.CONFIG_KEY: ConfigRecord(config)}),
