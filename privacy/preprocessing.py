@@ -41,7 +41,6 @@ RELEASE_STEPS = 1
 # A standard deviation is never reported below this fraction of the declared half-range (post-
 # processing, data-independent): under noise a small site's second moment can fall under its squared
 # mean, and standardising by a near-zero std would blow the inputs up; 1/20 caps them at 40.
-# a noisy second moment can fall under the squared mean, and dividing by zero helps nobody.
 MIN_STD_FRACTION = 0.05
 
 

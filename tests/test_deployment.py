@@ -25,12 +25,13 @@ from fedguard.clients.deployment.verified_clientapp import REFUSAL_PREFIX
 from fedguard.privacy.accounting import compute_epsilon
 from fedguard.server.checkpoint import CHECKPOINT_DIR, LATEST_NAME, read_checkpoint
 from fedguard.clients.deployment.flower_tools import environment_with_flower, flower_executable
+from deployment_support import RUN_TIMEOUT, finish
+
 from fedguard.simulations.local_federation import Federation, free_port, stop_process
 
 pytestmark = pytest.mark.deployment
 
 SITES = 3
-RUN_TIMEOUT = 600
 # Small and fast: logistic regression on digits, a few local steps per round.
 # A site may lose a reply when the server dies under it (Flower drops a stale run's messages), so
 # rounds wait at most 90 s for stragglers instead of the default ten minutes (a normal round: ~35 s,
@@ -57,19 +58,6 @@ def federation(tmp_path_factory):
         yield fed
     finally:
         fed.close()
-
-
-def finish(fed: Federation, run: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> Path:
-    try:
-        run.wait(timeout=timeout)
-    finally:
-        stop_process(run)
-    log = (fed.root / "run.log").read_text(errors="replace")
-    assert run.returncode == 0, log[-5000:]
-    # `fedguard run` names the run directory, relative to the server's state dir.
-    run_dir = fed.server_dir / re.findall(r"results on the server under (\S+)", log)[-1]
-    assert (run_dir / "summary.json").is_file(), log[-5000:]
-    return run_dir
 
 
 def test_files_are_private(federation):

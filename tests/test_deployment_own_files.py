@@ -8,21 +8,20 @@ each is started with ``fedguard client --data`` and nothing else about its data.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from deployment_support import finish
+
 from fedguard.simulations.example_sites import CSV_NAME, write_sites
-from fedguard.simulations.local_federation import Federation, stop_process
+from fedguard.simulations.local_federation import Federation
 
 pytestmark = pytest.mark.deployment
 
 SITES = 3
-RUN_TIMEOUT = 600
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +46,6 @@ def csv_federation(tmp_path_factory):
         fed.close()
 
 
-def _finish(fed: Federation, run: subprocess.Popen) -> Path:
-    try:
-        run.wait(timeout=RUN_TIMEOUT)
-    finally:
-        stop_process(run)
-    log = (fed.root / "run.log").read_text(errors="replace")
-    assert run.returncode == 0, log[-5000:]
-    run_dir = fed.server_dir / re.findall(r"results on the server under (\S+)", log)[-1]
-    assert (run_dir / "summary.json").is_file(), log[-5000:]
-    return run_dir
-
-
 def test_three_csv_sites_preprocess_together_then_train_with_dp_and_secagg(csv_federation):
     fed, data = csv_federation
     sizes = [len(pd.read_csv(d / CSV_NAME)) for d in data]
@@ -68,7 +55,7 @@ def test_three_csv_sites_preprocess_together_then_train_with_dp_and_secagg(csv_f
         "dataset.preprocessing=federated", "privacy=sample_dp", "secure_agg=secaggplus", "secure_agg.threshold=2",
         "deployment.wait_for_clients=120", "simulation.round_timeout=150",
     )
-    run_dir = _finish(fed, run)
+    run_dir = finish(fed, run)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stop_reason"] == "completed all rounds", summary
     pre = summary["preprocessing"]
