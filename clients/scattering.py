@@ -108,10 +108,12 @@ class FeatureCache:
         for key, row in zip(keys, features, strict=True):
             self._rows[key] = row
         if persist and keys:
+            # Features of a site's images say as much as the images: only the site's own user reads them.
             self.folder.mkdir(parents=True, exist_ok=True)
+            self.folder.chmod(0o700)
             name = f"{uuid.uuid4().hex}.npz"
             tmp = self.folder / f".{name}.tmp"
-            with open(tmp, "wb") as handle:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
                 np.savez(handle, keys=np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), KEY_BYTES),
                          features=features)
             os.replace(tmp, self.folder / name)

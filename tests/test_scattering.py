@@ -48,6 +48,9 @@ def test_a_fresh_process_reads_what_warm_wrote(fresh_cache, monkeypatch):
     assert warm(front, images) == 7
     assert warm(front, images) == 0
     written = front.features(images)
+    folder = fresh_cache / "scattering" / front.namespace
+    assert folder.stat().st_mode & 0o777 == 0o700  # features reveal the images: the site's user only
+    assert [shard.stat().st_mode & 0o777 for shard in folder.iterdir()] == [0o600]
     monkeypatch.setattr(scattering, "_CACHES", {})  # as a new process would start
     monkeypatch.setattr(ScatteringFrontEnd, "_compute", lambda self, x: pytest.fail("recomputed a cached image"))
     assert np.array_equal(ScatteringFrontEnd((1, 8, 8)).features(images), written)
