@@ -39,7 +39,8 @@ def write_result(out_dir: Path, name: str, result: dict[str, Any]) -> Path:
     return path
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every benchmark's options in one place, so `fedguard bench --help` lists them all."""
     parser = argparse.ArgumentParser(prog="fedguard bench", description=__doc__)
     sub = parser.add_subparsers(dest="name", required=True)
     overhead = sub.add_parser("overhead", help="per-round wall time: fedguard vs a plain Flower simulation")
@@ -132,10 +133,11 @@ def main(argv: list[str]) -> int:
     accuracy.add_argument("--from-runs", type=Path, default=None,
                           help="collect finished tune-*/eps-* run directories under this folder instead of running")
     accuracy.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
-    args = parser.parse_args(argv)
-    from fedguard.simulations.simulate import configure_logging
+    return parser
 
-    configure_logging("WARNING")
+
+def run_benchmark(args: argparse.Namespace) -> dict | None:
+    """Run the chosen benchmark; its modules are imported only here (each pulls in Ray, torch or Flower)."""
     if args.name == "overhead":
         from fedguard.simulations.bench_overhead import run_overhead_benchmark
 
@@ -211,6 +213,17 @@ def main(argv: list[str]) -> int:
         if not args.tune_one_site:
             print(accuracy_table(result))
     else:
+        return None
+    return result
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from fedguard.simulations.simulate import configure_logging
+
+    configure_logging("WARNING")
+    result = run_benchmark(args)
+    if result is None:
         return 2
     name = f"{args.name}-images" if getattr(args, "kind", None) == "images" else args.name
     path = write_result(args.out, name, result)  # own-files-images.json beside own-files.json
