@@ -104,7 +104,7 @@ class DataSpend:
         return prior, record["budget_epsilon"]
 
     def lineages(self) -> set[str]:
-        """Every lineage (or release, e.g. ``<lineage>-preprocessing``) recorded on this data."""
+        """Every lineage (or release, e.g. ``<lineage>:preprocessing``) recorded on this data."""
         with self._locked():
             return set(self._read()["lineages"])
 

@@ -11,7 +11,7 @@ sample-level DP, before anything leaves:
    step at sampling rate 1) and checks that its data's whole spend (every run on the same
    records, clients/data_spend.py, plus this release) fits the strictest budget, or refuses
    naming the figures;
-3. it records the release as ``<lineage>-preprocessing`` in its per-data spend (so training
+3. it records the release as ``<lineage>:preprocessing`` in its per-data spend (so training
    in every lineage counts it) and appends a signed ``preprocessing_release`` entry to its
    ledger, both fsync'ed, then adds the noise (OS randomness) and replies.
 
@@ -33,6 +33,7 @@ from fedguard.clients.data_spend import DataSpend, strictest
 from fedguard.clients.own_files import own_split
 from fedguard.clients.local_data import ImageRecords, SiteRecords
 from fedguard.clients.site import SiteSettings, read_site_settings
+from fedguard.clients.site_floor import check_site_floor, read_site_floor
 from fedguard.clients.site_state import PRIVACY_DIR, SiteStateStore
 from fedguard.clients.wire import protocol
 from fedguard.clients.wire.checks import MalformedMessage, only_records, parse_run_config, require_record, text
@@ -55,7 +56,9 @@ from fedguard.privacy.preprocessing import (
 
 logger = logging.getLogger(__name__)
 
-RELEASE_SUFFIX = "-preprocessing"
+# ":" is outside the lineage id alphabet (site_state.LINEAGE_PATTERN), so no run's lineage can be named
+# like a release and have its own (fresh) history stand in for the release's charge.
+RELEASE_SUFFIX = ":preprocessing"
 # Pixels are scaled to [0, 1] before anything else; that is an image's declared range.
 PIXEL_RANGE = FeatureRange(0.0, 1.0)
 
@@ -154,6 +157,7 @@ def preprocessing_stage(msg: Message, context: Context) -> Message:
     if not federated_preprocessing(cfg):
         raise MalformedMessage("the run does not ask for federated preprocessing (dataset.preprocessing=declared); "
                                "this site sends no statistics")
+    check_site_floor(cfg, read_site_floor(context.node_config))  # as for training: before anything is read or sent
     site = read_site_settings(dict(context.node_config))
     split = own_split(cfg, site)
     contract = declared_contract_of(cfg.dataset)

@@ -63,6 +63,14 @@ def _refuse(run_key: str, run_value: float | None, site_key: str, site_value: fl
 def check_site_floor(cfg: DictConfig, floor: SiteFloor) -> None:
     """Raise BelowSiteFloor (after logging the key) where the run is weaker than the site's floor."""
     dp = cfg.privacy
+    pinned = [(key, value) for key, value in zip(FLOOR_KEYS, (floor.min_noise_multiplier, floor.max_epsilon,
+                                                             floor.min_client_noise_multiplier,
+                                                             floor.max_client_epsilon), strict=True)
+              if value is not None]
+    if pinned and not trains_privately(cfg) and not client_level_dp(cfg):
+        # Without DP the run's epsilon is unbounded: weaker than any floor the site pinned.
+        site_key, site_value = pinned[0]
+        _refuse("privacy.mode", dp.mode, site_key, site_value, "without differential privacy, weaker than")
     if trains_privately(cfg):
         cap = dp.max_epsilon if dp.max_epsilon is not None else dp.target_epsilon
         if floor.max_epsilon is not None and (cap is None or cap > floor.max_epsilon):

@@ -11,7 +11,15 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-from fedguard.clients.preprocessing import PreprocessingRefused, contract_layout, release_sums, site_sums
+from fedguard.clients.data_spend import DataSpend
+from fedguard.clients.preprocessing import (
+    RELEASE_SUFFIX,
+    PreprocessingRefused,
+    contract_layout,
+    release_sums,
+    site_sums,
+)
+from fedguard.clients.site_state import LINEAGE_PATTERN
 from fedguard.clients.site import read_site_settings
 from fedguard.clients.own_files import own_split
 from fedguard.conf import compose_config
@@ -147,7 +155,7 @@ def test_dp_release_is_noised_paid_from_the_site_budget_and_on_its_ledger(base_c
         assert body["epsilon"] == pytest.approx(expected_epsilon)
         # The per-data spend holds the release, so every later training run on these rows counts it.
         record = json.loads(next((state / "privacy" / "data").glob("*.json")).read_text())
-        assert record["lineages"][f"{LINEAGE}-preprocessing"] == {"sigma": [sigma], "rate": [1.0], "steps": [1]}
+        assert record["lineages"][f"{LINEAGE}:preprocessing"] == {"sigma": [sigma], "rate": [1.0], "steps": [1]}
     # The sums that left the sites are not the exact ones.
     exact = run_preprocessing(LoopbackGrid(wine_sites(tmp_path / "plain", state=False)), _cfg(base_cfg),
                               _yaml(_cfg(base_cfg)), LINEAGE, timeout=60)
@@ -169,11 +177,45 @@ def test_a_second_request_is_refused_and_a_new_run_is_charged_again(base_cfg, tm
     assert outcome.sites == 1
     state = tmp_path / "state-0"
     record = json.loads(next((state / "privacy" / "data").glob("*.json")).read_text())
-    sigma = record["lineages"][f"{LINEAGE}-preprocessing"]["sigma"][0]
-    assert set(record["lineages"]) == {f"{LINEAGE}-preprocessing", "lineage-other-preprocessing"}
+    sigma = record["lineages"][f"{LINEAGE}:preprocessing"]["sigma"][0]
+    assert set(record["lineages"]) == {f"{LINEAGE}:preprocessing", "lineage-other:preprocessing"}
     second = [json.loads(line) for line in (state / "ledger" / "lineage-other.jsonl").read_text().splitlines()]
     twice = compute_epsilon([(sigma, 1.0, 1)] * 2, 1e-5, "rdp").epsilon
     assert second[-1]["body"]["epsilon"] == pytest.approx(twice)
+
+
+@pytest.mark.simulation  # the real ClientApp reads three sites' files: over a second
+def test_a_run_named_like_the_release_cannot_erase_its_charge(base_cfg, tmp_path):
+    """Attack: release in lineage L, then start a DP run whose lineage id is the release's name and let
+    it refuse on budget: its fresh (empty) history is saved under that name. It must not replace the
+    release's charge, or every run id would buy a free release."""
+    cfg = _cfg(base_cfg, target_epsilon=3.0)
+    sites = wine_sites(tmp_path)
+    run_preprocessing(LoopbackGrid(sites), cfg, _yaml(cfg), LINEAGE, timeout=60)
+    sigma = calibrate_noise_multiplier(target_epsilon=0.5, delta=1e-5, sample_rate=1.0, steps=1, accountant="rdp")
+    privacy_dir = tmp_path / "state-0" / "privacy"
+    data = DataSpend(privacy_dir, next((privacy_dir / "data").glob("*.json")).stem)
+    for lineage in (f"{LINEAGE}-preprocessing", f"{LINEAGE}_preprocessing", f"{LINEAGE}preprocessing"):
+        assert LINEAGE_PATTERN.match(lineage)  # ids a server may choose
+        data.save(lineage, [], None)  # what a refused first round in that lineage records
+        prior, _ = data.prior(lineage)
+        assert [s for s, _, _ in prior] == [pytest.approx(sigma)]  # the release still counts
+    assert LINEAGE_PATTERN.match(f"{LINEAGE}{RELEASE_SUFFIX}") is None  # and no run can be called that
+
+
+@pytest.mark.simulation  # the real ClientApp reads three sites' files: over a second
+def test_the_sites_privacy_floor_applies_to_preprocessing(base_cfg, tmp_path):
+    """Attack: a site pins max-epsilon 1; the server asks for statistics at a weaker setting, or without DP."""
+    sites = wine_sites(tmp_path)
+    for config in sites.values():
+        config["max-epsilon"] = 1.0
+    weak = _cfg(base_cfg, target_epsilon=3.0)
+    with pytest.raises(PreprocessingFailed, match="privacy.target_epsilon=3.0 is above"):
+        run_preprocessing(LoopbackGrid(sites), weak, _yaml(weak), LINEAGE, timeout=60)
+    plain = _cfg(base_cfg)
+    with pytest.raises(PreprocessingFailed, match="privacy.mode=none is without differential privacy"):
+        run_preprocessing(LoopbackGrid(sites), plain, _yaml(plain), LINEAGE, timeout=60)
+    assert not list((tmp_path / "state-0").rglob("*.jsonl"))  # nothing released, nothing on a ledger
 
 
 @pytest.mark.simulation  # the real ClientApp reads three sites' files: over a second
