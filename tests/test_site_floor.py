@@ -47,6 +47,13 @@ def test_runs_at_or_above_the_floor_pass():
     check_site_floor(compose_config(SAMPLE), read_site_floor({}))
 
 
+@pytest.mark.parametrize("floor", [SiteFloor(max_epsilon=8), SiteFloor(min_client_noise_multiplier=0.5)])
+def test_a_site_with_any_floor_refuses_a_run_without_dp(floor):
+    with pytest.raises(BelowSiteFloor, match="privacy.mode=none is without differential privacy"):
+        check_site_floor(compose_config(["privacy=none"]), floor)
+    check_site_floor(compose_config(["privacy=none"]), SiteFloor())  # no floor: the site's choice
+
+
 def test_bad_floor_values_are_refused():
     with pytest.raises(BelowSiteFloor):
         read_site_floor({"max-epsilon": -1})
