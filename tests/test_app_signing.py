@@ -7,6 +7,7 @@ trusted publisher's id, replay a signature of another app, damage the record.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import zipfile
@@ -21,6 +22,7 @@ from fedguard.clients.deployment.app_signing import (
     build_app_fab,
     create_publisher_key,
     load_publisher_key,
+    metadata_refusal,
     read_trusted_publishers,
     sign_fab,
     trusted_entry,
@@ -34,6 +36,29 @@ def _fab(app_code: str) -> bytes:
         fab.writestr("pyproject.toml", '[tool.flwr.app.components]\nclientapp = "clients.app:app"\n')
         fab.writestr("clients/app.py", app_code)
     return buffer.getvalue()
+
+
+def _project_fab(name: str = "tinyapp", version: str = "1.0.0") -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as fab:
+        fab.writestr("pyproject.toml", f'[project]\nname = "{name}"\nversion = "{version}"\ndependencies = []\n\n'
+                     '[tool.flwr.app]\npublisher = "fedguard"\n\n[tool.flwr.app.components]\n'
+                     'serverapp = "clients.app:server"\nclientapp = "clients.app:app"\n\n[tool.flwr.app.config]\n')
+        fab.writestr("clients/app.py", "app = None\n")
+    return buffer.getvalue()
+
+
+def test_the_runs_metadata_must_name_the_signed_fab():
+    """Attack: the SuperLink pairs a validly signed FAB with the id, version or hash of another app
+    installed on the site (say, one from a publisher the site has revoked), which Flower would load."""
+    fab = _project_fab()
+    digest = hashlib.sha256(fab).hexdigest()
+    assert metadata_refusal(fab, digest, "fedguard/tinyapp", "1.0.0") is None
+    assert "but the signed FAB is fedguard/tinyapp 1.0.0" in metadata_refusal(fab, digest, "fedguard/oldapp", "1.0.0")
+    assert "but the signed FAB is" in metadata_refusal(fab, digest, "fedguard/tinyapp", "0.9.0")
+    other = hashlib.sha256(_project_fab(name="oldapp")).hexdigest()
+    assert "but carries FAB" in metadata_refusal(fab, other, "fedguard/tinyapp", "1.0.0")
+    assert "cannot be read" in metadata_refusal(b"not a zip", hashlib.sha256(b"not a zip").hexdigest(), "a/b", "1")
 
 
 @pytest.fixture

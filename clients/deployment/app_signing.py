@@ -32,6 +32,7 @@ import json
 import os
 import re
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from fedguard.clients.deployment.key_material import (
     KeyMaterialError,
 )
 from fedguard.clients.deployment.yaml_file import read_yaml_file
+from flwr.common.config import get_fab_config, get_metadata_from_config
 from flwr.supercore.primitives.asymmetric_ed25519 import (
     create_message_to_sign,
     decode_base64url,
@@ -209,6 +211,25 @@ def read_trusted_publishers(path: Path) -> dict[str, ed25519.Ed25519PublicKey]:
             raise AppSignatureError(f"{path}: the key of {key_id!r} is not Ed25519")
         trusted[str(key_id)] = key
     return trusted
+
+
+def metadata_refusal(fab: bytes, fab_hash: str, fab_id: str, fab_version: str) -> str | None:
+    """Why the run's FAB metadata does not name the bytes just verified, or None if it does.
+
+    Flower loads an installed app by the run's ``fab_id``, ``fab_version`` and ``hash_str``, not by the
+    FAB's content: a SuperLink could pair a validly signed FAB with the metadata of another app already
+    installed on the site (one from a publisher the site has since revoked) and have that one run.
+    """
+    actual = hashlib.sha256(fab).hexdigest()
+    if fab_hash != actual:
+        return f"the run names FAB {fab_hash[:16]}... but carries FAB {actual[:16]}..."
+    try:
+        declared_id, declared_version = get_metadata_from_config(get_fab_config(fab))
+    except (ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        return f"the app's pyproject.toml cannot be read: {err}"
+    if (fab_id, fab_version) != (declared_id, declared_version):
+        return f"the run names app {fab_id} {fab_version} but the signed FAB is {declared_id} {declared_version}"
+    return None
 
 
 def app_refusal(fab: bytes, signature_text: str | None, trusted: dict[str, ed25519.Ed25519PublicKey]) -> str | None:

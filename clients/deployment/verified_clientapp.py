@@ -28,6 +28,7 @@ from fedguard.clients.deployment.app_signing import (
     RUN_CONFIG_APP_SIGNATURE,
     AppSignatureError,
     app_refusal,
+    metadata_refusal,
     read_trusted_publishers,
 )
 from flwr.app import Context, Message
@@ -120,6 +121,8 @@ def run_task(runtime_api_address: str, token: str, trusted_file: Path, launched_
             # Read on every task: a site revokes a publisher by editing the file, no restart needed.
             refusal = app_refusal(fab.content, str(context.run_config.get(RUN_CONFIG_APP_SIGNATURE, "")),
                                   read_trusted_publishers(trusted_file))
+            # The loader below picks the installed app by the run's metadata: it must name these bytes.
+            refusal = refusal or metadata_refusal(fab.content, fab.hash_str, run.fab_id, run.fab_version)
         except AppSignatureError as err:
             refusal = f"this site's trusted publishers cannot be read: {err}"
         if refusal is not None:
