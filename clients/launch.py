@@ -64,7 +64,7 @@ def node_config_text(settings: dict[str, Any]) -> str:
 def supernode_command(args: argparse.Namespace, node_config: str) -> list[str]:
     """Flower's flower-supernode, run through fedguard's poll-interval patch (supernode_poll.py)."""
     return [
-        sys.executable, "-m", "fedguard.clients.deployment.supernode_poll", repr(args.poll_interval), "--",
+        sys.executable, "-P", "-m", "fedguard.clients.deployment.supernode_poll", repr(args.poll_interval), "--",
         "--superlink", args.server,
         "--root-certificates", str(args.ca.resolve()),
         "--auth-supernode-private-key", str(args.key.resolve()),
@@ -86,7 +86,7 @@ def start_app_gate(args: argparse.Namespace) -> None:
     """The site's task launcher (clients/deployment/app_gate.py), watching this process: after the
     exec below this PID is the SuperNode's, so the gate stops when the SuperNode does."""
     subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-        [sys.executable, "-m", "fedguard.clients.deployment.app_gate", "--runtime-api-address", runtime_api_address(args),
+        [sys.executable, "-P", "-m", "fedguard.clients.deployment.app_gate", "--runtime-api-address", runtime_api_address(args),
          "--trusted-publishers", str(args.trusted_publishers.resolve()), "--parent-pid", str(os.getpid()),
          "--launch", args.task_launch],
         env=environment_with_flower(),

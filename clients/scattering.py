@@ -87,6 +87,9 @@ class FeatureCache:
         """Read shards written since the last call (by this or another process)."""
         if not self.folder.is_dir():
             return
+        if self.folder.stat().st_mode & 0o077:  # a cache written before fedguard kept it to its user
+            logger.warning("scattering cache %s was readable by other users; now 0700", self.folder)
+            self.folder.chmod(0o700)
         for path in sorted(self.folder.glob("*.npz")):
             if path.name in self._loaded:
                 continue

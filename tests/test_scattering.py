@@ -51,9 +51,11 @@ def test_a_fresh_process_reads_what_warm_wrote(fresh_cache, monkeypatch):
     folder = fresh_cache / "scattering" / front.namespace
     assert folder.stat().st_mode & 0o777 == 0o700  # features reveal the images: the site's user only
     assert [shard.stat().st_mode & 0o777 for shard in folder.iterdir()] == [0o600]
+    folder.chmod(0o755)  # as caches written before the fix were left
     monkeypatch.setattr(scattering, "_CACHES", {})  # as a new process would start
     monkeypatch.setattr(ScatteringFrontEnd, "_compute", lambda self, x: pytest.fail("recomputed a cached image"))
     assert np.array_equal(ScatteringFrontEnd((1, 8, 8)).features(images), written)
+    assert folder.stat().st_mode & 0o777 == 0o700  # closed again when read
 
 
 def test_a_damaged_shard_is_ignored_and_recomputed(fresh_cache):

@@ -63,7 +63,7 @@ WARM_MODULES = (
 
 
 def task_command(runtime_api_address: str, token: str, trusted_file: Path, parent_pid: int) -> list[str]:
-    return [sys.executable, "-m", "fedguard.clients.deployment.verified_clientapp",
+    return [sys.executable, "-P", "-m", "fedguard.clients.deployment.verified_clientapp",
             "--runtime-api-address", runtime_api_address, "--token", token,
             "--trusted-publishers", str(trusted_file), "--parent-pid", str(parent_pid), "--launched-at", repr(time.time())]
 
