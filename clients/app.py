@@ -156,9 +156,11 @@ def refuse_bad_requests(msg: Message, context: Context, call_next: ClientAppCall
     try:
         return call_next(msg, context)
     except REJECTIONS as err:
-        reason = f"{type(err).__name__}: {err}"[:MAX_REASON_CHARS]
+        shown = err.public if isinstance(err, LocalDataError) else str(err)  # no single records (datasets.py)
+        reason = f"{type(err).__name__}: {shown}"[:MAX_REASON_CHARS]
         partition = context.node_config.get(PARTITION_ID_KEY, "?")
-        logger.error("partition %s: refusing the %s request: %s", partition, msg.metadata.message_type, reason)
+        logger.error("partition %s: refusing the %s request: %s: %s", partition, msg.metadata.message_type,
+                     type(err).__name__, err)
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 

@@ -38,7 +38,17 @@ class DatasetError(RuntimeError):
 
 
 class LocalDataError(DatasetError):
-    """Data that loads but cannot be trained on (empty, wrong size, labels out of range, NaN)."""
+    """Data that loads but cannot be trained on (empty, wrong size, labels out of range, NaN).
+
+    ``public`` is the reason the server hears. Where the message points at single records (a row,
+    an image file, how many records are bad), which record it is is itself data about the site's
+    records, and the server chooses the contract they are checked against: the server then hears the
+    column and the kind of problem, and the site's log keeps the full message.
+    """
+
+    def __init__(self, message: str, *, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public or message
 
 
 # What each dataset's examples must look like, so a site's own copy that differs is refused
@@ -76,9 +86,11 @@ def check_examples(features: np.ndarray, labels: np.ndarray, shape: tuple[int, .
         raise LocalDataError(f"{where}: labels must be one integer per example; found {labels.dtype}{labels.shape}")
     out_of_range = int(np.count_nonzero((labels < 0) | (labels >= num_classes)))
     if out_of_range:
-        raise LocalDataError(f"{where}: {out_of_range} label(s) outside 0..{num_classes - 1}")
+        raise LocalDataError(f"{where}: {out_of_range} label(s) outside 0..{num_classes - 1}",
+                             public=f"{where}: labels outside 0..{num_classes - 1}")
     if np.issubdtype(features.dtype, np.floating) and not np.all(np.isfinite(features)):
-        raise LocalDataError(f"{where}: {int(np.count_nonzero(~np.isfinite(features)))} feature values are NaN or infinite")
+        raise LocalDataError(f"{where}: {int(np.count_nonzero(~np.isfinite(features)))} feature values are NaN or infinite",
+                             public=f"{where}: feature values that are NaN or infinite")
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,10 @@ Hugging Face ``datasets`` directory (``save_to_disk``). Images: a folder with on
 per class (Pillow), an ``.npz`` with ``images`` and ``labels``, or a ``datasets`` directory with
 ``image`` and ``label`` columns.
 
-Every refusal is a :class:`LocalDataError` naming the file, the column or the row; it travels
-to the server as the site's reason for sitting the run out, so it never quotes a cell's value
-(the value is logged on the site only).
+Every refusal is a :class:`LocalDataError` naming the file, the column or the row. The server
+hears it as the site's reason for sitting the run out, without the row, the image file or a count
+of bad records (``LocalDataError.public``): those single out records. The site's log keeps all of it,
+and no message ever quotes a cell's value.
 """
 
 from __future__ import annotations
@@ -103,11 +104,13 @@ def _numeric_column(values, column: str, where: Path) -> np.ndarray:
         row = int(np.flatnonzero(wrong.to_numpy())[0]) + 1
         logger.error("%s row %d column %r: %r is not a number", where, row, column, values.iloc[row - 1])
         raise LocalDataError(f"{where}: column {column!r} must be numeric; row {row} is not a number "
-                             f"({int(wrong.sum())} such row(s))")
+                             f"({int(wrong.sum())} such row(s))",
+                             public=f"{Path(where).name}: column {column!r} must be numeric and is not")
     numbers = as_numbers.to_numpy(dtype=np.float64)
     if (bad := ~np.isfinite(numbers)).any():
         row = int(np.flatnonzero(bad)[0]) + 1
-        raise LocalDataError(f"{where}: column {column!r} row {row} is empty, NaN or infinite ({int(bad.sum())} such row(s))")
+        raise LocalDataError(f"{where}: column {column!r} row {row} is empty, NaN or infinite ({int(bad.sum())} such row(s))",
+                             public=f"{Path(where).name}: column {column!r} holds empty, NaN or infinite values")
     return numbers
 
 
@@ -117,12 +120,14 @@ def _coded_column(values, column: str, allowed: tuple[str, ...], where: Path, wh
     codes = np.empty(len(values), dtype=np.int64)
     for row, value in enumerate(values.tolist(), start=1):
         if value is None or (isinstance(value, float) and not np.isfinite(value)):
-            raise LocalDataError(f"{where}: column {column!r} row {row} is empty or NaN")
+            raise LocalDataError(f"{where}: column {column!r} row {row} is empty or NaN",
+                                 public=f"{Path(where).name}: column {column!r} holds empty or NaN values")
         code = index.get(class_text(value))
         if code is None:
             logger.error("%s row %d column %r: %r is not one of %s", where, row, column, value, list(allowed))
             raise LocalDataError(f"{where}: column {column!r} row {row} holds a {what} the contract does not list "
-                                 f"(allowed: {', '.join(allowed)})")
+                                 f"(allowed: {', '.join(allowed)})",
+                                 public=f"{Path(where).name}: column {column!r} holds a {what} the contract does not list")
         codes[row - 1] = code
     return codes
 
@@ -206,13 +211,16 @@ def _fit_image(image, contract: ImageContract, where: str) -> np.ndarray:
         got = f"{image.size[0]}x{image.size[1]}"
         if contract.resize == "refuse":
             raise LocalDataError(f"{where}: image is {got} (width x height), the contract needs "
-                                 f"{contract.width}x{contract.height} and resize=refuse")
+                                 f"{contract.width}x{contract.height} and resize=refuse",
+                                 public=f"an image is not {contract.width}x{contract.height} and the contract says resize=refuse")
         if contract.resize == "resize":
             image = image.resize(size, Image.Resampling.BILINEAR)
         else:  # center_crop
             if image.size[0] < contract.width or image.size[1] < contract.height:
                 raise LocalDataError(f"{where}: image is {got}, smaller than the contract's "
-                                     f"{contract.width}x{contract.height} (resize=center_crop)")
+                                     f"{contract.width}x{contract.height} (resize=center_crop)",
+                                     public=f"an image is smaller than {contract.width}x{contract.height} "
+                                            "(resize=center_crop)")
             left, top = (image.size[0] - contract.width) // 2, (image.size[1] - contract.height) // 2
             image = image.crop((left, top, left + contract.width, top + contract.height))
     pixels = np.asarray(image, dtype=np.uint8)
@@ -235,7 +243,8 @@ def _folder_images(root: Path, contract: ImageContract) -> tuple[list[np.ndarray
                 with Image.open(file) as image:
                     images.append(_fit_image(image, contract, str(file)))
             except (UnidentifiedImageError, OSError) as err:
-                raise LocalDataError(f"{file}: unreadable image ({type(err).__name__})") from None
+                raise LocalDataError(f"{file}: unreadable image ({type(err).__name__})",
+                                     public=f"an image in class folder {folder.name!r} is unreadable") from None
             labels.append(contract.classes.index(folder.name))
     if not images:
         raise LocalDataError(f"{root}: its class folders hold no images")
@@ -248,7 +257,8 @@ def _label_index(value, contract: ImageContract, where: str) -> int:
             return int(value)
     elif class_text(value) in contract.classes:
         return contract.classes.index(class_text(value))
-    raise LocalDataError(f"{where}: label outside the contract's classes (0..{contract.num_classes - 1} or a name)")
+    raise LocalDataError(f"{where}: label outside the contract's classes (0..{contract.num_classes - 1} or a name)",
+                         public=f"a label is outside the contract's classes (0..{contract.num_classes - 1} or a name)")
 
 
 def _array_images(path: Path, contract: ImageContract) -> tuple[list[np.ndarray], list[int]]:
