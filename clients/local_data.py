@@ -13,6 +13,7 @@ and no message ever quotes a cell's value.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,25 @@ HF_DICT_MARKER = "dataset_dict.json"
 
 def _is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (all((path / m).is_file() for m in HF_MARKERS) or (path / HF_DICT_MARKER).is_file())
+
+
+def files_fingerprint(path: Path) -> str:
+    """The id of the site's per-data privacy account: SHA-256 over the sorted digests of every file
+    under its ``--data`` path.
+
+    It depends on what the site holds and on nothing a run chooses (seed, validation split, contract,
+    scaling): a server that varied those would otherwise open a fresh, unspent account on the same
+    records with every run. File names and order do not count, so moving or renaming keeps the account.
+    """
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digests = []
+    for file in files:
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                digest.update(block)
+        digests.append(digest.digest())
+    return hashlib.sha256(b"fedguard-site-files/1" + b"".join(sorted(digests))).hexdigest()
 
 
 def resolve_data_path(path: Path, contract: Contract) -> Path:

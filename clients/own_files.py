@@ -1,30 +1,29 @@
 """A site's own files as the training set and the statistics input of a run with a data contract.
 
 Both the training request and the federated-preprocessing request read the same rows the
-same way: the contract's records, a seeded shuffle into training and validation rows, and
-a fingerprint of the training rows under the contract's *declared* scaling. The fingerprint
-names the data in the site's per-data spend (clients/data_spend.py), so the statistics
-release and every later training round on those records are charged to the same account
-whatever scaling the federation's statistics later give them.
+same way: the contract's records and a seeded shuffle into training and validation rows. The
+site's per-data spend (clients/data_spend.py) is named by a fingerprint of the site's files
+themselves (``files_fingerprint``), so the statistics release and every training round on
+those records are charged to one account, whatever seed, split, contract or scaling a run picks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 
-from fedguard.clients.data_spend import data_fingerprint
 from fedguard.clients.datasets import LocalDataError
-from fedguard.clients.local_data import SiteRecords, encode_records, read_site_records
+from fedguard.clients.local_data import SiteRecords, encode_records, files_fingerprint, read_site_records
 from fedguard.clients.site import DATA_KEY, SiteConfigError, SiteSettings
 from fedguard.conf.contract import contract_of, declared_contract_of
 
 
 @dataclass(frozen=True)
 class OwnSplit:
-    """A site's records split into training and validation rows, and the training rows' id."""
+    """A site's records split into training and validation rows, and the id of its files."""
 
     records: SiteRecords
     train: np.ndarray
@@ -37,7 +36,7 @@ class OwnSplit:
 
 
 def own_split(cfg: DictConfig, site: SiteSettings) -> OwnSplit:
-    """Read and check the site's files, split them (seeded by the run), fingerprint the training rows."""
+    """Read and check the site's files, split them (seeded by the run), fingerprint the files."""
     if not site.data:
         raise SiteConfigError(f"dataset={cfg.dataset.name} trains on each site's own files: start this site "
                               f"with `fedguard client --data PATH` (node config '{DATA_KEY}')")
@@ -50,8 +49,7 @@ def own_split(cfg: DictConfig, site: SiteSettings) -> OwnSplit:
         raise LocalDataError(f"{site.data}: {len(labels)} example(s) leave none for training after the "
                              f"validation split (dataset.validation_fraction={cfg.dataset.validation_fraction})")
     train, validation = order[held_out:], order[:held_out]
-    declared_x = encode_records(records, declared)
-    return OwnSplit(records, train, validation, data_fingerprint((declared_x[train], labels[train])))
+    return OwnSplit(records, train, validation, files_fingerprint(Path(site.data)))
 
 
 def own_examples(cfg: DictConfig, site: SiteSettings) -> tuple[np.ndarray, np.ndarray, OwnSplit]:

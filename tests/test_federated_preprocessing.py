@@ -3,12 +3,14 @@ under DP, refusals of a second request and of an unpayable one, the audit recomp
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 from scipy import stats as scipy_stats
 
 from fedguard.clients.data_spend import DataSpend
@@ -291,6 +293,21 @@ def test_the_audit_catches_a_site_that_under_reports_its_preprocessing_spend(bas
     result = _audited_run(_cfg(base_cfg, target_epsilon=3.0), tmp_path, monkeypatch)
     assert result.exit_code == ExitCode.MISMATCH
     assert any("preprocessing: reported" in m for m in result.spend.clients["0"].mismatches)
+
+
+@pytest.mark.simulation  # writes and reads the example sites' files: over a second under load
+def test_the_per_data_account_does_not_depend_on_what_a_run_chooses(base_cfg, tmp_path):
+    """Attack: the server changes the seed, the validation split or the declared scaling, so that the
+    same records would be charged to a fresh, unspent per-data account in every run."""
+    sites = wine_sites(tmp_path, state=False)
+    site = read_site_settings(sites[100])
+    first = own_split(base_cfg, site).fingerprint
+    for key, value in (("seed", 7), ("dataset.validation_fraction", 0.3), ("dataset.contract.features.0.high", 99.0)):
+        cfg = copy.deepcopy(base_cfg)
+        OmegaConf.update(cfg, key, value)
+        assert own_split(cfg, site).fingerprint == first, key
+    other = read_site_settings(sites[101])  # another site's file: another account
+    assert own_split(base_cfg, other).fingerprint != first
 
 
 @pytest.mark.simulation  # reads a site's file through the ClientApp's loader: over a second under load
