@@ -144,7 +144,7 @@ def release_sums(
     store.record_event(event, partition_id=site.partition_id)
     logger.info("partition %d: released preprocessing sums at noise multiplier %.3f (epsilon on this data now %.3f)",
                 site.partition_id, sigma, after.epsilon)
-    return add_noise(sums, std), std
+    return add_noise(sums, std, secure=bool(dp.secure_noise)), std
 
 
 def preprocessing_stage(msg: Message, context: Context) -> Message:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fedguard.privacy.randomness import os_generator
+from fedguard.privacy.secure_noise import SecureGaussian
 
 # The history entry of one release: sampling rate 1 (every record is in it), one step.
 RELEASE_SAMPLE_RATE = 1.0
@@ -132,11 +133,15 @@ def bounded_sums(
     return np.concatenate(parts)
 
 
-def add_noise(sums: np.ndarray, std: float) -> np.ndarray:
-    """``sums`` plus N(0, std^2) on every coordinate, drawn from OS randomness (never a seed)."""
+def add_noise(sums: np.ndarray, std: float, secure: bool = False) -> np.ndarray:
+    """``sums`` plus N(0, std^2) on every coordinate, drawn from OS randomness (never a seed);
+    with ``secure`` (``privacy.secure_noise``), from the same CSPRNG as DP-SGD's noise."""
     sums = np.asarray(sums, dtype=np.float64)
     if std == 0:
         return sums.copy()
+    if secure:
+        reference = torch.zeros(sums.shape, dtype=torch.float64)
+        return sums + SecureGaussian().gaussian(float(std), reference).numpy()
     noise = torch.normal(0.0, float(std), size=sums.shape, generator=os_generator(), dtype=torch.float64)
     return sums + noise.numpy()
 

@@ -165,6 +165,21 @@ def test_dp_release_is_noised_paid_from_the_site_budget_and_on_its_ledger(base_c
 
 
 @pytest.mark.simulation  # the real ClientApp reads three sites' files: over a second
+def test_secure_noise_covers_the_release_too(base_cfg, tmp_path, monkeypatch):
+    """privacy.secure_noise=true asks for CSPRNG noise (floating-point attacks on torch's sampler):
+    the statistics release draws from it as DP-SGD does."""
+    from fedguard.privacy.secure_noise import SecureGaussian
+
+    drawn = []
+    real = SecureGaussian.gaussian
+    monkeypatch.setattr(SecureGaussian, "gaussian", lambda self, std, ref: (drawn.append((std, ref.numel())), real(self, std, ref))[1])
+    cfg = _cfg(base_cfg, target_epsilon=3.0, secure_noise=True)
+    outcome = run_preprocessing(LoopbackGrid(wine_sites(tmp_path)), cfg, _yaml(cfg), LINEAGE, timeout=60)
+    assert outcome.sites == 3 and len(drawn) == 3  # one noise vector per site, all from the CSPRNG
+    assert all(count == 1 + 2 * 12 + 3 for _, count in drawn)  # count, 12 sums, 12 squares, 3 category counts
+
+
+@pytest.mark.simulation  # the real ClientApp reads three sites' files: over a second
 def test_a_second_request_is_refused_and_a_new_run_is_charged_again(base_cfg, tmp_path):
     """Attack: the server asks twice (to average the noise away) or asks one site alone."""
     cfg = _cfg(base_cfg, target_epsilon=3.0)
