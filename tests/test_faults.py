@@ -287,7 +287,8 @@ def _server_lines(caplog, needle: str) -> list[str]:
     ("side", "label_shift", "reason"),
     [
         (WRONG_SIDE, 0, f"examples are {WRONG_SIDE}x{WRONG_SIDE}, the dataset needs {FASHION_SIDE}x{FASHION_SIDE}"),
-        (FASHION_SIDE, OUT_OF_RANGE_LABEL, f"label(s) outside 0..{FASHION_CLASSES - 1}"),
+        # the server hears that labels are out of range, not how many (LocalDataError.public)
+        (FASHION_SIDE, OUT_OF_RANGE_LABEL, f"labels outside 0..{FASHION_CLASSES - 1}"),
     ],
     ids=["wrong-image-size", "labels-out-of-range"],
 )
