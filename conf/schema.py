@@ -34,6 +34,8 @@ NEEDS_INDIVIDUAL_UPDATES = ("fedmedian", "fedtrimmedavg", "krum")
 MAX_MODULUS_BITS = 62
 # scikit-learn's random_state (the seeded test split) takes seeds in [0, 2**32 - 1].
 MAX_SEED = 2**32 - 1
+# simulation.reply_poll_interval, seconds (server/reply_wait.py says why these bounds).
+REPLY_POLL_RANGE = (0.001, 3.0)
 
 
 class ConfigError(ValueError):
@@ -157,6 +159,8 @@ class SimulationConfig:
     min_clients_per_round: int = 2
     client_resources: ClientResources = field(default_factory=ClientResources)
     round_timeout: float = 600.0
+    # Seconds between the server's checks for a round's replies (server/reply_wait.py).
+    reply_poll_interval: float = 0.05
     ray_address: str | None = None
     # Rehearsal on own files: virtual site i reads site_data[i] (a file or a directory), as a real
     # site reads its `fedguard client --data PATH`. Only with a contract dataset (tabular / images).

@@ -32,6 +32,7 @@ from fedguard.server.federation import run_federation
 from fedguard.server.launch import RUNS_DIR
 from fedguard.server.layers import build_layers
 from fedguard.server.preprocessing import STATISTICS_FILE, run_preprocessing
+from fedguard.server.reply_wait import PromptGrid
 from fedguard.server.run_record import RoundRecord, RunRecorder
 from fedguard.server.run_state import (
     ResumePoint,
@@ -93,6 +94,9 @@ class ClientWaiter:
 
 def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Everything the ServerApp does, callable without a Flower Context (tests, benchmarks)."""
+    # Every wait for replies (preprocessing, training, evaluation) at the config's interval, not
+    # the grid's own fixed sleep (3 s in Flower's deployment grid; server/reply_wait.py).
+    grid = PromptGrid(grid, float(cfg.simulation.reply_poll_interval))
     resume = load_resume_point(cfg, run_dir)
     run_state = resume.run_state if resume else RunState(lineage=new_lineage_id())
     random.seed(cfg.seed)  # Flower's node sampling draws from `random`

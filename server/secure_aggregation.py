@@ -28,6 +28,7 @@ from fedguard.privacy.secagg.params import cohort_digest, graph_seed, nonce_comm
 from fedguard.privacy.secagg.protocol import SecAggError, ServerSession, neighbour_graph
 from fedguard.server.federation import TrainReplies, exchange_messages, sort_train_replies
 from fedguard.server.reply_checks import stage_reply_problem
+from fedguard.server.reply_wait import send_and_collect
 
 logger = logging.getLogger(__name__)
 
@@ -40,28 +41,6 @@ def _stage_messages(requests: dict[int, ConfigRecord]) -> list[Message]:
         Message(RecordDict({protocol.SECAGG_KEY: request}), dst_node_id=node, message_type=protocol.SECAGG_MESSAGE_TYPE)
         for node, request in requests.items()
     ]
-
-
-def send_and_collect(grid: Grid, messages: list[Message], timeout: float, poll_interval: float) -> list[Message]:
-    """``Grid.send_and_receive`` with the poll interval in our hands.
-
-    Flower's grids sleep a fixed interval (0.1 s for the simulation's in-memory grid)
-    between checks for replies; with three extra stages per round that fixed latency
-    alone would be a visible share of a SecAgg+ round. Same semantics: push all, pull
-    until every message is answered or ``timeout`` seconds pass.
-    """
-    pending = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
-    replies: list[Message] = []
-    while pending:
-        arrived = list(grid.pull_messages(pending))
-        replies.extend(arrived)
-        pending -= {reply.metadata.reply_to_message_id for reply in arrived}
-        remaining = deadline - time.monotonic()
-        if not pending or remaining <= 0:
-            break
-        time.sleep(min(poll_interval, remaining))
-    return replies
 
 
 def _answers(
