@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     deployment.add_argument("--configs", nargs="+", default=["plain", "secagg_sample_dp"],
                             choices=["plain", "secagg_sample_dp"], help="plain and/or SecAgg+ with sample-level DP")
     deployment.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    deployment.add_argument("--keep", type=Path, default=None,
+                            help="leave each config's site, server and run logs under KEEP/<config> (profiling)")
+    deployment.add_argument("--no-simulation", action="store_true",
+                            help="time the deployed rounds only (no simulated run, no ratio)")
     client_dp = sub.add_parser("client-dp", help="accuracy vs client-level epsilon at 1,000 clients; wall time, memory")
     client_dp.add_argument("--clients", type=int, default=1000)
     client_dp.add_argument("--rounds", type=int, default=20)
@@ -170,7 +174,8 @@ def run_benchmark(args: argparse.Namespace) -> dict | None:
     elif args.name == "deployment":
         from fedguard.simulations.bench_deployment import run_deployment_benchmark
 
-        result = run_deployment_benchmark(args.sites, args.rounds, args.dataset, args.model, args.configs)
+        result = run_deployment_benchmark(args.sites, args.rounds, args.dataset, args.model, args.configs,
+                                          keep=args.keep, simulate=not args.no_simulation)
     elif args.name == "client-dp":
         from fedguard.simulations.bench_client_dp import run_client_dp_benchmark
 

@@ -133,8 +133,11 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def run_deployment_benchmark(sites: int, rounds: int, dataset: str, model: str,
-                             configs: list[str] | None = None) -> dict[str, Any]:
+def run_deployment_benchmark(sites: int, rounds: int, dataset: str, model: str, configs: list[str] | None = None,
+                             keep: Path | None = None, simulate: bool = True) -> dict[str, Any]:
+    """``keep``: leave each config's federation (site logs with their task timing lines, server
+    and run logs, run directories) under ``keep/<config>`` instead of a deleted temporary folder.
+    ``simulate=False`` times the deployment only (the ratio is then left out)."""
     base = [f"dataset={dataset}", f"model={model}", f"simulation.num_clients={sites}",
             f"simulation.rounds={rounds}", "progress=false"]
     result: dict[str, Any] = {"config": {"sites": sites, "rounds": rounds, "dataset": dataset, "model": model},
@@ -142,12 +145,17 @@ def run_deployment_benchmark(sites: int, rounds: int, dataset: str, model: str,
     for name in configs or list(CONFIGS):
         overrides = [*base, *CONFIGS[name]]
         with tempfile.TemporaryDirectory(prefix="fedguard-bench-deployment-") as tmp:
-            deployment = _deployment(Path(tmp), sites, overrides)
-            simulation = _simulation(Path(tmp), overrides)
-        mean = {"deployment": _mean(deployment["round_seconds"]), "simulation": _mean(simulation["round_seconds"])}
-        result["runs"][name] = {"overrides": CONFIGS[name], "deployment": deployment, "simulation": simulation,
-                                "mean_round_seconds": mean,
-                                "deployed_over_simulated": round(mean["deployment"] / mean["simulation"], 2)}
+            root = Path(tmp) if keep is None else keep / name
+            root.mkdir(parents=True, exist_ok=True)
+            deployment = _deployment(root, sites, overrides)
+            simulation = _simulation(root, overrides) if simulate else None
+        run: dict[str, Any] = {"overrides": CONFIGS[name], "deployment": deployment, "simulation": simulation,
+                               "mean_round_seconds": {"deployment": _mean(deployment["round_seconds"])}}
+        if simulation is not None:
+            run["mean_round_seconds"]["simulation"] = _mean(simulation["round_seconds"])
+            run["deployed_over_simulated"] = round(run["mean_round_seconds"]["deployment"]
+                                                   / run["mean_round_seconds"]["simulation"], 2)
+        result["runs"][name] = run
     print(deployment_table(result), file=sys.stderr)
     return result
 
@@ -158,7 +166,10 @@ def deployment_table(result: dict[str, Any]) -> str:
             + " | ".join(keys) + " |", "|" + " --- |" * (5 + len(keys))]
     for name, run in result["runs"].items():
         parts = run["deployment"]["breakdown_per_round"]
-        rows.append(f"| {name} | {run['mean_round_seconds']['simulation']:.2f} | {run['mean_round_seconds']['deployment']:.2f} "
-                    f"| {run['deployed_over_simulated']:.1f} | {parts.get('messages_per_site', 0):.0f} | "
+        means = run["mean_round_seconds"]
+        simulated = f"{means['simulation']:.2f}" if "simulation" in means else "-"
+        ratio = f"{run['deployed_over_simulated']:.1f}" if "deployed_over_simulated" in run else "-"
+        rows.append(f"| {name} | {simulated} | {means['deployment']:.2f} "
+                    f"| {ratio} | {parts.get('messages_per_site', 0):.0f} | "
                     + " | ".join(f"{parts.get(key, 0.0):.2f}" for key in keys) + " |")
     return "\n".join(rows)
