@@ -43,6 +43,9 @@ TIMEOUT_SECONDS = 300
 RATE_PER_SECOND = 50
 RATE_BURST = 1000
 CONNECTIONS_PER_ADDRESS = 64
+# Idle TLS connections to the loopback SuperLink nginx keeps per worker for the next request.
+UPSTREAM_IDLE_CONNECTIONS = 32
+UPSTREAM_IDLE_SECONDS = 4
 
 
 class ProxyError(RuntimeError):
@@ -93,9 +96,15 @@ def _listen_directive(listen: str) -> str:
 def proxy_config(settings: ProxySettings, user: str | None = None) -> str:
     """nginx.conf for ``settings``; ``user`` only when nginx starts as root (workers keep that user)."""
     state = settings.state_dir.resolve()
-    upstream = f"https://{_listen_directive(settings.upstream)}"
-    forward = f"""            proxy_pass {upstream};
+    # Through the named upstream, whose idle connections nginx keeps: without it nginx opened a
+    # new TCP and TLS connection to the SuperLink for every request (a SuperNode makes several a
+    # second: idle polls, one pull or push per object of a message), and each paid the handshake
+    # on the shared CPU (`fedguard bench deployment`, README). "Connection" is cleared so a
+    # site's own "close" does not end the loopback connection.
+    forward = f"""            proxy_pass https://superlink;
             proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_session_reuse on;
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-For $remote_addr;
             proxy_ssl_verify on;
@@ -137,6 +146,14 @@ http {{
     client_body_timeout {TIMEOUT_SECONDS}s;
     send_timeout {TIMEOUT_SECONDS}s;
     keepalive_timeout 75s;
+
+    upstream superlink {{
+        server {_listen_directive(settings.upstream)};
+        keepalive {UPSTREAM_IDLE_CONNECTIONS};
+        # Shorter than the SuperLink's own (uvicorn's 5 s), so nginx drops an idle connection before
+        # the SuperLink can close it under a request that nginx would not retry (a POST).
+        keepalive_timeout {UPSTREAM_IDLE_SECONDS}s;
+    }}
 
     server {{
         listen {_listen_directive(settings.listen)} ssl;
