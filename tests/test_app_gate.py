@@ -86,3 +86,63 @@ def test_the_task_pulls_its_input_with_flowers_own_calls_in_flowers_order():
     assert calls(verified_clientapp.pull_task_input) == calls(run_clientapp.pull_task_input) == [
         "PullTaskInput", "PullMessages", "PullObject", "ConfirmMessageReceived"]
     assert "initial_backoff=initial_backoff" in inspect.getsource(verified_clientapp.pull_task_input)
+
+
+_SMALL_APP = {
+    "pyproject.toml": textwrap.dedent("""\
+        [build-system]
+        requires = ["hatchling"]
+        build-backend = "hatchling.build"
+
+        [project]
+        name = "smallapp"
+        version = "1.0.0"
+        dependencies = []
+
+        [tool.flwr.app]
+        publisher = "tester"
+
+        [tool.flwr.app.components]
+        serverapp = "smallapp.server:app"
+        clientapp = "smallapp.client:app"
+
+        [tool.flwr.app.config]
+        """).encode(),
+    "smallapp/__init__.py": b"",
+    "smallapp/client.py": b"app = None\n",
+    "smallapp/server.py": b"app = None\n",
+}
+
+
+def test_a_verified_fab_is_installed_once_and_any_other_copy_is_replaced(tmp_path, monkeypatch):
+    """A task reinstalls only when the copy Flower would load differs from the verified FAB."""
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_files
+    from flwr.common.config import get_project_dir
+
+    from fedguard.clients.deployment import verified_clientapp
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    fab = build_fab_from_files(_SMALL_APP)[0]
+    fab_hash = hashlib.sha256(fab).hexdigest()
+    installs = []
+    real_install = verified_clientapp.install_from_fab
+    monkeypatch.setattr(verified_clientapp, "install_from_fab",
+                        lambda content, **kw: installs.append(1) or real_install(content, **kw))
+
+    def install() -> bool:
+        return verified_clientapp.install_once(fab, "tester/smallapp", "1.0.0", fab_hash)
+
+    assert install() is True and len(installs) == 1
+    directory = get_project_dir("tester/smallapp", "1.0.0", fab_hash)
+    assert verified_clientapp.installed_copy_matches(fab, directory)
+    assert install() is False and len(installs) == 1  # the same verified bytes: nothing to do
+
+    (directory / "smallapp" / "client.py").write_bytes(b"import os; app = os.system\n")  # changed under us
+    assert install() is True and (directory / "smallapp" / "client.py").read_bytes() == b"app = None\n"
+    (directory / "smallapp" / "client.py").unlink()  # a partial copy
+    assert install() is True and verified_clientapp.installed_copy_matches(fab, directory)
+    (directory / "smallapp" / "planted.py").write_bytes(b"app = 1\n")  # a file the FAB lacks
+    assert not verified_clientapp.installed_copy_matches(fab, directory)
+    assert install() is True and len(installs) == 4
