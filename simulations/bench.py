@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="leave each config's site, server and run logs under KEEP/<config> (profiling)")
     deployment.add_argument("--no-simulation", action="store_true",
                             help="time the deployed rounds only (no simulated run, no ratio)")
+    deployment.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                            help="a Hydra override added to every config, deployed and simulated alike (repeatable)")
     client_dp = sub.add_parser("client-dp", help="accuracy vs client-level epsilon at 1,000 clients; wall time, memory")
     client_dp.add_argument("--clients", type=int, default=1000)
     client_dp.add_argument("--rounds", type=int, default=20)
@@ -175,7 +177,8 @@ def run_benchmark(args: argparse.Namespace) -> dict | None:
         from fedguard.simulations.bench_deployment import run_deployment_benchmark
 
         result = run_deployment_benchmark(args.sites, args.rounds, args.dataset, args.model, args.configs,
-                                          keep=args.keep, simulate=not args.no_simulation)
+                                          keep=args.keep, simulate=not args.no_simulation,
+                                          extra=args.override)
     elif args.name == "client-dp":
         from fedguard.simulations.bench_client_dp import run_client_dp_benchmark
 

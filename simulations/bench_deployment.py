@@ -134,22 +134,24 @@ def _mean(values: list[float]) -> float:
 
 
 def run_deployment_benchmark(sites: int, rounds: int, dataset: str, model: str, configs: list[str] | None = None,
-                             keep: Path | None = None, simulate: bool = True) -> dict[str, Any]:
+                             keep: Path | None = None, simulate: bool = True,
+                             extra: list[str] | None = None) -> dict[str, Any]:
     """``keep``: leave each config's federation (site logs with their task timing lines, server
     and run logs, run directories) under ``keep/<config>`` instead of a deleted temporary folder.
-    ``simulate=False`` times the deployment only (the ratio is then left out)."""
+    ``simulate=False`` times the deployment only (the ratio is then left out). ``extra``: Hydra
+    overrides added to every config, on both sides (e.g. a poll interval under study)."""
     base = [f"dataset={dataset}", f"model={model}", f"simulation.num_clients={sites}",
             f"simulation.rounds={rounds}", "progress=false"]
     result: dict[str, Any] = {"config": {"sites": sites, "rounds": rounds, "dataset": dataset, "model": model},
                               "runs": {}}
     for name in configs or list(CONFIGS):
-        overrides = [*base, *CONFIGS[name]]
+        overrides = [*base, *CONFIGS[name], *(extra or [])]
         with tempfile.TemporaryDirectory(prefix="fedguard-bench-deployment-") as tmp:
             root = Path(tmp) if keep is None else keep / name
             root.mkdir(parents=True, exist_ok=True)
             deployment = _deployment(root, sites, overrides)
             simulation = _simulation(root, overrides) if simulate else None
-        run: dict[str, Any] = {"overrides": CONFIGS[name], "deployment": deployment, "simulation": simulation,
+        run: dict[str, Any] = {"overrides": [*CONFIGS[name], *(extra or [])], "deployment": deployment, "simulation": simulation,
                                "mean_round_seconds": {"deployment": _mean(deployment["round_seconds"])}}
         if simulation is not None:
             run["mean_round_seconds"]["simulation"] = _mean(simulation["round_seconds"])
