@@ -66,10 +66,19 @@ def test_a_non_positive_interval_is_refused(interval):
 
 
 def test_reply_poll_interval_is_a_checked_config_key():
-    assert compose_config([]).simulation.reply_poll_interval == pytest.approx(reply_wait.DEFAULT_REPLY_POLL_INTERVAL)
-    for bad in ("0", "5"):
+    from omegaconf import open_dict
+
+    from fedguard.conf.validation import validate_config
+
+    cfg = compose_config([])
+    assert cfg.simulation.reply_poll_interval == pytest.approx(reply_wait.DEFAULT_REPLY_POLL_INTERVAL)
+    with pytest.raises(ConfigError, match=r"simulation\.reply_poll_interval=0(\.0)? is out of range; it must be >= 0.001 and <= 3.0"):
+        compose_config(["simulation.reply_poll_interval=0"])  # from the command line, as a user sets it
+    for bad in (5.0, float("nan")):
+        with open_dict(cfg):
+            cfg.simulation.reply_poll_interval = bad
         with pytest.raises(ConfigError, match=r"simulation\.reply_poll_interval=.*(must be|not a number)"):
-            compose_config([f"simulation.reply_poll_interval={bad}"])
+            validate_config(cfg)
 
 
 @pytest.mark.simulation  # builds the server's model, layers and run directory (~14 s under load 7)
