@@ -8,8 +8,8 @@ dir beside its privacy state (``<state-dir>/secagg/sessions.json``), is written 
 (temporary file, fsync, rename) under a file lock, and a file that does not parse is a
 refusal naming it, never a fresh start: a silently reset record is the attack.
 
-It also counts, per Flower run, the sessions in which this site revealed its graph nonce
-but never got as far as sending its masked input. Revealing comes before any masked input
+It also counts, per Flower run, the sessions this site entered (counted from its advert,
+saved with the session id) and never got as far as sending its masked input in. Revealing comes before any masked input
 exists, so a server can look at the neighbour graph the nonces give and abort for free,
 hoping for a better graph next round; the count caps how many graphs it sees per run
 (``secagg-max-unfinished-reveals``).
@@ -96,20 +96,25 @@ class SessionRecord:
         self.sessions = [*self.sessions, session_id.hex()][-MAX_REMEMBERED_SESSIONS:]
         self.rounds[lineage] = [*self.rounds.get(lineage, []), server_round][-MAX_REMEMBERED_SESSIONS:]
 
-    def note_reveal(self, node_id: int, run_id: int, session_id: bytes, limit: int) -> None:
-        """Count a nonce reveal for ``session_id``; refuse once ``limit`` sessions of this run were
-        abandoned after their reveal (a server grinding graphs by aborting)."""
+    def note_entered(self, run_id: int, session_id: bytes) -> None:
+        """Count ``session_id`` as unfinished from the moment this site enters it (saved with the
+        session id, so the cohort stage needs no write of its own) until its masked input exists."""
+        kept = [s for s in self.unfinished_reveals.get(str(run_id), []) if s != session_id.hex()]
+        self.unfinished_reveals[str(run_id)] = [*kept, session_id.hex()]
+
+    def check_reveal(self, node_id: int, run_id: int, session_id: bytes, limit: int) -> None:
+        """Refuse to reveal a graph nonce once ``limit`` other sessions of this run were abandoned
+        before this site's masked input (a server grinding graphs by aborting after each reveal)."""
         unfinished = [s for s in self.unfinished_reveals.get(str(run_id), []) if s != session_id.hex()]
         if len(unfinished) >= limit:
             raise SecAggError(
-                f"client {node_id}: {len(unfinished)} session(s) of run {run_id} were abandoned after this site "
-                f"revealed its graph nonce (limit secagg-max-unfinished-reveals={limit}); it reveals no more "
-                "nonces in this run, since each abort shows the server another neighbour graph to choose from"
+                f"client {node_id}: {len(unfinished)} session(s) of run {run_id} were abandoned before this site's "
+                f"masked input (limit secagg-max-unfinished-reveals={limit}); it reveals no more graph nonces in "
+                "this run, since each abort after a reveal shows the server another neighbour graph to choose from"
             )
-        self.unfinished_reveals[str(run_id)] = [*unfinished, session_id.hex()]
 
     def note_masked(self, run_id: int, session_id: bytes) -> None:
-        """The session got as far as this site's masked input: its reveal no longer counts."""
+        """The session got as far as this site's masked input: it no longer counts as abandoned."""
         kept = [s for s in self.unfinished_reveals.get(str(run_id), []) if s != session_id.hex()]
         self.unfinished_reveals[str(run_id)] = kept
 
@@ -119,14 +124,17 @@ def _record_dir(context: Context) -> Path | None:
     return Path(str(value)) / SECAGG_DIR if value else None
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: Path, text: str, durable: bool) -> None:
     temporary = path.with_suffix(".tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:
         handle.write(text)
         handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            os.fsync(handle.fileno())
     os.replace(temporary, path)
+    if not durable:
+        return
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
@@ -135,10 +143,12 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 @contextmanager
-def session_record(context: Context) -> Iterator[SessionRecord]:
-    """The site's record, locked for the duration; saved back (atomically) if the block succeeds.
+def session_record(context: Context, durable: bool = True) -> Iterator[SessionRecord]:
+    """The site's record, locked for the duration; saved back (atomically) if the block changed it.
 
-    A block that raises saves nothing: a refusal leaves the record as it was.
+    A block that raises saves nothing: a refusal leaves the record as it was. ``durable=False``
+    skips the fsyncs, for a change whose loss in a crash errs on the safe side (a session still
+    counted as abandoned): on a simulation's shared disk each fsync pair costs milliseconds.
     """
     directory = _record_dir(context)
     if directory is None:
@@ -157,6 +167,6 @@ def session_record(context: Context) -> Iterator[SessionRecord]:
             before = record.to_json()
             yield record
             if record.to_json() != before:
-                _write_atomically(path, record.to_json())
+                _write_atomically(path, record.to_json(), durable)
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

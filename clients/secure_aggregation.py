@@ -168,6 +168,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     with session_record(context) as record:  # checked again under the lock: another process may have entered it
         record.check_fresh(context.node_id, lineage, server_round, session_id)
         record.remember(lineage, server_round, session_id)
+        record.note_entered(context.run_id, session_id)  # unfinished until its masked input exists
     hold_update(context, update, weight, cfg, msg.content[protocol.ARRAYS_KEY])
     session = ClientSession(context.node_id, params, server_round, session_id=session_id)
     envelope_public, mask_public = session.advertise()
@@ -289,8 +290,8 @@ def _handle_stage(msg: Message, context: Context) -> Message:
         identity = site_identity(dict(context.node_config))
         if identity is None:
             raise SecAggError(f"client {context.node_id}: no identity key to sign the cohort list with")
-        with session_record(context) as record:  # the reveal counts until this site's masked input exists
-            record.note_reveal(context.node_id, context.run_id, session.session_id, session.policy.max_unfinished_reveals)
+        with session_record(context) as record:  # read only: the session counts as unfinished since its advert
+            record.check_reveal(context.node_id, context.run_id, session.session_id, session.policy.max_unfinished_reveals)
         nonce = session.fix_cohort(cohort_digest(session.server_round, session.session_id, cohort))
         answer = ConfigRecord({"nonce": nonce,
                                "cohort_signature": identity.sign(cohort_bytes(context.node_id, session.cohort_digest))})
@@ -308,7 +309,7 @@ def _handle_stage(msg: Message, context: Context) -> Message:
         masked = session.mask(received, encode_held_update(context), overwrite_input=True)
         del context.state[INPUT_STATE_KEY]  # the clear input is no longer needed
         del context.state[ENCODING_STATE_KEY]
-        with session_record(context) as record:
+        with session_record(context, durable=False) as record:  # lost in a crash, it still counts: the safe side
             record.note_masked(context.run_id, session.session_id)
         context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
         identity = site_identity(dict(context.node_config))

@@ -158,5 +158,5 @@ def test_a_server_aborting_after_each_reveal_gets_a_bounded_number_of_graphs(com
     server.contexts[TARGET] = Context(run_id=old.run_id, node_id=TARGET, node_config=old.node_config, state=RecordDict(),
                                       run_config={})  # the SuperNode restarted: Context.state is gone
     refused = session(4, finish=False)
-    assert refused.has_error() and "2 session(s) of run 1 were abandoned" in refused.error.reason
+    assert refused.has_error() and "2 session(s) of run 1 were abandoned before this site's masked input" in refused.error.reason
     assert SESSION_STATE_KEY not in server.contexts[TARGET].state
