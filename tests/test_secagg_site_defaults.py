@@ -43,6 +43,7 @@ def _cfg(compose, clients: int, neighbours: int, threshold: int):
     ])
 
 
+@pytest.mark.simulation  # a 40-site roster on disk and three sites through the protocol: over a second
 def test_a_target_shown_only_threshold_colluders_refuses_with_its_roster_defaults(compose, tmp_path):
     """Roster of 40 sites; the server's config claims 3 clients, k=2, t=2 and lists the target
     with 2 colluders (a complete graph). The old site (no colluders assumed, no minimum cohort)
@@ -132,6 +133,7 @@ def test_a_target_shown_another_cohort_list_than_the_listed_sites_fixed_refuses(
     assert not again.stage(TARGET, again.share_request(TARGET)).has_error()  # every site fixed the same list
 
 
+@pytest.mark.simulation  # four sessions of five sites through the protocol: over a second
 def test_a_server_aborting_after_each_reveal_gets_a_bounded_number_of_graphs(compose, tmp_path):
     """The server lets the sites reveal their nonces, looks at the graph and abandons the session,
     round after round. After secagg-max-unfinished-reveals (here 2) abandoned sessions in a run the
