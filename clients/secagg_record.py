@@ -116,7 +116,10 @@ class SessionRecord:
     def note_masked(self, run_id: int, session_id: bytes) -> None:
         """The session got as far as this site's masked input: it no longer counts as abandoned."""
         kept = [s for s in self.unfinished_reveals.get(str(run_id), []) if s != session_id.hex()]
-        self.unfinished_reveals[str(run_id)] = kept
+        if kept:
+            self.unfinished_reveals[str(run_id)] = kept
+        else:  # a run with nothing abandoned needs no entry: the record stays small over many runs
+            self.unfinished_reveals.pop(str(run_id), None)
 
 
 def _record_dir(context: Context) -> Path | None:

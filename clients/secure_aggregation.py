@@ -158,6 +158,8 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     # (clients/secagg_record.py): a second session on a round would let the server difference two sums.
     with session_record(context) as record:
         record.check_fresh(context.node_id, lineage, server_round, session_id)
+        # A site that would refuse this run's next reveal does not train for it (DP sites would spend for nothing).
+        record.check_reveal(context.node_id, context.run_id, session_id, policy.max_unfinished_reveals)
     reply = call_next(msg, context)
     if reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
         return reply  # errors and budget refusals pass through unchanged

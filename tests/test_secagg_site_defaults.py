@@ -138,7 +138,8 @@ def test_a_server_aborting_after_each_reveal_gets_a_bounded_number_of_graphs(com
     """The server lets the sites reveal their nonces, looks at the graph and abandons the session,
     round after round. After secagg-max-unfinished-reveals (here 2) abandoned sessions in a run the
     target reveals no more, also after its SuperNode restarts (a fresh Context on the same state dir);
-    a session that reaches the target's masked input does not count."""
+    a session that reaches the target's masked input does not count. The refusal comes before
+    training, so a DP site spends nothing on a round it would abandon."""
     from flwr.app import Context, RecordDict
 
     server = HostileServer(_cfg(compose, 5, 4, 3), FIVE, tmp_path, node_configs={TARGET: {"secagg-max-unfinished-reveals": 2}})
@@ -159,6 +160,9 @@ def test_a_server_aborting_after_each_reveal_gets_a_bounded_number_of_graphs(com
     old = server.contexts[TARGET]
     server.contexts[TARGET] = Context(run_id=old.run_id, node_id=TARGET, node_config=old.node_config, state=RecordDict(),
                                       run_config={})  # the SuperNode restarted: Context.state is gone
-    refused = session(4, finish=False)
-    assert refused.has_error() and "2 session(s) of run 1 were abandoned before this site's masked input" in refused.error.reason
+    from fedguard.privacy.secagg.errors import SecAggError
+
+    server.server_round, server.session_id = 4, b"session-00000004"
+    with pytest.raises(SecAggError, match="2 session.s. of run 1 were abandoned before this site's masked input"):
+        server.train(TARGET)  # refused before it trains: it would not reveal in this run again
     assert SESSION_STATE_KEY not in server.contexts[TARGET].state
