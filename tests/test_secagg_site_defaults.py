@@ -56,6 +56,7 @@ def test_a_target_shown_only_threshold_colluders_refuses_with_its_roster_default
     assert SESSION_STATE_KEY not in server.contexts[TARGET].state
 
 
+@pytest.mark.simulation  # two 40-site rosters, four sites through the protocol: over a second
 def test_the_same_cohort_with_a_threshold_above_the_colluders_completes(compose, tmp_path):
     """Control: t=3 with 3 peers over a 40-site roster is allowed (t > c = 2, 2t > k + c), and the
     harness really rebuilds an input when the colluders outnumber the assumption (three of them);
@@ -93,6 +94,7 @@ def test_site_defaults_come_from_the_roster_and_pins_win():
 FIVE = (11, 22, 33, 44, 55)
 
 
+@pytest.mark.simulation  # four rounds of five sites through the protocol: over a second
 def test_a_target_shown_another_cohort_list_than_the_listed_sites_fixed_refuses(compose, tmp_path):
     """The other sites fix the whole list; the target is shown the list without site 55. Its share
     request carries the others' signatures, over the digest of the list they fixed: refused. A
