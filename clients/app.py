@@ -47,6 +47,7 @@ from fedguard.clients.simulation_mods import with_custom_model, with_site_data
 from fedguard.clients.site import (
     DATA_KEY,
     PARTITION_ID_KEY,
+    SECAGG_COLLUSION_FRACTION_KEY,
     SECAGG_ROSTER_KEY,
     STATE_DIR_KEY,
     SiteConfigError,
@@ -370,11 +371,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({protocol.METRICS_KEY: metrics}), reply_to=msg)
 
 
-def with_site_state_root(root: Path) -> Mod:
+def with_site_state_root(root: Path, collusion_fraction: float | None = None) -> Mod:
     """Give each virtual site of a simulation a state dir under ``root`` (a real site sets its own),
-    and the secure-aggregation roster the harness wrote there (``SIMULATION_ROSTER``), if any."""
+    the secure-aggregation roster the harness wrote there (``SIMULATION_ROSTER``), if any, and
+    the simulation's ``site_collusion_fraction`` as each site's own setting (when not None)."""
 
     def site_state_root(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if collusion_fraction is not None and SECAGG_COLLUSION_FRACTION_KEY not in context.node_config:
+            context.node_config[SECAGG_COLLUSION_FRACTION_KEY] = float(collusion_fraction)
         if not context.node_config.get(STATE_DIR_KEY):
             partition = context.node_config.get(PARTITION_ID_KEY, "unknown")
             context.node_config[STATE_DIR_KEY] = str(root / f"partition-{partition}")
@@ -390,12 +394,14 @@ def build_client_app(
     site_data: list[str] | None = None,
     custom_model: str | None = None,
     outer_mods: tuple[Mod, ...] = (),
+    collusion_fraction: float | None = None,
 ) -> ClientApp:
     """fedguard's ClientApp; simulation passes where its virtual sites keep their state, for a
     rehearsal on own files which file or directory each virtual site reads, the run's custom
     model target its virtual sites accept, and on a Ray cluster the mod that places that state
     on the node a client runs on (outermost)."""
-    front: list[Mod] = [*outer_mods, *([with_site_state_root(site_state_root)] if site_state_root is not None else [])]
+    front: list[Mod] = [*outer_mods, *([with_site_state_root(site_state_root, collusion_fraction)]
+                                       if site_state_root is not None else [])]
     if site_data:
         front.append(with_site_data(list(site_data)))
     if custom_model:

@@ -34,7 +34,7 @@ COHORT_LIST = ("peers", "envelope_keys", "mask_keys", "identity_keys", "signatur
                "nonce_commitments")
 STAGE_FIELDS = {
     "cohort": ("round", "session", *COHORT_LIST),
-    "share": ("round", "session", *COHORT_LIST, "nonces"),
+    "share": ("round", "session", *COHORT_LIST, "nonces", "cohort_signatures"),
     "mask": ("round", "session", "from", "ciphertexts"),
     "consistency": ("round", "session", "survivors"),
     "unmask": ("round", "session", "survivors", "dropped", "signers", "signatures", "partner_nodes", "partner_lists",
@@ -79,6 +79,7 @@ def check_stage_request(msg: Message, context: Context) -> None:
             keys.append(byte_strings(request, field, MAX_PEERS, size=(SEED_COMMITMENT_BYTES,) * 2))
         if stage == "share":
             keys.append(byte_strings(request, "nonces", MAX_PEERS, size=(GRAPH_NONCE_BYTES,) * 2))
+            keys.append(byte_strings(request, "cohort_signatures", MAX_PEERS, size=(0, SIGNATURE_BYTES)))
         if len({len(peers), *(len(k) for k in keys)}) != 1:
             raise MalformedMessage(f"{', '.join(repr(f) for f in fields[2:])} must be equally long")
     elif stage == "mask":

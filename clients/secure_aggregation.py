@@ -21,12 +21,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedguard.clients.secagg_identity import site_identity, site_roster, verified_peers
+from fedguard.clients.secagg_record import session_record
 from fedguard.clients.site import read_secagg_policy
 from fedguard.clients.wire import protocol
 from fedguard.clients.wire.arrays import array_view, flatten_update
 from fedguard.conf.plans import clients_per_round
 from fedguard.conf.run_config import cached_config_from_yaml
-from fedguard.privacy.secagg.identity import public_bytes, sign_advert
+from fedguard.privacy.secagg.identity import RosterError, cohort_bytes, public_bytes, sign_advert, unconfirmed_cohort
+from fedguard.privacy.secagg.policy import SitePolicy
 from fedguard.privacy.secagg.masking import levels_for, quantize
 from fedguard.privacy.secagg.params import cohort_digest, graph_seed, nonce_commitment
 from fedguard.privacy.secagg.protocol import ClientSession, SecAggError, SecAggParams, neighbour_graph
@@ -34,10 +36,6 @@ from fedguard.privacy.secagg.protocol import ClientSession, SecAggError, SecAggP
 logger = logging.getLogger(__name__)
 
 SESSION_STATE_KEY = "fedguard.secagg-session"
-# Every session id and round this site has entered a secure-aggregation session with (this run).
-RELEASED_STATE_KEY = "fedguard.secagg-released"
-RELEASED_SESSIONS, RELEASED_ROUNDS = "sessions", "rounds"
-MAX_REMEMBERED_SESSIONS = 100_000
 INPUT_STATE_KEY = "fedguard.secagg-input"
 INPUT_ARRAY = "input"
 # Alongside the held update: its weight and the encoding settings, since stage requests
@@ -127,36 +125,20 @@ def _signed_advert(context: Context, session: ClientSession, envelope_public: by
             NONCE_COMMITMENT_FIELD: session.nonce_commitment()}
 
 
-def _check_fresh(context: Context, server_round: int, session_id: bytes) -> None:
-    """Refuse, before training, a session id this site already used or a round it already entered a session for.
-
-    Why: a second session on the same round (a retrained update, or the same one masked
-    afresh) lets the server difference two sums that differ in this site's input; a reused
-    session id would let it replay signed adverts, survivor sets and partner lists of
-    another round's session. Sites that train with DP refuse a repeated round from their
-    on-disk replay cache too (clients/app.py); this check covers every site, DP or not.
-    """
-    if not session_id:
-        raise SecAggError(f"client {context.node_id}: the train request carries no secure-aggregation session id")
-    released = context.state.get(RELEASED_STATE_KEY)
-    if released is None:
-        return
-    if session_id in released[RELEASED_SESSIONS]:
-        raise SecAggError(f"client {context.node_id}: secure-aggregation session {session_id.hex()} was already used; "
-                          "a reused session id is refused")
-    if server_round in released[RELEASED_ROUNDS]:
-        raise SecAggError(f"client {context.node_id}: round {server_round} already entered a secure-aggregation session "
-                          "on this site; a second session on it would let the server difference two sums")
+def site_policy(context: Context) -> SitePolicy:
+    """This site's SecAgg+ limits, with the defaults its own roster gives (clients/site.py)."""
+    node_config = dict(context.node_config)
+    try:
+        roster_size: int | None = len(site_roster(node_config).sites)
+    except RosterError:
+        roster_size = None  # no roster: the site refuses at the cohort stage, naming what is missing
+    return read_secagg_policy(node_config, roster_size)
 
 
-def _remember_released(context: Context, server_round: int, session_id: bytes) -> None:
-    released = context.state.get(RELEASED_STATE_KEY)
-    sessions = [] if released is None else list(released[RELEASED_SESSIONS])
-    rounds = [] if released is None else list(released[RELEASED_ROUNDS])
-    context.state[RELEASED_STATE_KEY] = ConfigRecord({
-        RELEASED_SESSIONS: [*sessions, session_id][-MAX_REMEMBERED_SESSIONS:],
-        RELEASED_ROUNDS: [*rounds, server_round][-MAX_REMEMBERED_SESSIONS:],
-    })
+def _lineage(config: ConfigRecord, context: Context) -> str:
+    """The federation lineage the train request names (it survives resumes), else this Flower run."""
+    lineage = config.get(protocol.LINEAGE_KEY)
+    return lineage if isinstance(lineage, str) and lineage else f"run-{context.run_id}"
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -165,13 +147,19 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     cfg = cached_config_from_yaml(str(msg.content[protocol.CONFIG_KEY][protocol.FEDGUARD_CONFIG_KEY]))
     params = params_from(cfg)
     # Before training: a round this site would refuse must not spend its privacy budget.
-    policy = read_secagg_policy(dict(context.node_config))
+    policy = site_policy(context)
     policy.check_announced(params.neighbours, params.threshold, clients_per_round(cfg))
     config = msg.content[protocol.CONFIG_KEY]
     server_round = int(config.get(protocol.SERVER_ROUND_KEY, 0))
     session_id = config.get(protocol.SECAGG_SESSION_KEY, b"")
     session_id = session_id if isinstance(session_id, bytes) else b""
-    _check_fresh(context, server_round, session_id)
+    lineage = _lineage(config, context)
+    # Session ids and rounds entered, kept in the site's state dir across runs and restarts
+    # (clients/secagg_record.py): a second session on a round would let the server difference two sums.
+    with session_record(context) as record:
+        record.check_fresh(context.node_id, lineage, server_round, session_id)
+        # A site that would refuse this run's next reveal does not train for it (DP sites would spend for nothing).
+        record.check_reveal(context.node_id, context.run_id, session_id, policy.max_unfinished_reveals)
     reply = call_next(msg, context)
     if reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
         return reply  # errors and budget refusals pass through unchanged
@@ -179,8 +167,11 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     if protocol.CLIP_INDICATOR_KEY in reply.content:  # client-level DP's (noised) clip indicator: summed masked, never sent
         update = np.append(update, float(reply.content[protocol.CLIP_INDICATOR_KEY][protocol.CLIP_INDICATOR_FIELD]))
     weight = float(reply.content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])
+    with session_record(context) as record:  # checked again under the lock: another process may have entered it
+        record.check_fresh(context.node_id, lineage, server_round, session_id)
+        record.remember(lineage, server_round, session_id)
+        record.note_entered(context.run_id, session_id)  # unfinished until its masked input exists
     hold_update(context, update, weight, cfg, msg.content[protocol.ARRAYS_KEY])
-    _remember_released(context, server_round, session_id)
     session = ClientSession(context.node_id, params, server_round, session_id=session_id)
     envelope_public, mask_public = session.advertise()
     context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
@@ -244,6 +235,25 @@ def _own_neighbours(
     return {peer: verified[peer] for peer in sorted(peers)}
 
 
+def _check_cohort_confirmed(
+    context: Context, session: ClientSession, cohort: dict[int, tuple[bytes, ...]], signatures: dict[int, bytes]
+) -> None:
+    """Every listed site signed (its roster identity key) the digest of the very list this site fixed.
+
+    Why: the server could otherwise show each site its own list, e.g. this site a short one
+    of its choosing while the listed honest sites see another; their signatures over this
+    site's digest prove they fixed the same list. ``_own_neighbours`` has already checked
+    every listed identity against the roster and the list against this site's own digest.
+    """
+    identities = {node: advert[2] for node, advert in cohort.items() if node != context.node_id}
+    missing = unconfirmed_cohort(identities, signatures, session.cohort_digest)
+    if missing:
+        raise SecAggError(
+            f"client {context.node_id}: no valid signature on the cohort list this site fixed from {missing}; "
+            "a site shown another list (or none) signed another digest, so the server showed different lists"
+        )
+
+
 def _cohort_of(request) -> dict[int, tuple[bytes, ...]]:
     """node -> (envelope key, mask key, identity key, signature, seed commitment, nonce commitment)."""
     columns = [request[field] for field in COHORT_FIELDS]
@@ -275,16 +285,24 @@ def handle_stage(msg: Message, context: Context) -> Message:
 def _handle_stage(msg: Message, context: Context) -> Message:
     request = msg.content[protocol.SECAGG_KEY]
     stage = str(request["stage"])
-    session = ClientSession.from_dict(context.state[SESSION_STATE_KEY], read_secagg_policy(dict(context.node_config)))
+    session = ClientSession.from_dict(context.state[SESSION_STATE_KEY], site_policy(context))
     if stage == "cohort":
         cohort = _cohort_of(request)
         _verified_cohort(context, session, cohort)
+        identity = site_identity(dict(context.node_config))
+        if identity is None:
+            raise SecAggError(f"client {context.node_id}: no identity key to sign the cohort list with")
+        with session_record(context) as record:  # read only: the session counts as unfinished since its advert
+            record.check_reveal(context.node_id, context.run_id, session.session_id, session.policy.max_unfinished_reveals)
         nonce = session.fix_cohort(cohort_digest(session.server_round, session.session_id, cohort))
-        answer = ConfigRecord({"nonce": nonce})
+        answer = ConfigRecord({"nonce": nonce,
+                               "cohort_signature": identity.sign(cohort_bytes(context.node_id, session.cohort_digest))})
     elif stage == "share":
         adverts = _cohort_of(request)
         nonces = {int(p): bytes(n) for p, n in zip(request["peers"], request["nonces"], strict=True)}
+        signatures = {int(p): bytes(g) for p, g in zip(request["peers"], request["cohort_signatures"], strict=True)}
         neighbours = _own_neighbours(context, session, adverts, nonces)
+        _check_cohort_confirmed(context, session, adverts, signatures)
         sealed = session.share(neighbours)
         session.peer_identities = {peer: adverts[peer][2] for peer in sealed}
         answer = ConfigRecord({"to": list(sealed), "ciphertexts": list(sealed.values())})
@@ -293,6 +311,8 @@ def _handle_stage(msg: Message, context: Context) -> Message:
         masked = session.mask(received, encode_held_update(context), overwrite_input=True)
         del context.state[INPUT_STATE_KEY]  # the clear input is no longer needed
         del context.state[ENCODING_STATE_KEY]
+        with session_record(context, durable=False) as record:  # lost in a crash, it still counts: the safe side
+            record.note_masked(context.run_id, session.session_id)
         context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
         identity = site_identity(dict(context.node_config))
         if identity is None:

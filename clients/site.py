@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedguard.privacy.secagg.policy import PolicyError, SitePolicy
+from fedguard.privacy.secagg.policy import (
+    DEFAULT_COLLUSION_FRACTION,
+    DEFAULT_MAX_UNFINISHED_REVEALS,
+    PolicyError,
+    SitePolicy,
+    colluders_for,
+    min_cohort_for,
+)
 
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
@@ -28,15 +35,19 @@ EPHEMERAL_PRIVACY_KEY = "ephemeral-privacy-state"
 # The site's privacy floor (clients/site_floor.py), named here so every key of the schema is in one list.
 FLOOR_KEYS = ("min-noise-multiplier", "max-epsilon", "min-client-noise-multiplier", "max-client-epsilon")
 # The site's own limits on secure aggregation (privacy/secagg/policy.py): the server's
-# config cannot lower them. Defaults: threshold >= 2, no cap on neighbours, no colluders
-# assumed (t > k/2, the least that holds against a malicious server alone).
+# config cannot lower them. Defaults: threshold >= 2, no cap on neighbours; colluders
+# ceil(secagg-collusion-fraction x the sites on the site's own roster) and a minimum cohort
+# derived from them (policy.min_cohort_for), never from anything the server sends.
 SECAGG_MIN_THRESHOLD_KEY = "secagg-min-threshold"
 SECAGG_MAX_NEIGHBOURS_KEY = "secagg-max-neighbours"
 SECAGG_COLLUDERS_KEY = "secagg-colluders"
+SECAGG_COLLUSION_FRACTION_KEY = "secagg-collusion-fraction"
 # The roster of site identity keys, when not at <state-dir>/secagg/roster.json (clients/secagg_identity.py).
 SECAGG_ROSTER_KEY = "secagg-roster"
 SECAGG_MIN_COHORT_KEY = "secagg-min-cohort"
-SECAGG_POLICY_KEYS = (SECAGG_MIN_THRESHOLD_KEY, SECAGG_MAX_NEIGHBOURS_KEY, SECAGG_COLLUDERS_KEY, SECAGG_MIN_COHORT_KEY,
+SECAGG_MAX_UNFINISHED_REVEALS_KEY = "secagg-max-unfinished-reveals"
+SECAGG_POLICY_KEYS = (SECAGG_MIN_THRESHOLD_KEY, SECAGG_MAX_NEIGHBOURS_KEY, SECAGG_COLLUDERS_KEY,
+                      SECAGG_COLLUSION_FRACTION_KEY, SECAGG_MIN_COHORT_KEY, SECAGG_MAX_UNFINISHED_REVEALS_KEY,
                       SECAGG_ROSTER_KEY)
 # model=custom: the "package.module:factory" targets this site agrees to import and call (space- or
 # comma-separated). The run's config comes from the server; without this list a server could make
@@ -114,18 +125,40 @@ def _optional_int(node_config: dict[str, Any], key: str, low: int) -> int | None
     return int(value)
 
 
-def read_secagg_policy(node_config: dict[str, Any]) -> SitePolicy:
-    """This site's pinned limits on SecAgg+ parameters (keys ``secagg-*``), defaults where unset."""
+def _collusion_fraction(node_config: dict[str, Any]) -> float:
+    value = node_config.get(SECAGG_COLLUSION_FRACTION_KEY)
+    if value is None or value == "":
+        return DEFAULT_COLLUSION_FRACTION
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise SiteConfigError(f"node config '{SECAGG_COLLUSION_FRACTION_KEY}'={value!r} must be a number in [0, 1)")
+    return float(value)
+
+
+def read_secagg_policy(node_config: dict[str, Any], roster_size: int | None = None) -> SitePolicy:
+    """This site's pinned limits on SecAgg+ parameters (keys ``secagg-*``), defaults where unset.
+
+    ``roster_size``: the sites on this site's own roster. Unless pinned, the assumed colluders
+    are ceil(``secagg-collusion-fraction`` x that) and the minimum cohort follows from them
+    (``policy.min_cohort_for``). Without a roster (None) both stay 0: such a site shares with
+    no one anyway (it has nothing to check its peers' keys against).
+    """
     min_threshold = _optional_int(node_config, SECAGG_MIN_THRESHOLD_KEY, 2)
     max_neighbours = _optional_int(node_config, SECAGG_MAX_NEIGHBOURS_KEY, 2)
     colluders = _optional_int(node_config, SECAGG_COLLUDERS_KEY, 0)
     min_cohort = _optional_int(node_config, SECAGG_MIN_COHORT_KEY, 0)
+    max_reveals = _optional_int(node_config, SECAGG_MAX_UNFINISHED_REVEALS_KEY, 0)
+    fraction = _collusion_fraction(node_config)
+    if colluders is None:
+        colluders = 0 if roster_size is None else colluders_for(fraction, roster_size)
+    if min_cohort is None:
+        min_cohort = 0 if roster_size is None else min_cohort_for(colluders, roster_size)
     try:
         return SitePolicy(
             min_threshold=2 if min_threshold is None else min_threshold,
             max_neighbours=max_neighbours,
-            colluders=0 if colluders is None else colluders,
-            min_cohort=0 if min_cohort is None else min_cohort,
+            colluders=colluders,
+            min_cohort=min_cohort,
+            max_unfinished_reveals=DEFAULT_MAX_UNFINISHED_REVEALS if max_reveals is None else max_reveals,
         )
     except PolicyError as err:
         raise SiteConfigError(f"node config: {err}") from err

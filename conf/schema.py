@@ -165,6 +165,10 @@ class SimulationConfig:
     # Rehearsal on own files: virtual site i reads site_data[i] (a file or a directory), as a real
     # site reads its `fedguard client --data PATH`. Only with a contract dataset (tabular / images).
     site_data: list[str] | None = None
+    # The virtual sites' own SecAgg+ collusion assumption (a real site sets secagg-collusion-fraction
+    # in its node config). null: the site default, 0.05 of its roster. Lower only to rehearse or to
+    # time a graph that real sites of this size would refuse (fedguard bench secagg).
+    site_collusion_fraction: float | None = None
 
 
 @dataclass

@@ -244,6 +244,10 @@ def _validate_contract_and_custom_model(cfg: DictConfig) -> None:
         check_preprocessing(cfg)
     elif cfg.dataset.contract is not None:
         raise ConfigError(f"dataset.contract is read only by dataset=tabular or dataset=images, not {cfg.dataset.name}")
+    fraction = cfg.simulation.get("site_collusion_fraction")
+    if fraction is not None and not 0 <= float(fraction) < 1:
+        raise ConfigError(f"simulation.site_collusion_fraction={fraction} must be in [0, 1) (or null: the sites' "
+                          "default 0.05)")
     site_data = cfg.simulation.site_data
     if site_data is not None:
         if cfg.dataset.name not in CONTRACT_DATASETS:

@@ -256,9 +256,11 @@ def _check_stage_answer(stage: str, content, vector_length: int | None) -> None:
     only_records(content, {protocol.SECAGG_KEY})
     record = require_record(content, protocol.SECAGG_KEY, ConfigRecord)
     if stage == "cohort":
-        nonce = record.get("nonce")
-        if set(record.keys()) != {"nonce"} or not isinstance(nonce, bytes) or len(nonce) != GRAPH_NONCE_BYTES:
-            raise MalformedMessage(f"a cohort answer holds one {GRAPH_NONCE_BYTES}-byte 'nonce' only")
+        nonce, signature = record.get("nonce"), record.get("cohort_signature")
+        if (set(record.keys()) != {"nonce", "cohort_signature"} or not isinstance(nonce, bytes)
+                or len(nonce) != GRAPH_NONCE_BYTES or not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES):
+            raise MalformedMessage(f"a cohort answer holds one {GRAPH_NONCE_BYTES}-byte 'nonce' and one "
+                                   f"{SIGNATURE_BYTES}-byte 'cohort_signature' only")
     elif stage == "share":
         peers = node_ids(record, "to", MAX_PEERS)
         ciphertexts = byte_strings(record, "ciphertexts", MAX_PEERS, size=(1, MAX_SHARE_BYTES))

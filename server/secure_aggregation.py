@@ -178,6 +178,9 @@ class SecureAggregationExchange:
                                   self.stage_timeout, "cohort", poll_interval=self.poll_interval)
         nonces = {node: bytes(r.content[protocol.SECAGG_KEY]["nonce"]) for node, r in cohort_answers.items()
                   if nonce_commitment(bytes(r.content[protocol.SECAGG_KEY]["nonce"])) == signed[node][3]}
+        # Each site's signature on the list it was shown; every site checks all of them at the share stage.
+        cohort_signatures = {node: bytes(r.content[protocol.SECAGG_KEY]["cohort_signature"])
+                             for node, r in cohort_answers.items()}
         if set(nonces) != set(cohort):
             # Leaving a site out now would let the server pick among graphs it has already seen.
             raise SecAggError(f"graph nonce missing or not matching its commitment from {sorted(set(cohort) - set(nonces))}; "
@@ -187,7 +190,8 @@ class SecureAggregationExchange:
         session = ServerSession(self.params, server_round, graph)
         session.route_keys(advertised)
         session.seed_commitments = {node: signed[node][2] for node in signed}
-        share_request = ConfigRecord({"stage": "share", **listing, "nonces": [nonces[n] for n in sorted(cohort)]})
+        share_request = ConfigRecord({"stage": "share", **listing, "nonces": [nonces[n] for n in sorted(cohort)],
+                                      "cohort_signatures": [cohort_signatures[n] for n in sorted(cohort)]})
         share_answers = _answers(
             grid,
             {node: share_request for node in cohort},

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--flower", action=argparse.BooleanOptionalAction, default=True, help="also time Flower's legacy SecAgg+"
     )
     secagg.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
+    profile = sub.add_parser("secagg-profile", help="CPU time per SecAgg+ stage in one process, and the hot functions")
+    profile.add_argument("--clients", type=int, nargs="+", default=[20])
+    profile.add_argument("--parameters", type=int, nargs="+", default=[1_000_000])
+    profile.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     risk = sub.add_parser("secagg-risk", help="SecAgg+ exposure and dropout failure vs cohort, collusion, dropouts")
     risk.add_argument("--cohorts", type=int, nargs="+", default=[10, 33, 100, 1000])
     risk.add_argument("--collusions", type=float, nargs="+", default=[0.01, 0.05, 0.1])
@@ -159,6 +163,10 @@ def run_benchmark(args: argparse.Namespace) -> dict | None:
         from fedguard.simulations.bench_secagg import run_secagg_benchmark
 
         result = run_secagg_benchmark(args.clients, args.parameters, args.rounds, args.repeats, args.flower)
+    elif args.name == "secagg-profile":
+        from fedguard.simulations.bench_secagg_profile import run_secagg_profile
+
+        result = run_secagg_profile(args.clients, args.parameters)
     elif args.name == "secagg-risk":
         from fedguard.privacy.secagg.risk import DEFAULT_MAX_RUN_EXPOSURE
         from fedguard.simulations.bench_secagg_risk import run_secagg_risk_benchmark

@@ -159,7 +159,8 @@ def run_simulation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     site_data = [str(Path(p).resolve()) for p in cfg.simulation.site_data] if cfg.simulation.site_data else None
     custom_model = str(cfg.model.target) if cfg.model.name == "custom" else None
     client_app = build_client_app(site_state_root=run_dir / CLIENT_STATE_DIR, site_data=site_data,
-                                  custom_model=custom_model, outer_mods=outer_mods)
+                                  custom_model=custom_model, outer_mods=outer_mods,
+                                  collusion_fraction=cfg.simulation.get("site_collusion_fraction"))
     if cfg.secure_agg.mode != "off":
         # The out-of-band step of a real federation, done per run: each virtual site's identity
         # key in its state dir, and the roster of all of them, which the sites pin.

@@ -32,6 +32,11 @@ from fedguard.privacy.secagg.shamir import combine_shares, split_secret
 EXAMPLES = 30
 ADVERT_FIELDS = ("envelope_key", "mask_key", "identity_key", "signature", "seed_commitment", "nonce_commitment")
 STEP_UNIT = 0.01
+# Sites that assume no colluders (secagg-collusion-fraction 0). By default a site assumes
+# ceil(5% of its roster), at least one, and then refuses 4 sites with k=3, t=2 (2t <= k + c);
+# tests of attacks that need no colluder (key substitution, withheld shares, replays) keep that
+# small, fast setup with this setting instead.
+NO_COLLUDERS = {"secagg-collusion-fraction": 0}
 
 
 def step(node: int) -> float:
@@ -56,11 +61,15 @@ class HostileServer:
     server_round: int = 1
     session_id: bytes = b"session-0000001"
     node_configs: dict[int, dict] = field(default_factory=dict)
+    # Node-config keys every site gets (before its own ``node_configs``), e.g. ``NO_COLLUDERS``.
+    site_settings: dict = field(default_factory=dict)
     contexts: dict[int, Context] = field(default_factory=dict)
     advertised: dict[int, ConfigRecord] = field(default_factory=dict)
     # Each masking site's signed mask-partner list (what the server relays at unmask; it cannot forge one).
     partner_statements: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     nonces: dict[int, bytes] = field(default_factory=dict)  # graph nonces the sites revealed
+    # Each site's signature on the digest of the cohort list it fixed (forwarded at the share stage).
+    cohort_signatures: dict[int, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bundle = load_dataset(self.cfg.dataset, self.cfg.seed)
@@ -70,7 +79,7 @@ class HostileServer:
         self.roster = provision_rosters({f"site-{node}": d for node, d in self.state_dirs.items()})
         for index, node in enumerate(self.nodes):
             config = {"partition-id": index, "num-partitions": len(self.nodes), "state-dir": str(self.state_dirs[node]),
-                      **self.node_configs.get(node, {})}
+                      **self.site_settings, **self.node_configs.get(node, {})}
             self.contexts[node] = Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={})
 
     def train(self, node: int, cfg=None) -> Message:
@@ -112,6 +121,9 @@ class HostileServer:
         reply = self.stage(node, request or self.cohort_request(cohort))
         if not reply.has_error():
             self.nonces[node] = bytes(reply.content[protocol.SECAGG_KEY]["nonce"])
+            signature = reply.content[protocol.SECAGG_KEY].get("cohort_signature")
+            if signature is not None:  # sites before the cohort cross-check sent none
+                self.cohort_signatures[node] = bytes(signature)
         return reply
 
     def share_request(self, node: int, cohort: list[int] | None = None) -> dict:
@@ -123,6 +135,8 @@ class HostileServer:
                 self.reveal(peer, cohort)
         request["stage"] = "share"
         request["nonces"] = [self.nonces.get(p, bytes(32)) for p in request["peers"]]
+        if self.cohort_signatures:
+            request["cohort_signatures"] = [self.cohort_signatures.get(p, b"") for p in request["peers"]]
         return request
 
     def share(self, node: int, cohort: list[int] | None = None) -> dict[int, bytes]:
@@ -359,3 +373,56 @@ def withheld_share_attack(
         removals.append((derive_shared_key(private, target_mask_key, MASK_PURPOSE), SUBTRACT if target < peer else ADD))
     masked = np.array(target_reply.content[protocol.SECAGG_KEY]["masked"].numpy(), dtype=np.uint64)
     return reply, _dequantized(server, apply_masks(masked, removals, bits))
+
+
+def small_cohort_attack(server: HostileServer, target: int, colluders: list[int]) -> tuple[str | None, np.ndarray | None]:
+    """The review's high finding: show ``target`` a cohort of itself and ``threshold`` colluders.
+
+    The graph over so small a list is complete, so every neighbour of the target is a
+    colluder; they hold ``threshold`` shares of both its self-mask seed and its mask key, and
+    hand them over. Returns the target's refusal (None if it took part) and its rebuilt
+    input (None when the attack stopped short).
+    """
+    from fedguard.clients.secure_aggregation import SESSION_STATE_KEY
+    from fedguard.privacy.secagg.errors import SecAggError
+    from fedguard.privacy.secagg.protocol import ClientSession
+
+    threshold, bits = int(server.cfg.secure_agg.threshold), int(server.cfg.secure_agg.modulus_bits)
+    cohort = sorted([target, *colluders])
+    for node in cohort:
+        try:
+            reply = server.train(node)
+        except SecAggError as err:  # the mod's refusal (the ClientApp sends it back as the error reply)
+            return str(err), None
+        if reply.has_error():
+            return reply.error.reason, None
+    for node in cohort:
+        reply = server.reveal(node, cohort)
+        if reply.has_error():
+            return reply.error.reason, None
+    sent = {}
+    for node in cohort:
+        reply = server.stage(node, server.share_request(node, cohort))
+        if reply.has_error():
+            return reply.error.reason, None
+        record = reply.content[protocol.SECAGG_KEY]
+        sent[node] = {int(to): bytes(c) for to, c in zip(record["to"], record["ciphertexts"], strict=True)}
+    masked = {}
+    for node in cohort:
+        reply = server.mask(node, {s: c[node] for s, c in sent.items() if node in c})
+        if reply.has_error():
+            return reply.error.reason, None
+        masked[node] = reply
+    sessions = {c: ClientSession.from_dict(server.contexts[c].state[SESSION_STATE_KEY]) for c in colluders}
+    held = [sessions[c]._held_shares[target] for c in colluders]  # noqa: SLF001 - colluders hand them over
+    if len(held) < threshold:
+        return None, None
+    seed = combine_shares([h[0] for h in held[:threshold]], threshold)
+    target_private = private_key_from_bytes(combine_shares([h[1] for h in held[:threshold]], threshold))
+    removals = [(seed, SUBTRACT)]
+    for peer in colluders:
+        pairwise = derive_shared_key(target_private, bytes(server.advertised[peer]["mask_key"]), MASK_PURPOSE)
+        removals.append((pairwise, SUBTRACT if target < peer else ADD))
+    clear = apply_masks(np.array(masked[target].content[protocol.SECAGG_KEY]["masked"].numpy(), dtype=np.uint64),
+                        removals, bits)
+    return None, _dequantized(server, clear)

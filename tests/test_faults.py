@@ -333,11 +333,12 @@ def test_hung_client_misses_the_round_and_does_not_hold_it(compose, tmp_path, mo
     _assert_model_is_mean_of(run, set(range(NUM_CLIENTS)) - {FAULTY})
 
 
-# SecAgg+ faults need 4 clients: with threshold 2 over a complete neighbour graph, every
-# client's shares survive the loss of any one other client.
-SECAGG_CLIENTS = 4
+# SecAgg+ faults need 5 clients: with threshold 3 over a complete neighbour graph, every
+# client's shares survive the loss of any one other client; and each site's own defaults
+# (one colluder assumed among 5, so 2t > k + 1) accept k=4, t=3, where 4 sites at k=3, t=2 are refused.
+SECAGG_CLIENTS = 5
 STAGE_TIMEOUT = 5.0
-SECAGG = ["secure_agg=secaggplus", "secure_agg.neighbours=3", "secure_agg.threshold=2",
+SECAGG = ["secure_agg=secaggplus", "secure_agg.neighbours=4", "secure_agg.threshold=3",
           f"secure_agg.stage_timeout={STAGE_TIMEOUT}", "secure_agg.clip_range=8"]
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fuzz_support import FUZZ_SETTINGS, mutate_content, scaled_examples, snapshot
+from secagg_attack_support import NO_COLLUDERS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -55,7 +56,7 @@ STAGE_KEYS = {
     "advertise": {protocol.METRICS_KEY: [protocol.NUM_EXAMPLES_KEY, protocol.TRAIN_LOSS_KEY],
                   protocol.SECAGG_KEY: ["stage", "envelope_key", "mask_key", "identity_key", "signature",
                                           "seed_commitment", "nonce_commitment"]},
-    "cohort": {protocol.SECAGG_KEY: ["nonce"]},
+    "cohort": {protocol.SECAGG_KEY: ["nonce", "cohort_signature"]},
     "share": {protocol.SECAGG_KEY: ["to", "ciphertexts"]},
     "mask": {protocol.SECAGG_KEY: [], protocol.SECAGG_REJECTED_KEY: [protocol.SECAGG_REJECTED_FIELD]},
     "consistency": {protocol.SECAGG_KEY: ["signature"]},
@@ -65,7 +66,7 @@ REQUEST_KEYS = {
     "cohort": {protocol.SECAGG_KEY: ["stage", "round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys",
                                       "signatures", "seed_commitments", "nonce_commitments"]},
     "share": {protocol.SECAGG_KEY: ["stage", "round", "session", "peers", "envelope_keys", "mask_keys", "identity_keys", "signatures",
-                                     "seed_commitments", "nonce_commitments", "nonces"]},
+                                     "seed_commitments", "nonce_commitments", "nonces", "cohort_signatures"]},
     "mask": {protocol.SECAGG_KEY: ["stage", "round", "session", "from", "ciphertexts"]},
     "consistency": {protocol.SECAGG_KEY: ["stage", "round", "session", "survivors"]},
     "unmask": {protocol.SECAGG_KEY: ["stage", "round", "session", "survivors", "dropped", "signers", "signatures"]},
@@ -190,7 +191,8 @@ def _fingerprint(message: Message) -> tuple:
 
 def _context(node: int, state: RecordDict) -> Context:
     node_config = {"partition-id": NODES.index(node), "num-partitions": len(NODES),
-                   "state-dir": str(SITES_ROOT / f"site-{node}")}
+                   "state-dir": str(SITES_ROOT / f"site-{node}"),
+                   **NO_COLLUDERS}
     return Context(run_id=1, node_id=node, node_config=node_config, state=state, run_config={})
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from secagg_attack_support import (
     ADVERT_FIELDS,
+    NO_COLLUDERS,
     HostileServer,
     inconsistent_survivors_attack,
     is_input_of,
@@ -45,7 +46,7 @@ def _masked(reply) -> np.ndarray:
 def test_attack1_substituted_round_keys_are_refused(compose, tmp_path):
     """The server relays its own round keys under the target's peers' node ids (keeping their
     identity keys and signatures, or dropping them): the target must not seal shares for them."""
-    server = HostileServer(_cfg(compose), NODES, tmp_path)
+    server = HostileServer(_cfg(compose), NODES, site_settings=NO_COLLUDERS, root=tmp_path)
     server.train_all()
     peers = [n for n in NODES if n != TARGET]
     reply, rebuilt = key_substitution_attack(server, TARGET, peers)
@@ -62,7 +63,7 @@ def test_attack1_relabelled_replayed_or_foreign_adverts_are_left_out(compose, tm
     from fedguard.clients.secagg_identity import verified_peers
     from fedguard.privacy.secagg.identity import public_bytes, sign_advert
 
-    server = HostileServer(_cfg(compose), NODES, tmp_path)
+    server = HostileServer(_cfg(compose), NODES, site_settings=NO_COLLUDERS, root=tmp_path)
     server.train_all()
     adverts = {
         n: tuple(bytes(server.advertised[n][f])
@@ -89,7 +90,7 @@ def test_attack1_relabelled_replayed_or_foreign_adverts_are_left_out(compose, tm
 
 
 def test_attack1_a_site_without_a_roster_refuses_to_share(compose, tmp_path):
-    server = HostileServer(_cfg(compose), NODES, tmp_path, node_configs={TARGET: {"secagg-roster": str(tmp_path / "none.json")}})
+    server = HostileServer(_cfg(compose), NODES, site_settings=NO_COLLUDERS, root=tmp_path, node_configs={TARGET: {"secagg-roster": str(tmp_path / "none.json")}})
     server.train_all()
     reply = server.reveal(TARGET)
     assert reply.has_error() and "roster" in reply.error.reason
@@ -127,7 +128,7 @@ def test_withholding_one_honest_share_cannot_unmask_the_target(compose, tmp_path
 def test_attack2_withheld_shares_client_refuses_to_mask(compose, tmp_path):
     """The server withholds every share from the target, then asks its neighbours for the
     target's self-mask seed: with no pairwise mask, seed removal would expose the input."""
-    server = HostileServer(_cfg(compose), NODES, tmp_path)
+    server = HostileServer(_cfg(compose), NODES, site_settings=NO_COLLUDERS, root=tmp_path)
     server.train_all()
     inbox = server.honest_shares()
     reply = server.mask(TARGET, {})  # every share to the target withheld
@@ -159,7 +160,7 @@ def test_attack2_one_share_short_of_threshold_is_refused_too(compose, tmp_path):
 
 def test_attack3_unmask_naming_the_client_dropped_is_refused(compose, tmp_path):
     """The server tells the target it dropped (the story it tells others to get its mask key)."""
-    server = HostileServer(_cfg(compose), NODES, tmp_path)
+    server = HostileServer(_cfg(compose), NODES, site_settings=NO_COLLUDERS, root=tmp_path)
     server.honest_until_masked()
     reply = server.endorse(TARGET, set(NODES) - {TARGET})  # the consistency round's survivor set
     assert reply.has_error() and "among the survivors" in reply.error.reason
@@ -167,7 +168,7 @@ def test_attack3_unmask_naming_the_client_dropped_is_refused(compose, tmp_path):
 
 
 def test_attack3_unmask_naming_a_peer_both_ways_is_refused(compose, tmp_path):
-    server = HostileServer(_cfg(compose), NODES, tmp_path)
+    server = HostileServer(_cfg(compose), NODES, site_settings=NO_COLLUDERS, root=tmp_path)
     server.honest_until_masked()
     endorsements = server.endorse_all(NODES, set(NODES))
     reply = server.unmask(11, set(NODES), {TARGET}, endorsements)  # TARGET both survived and dropped
@@ -278,7 +279,7 @@ def test_the_server_refuses_more_summands_than_the_levels_assume():
 
 def test_honest_round_through_the_hostile_harness_still_completes(compose, tmp_path):
     """The harness itself is sound: honest requests give every client's masked input and shares."""
-    server = HostileServer(_cfg(compose), NODES, tmp_path)
+    server = HostileServer(_cfg(compose), NODES, site_settings=NO_COLLUDERS, root=tmp_path)
     server.honest_until_masked()
     endorsements = server.endorse_all(NODES, set(NODES))
     assert set(endorsements) == set(NODES)
@@ -290,13 +291,13 @@ def test_honest_round_through_the_hostile_harness_still_completes(compose, tmp_p
 
 def test_replayed_reordered_or_foreign_session_stage_requests_are_refused(compose, tmp_path):
     """Stage requests carry round and session; each stage runs once, in order."""
-    server = HostileServer(_cfg(compose), NODES, tmp_path)
+    server = HostileServer(_cfg(compose), NODES, site_settings=NO_COLLUDERS, root=tmp_path)
     server.train_all()
     early = server.mask(TARGET, {})  # mask before share: out of order
     assert early.has_error() and "out of order" in early.error.reason
     with pytest.raises(SecAggError, match="already used"):  # the round was wiped; no second session on it
         server.train(TARGET)
-    server = HostileServer(_cfg(compose), NODES, tmp_path / "next")
+    server = HostileServer(_cfg(compose), NODES, site_settings=NO_COLLUDERS, root=tmp_path / "next")
     server.train_all()
     other = server.stage(TARGET, {**server.share_request(TARGET), "session": b"an-old-session!!"})
     assert other.has_error() and "another session" in other.error.reason
@@ -312,7 +313,7 @@ def test_replayed_reordered_or_foreign_session_stage_requests_are_refused(compos
 
 def test_a_second_unmask_request_gets_no_answer(compose, tmp_path):
     """Once a client has answered one survivor list, a second (a different story) gets nothing."""
-    server = HostileServer(_cfg(compose), NODES, tmp_path)
+    server = HostileServer(_cfg(compose), NODES, site_settings=NO_COLLUDERS, root=tmp_path)
     server.honest_until_masked()
     endorsements = server.endorse_all(NODES, set(NODES))
     assert not server.unmask(11, set(NODES), set(), endorsements).has_error()

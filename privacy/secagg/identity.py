@@ -230,3 +230,19 @@ def count_endorsements(
             continue
         valid.add(identity)
     return len(valid)
+
+
+COHORT_DOMAIN = b"fedguard-secagg-cohort-v1|"
+
+
+def cohort_bytes(node_id: int, digest: bytes) -> bytes:
+    """What a site signs in the cohort stage: the digest of the cohort list it was shown
+    (``params.cohort_digest``: round, session, every listed site's signed advert), under its node id."""
+    return b"|".join([COHORT_DOMAIN, str(node_id).encode(), digest.hex().encode()])
+
+
+def unconfirmed_cohort(identities: dict[int, bytes], signatures: dict[int, bytes], digest: bytes) -> list[int]:
+    """The listed sites (node -> identity key, each checked against the roster) without a valid
+    signature on ``digest`` in ``signatures``: a site shown another list signed another digest."""
+    return sorted(node for node, identity in identities.items()
+                  if not _signature_holds(identity, signatures.get(node, b""), cohort_bytes(node, digest)))

@@ -13,13 +13,51 @@ for the neighbour count ``k`` it is really given, and a floor on ``t`` and a cei
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from fedguard.privacy.secagg.errors import SecAggError
 
 
 class PolicyError(SecAggError):
     """The server's SecAgg+ parameters are outside what this site accepts."""
+
+
+# The share of roster sites a site assumes may collude with the server unless it pins a count
+# (the server-side risk check's ``secure_agg.assumed_collusion`` default, so both sides agree).
+DEFAULT_COLLUSION_FRACTION = 0.05
+# Sessions a site reveals its graph nonce in, then sees abandoned before it masks, per run:
+# each such abort shows the server one more random graph it could have kept or thrown away.
+DEFAULT_MAX_UNFINISHED_REVEALS = 3
+# Honest sites besides this one that a cohort must have room for (see ``min_cohort_for``).
+HONEST_PEERS_IN_COHORT = 1
+
+
+def colluders_for(fraction: float, roster_size: int) -> int:
+    """ceil(fraction x roster size): the colluders a site assumes among the sites it knows of.
+
+    Computed on the decimal value (``Fraction(repr(...))``) so that 0.05 x 60 is 3, not the
+    float product's 3.0000000000000004 rounded up to 4.
+    """
+    if not 0 <= fraction < 1:
+        raise PolicyError(f"collusion fraction {fraction} must be in [0, 1)")
+    if roster_size < 0:
+        raise PolicyError(f"roster size {roster_size} must be >= 0")
+    return math.ceil(Fraction(repr(float(fraction))) * roster_size)
+
+
+def min_cohort_for(colluders: int, roster_size: int) -> int:
+    """The fewest sites a cohort list may hold by default: every assumed colluder, this site and
+    one honest other (c + 2), capped at the roster size.
+
+    Why: a server that lists all ``c`` colluders needs at least one more honest site for any
+    sum to hold this site's input together with an honest input. Within a cohort that passes
+    the share stage the threshold rule (t > c, and t peers) already implies this; the minimum
+    refuses such a list at the cohort stage, before the nonce is revealed, and a site pins a
+    larger one (``secagg-min-cohort``) to demand a crowd to hide in.
+    """
+    return min(roster_size, colluders + 1 + HONEST_PEERS_IN_COHORT)
 
 
 @dataclass(frozen=True)
@@ -35,6 +73,8 @@ class SitePolicy:
     # The fewest sites a round's cohort list may hold: the neighbour graph is hashed from the
     # list, so a server showing a site a small hand-picked cohort could still choose its peers.
     min_cohort: int = 0
+    # Sessions per run this site revealed its graph nonce in that never reached its masked input.
+    max_unfinished_reveals: int = DEFAULT_MAX_UNFINISHED_REVEALS
 
     def __post_init__(self) -> None:
         if self.min_threshold < 2:
@@ -43,6 +83,21 @@ class SitePolicy:
             raise PolicyError(f"max_neighbours={self.max_neighbours} must be >= 2")
         if self.colluders < 0:
             raise PolicyError(f"colluders={self.colluders} must be >= 0")
+        if self.min_cohort < 0:
+            raise PolicyError(f"min_cohort={self.min_cohort} must be >= 0")
+        if self.max_unfinished_reveals < 0:
+            raise PolicyError(f"max_unfinished_reveals={self.max_unfinished_reveals} must be >= 0")
+
+    def _check_threshold_beats_colluders(self, threshold: int) -> None:
+        """t > c: the colluders alone never hold ``threshold`` shares of this site's secrets, and
+        the ``threshold`` neighbour signatures it needs on a survivor set before unmasking
+        include an honest survivor besides itself (so no sum holds its input among colluders only)."""
+        if threshold <= self.colluders:
+            raise PolicyError(
+                f"the server's threshold={threshold} does not exceed the {self.colluders} colluder(s) this site "
+                f"assumes (secagg-colluders, or secagg-collusion-fraction x its roster): colluders alone could "
+                f"rebuild its secrets from a cohort of this site and {threshold} of them"
+            )
 
     def check_announced(self, neighbours: int, threshold: int, cohort: int) -> None:
         """Refuse a round whose announced k (``neighbours``) and t this site does not allow,
@@ -55,6 +110,9 @@ class SitePolicy:
             raise PolicyError(
                 f"the server's neighbours={neighbours} exceeds this site's maximum {self.max_neighbours}"
             )
+        self._check_threshold_beats_colluders(threshold)
+        if cohort < self.min_cohort:  # before training: the cohort stage would refuse it anyway
+            raise PolicyError(f"the run plans {cohort} sites a round, fewer than this site's minimum cohort {self.min_cohort}")
         degree = min(neighbours, max(cohort - 1, 1))
         if 2 * threshold <= degree + self.colluders:
             raise PolicyError(self._rule_broken(threshold, degree))
@@ -70,6 +128,7 @@ class SitePolicy:
             raise PolicyError(f"given {degree} peers, more than the announced neighbours={neighbours}")
         if self.max_neighbours is not None and degree > self.max_neighbours:
             raise PolicyError(f"given {degree} peers, more than this site's maximum {self.max_neighbours}")
+        self._check_threshold_beats_colluders(threshold)
         if 2 * threshold <= degree + self.colluders:
             raise PolicyError(self._rule_broken(threshold, degree))
 
