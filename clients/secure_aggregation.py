@@ -45,6 +45,8 @@ INPUT_ARRAY = "input"
 ENCODING_STATE_KEY = "fedguard.secagg-encoding"
 WEIGHT, CLIP_RANGE, MAX_WEIGHT = "weight", "clip_range", "max_weight"
 MODULUS_BITS, MAX_CLIENTS = "modulus_bits", "max_clients"
+# Set instead when the held input is already quantized (hold_encoded_input).
+ENCODED = "encoded"
 FLOAT32_BYTES = 4
 # The advert's identity fields: the site's Ed25519 public key and its signature over the round keys.
 IDENTITY_FIELD, SIGNATURE_FIELD, COMMITMENT_FIELD = "identity_key", "signature", "seed_commitment"
@@ -105,9 +107,20 @@ def hold_update(context: Context, update: np.ndarray, weight: float, cfg, model:
     )
 
 
+def hold_encoded_input(context: Context, encoded: np.ndarray) -> None:
+    """Keep an input that is already SecAgg+ integers (federated preprocessing's statistics,
+    clients/preprocessing.py) until the mask stage; it is masked as it is."""
+    if encoded.dtype != np.uint64:
+        raise ValueError(f"an encoded input is a uint64 vector; got {encoded.dtype}")
+    context.state[INPUT_STATE_KEY] = ArrayRecord({INPUT_ARRAY: Array(encoded)})
+    context.state[ENCODING_STATE_KEY] = ConfigRecord({ENCODED: True})
+
+
 def encode_held_update(context: Context) -> np.ndarray:
     """The held update, quantized for masking (see the module docstring for why only now)."""
     encoding = context.state[ENCODING_STATE_KEY]
+    if encoding.get(ENCODED, False):
+        return array_view(context.state[INPUT_STATE_KEY][INPUT_ARRAY]).astype(np.uint64, copy=True)
     update = array_view(context.state[INPUT_STATE_KEY][INPUT_ARRAY])
     levels = levels_for(int(encoding[MODULUS_BITS]), int(encoding[MAX_CLIENTS]))
     return _encode(update, float(encoding[WEIGHT]), float(encoding[CLIP_RANGE]), float(encoding[MAX_WEIGHT]), levels)
@@ -159,19 +172,35 @@ def _remember_released(context: Context, server_round: int, session_id: bytes) -
     })
 
 
+def check_session_request(context: Context, cfg, server_round: int, session_id: object) -> tuple[SecAggParams, bytes]:
+    """Before anything is computed or spent: the announced parameters meet this site's policy and
+    the session id and round are fresh (:func:`_check_fresh`). Returns the parameters and the id."""
+    params = params_from(cfg)
+    read_secagg_policy(dict(context.node_config)).check_announced(params.neighbours, params.threshold,
+                                                                  clients_per_round(cfg))
+    session_id = session_id if isinstance(session_id, bytes) else b""
+    _check_fresh(context, server_round, session_id)
+    return params, session_id
+
+
+def enter_session(context: Context, params: SecAggParams, server_round: int, session_id: bytes) -> ConfigRecord:
+    """Start this site's protocol session for its held input; the advert (stage 0) to send back."""
+    _remember_released(context, server_round, session_id)
+    session = ClientSession(context.node_id, params, server_round, session_id=session_id)
+    envelope_public, mask_public = session.advertise()
+    context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
+    return ConfigRecord({"stage": "advertise", "envelope_key": envelope_public, "mask_key": mask_public,
+                         **_signed_advert(context, session, envelope_public, mask_public)})
+
+
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Train as usual, then hold the update back and advertise SecAgg+ keys instead.
     Installed only for runs with secure_agg=secaggplus (clients/layers.py)."""
     cfg = cached_config_from_yaml(str(msg.content[protocol.CONFIG_KEY][protocol.FEDGUARD_CONFIG_KEY]))
-    params = params_from(cfg)
-    # Before training: a round this site would refuse must not spend its privacy budget.
-    policy = read_secagg_policy(dict(context.node_config))
-    policy.check_announced(params.neighbours, params.threshold, clients_per_round(cfg))
     config = msg.content[protocol.CONFIG_KEY]
     server_round = int(config.get(protocol.SERVER_ROUND_KEY, 0))
-    session_id = config.get(protocol.SECAGG_SESSION_KEY, b"")
-    session_id = session_id if isinstance(session_id, bytes) else b""
-    _check_fresh(context, server_round, session_id)
+    # Before training: a round this site would refuse must not spend its privacy budget.
+    params, session_id = check_session_request(context, cfg, server_round, config.get(protocol.SECAGG_SESSION_KEY, b""))
     reply = call_next(msg, context)
     if reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
         return reply  # errors and budget refusals pass through unchanged
@@ -180,17 +209,10 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
         update = np.append(update, float(reply.content[protocol.CLIP_INDICATOR_KEY][protocol.CLIP_INDICATOR_FIELD]))
     weight = float(reply.content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])
     hold_update(context, update, weight, cfg, msg.content[protocol.ARRAYS_KEY])
-    _remember_released(context, server_round, session_id)
-    session = ClientSession(context.node_id, params, server_round, session_id=session_id)
-    envelope_public, mask_public = session.advertise()
-    context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
     content = RecordDict(
         {
             protocol.METRICS_KEY: reply.content[protocol.METRICS_KEY],
-            protocol.SECAGG_KEY: ConfigRecord(
-                {"stage": "advertise", "envelope_key": envelope_public, "mask_key": mask_public,
-                 **_signed_advert(context, session, envelope_public, mask_public)}
-            ),
+            protocol.SECAGG_KEY: enter_session(context, params, server_round, session_id),
         }
     )
     for key in (protocol.PRIVACY_KEY, protocol.LEDGER_KEY):  # the spend report and its signed record
