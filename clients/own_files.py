@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from fedguard.clients.contract_pin import check_contract
 from fedguard.clients.datasets import LocalDataError
 from fedguard.clients.local_data import SiteRecords, encode_records, files_fingerprint, read_site_records
 from fedguard.clients.site import DATA_KEY, SiteConfigError, SiteSettings
@@ -40,6 +41,7 @@ def own_split(cfg: DictConfig, site: SiteSettings) -> OwnSplit:
     if not site.data:
         raise SiteConfigError(f"dataset={cfg.dataset.name} trains on each site's own files: start this site "
                               f"with `fedguard client --data PATH` (node config '{DATA_KEY}')")
+    check_contract(cfg.dataset, site)  # before the files are read: a contract it did not pin learns nothing
     declared = declared_contract_of(cfg.dataset)
     records = read_site_records(site.data, declared)
     labels = records.labels
