@@ -62,7 +62,7 @@ def test_config_refuses_a_wrong_resnet_setting_by_its_key():
         compose_config(["dataset=breast_cancer", "model=resnet18"])
 
 
-@pytest.mark.parametrize("stem", ["small", "imagenet"])
+@pytest.mark.parametrize("stem", ["small", pytest.param("imagenet", marks=pytest.mark.simulation)])
 def test_bookkeeping_clipped_sum_matches_opacus_hooks_on_resnet18(stem):
     torch.manual_seed(0)
     model = ResNet18GN((2, 12, 12), 5, widths=(4, 8, 8, 8), groups=2, stem=stem)
@@ -70,6 +70,7 @@ def test_bookkeeping_clipped_sum_matches_opacus_hooks_on_resnet18(stem):
     _assert_matches_hooks(model, x, y, nn.CrossEntropyLoss())
 
 
+@pytest.mark.simulation  # a second hooks-vs-bookkeeping comparison: over a second on a loaded machine
 def test_the_comparison_sees_a_wrong_clipped_sum():
     """The check above can fail: dropping one block's shortcut gradient changes the sums."""
     torch.manual_seed(1)
