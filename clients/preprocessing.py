@@ -18,6 +18,12 @@ sample-level DP, before anything leaves:
 The cohort does not matter to the guarantee: each site's release carries its own calibrated
 noise, so a server that asks one site alone learns that site's noisy sums, accounted as such.
 Without DP (privacy.mode=none) the exact sums are sent, as the exact model updates are.
+
+With SecAgg+ on (secure_agg=secaggplus) the released vector does not go in the reply: the site
+encodes it in fixed point (``masked_statistics_bound``), holds it as its SecAgg+ input for the
+run's round 0 and answers with its advert; the server then runs the protocol's stages and
+learns only the sum. The noise and the accounting above are unchanged: the masking is added
+protection, and no privacy figure relies on it.
 """
 
 from __future__ import annotations
