@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedguard.clients.site import (
+    CONTRACT_KEY,
     CUSTOM_MODELS_KEY,
     DATA_KEY,
     DATA_ROOT_KEY,
@@ -22,10 +23,12 @@ from fedguard.clients.site import (
     EPSILON_BUDGET_KEY,
     NUM_PARTITIONS_KEY,
     PARTITION_ID_KEY,
+    PIN_FIRST_USE,
     STATE_DIR_KEY,
     SiteConfigError,
     read_site_settings,
 )
+from fedguard.clients.contract_pin import contract_from_file
 from fedguard.clients.deployment.app_signing import AppSignatureError, read_trusted_publishers
 from fedguard.clients.deployment.site_file import SiteFileError, site_file_defaults
 from fedguard.clients.deployment.key_commands import DEFAULT_KEYS_DIR
@@ -35,6 +38,8 @@ from fedguard.clients.deployment.supernode_poll import DEFAULT_POLL_SECONDS, POL
 from fedguard.clients.deployment.app_gate import LAUNCH_MODES
 
 DEFAULT_SITE_DIR = "fedguard-site"
+# --contract any: accept whatever contract a run carries (the behaviour before pins).
+ACCEPT_ANY_CONTRACT = "any"
 SITE_CA_HINT = (
     "ask the server operator for the federation's ca.crt (fedguard-server/certs/ca.crt on the server site) "
     "and pass its path with --ca; a site does not create it"
@@ -116,6 +121,10 @@ def client_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path,
                         help="this site's own data (CSV, Parquet, .npz, an image folder or a saved `datasets` "
                              "directory), checked against the run's data contract (dataset=tabular / images)")
+    parser.add_argument("--contract", metavar=f"FILE|{PIN_FIRST_USE}|{ACCEPT_ANY_CONTRACT}",
+                        help="the data contract this site accepts: a YAML file (the agreed dataset config or its "
+                             f"contract), {PIN_FIRST_USE} (pin the first run's contract in --state-dir; the default "
+                             f"with --data) or {ACCEPT_ANY_CONTRACT}; a run with another contract is refused")
     parser.add_argument("--custom-model", action="append", default=[], metavar="PACKAGE.MODULE:FACTORY",
                         help="a team model (model=custom) this site agrees to import and call; repeat for several. "
                              "Runs naming any other model.target are refused")
@@ -151,6 +160,14 @@ def parse_client_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _contract_setting(args: argparse.Namespace) -> str | None:
+    """The node config's ``contract``: a site with its own files pins on first use unless told otherwise."""
+    chosen = args.contract or (PIN_FIRST_USE if args.data is not None else None)
+    if chosen in (None, ACCEPT_ANY_CONTRACT, PIN_FIRST_USE):
+        return None if chosen == ACCEPT_ANY_CONTRACT else chosen
+    return str(Path(chosen).resolve())
+
+
 def client_main(argv: list[str]) -> int:
     try:
         args = parse_client_args(argv)
@@ -164,6 +181,7 @@ def client_main(argv: list[str]) -> int:
         PARTITION_ID_KEY: args.partition_id,
         NUM_PARTITIONS_KEY: args.num_partitions,
         DATA_KEY: str(args.data.resolve()) if args.data else None,
+        CONTRACT_KEY: _contract_setting(args),
         CUSTOM_MODELS_KEY: " ".join(args.custom_model) or None,
         DATA_ROOT_KEY: str(args.data_root.resolve()) if args.data_root else None,
         DEVICE_KEY: args.device,
@@ -177,6 +195,8 @@ def client_main(argv: list[str]) -> int:
         return 1
     try:
         read_site_settings({k: v for k, v in settings.items() if v is not None})
+        if settings[CONTRACT_KEY] not in (None, PIN_FIRST_USE):
+            contract_from_file(Path(settings[CONTRACT_KEY]))  # a typo in the pin file fails now
         # The CA is the server operator's (fedguard certs runs on the server site only).
         check_certificate_files(args.ca, hint=SITE_CA_HINT)
         check_node_private_key(args.key)

@@ -156,6 +156,11 @@ def _build_model(model_cfg: DictConfig, input_shape: Sequence[int], num_classes:
         features = nn.Sequential(*_conv_blocks(channels, model_cfg.channels, model_cfg.group_norm_groups))
         flat = model_cfg.channels[-1] * (height // downscale) * (width // downscale)
         return nn.Sequential(features, nn.Flatten(), *_mlp_layers(flat, model_cfg.hidden_sizes, num_classes))
+    if model_cfg.name == "resnet18":
+        from fedguard.clients.resnet import ResNet18GN
+
+        return ResNet18GN(input_shape, num_classes, tuple(model_cfg.channels), model_cfg.group_norm_groups,
+                          model_cfg.stem)
     if model_cfg.name == "scatter_linear":
         return _scatter_model(model_cfg, tuple(input_shape), num_classes)
     if model_cfg.name == "custom":

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from fedguard.clients.datasets import LocalDataError
+from fedguard.clients.contract_pin import check_contract
+from fedguard.clients.datasets import LocalDataError, Normalization
 from fedguard.clients.local_data import SiteRecords, encode_records, files_fingerprint, read_site_records
 from fedguard.clients.site import DATA_KEY, SiteConfigError, SiteSettings
-from fedguard.conf.contract import contract_of, declared_contract_of
+from fedguard.conf.contract import ImageContract, contract_of, declared_contract_of
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ def own_split(cfg: DictConfig, site: SiteSettings) -> OwnSplit:
     if not site.data:
         raise SiteConfigError(f"dataset={cfg.dataset.name} trains on each site's own files: start this site "
                               f"with `fedguard client --data PATH` (node config '{DATA_KEY}')")
+    check_contract(cfg.dataset, site)  # before the files are read: a contract it did not pin learns nothing
     declared = declared_contract_of(cfg.dataset)
     records = read_site_records(site.data, declared)
     labels = records.labels
@@ -57,3 +59,30 @@ def own_examples(cfg: DictConfig, site: SiteSettings) -> tuple[np.ndarray, np.nd
     computed them, the declared constants otherwise), their labels, and the split."""
     split = own_split(cfg, site)
     return encode_records(split.records, contract_of(cfg.dataset)), split.records.labels, split
+
+
+def raw_own_examples(dataset_cfg: DictConfig, data: str) -> tuple[np.ndarray, np.ndarray, Normalization, tuple[str, ...]]:
+    """A site's files as an exported model takes them (``fedguard export --data``): raw inputs (numeric
+    columns as measured and categorical ones one-hot, in contract order; images as 0..255 pixels), label
+    indices, the Normalization that turns them into what training fed the model (the contract's
+    scaling, or the federation's statistics where the run computed them) and the input names."""
+    contract = contract_of(dataset_cfg)
+    records = read_site_records(data, declared_contract_of(dataset_cfg))
+    if isinstance(contract, ImageContract):
+        norm = Normalization(1.0 / 255.0, (contract.mean,), (contract.std,), (0.0, 255.0))
+        return records.pixels.astype(np.float32), records.labels, norm, ()
+    blocks, names, mean, std = [], [], [], []
+    numeric, coded = iter(records.numeric.T), iter(records.codes)
+    for feature in contract.features:
+        if feature.kind == "numeric":
+            blocks.append(next(numeric)[:, None])
+            names.append(feature.name)
+            mean.append(feature.center)
+            std.append(feature.scale)
+        else:  # one-hot columns pass through: mean 0, std 1
+            blocks.append(np.eye(feature.width)[next(coded)])
+            names += [f"{feature.name}={category}" for category in feature.categories]
+            mean += [0.0] * feature.width
+            std += [1.0] * feature.width
+    raw = np.concatenate(blocks, axis=1).astype(np.float32)
+    return raw, records.labels, Normalization(1.0, tuple(mean), tuple(std)), tuple(names)

@@ -18,6 +18,12 @@ sample-level DP, before anything leaves:
 The cohort does not matter to the guarantee: each site's release carries its own calibrated
 noise, so a server that asks one site alone learns that site's noisy sums, accounted as such.
 Without DP (privacy.mode=none) the exact sums are sent, as the exact model updates are.
+
+With SecAgg+ on (secure_agg=secaggplus) the released vector does not go in the reply: the site
+encodes it in fixed point (``masked_statistics_bound``), holds it as its SecAgg+ input for the
+run's round 0 and answers with its advert; the server then runs the protocol's stages and
+learns only the sum. The noise and the accounting above are unchanged: the masking is added
+protection, and no privacy figure relies on it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from omegaconf import DictConfig
 from fedguard.clients.data_spend import DataSpend, strictest
 from fedguard.clients.own_files import own_split
 from fedguard.clients.local_data import ImageRecords, SiteRecords
+from fedguard.clients.secure_aggregation import check_session_request, enter_session, hold_encoded_input
 from fedguard.clients.site import SiteSettings, read_site_settings
 from fedguard.clients.site_floor import check_site_floor, read_site_floor
 from fedguard.clients.site_state import PRIVACY_DIR, SiteStateStore
@@ -50,9 +57,12 @@ from fedguard.privacy.preprocessing import (
     SumsLayout,
     add_noise,
     bounded_sums,
+    encode_statistics,
     noise_std,
     normalised,
+    statistics_bound,
 )
+from fedguard.privacy.secagg.masking import levels_for
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +71,9 @@ logger = logging.getLogger(__name__)
 RELEASE_SUFFIX = ":preprocessing"
 # Pixels are scaled to [0, 1] before anything else; that is an image's declared range.
 PIXEL_RANGE = FeatureRange(0.0, 1.0)
+# The SecAgg+ session of the statistics is the run's round 0 (training rounds count from 1), so
+# a site enters at most one masked statistics sum per run (clients/secagg_record.py, through clients/secure_aggregation.py::check_session_request).
+PREPROCESSING_ROUND = 0
 
 
 class PreprocessingRefused(RuntimeError):
@@ -97,6 +110,34 @@ def site_sums(records: SiteRecords, contract: Contract) -> tuple[np.ndarray, Sum
     return bounded_sums(u, u**2, codes, layout), layout
 
 
+def release_noise_multiplier(cfg: DictConfig) -> float:
+    """The noise multiplier of the release: ``dataset.preprocessing_epsilon`` for one Gaussian step at
+    sampling rate 1 (a function of the run config only, so the server derives the same figure)."""
+    return calibrate_noise_multiplier(
+        target_epsilon=float(cfg.dataset.preprocessing_epsilon), delta=float(cfg.privacy.delta),
+        sample_rate=RELEASE_SAMPLE_RATE, steps=RELEASE_STEPS, accountant=str(cfg.privacy.accountant),
+    )
+
+
+def masked_statistics_bound(cfg: DictConfig, layout: SumsLayout) -> float:
+    """Under SecAgg+, every site's vector is encoded over ``[-R, R]`` with the same ``R``, derived
+    from the run config: ``secure_agg.max_weight`` bounds a site's rows (as it bounds a site's
+    example count in training) and the release's planned noise std adds a margin
+    (privacy/preprocessing.py::statistics_bound)."""
+    std = noise_std(release_noise_multiplier(cfg), layout) if trains_privately(cfg) else 0.0
+    return statistics_bound(float(cfg.secure_agg.max_weight), std)
+
+
+def statistics_levels(cfg: DictConfig) -> int:
+    """Quantisation levels per coordinate: as for model updates, so a sum over every site cannot wrap."""
+    return levels_for(int(cfg.secure_agg.modulus_bits), int(cfg.simulation.num_clients))
+
+
+def masks_statistics(cfg: DictConfig) -> bool:
+    """Whether the statistics travel masked (SecAgg+ on): the server then sees only their sum."""
+    return str(cfg.secure_agg.mode) == "secaggplus"
+
+
 def _budget(cfg: DictConfig, site: SiteSettings) -> float | None:
     dp = cfg.privacy
     return strictest(dp.max_epsilon if dp.max_epsilon is not None else dp.target_epsilon, site.epsilon_budget)
@@ -119,10 +160,7 @@ def release_sums(
     if release in data.lineages():
         raise PreprocessingRefused(f"this site already released its preprocessing statistics for run {lineage}; "
                                    "a second release would let the server average the noise away, so it is refused")
-    sigma = calibrate_noise_multiplier(
-        target_epsilon=float(cfg.dataset.preprocessing_epsilon), delta=float(dp.delta),
-        sample_rate=RELEASE_SAMPLE_RATE, steps=RELEASE_STEPS, accountant=str(dp.accountant),
-    )
+    sigma = release_noise_multiplier(cfg)
     entry = (sigma, RELEASE_SAMPLE_RATE, RELEASE_STEPS)
     prior, recorded_budget = data.prior(release)
     budget = strictest(_budget(cfg, site), recorded_budget)
@@ -158,20 +196,30 @@ def preprocessing_stage(msg: Message, context: Context) -> Message:
         raise MalformedMessage("the run does not ask for federated preprocessing (dataset.preprocessing=declared); "
                                "this site sends no statistics")
     check_site_floor(cfg, read_site_floor(context.node_config))  # as for training: before anything is read or sent
+    masked = masks_statistics(cfg)
+    if masked:  # a session this site would refuse must not cost it the release's epsilon
+        params, session_id, session_lineage = check_session_request(context, cfg, config, PREPROCESSING_ROUND)
     site = read_site_settings(dict(context.node_config))
     split = own_split(cfg, site)
     contract = declared_contract_of(cfg.dataset)
     sums, layout = site_sums(split.train_records, contract)
+    if masked and sums[0] > float(cfg.secure_agg.max_weight):
+        raise PreprocessingRefused(f"this site has more training rows than secure_agg.max_weight="
+                                   f"{cfg.secure_agg.max_weight}, the bound its masked statistics are encoded for")
     released, std = release_sums(cfg, site, lineage, sums, layout, split.fingerprint)
-    reply = RecordDict({
-        protocol.PREPROCESS_KEY: ConfigRecord({
-            protocol.PREPROCESS_SUMS_FIELD: [float(v) for v in released],
-            protocol.PREPROCESS_NUMERIC_FIELD: layout.numeric,
-            protocol.PREPROCESS_CATEGORIES_FIELD: [int(c) for c in layout.category_counts],
-            protocol.PREPROCESS_NOISE_STD_FIELD: float(std),
-            protocol.PARTITION_ID_KEY: site.partition_id,
-        })
+    record = ConfigRecord({
+        protocol.PREPROCESS_NUMERIC_FIELD: layout.numeric,
+        protocol.PREPROCESS_CATEGORIES_FIELD: [int(c) for c in layout.category_counts],
+        protocol.PREPROCESS_NOISE_STD_FIELD: float(std),
+        protocol.PARTITION_ID_KEY: site.partition_id,
     })
+    reply = RecordDict({protocol.PREPROCESS_KEY: record})
+    if masked:  # held here until the mask stage; only its masked form ever leaves
+        encoded = encode_statistics(released, masked_statistics_bound(cfg, layout), statistics_levels(cfg))
+        hold_encoded_input(context, encoded)
+        reply[protocol.SECAGG_KEY] = enter_session(context, params, PREPROCESSING_ROUND, session_id, session_lineage)
+    else:
+        record[protocol.PREPROCESS_SUMS_FIELD] = [float(v) for v in released]
     if trains_privately(cfg):
         store = SiteStateStore(Path(str(site.state_dir)), lineage)
         reply[protocol.LEDGER_KEY] = store.ledger_record()

@@ -43,6 +43,8 @@ INPUT_ARRAY = "input"
 ENCODING_STATE_KEY = "fedguard.secagg-encoding"
 WEIGHT, CLIP_RANGE, MAX_WEIGHT = "weight", "clip_range", "max_weight"
 MODULUS_BITS, MAX_CLIENTS = "modulus_bits", "max_clients"
+# Set instead when the held input is already quantized (hold_encoded_input).
+ENCODED = "encoded"
 FLOAT32_BYTES = 4
 # The advert's identity fields: the site's Ed25519 public key and its signature over the round keys.
 IDENTITY_FIELD, SIGNATURE_FIELD, COMMITMENT_FIELD = "identity_key", "signature", "seed_commitment"
@@ -103,9 +105,20 @@ def hold_update(context: Context, update: np.ndarray, weight: float, cfg, model:
     )
 
 
+def hold_encoded_input(context: Context, encoded: np.ndarray) -> None:
+    """Keep an input that is already SecAgg+ integers (federated preprocessing's statistics,
+    clients/preprocessing.py) until the mask stage; it is masked as it is."""
+    if encoded.dtype != np.uint64:
+        raise ValueError(f"an encoded input is a uint64 vector; got {encoded.dtype}")
+    context.state[INPUT_STATE_KEY] = ArrayRecord({INPUT_ARRAY: Array(encoded)})
+    context.state[ENCODING_STATE_KEY] = ConfigRecord({ENCODED: True})
+
+
 def encode_held_update(context: Context) -> np.ndarray:
     """The held update, quantized for masking (see the module docstring for why only now)."""
     encoding = context.state[ENCODING_STATE_KEY]
+    if encoding.get(ENCODED, False):
+        return array_view(context.state[INPUT_STATE_KEY][INPUT_ARRAY]).astype(np.uint64, copy=True)
     update = array_view(context.state[INPUT_STATE_KEY][INPUT_ARRAY])
     levels = levels_for(int(encoding[MODULUS_BITS]), int(encoding[MAX_CLIENTS]))
     return _encode(update, float(encoding[WEIGHT]), float(encoding[CLIP_RANGE]), float(encoding[MAX_WEIGHT]), levels)
@@ -141,25 +154,47 @@ def _lineage(config: ConfigRecord, context: Context) -> str:
     return lineage if isinstance(lineage, str) and lineage else f"run-{context.run_id}"
 
 
+def check_session_request(context: Context, cfg, config: ConfigRecord,
+                          server_round: int) -> tuple[SecAggParams, bytes, str]:
+    """Before anything is computed or spent: the announced parameters meet this site's policy,
+    and the session id and round are fresh in the site's session record, which lives in its
+    state dir across runs and restarts (clients/secagg_record.py). A second session on a round
+    would let the server difference two sums. Returns the parameters, the id and the lineage."""
+    params = params_from(cfg)
+    policy = site_policy(context)
+    policy.check_announced(params.neighbours, params.threshold, clients_per_round(cfg))
+    session_id = config.get(protocol.SECAGG_SESSION_KEY, b"")
+    session_id = session_id if isinstance(session_id, bytes) else b""
+    lineage = _lineage(config, context)
+    with session_record(context) as record:
+        record.check_fresh(context.node_id, lineage, server_round, session_id)
+        # A site that would refuse this run's next reveal does not compute for it (DP sites would spend for nothing).
+        record.check_reveal(context.node_id, context.run_id, session_id, policy.max_unfinished_reveals)
+    return params, session_id, lineage
+
+
+def enter_session(context: Context, params: SecAggParams, server_round: int, session_id: bytes,
+                  lineage: str) -> ConfigRecord:
+    """Record the session and start this site's protocol for its held input; the advert (stage 0) to send back."""
+    with session_record(context) as record:  # checked again under the lock: another process may have entered it
+        record.check_fresh(context.node_id, lineage, server_round, session_id)
+        record.remember(lineage, server_round, session_id)
+        record.note_entered(context.run_id, session_id)  # unfinished until its masked input exists
+    session = ClientSession(context.node_id, params, server_round, session_id=session_id)
+    envelope_public, mask_public = session.advertise()
+    context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
+    return ConfigRecord({"stage": "advertise", "envelope_key": envelope_public, "mask_key": mask_public,
+                         **_signed_advert(context, session, envelope_public, mask_public)})
+
+
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Train as usual, then hold the update back and advertise SecAgg+ keys instead.
     Installed only for runs with secure_agg=secaggplus (clients/layers.py)."""
     cfg = cached_config_from_yaml(str(msg.content[protocol.CONFIG_KEY][protocol.FEDGUARD_CONFIG_KEY]))
-    params = params_from(cfg)
-    # Before training: a round this site would refuse must not spend its privacy budget.
-    policy = site_policy(context)
-    policy.check_announced(params.neighbours, params.threshold, clients_per_round(cfg))
     config = msg.content[protocol.CONFIG_KEY]
     server_round = int(config.get(protocol.SERVER_ROUND_KEY, 0))
-    session_id = config.get(protocol.SECAGG_SESSION_KEY, b"")
-    session_id = session_id if isinstance(session_id, bytes) else b""
-    lineage = _lineage(config, context)
-    # Session ids and rounds entered, kept in the site's state dir across runs and restarts
-    # (clients/secagg_record.py): a second session on a round would let the server difference two sums.
-    with session_record(context) as record:
-        record.check_fresh(context.node_id, lineage, server_round, session_id)
-        # A site that would refuse this run's next reveal does not train for it (DP sites would spend for nothing).
-        record.check_reveal(context.node_id, context.run_id, session_id, policy.max_unfinished_reveals)
+    # Before training: a round this site would refuse must not spend its privacy budget.
+    params, session_id, lineage = check_session_request(context, cfg, config, server_round)
     reply = call_next(msg, context)
     if reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
         return reply  # errors and budget refusals pass through unchanged
@@ -167,21 +202,11 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     if protocol.CLIP_INDICATOR_KEY in reply.content:  # client-level DP's (noised) clip indicator: summed masked, never sent
         update = np.append(update, float(reply.content[protocol.CLIP_INDICATOR_KEY][protocol.CLIP_INDICATOR_FIELD]))
     weight = float(reply.content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])
-    with session_record(context) as record:  # checked again under the lock: another process may have entered it
-        record.check_fresh(context.node_id, lineage, server_round, session_id)
-        record.remember(lineage, server_round, session_id)
-        record.note_entered(context.run_id, session_id)  # unfinished until its masked input exists
     hold_update(context, update, weight, cfg, msg.content[protocol.ARRAYS_KEY])
-    session = ClientSession(context.node_id, params, server_round, session_id=session_id)
-    envelope_public, mask_public = session.advertise()
-    context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_dict())
     content = RecordDict(
         {
             protocol.METRICS_KEY: reply.content[protocol.METRICS_KEY],
-            protocol.SECAGG_KEY: ConfigRecord(
-                {"stage": "advertise", "envelope_key": envelope_public, "mask_key": mask_public,
-                 **_signed_advert(context, session, envelope_public, mask_public)}
-            ),
+            protocol.SECAGG_KEY: enter_session(context, params, server_round, session_id, lineage),
         }
     )
     for key in (protocol.PRIVACY_KEY, protocol.LEDGER_KEY):  # the spend report and its signed record

@@ -26,6 +26,10 @@ DATA_ROOT_KEY = "data-root"
 # The site's own files (dataset=tabular / images): a file or directory checked against the run's
 # data contract. With it the site needs no num-partitions; partition-id only names it in ledgers.
 DATA_KEY = "data"
+# The data contract this site accepts (clients/contract_pin.py): a YAML file, or "first-use" to pin
+# the first run's contract in its state dir. A run whose contract differs is refused.
+CONTRACT_KEY = "contract"
+PIN_FIRST_USE = "first-use"
 DEVICE_KEY = "device"
 EPSILON_BUDGET_KEY = "epsilon-budget"
 # Where the site keeps its privacy state across server restarts (clients/site_state.py).
@@ -53,7 +57,7 @@ SECAGG_POLICY_KEYS = (SECAGG_MIN_THRESHOLD_KEY, SECAGG_MAX_NEIGHBOURS_KEY, SECAG
 # comma-separated). The run's config comes from the server; without this list a server could make
 # every site call any importable function with arguments of its choosing.
 CUSTOM_MODELS_KEY = "custom-models"
-KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_KEY, DATA_ROOT_KEY, CUSTOM_MODELS_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY, STATE_DIR_KEY,
+KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_KEY, CONTRACT_KEY, DATA_ROOT_KEY, CUSTOM_MODELS_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY, STATE_DIR_KEY,
               EPHEMERAL_PRIVACY_KEY, *FLOOR_KEYS, *SECAGG_POLICY_KEYS)
 
 
@@ -74,6 +78,8 @@ class SiteSettings:
     ephemeral_privacy_state: bool = False
     # This site's own data file or directory (DATA_KEY), for a run with a data contract.
     data: str | None = None
+    # The contract it accepts (CONTRACT_KEY): a YAML file, PIN_FIRST_USE, or None (any contract).
+    contract: str | None = None
 
 
 def _as_int(node_config: dict[str, Any], key: str) -> int:
@@ -113,7 +119,20 @@ def read_site_settings(node_config: dict[str, Any]) -> SiteSettings:
         str(node_config[STATE_DIR_KEY]) if node_config.get(STATE_DIR_KEY) else None,
         node_config.get(EPHEMERAL_PRIVACY_KEY) in (True, 1, "true"),
         str(data) if data is not None else None,
+        _contract_setting(node_config),
     )
+
+
+def _contract_setting(node_config: dict[str, Any]) -> str | None:
+    value = node_config.get(CONTRACT_KEY) or None
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise SiteConfigError(f"node config '{CONTRACT_KEY}'={value!r} must be a YAML file or '{PIN_FIRST_USE}'")
+    if value == PIN_FIRST_USE and not node_config.get(STATE_DIR_KEY):
+        raise SiteConfigError(f"node config '{CONTRACT_KEY}={PIN_FIRST_USE}' keeps the pin in the site's "
+                              f"'{STATE_DIR_KEY}', which is not set")
+    return value
 
 
 def _optional_int(node_config: dict[str, Any], key: str, low: int) -> int | None:

@@ -3,9 +3,10 @@ whose accountant can pay for them, and an epsilon that leaves room for training.
 
 Why each rule: without a declared range a column's sums have no sensitivity, so no noise
 could be calibrated; client-level DP has no per-record accountant on the sites that could
-pay for a per-record release; and without DP under secure aggregation the sites' exact
-sums would reach the server one by one, which the user turned SecAgg+ on to prevent (the
-statistics stage is not masked: each site's release stands on its own noise).
+pay for a per-record release. With SecAgg+ on, the statistics travel masked like the model
+updates (the server sees only their sum), so exact sums under privacy.mode=none are as
+protected as exact updates are; under DP each site still noises and accounts its own release,
+and no privacy figure relies on the masking.
 """
 
 from __future__ import annotations
@@ -41,10 +42,6 @@ def check_preprocessing(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.preprocessing=federated with privacy.mode={cfg.privacy.mode}; allowed: "
                           f"{', '.join(FEDERATED_PREPROCESSING_PRIVACY)} (only a site's sample-level accountant can pay "
                           "for a release about its records)")
-    if cfg.privacy.mode == "none" and cfg.secure_agg.mode != "off":
-        raise ConfigError("dataset.preprocessing=federated with secure_agg on needs privacy.mode=sample_dp: the "
-                          "statistics stage is not masked, so without DP noise each site's exact sums would reach "
-                          "the server")
     epsilon = cfg.dataset.get("preprocessing_epsilon", 0.5)
     if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not 0 < float(epsilon) < 1e3:
         raise ConfigError(f"dataset.preprocessing_epsilon={epsilon!r} must be a number in (0, 1000)")

@@ -18,7 +18,11 @@ CONTRACT_DATASETS = ("tabular", "images")
 IMAGE_DATASETS = ("fashion_mnist", "digits", "images")
 # custom: the team's own torch.nn.Module from model.target ("package.module:factory").
 # scatter_linear: fixed wavelet-scattering features (kymatio) + GroupNorm + linear, for DP on images.
-MODELS = ("logreg", "mlp", "cnn", "scatter_linear", "custom")
+# resnet18: fedguard's own ResNet-18 with GroupNorm (clients/resnet.py).
+MODELS = ("logreg", "mlp", "cnn", "scatter_linear", "resnet18", "custom")
+# model=resnet18's first layers: the paper's 7x7/2 + max pool (imagenet), one 3x3/1 conv (small),
+# or auto (imagenet when the shorter image side is at least 128 pixels).
+RESNET_STEMS = ("auto", "small", "imagenet")
 PARTITIONS = ("iid", "dirichlet", "shards")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -73,6 +77,8 @@ class ModelConfig:
     # model=scatter_linear: the scattering's number of scales J and of angles L.
     scattering_scale: int = 2
     scattering_angles: int = 8
+    # model=resnet18: which stem (RESNET_STEMS); its stage widths are model.channels (4 of them).
+    stem: str = "auto"
     # model=custom: "package.module:factory", called with kwargs (+ input_shape, num_classes if it takes them).
     target: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)

@@ -36,6 +36,7 @@ from fedguard.conf.schema import (
     PARTITIONS,
     PRIVACY_MODES,
     REPLY_POLL_RANGE,
+    RESNET_STEMS,
     SAMPLE_DP_MODES,
     SECURE_AGG_MODES,
     ConfigError,
@@ -209,7 +210,7 @@ def _validate_data_and_model(cfg: DictConfig) -> None:
         in_range("dataset.num_features", cfg.dataset.num_features, 1, None)
         in_range("dataset.num_samples", cfg.dataset.num_samples, cfg.dataset.num_classes * 2, None)
     _validate_contract_and_custom_model(cfg)
-    if cfg.model.name in ("cnn", "scatter_linear") and cfg.dataset.name not in IMAGE_DATASETS:
+    if cfg.model.name in ("cnn", "scatter_linear", "resnet18") and cfg.dataset.name not in IMAGE_DATASETS:
         raise ConfigError(
             f"model={cfg.model.name} needs an image dataset ({', '.join(IMAGE_DATASETS)}); "
             f"dataset={cfg.dataset.name} is tabular: use model=mlp or model=logreg"
@@ -228,6 +229,11 @@ def _validate_data_and_model(cfg: DictConfig) -> None:
                 f"channels per image channel (model.scattering_scale={scale}, model.scattering_angles={angles})"
             )
         return
+    if cfg.model.name == "resnet18":
+        choice("model.stem", cfg.model.stem, RESNET_STEMS)
+        if len(cfg.model.channels) != 4:
+            raise ConfigError(f"model.channels must list the 4 stage widths of model=resnet18 (e.g. [64, 128, 256, 512]); "
+                              f"got {len(cfg.model.channels)}")
     for i, width in enumerate(cfg.model.channels):
         in_range(f"model.channels[{i}]", width, 1, None)
         if width % cfg.model.group_norm_groups:

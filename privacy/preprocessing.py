@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fedguard.privacy.randomness import os_generator
+from fedguard.privacy.secagg.masking import dequantize_sum, quantize
 from fedguard.privacy.secure_noise import SecureGaussian
 
 # The history entry of one release: sampling rate 1 (every record is in it), one step.
@@ -185,3 +186,34 @@ def statistics_from_sums(total: np.ndarray, layout: SumsLayout, ranges: Sequence
         at += size
         frequencies.append(tuple(float(f) for f in (block / block.sum() if block.sum() > 0 else np.full(size, 1 / size))))
     return Statistics(float(total[0]), means, variances, tuple(frequencies))
+
+
+# Under SecAgg+, a released vector is clipped to [-R, R] per coordinate before it is quantised,
+# R = max_rows + STATISTICS_NOISE_MARGIN x noise std: every exact coordinate lies in [-max_rows,
+# max_rows] (a count, or a sum of values in [-1, 1]), and Gaussian noise beyond 10 std happens
+# with probability ~1e-23 per coordinate. The clip is post-processing of the noisy release, so it
+# changes no privacy figure; it only bounds what the fixed-point encoding has to carry.
+STATISTICS_NOISE_MARGIN = 10.0
+
+
+def statistics_bound(max_rows: float, std: float) -> float:
+    """The per-coordinate range ``R`` of a site's released vector under secure aggregation."""
+    if not (math.isfinite(max_rows) and max_rows >= 1) or not (math.isfinite(std) and std >= 0):
+        raise PreprocessingError(f"the statistics range needs max_rows >= 1 and std >= 0; got {max_rows}, {std}")
+    return float(max_rows) + STATISTICS_NOISE_MARGIN * float(std)
+
+
+def encode_statistics(released: np.ndarray, bound: float, levels: int) -> np.ndarray:
+    """A released vector as SecAgg+ integers: clipped to ``[-bound, bound]``, stochastic rounding
+    (OS randomness) to ``levels`` steps; the sum of such vectors decodes with :func:`decode_statistics`."""
+    released = np.asarray(released, dtype=np.float64)
+    if not np.all(np.isfinite(released)):
+        raise PreprocessingError("the statistics vector holds NaN or infinite values")
+    return quantize(released, bound, levels, np.random.default_rng())
+
+
+def decode_statistics(total: np.ndarray, sites: int, bound: float, levels: int) -> np.ndarray:
+    """The float sum of ``sites`` vectors from the unmasked integer sum of their encodings.
+
+    Each coordinate is off by at most ``sites x 2 bound / levels`` (one rounding step per site)."""
+    return dequantize_sum(np.asarray(total, dtype=np.uint64), sites, bound, levels)

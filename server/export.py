@@ -22,8 +22,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fedguard.clients.datasets import CLASS_NAMES, Normalization, feature_names, raw_test_split
+from fedguard.clients.datasets import CLASS_NAMES, DatasetError, LocalDataError, Normalization, feature_names, raw_test_split
 from fedguard.clients.models import count_parameters
+from fedguard.clients.own_files import raw_own_examples
+from fedguard.conf.contract import ContractError, declared_contract_of
+from fedguard.conf.schema import CONTRACT_DATASETS
 from fedguard.conf.run_config import config_from_yaml
 from fedguard.server.checkpoint import CHECKPOINT_DIR, FINAL_NAME, load_global_model, read_checkpoint
 from fedguard.server.model_card import DataContract, ExportCheck, ModelCard, headline
@@ -116,13 +119,14 @@ def load_exported(path: Path, fmt: str):
     return lambda x: session.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def _contract(cfg: DictConfig, input_shape: tuple[int, ...], num_classes: int, norm: Normalization) -> DataContract:
-    classes = CLASS_NAMES.get(cfg.dataset.name, tuple(str(i) for i in range(num_classes)))
+def _contract(input_shape: tuple[int, ...], num_classes: int, norm: Normalization,
+              names: tuple[str, ...] | None, classes: tuple[str, ...] | None) -> DataContract:
+    classes = classes or tuple(str(i) for i in range(num_classes))
     return DataContract(
         kind="image" if len(input_shape) == 3 else "tabular",
         input_shape=input_shape,
         classes=tuple(classes),
-        feature_names=feature_names(cfg.dataset),
+        feature_names=names,
         raw_range=norm.raw_range,
         preprocessing={"formula": "(x * scale - mean) / std", "scale": norm.scale, "mean": list(norm.mean),
                        "std": list(norm.std), "statistics": "training split only",
@@ -137,9 +141,36 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ExportError(f"{path} cannot be read ({err}): is this a finished fedguard run directory?") from err
 
 
-def export_run(run_dir: Path | str, fmt: str, out_dir: Path | str, *, allow_unaudited: bool = False) -> ExportResult:
-    """Export ``RUN_DIR/checkpoints/final.pt``; raise ExportRefused when the audit fails."""
+def _check_data(cfg: DictConfig, data: Path | None) -> None:
+    if cfg.dataset.name in CONTRACT_DATASETS and data is None:
+        raise ExportError(f"dataset={cfg.dataset.name} trained on the sites' own files, so there is no shared test "
+                          "split: check the exported model on a site's own files with --data PATH")
+    if cfg.dataset.name not in CONTRACT_DATASETS and data is not None:
+        raise ExportError(f"--data is for runs over sites' own files (dataset=tabular / images); this run used "
+                          f"dataset={cfg.dataset.name}, whose test split the check uses")
+
+
+def _check_split(cfg: DictConfig, data: Path | None):
+    """``(raw inputs, labels, normalization, input names, class names, where from)`` for the export check."""
+    if data is None:
+        raw_x, test_y, norm = raw_test_split(cfg.dataset, int(cfg.seed))
+        classes = CLASS_NAMES.get(cfg.dataset.name)
+        return raw_x, test_y, norm, feature_names(cfg.dataset), classes, f"the central test split of {cfg.dataset.name}"
+    try:
+        raw_x, labels, norm, names = raw_own_examples(cfg.dataset, str(data))
+    except (LocalDataError, DatasetError, ContractError) as err:
+        raise ExportError(f"--data {data}: {err}") from None
+    classes = declared_contract_of(cfg.dataset).classes
+    return raw_x, labels, norm, names or None, classes, f"this site's own files {data}"
+
+
+def export_run(run_dir: Path | str, fmt: str, out_dir: Path | str, *, allow_unaudited: bool = False,
+               data: Path | str | None = None) -> ExportResult:
+    """Export ``RUN_DIR/checkpoints/final.pt``, checked on the run's test split or, for a run over
+    sites' own files, on ``data`` (a site's files under the run's contract); raise ExportRefused
+    when the audit fails."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    data = Path(data) if data is not None else None
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if fmt == "onnx" and (missing := missing_onnx_packages()):
@@ -147,6 +178,7 @@ def export_run(run_dir: Path | str, fmt: str, out_dir: Path | str, *, allow_unau
     checkpoint_path = run_dir / CHECKPOINT_DIR / FINAL_NAME
     payload = read_checkpoint(checkpoint_path)
     cfg = config_from_yaml(payload["config_yaml"])
+    _check_data(cfg, data)
     summary = _read_json(run_dir / "summary.json")
 
     privacy = privacy_section(run_dir, cfg)  # audits the ledger when the run was private
@@ -158,7 +190,7 @@ def export_run(run_dir: Path | str, fmt: str, out_dir: Path | str, *, allow_unau
 
     model = load_global_model(checkpoint_path)
     input_shape, num_classes = tuple(int(v) for v in payload["input_shape"]), int(payload["num_classes"])
-    raw_x, test_y, norm = raw_test_split(cfg.dataset, int(cfg.seed))
+    raw_x, test_y, norm, names, classes, source = _check_split(cfg, data)
     wrapped = NormalizedModel(model, norm, input_shape).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / MODEL_FILES[fmt]
@@ -176,7 +208,7 @@ def export_run(run_dir: Path | str, fmt: str, out_dir: Path | str, *, allow_unau
     card = ModelCard(
         headline=headline(privacy),
         task=f"{num_classes}-class classification of {cfg.dataset.name}",
-        contract=_contract(cfg, input_shape, num_classes, norm),
+        contract=_contract(input_shape, num_classes, norm, names, classes),
         architecture=f"{cfg.model.name}: {model}".replace("\n", " "),
         parameters=count_parameters(model),
         training={"model": OmegaConf.to_container(cfg.model), "strategy": cfg.strategy.name,
@@ -184,7 +216,10 @@ def export_run(run_dir: Path | str, fmt: str, out_dir: Path | str, *, allow_unau
                   "seed": int(cfg.seed), "checkpoint_round": int(payload["round"])},
         metrics={"test_accuracy": final.get("accuracy"), "test_loss": final.get("loss"),
                  "measured_on": f"the central test split of {cfg.dataset.name} ({len(raw_x)} examples), "
-                                "by the server after the last round (summary.json)"},
+                                "by the server after the last round (summary.json)"}
+        if data is None else {"accuracy_on_site_files": check.exported_test_accuracy,
+                              "measured_on": f"{source} ({len(raw_x)} examples, all of them: training rows "
+                                             "included), by fedguard export"},
         privacy=privacy,
         export=check,
         source_run=str(run_dir.resolve()),

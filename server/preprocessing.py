@@ -2,11 +2,13 @@
 the statistics every site then preprocesses with.
 
 Runs before round 1 (after the ledger is open, so each site's signed release is embedded
-before its sums are used). The server sees each site's sums vector as the site released it:
-under sample-level DP already noised and accounted by the site (clients/preprocessing.py);
-this stage is not masked by SecAgg+ (conf/preprocessing_checks.py refuses the one
-combination where that would expose exact sums). The result goes into the run's config as
-``dataset.statistics``: every later message carries it, and so does every checkpoint.
+before its sums are used). Under sample-level DP each site's vector is already noised and
+accounted by the site (clients/preprocessing.py). With SecAgg+ off the server sees each
+site's vector as released; with it on the vectors travel as SecAgg+ inputs (the run's round
+0, the same protocol and dropout handling as a training round, server/secure_aggregation.py)
+and the server learns only the sum of the surviving sites' vectors. The result goes into the
+run's config as ``dataset.statistics``: every later message carries it, and so does every
+checkpoint.
 """
 
 from __future__ import annotations
@@ -21,10 +23,24 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
-from fedguard.clients.preprocessing import contract_layout
+from fedguard.clients.preprocessing import (
+    PREPROCESSING_ROUND,
+    contract_layout,
+    masked_statistics_bound,
+    masks_statistics,
+    statistics_levels,
+)
 from fedguard.clients.wire import protocol
 from fedguard.conf.contract import ImageContract, declared_contract_of
-from fedguard.privacy.preprocessing import PreprocessingError, Statistics, statistics_from_sums
+from fedguard.privacy.preprocessing import (
+    PreprocessingError,
+    Statistics,
+    SumsLayout,
+    decode_statistics,
+    statistics_from_sums,
+)
+from fedguard.privacy.secagg.protocol import SecAggError
+from fedguard.server.secure_aggregation import SecureAggregationExchange
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +88,38 @@ def _sums_of(reply: Message, length: int) -> np.ndarray:
     return sums
 
 
+def _clear_sum(answered: list[Message], length: int, failures: dict[int, str]) -> tuple[np.ndarray, int]:
+    """SecAgg+ off: each site's vector arrives as released; add the usable ones."""
+    total = np.zeros(length)
+    used = 0
+    for reply in answered:
+        try:
+            total += _sums_of(reply, length)
+            used += 1
+        except (PreprocessingError, KeyError, TypeError, ValueError) as err:
+            failures[reply.metadata.src_node_id] = f"unusable statistics: {err}"
+    return total, used
+
+
+def _masked_sum(exchange: SecureAggregationExchange, grid: Grid, answered: list[Message], session_id: bytes,
+                cfg: DictConfig, layout: SumsLayout, failures: dict[int, str]) -> tuple[np.ndarray, int]:
+    """SecAgg+ on: the answers are the sites' adverts; run the protocol's stages on the vectors they
+    hold and decode the unmasked sum (off by at most one quantisation step per site and coordinate)."""
+    keyed = {}
+    for reply in answered:
+        if protocol.SECAGG_KEY in reply.content:
+            keyed[reply.metadata.src_node_id] = reply
+        else:
+            failures[reply.metadata.src_node_id] = "unusable statistics: no secure-aggregation advert"
+    try:
+        total, used, survivors = exchange.masked_sum(grid, keyed, PREPROCESSING_ROUND, session_id, layout.length)
+    except (SecAggError, ValueError) as err:  # ValueError: junk shares from a site (Shamir, X25519)
+        raise PreprocessingFailed(f"secure aggregation of the statistics failed: {err}") from None
+    failures.update({node: "dropped out of the secure aggregation of the statistics" for node in set(keyed) - survivors})
+    total = decode_statistics(total, used, masked_statistics_bound(cfg, layout), statistics_levels(cfg))
+    return total, used
+
+
 def run_preprocessing(
     grid: Grid, cfg: DictConfig, config_yaml: str, lineage: str, timeout: float, record_ledgers=None
 ) -> PreprocessingOutcome:
@@ -82,6 +130,10 @@ def run_preprocessing(
     started = time.perf_counter()
     layout, ranges = contract_layout(declared_contract_of(cfg.dataset))
     request = ConfigRecord({protocol.FEDGUARD_CONFIG_KEY: config_yaml, protocol.LINEAGE_KEY: lineage})
+    exchange = SecureAggregationExchange(cfg) if masks_statistics(cfg) else None
+    if exchange is not None:
+        session_id = exchange.new_session_id()
+        request[protocol.SECAGG_SESSION_KEY] = session_id
     nodes = sorted(grid.get_node_ids())
     messages = [
         Message(RecordDict({protocol.CONFIG_KEY: request}), dst_node_id=node, message_type=protocol.PREPROCESS_MESSAGE_TYPE)
@@ -97,14 +149,10 @@ def run_preprocessing(
         rejected = {id(r) for r in record_ledgers(0, answered)}
         failures.update({r.metadata.src_node_id: "its privacy ledger is not acceptable" for r in answered if id(r) in rejected})
         answered = [r for r in answered if id(r) not in rejected]
-    total = np.zeros(layout.length)
-    used = 0
-    for reply in answered:
-        try:
-            total += _sums_of(reply, layout.length)
-            used += 1
-        except (PreprocessingError, KeyError, TypeError, ValueError) as err:
-            failures[reply.metadata.src_node_id] = f"unusable statistics: {err}"
+    if exchange is None:
+        total, used = _clear_sum(answered, layout.length, failures)
+    else:
+        total, used = _masked_sum(exchange, grid, answered, session_id, cfg, layout, failures)
     for node, why in failures.items():
         logger.warning("preprocessing: node %d sent no statistics: %s", node, why)
     if used == 0:

@@ -152,6 +152,22 @@ class SecureAggregationExchange:
         server_round: int,
         session_id: bytes,
     ) -> tuple[Message, int]:
+        vector_length = 1 + self.extra + sum(int(np.prod(global_arrays[key].shape)) for key in global_arrays.keys())
+        total, count, survivors = self.masked_sum(grid, keyed, server_round, session_id, vector_length)
+        started = time.perf_counter()
+        content = self._aggregate_content(total, count, survivors, keyed, global_arrays)
+        logger.debug("round %d: secagg dequantization took %.3f s", server_round, time.perf_counter() - started)
+        # Shaped as the reply to one survivor's train message; strategies read only its content.
+        return Message(content, reply_to=instructions[min(survivors)]), count
+
+    def masked_sum(
+        self, grid: Grid, keyed: dict[int, Message], server_round: int, session_id: bytes, vector_length: int
+    ) -> tuple[np.ndarray, int, set[int]]:
+        """Stages 1-3 after the sites' adverts (``keyed``: node -> its stage-0 reply): the integer sum
+        of the survivors' held inputs of ``vector_length`` entries, how many were summed, and who.
+
+        The input is whatever each site holds for this session: a training update (train) or its
+        statistics vector (federated preprocessing, server/preprocessing.py)."""
         self.params.validate(max(len(keyed), 2))
         if len(keyed) < self.params.threshold:
             raise SecAggError(f"{len(keyed)} clients trained; threshold is {self.params.threshold}")
@@ -216,7 +232,7 @@ class SecureAggregationExchange:
             },
             self.stage_timeout,
             "mask",
-            1 + self.extra + sum(int(np.prod(global_arrays[key].shape)) for key in global_arrays.keys()),
+            vector_length,
             poll_interval=self.poll_interval,
         )
         rejected = _rejected_senders(mask_answers, inbox)
@@ -278,11 +294,8 @@ class SecureAggregationExchange:
         }
         started = time.perf_counter()
         total, count = session.aggregate(masked, set(shares), revealed, masked_with)
-        content = self._aggregate_content(total, count, survivors, keyed, global_arrays)
-        elapsed = time.perf_counter() - started
-        logger.debug("round %d: secagg unmasking and dequantization took %.3f s", server_round, elapsed)
-        # Shaped as the reply to one survivor's train message; strategies read only its content.
-        return Message(content, reply_to=instructions[min(survivors)]), count
+        logger.debug("round %d: secagg unmasking took %.3f s", server_round, time.perf_counter() - started)
+        return total, count, survivors
 
     def _aggregate_content(
         self,

@@ -3,6 +3,7 @@ one Context per site, so the server's preprocessing stage and the sites' answers
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ class LoopbackGrid:
             for node, config in sites.items()
         }
         self.sent: list[Message] = []
+        self._outbox: dict[str, list[Message]] = {}
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.sites)
@@ -30,8 +32,26 @@ class LoopbackGrid:
         for message in messages:
             message.metadata.__dict__["_src_node_id"] = 1
             self.sent.append(message)
-            replies.append(client_app(message, self.contexts[message.metadata.dst_node_id]))
+            reply = self.deliver(message)
+            if reply is not None:
+                replies.append(reply)
         return replies
+
+    def deliver(self, message: Message) -> Message | None:
+        """The site's answer (None: the site does not answer, as a dropped-out site)."""
+        return client_app(message, self.contexts[message.metadata.dst_node_id])
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """The SecAgg+ stages' path (server/secure_aggregation.py::send_and_collect): answered at once."""
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            ids.append(message.metadata.message_id)
+            self._outbox[message.metadata.message_id] = self.send_and_receive([message])
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [reply for i in list(message_ids) for reply in self._outbox.pop(i, [])]
 
 
 def wine_sites(root: Path, state: bool = True, budget: float | None = None) -> dict[int, dict]:

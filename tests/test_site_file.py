@@ -40,7 +40,7 @@ def test_a_site_with_its_own_files_needs_no_partition_count_and_lists_its_models
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("sever: x:1\n", "unknown setting 'sever'; allowed: ca, custom-model, data, data-root, device"),
+    ("sever: x:1\n", "unknown setting 'sever'; allowed: ca, contract, custom-model, data, data-root, device"),
     ("partition-id: first\n", "partition-id must be an integer"),
     ("device: gpu\n", "device must be one of auto, cpu, cuda"),
     ("ca: [a, b]\n", "ca must be a single value"),
