@@ -248,7 +248,9 @@ def test_a_resumed_server_cannot_get_a_sites_update_into_two_secagg_sums(tmp_pat
     context = Context(run_id=2, node_id=7, node_config={"partition-id": 0, "num-partitions": 5, "state-dir": str(tmp_path)},
                       state=RecordDict(), run_config={})
     second = client_app_module.app(train_message(cfg, server_round=4, arrays=message.content[protocol.ARRAYS_KEY]), context)
-    assert second.has_error() and "ResendRefused" in second.error.reason
+    # Refused by the site's on-disk SecAgg+ session record (clients/secagg_record.py), which now
+    # lives in the state dir and so outlasts the server's restart; before it, the DP resend cache did.
+    assert second.has_error() and "round 4 already entered a secure-aggregation session" in second.error.reason
     assert INPUT_STATE_KEY not in context.state  # nothing held for the new session to mask
     # and the site did not retrain (no second spend on its ledger)
     third = run_train(train_message(cfg, server_round=5, arrays=message.content[protocol.ARRAYS_KEY]), tmp_path)
