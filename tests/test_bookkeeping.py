@@ -99,6 +99,9 @@ def _layer_cases(batch: int):
     yield "linear-seq-materialized", _mse_case(nn.Linear(4, 3, bias=False), torch.randn(batch, 40, 4))
     yield "conv2d", _mse_case(nn.Conv2d(3, 4, 3, padding=1), torch.randn(batch, 3, 6, 6))
     yield "conv2d-strided", _mse_case(nn.Conv2d(2, 3, 2, stride=2, dilation=1, padding=1), torch.randn(batch, 2, 5, 7))
+    yield "conv2d-dilated", _mse_case(nn.Conv2d(2, 3, 3, dilation=2, padding=2), torch.randn(batch, 2, 7, 9))
+    yield "conv2d-rectangular", _mse_case(nn.Conv2d(2, 3, (2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+                                          torch.randn(batch, 2, 6, 8))
     yield "conv2d-ghost", _mse_case(nn.Conv2d(16, 16, 3, padding=0), torch.randn(batch, 16, 4, 4))
     yield "groupnorm", _mse_case(nn.GroupNorm(2, 4), torch.randn(batch, 4, 3, 3))
     yield "layernorm", _mse_case(nn.LayerNorm(6), torch.randn(batch, 5, 6))
