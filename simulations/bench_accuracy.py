@@ -104,7 +104,7 @@ def _final_row(epsilon: float | None, run: dict[str, Any]) -> dict[str, Any]:
     return {"target_epsilon": epsilon, "test_accuracy": run["last"]["test_accuracy"],
             "rounds": run["summary"]["rounds"], "wall_seconds": run["wall_seconds"],
             "clients_failed_last_round": run["last"].get("clients_failed", 0),
-            "client_failures": sorted(set(run["summary"].get("client_failures", {}).values()))[:3],
+            "client_failures": [f[:300] for f in sorted(set(run["summary"].get("client_failures", {}).values()))[:3]],
             "load_average_1min": run["load_average_1min"], **_privacy(run["summary"])}
 
 
