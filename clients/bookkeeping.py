@@ -103,9 +103,9 @@ def clipped_gradient_sum(
                 f"the output of {type(record.module).__name__} was modified in place (an inplace activation?): "
                 "book-keeping clipping needs the layer's own output gradient"
             )
-    for p in params:
-        p.grad = torch.zeros_like(p)  # a parameter no recorded layer reached gets a zero clipped sum
     if batch == 0 or not records:
+        for p in params:
+            p.grad = torch.zeros_like(p)
         return loss_per_sample.new_zeros(batch)
     output_grads = list(torch.autograd.grad(loss_per_sample.sum(), [r.output for r in records], allow_unused=True))
     # The graph is freed; drop the outputs too, and each output gradient once its layer has used it,
@@ -124,12 +124,14 @@ def clipped_gradient_sum(
         layers.append((module, layer))
     del inputs
     factors = clip_factors(squared, max_grad_norm)
-    wanted = {id(p) for p in params}
+    unset = {id(p): p for p in params}
     for module, layer in layers:
         own = trainable_params(module)
         for name, total in layer.clipped_sum(factors).items():
-            if id(own[name]) in wanted:
+            if unset.pop(id(own[name]), None) is not None:
                 own[name].grad = total.to(own[name].dtype)
+    for p in unset.values():  # no recorded layer reached it: a zero clipped sum, written once
+        p.grad = torch.zeros_like(p)
     return squared.sqrt()
 
 

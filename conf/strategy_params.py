@@ -10,6 +10,7 @@ from __future__ import annotations
 
 STRATEGY_PARAMS: dict[str, frozenset[str]] = {
     "fedavg": frozenset(),
+    "fedavgm": frozenset({"server_learning_rate", "server_momentum"}),
     "fedprox": frozenset({"proximal_mu"}),
     "fedadam": frozenset({"beta_1", "beta_2", "eta", "eta_l", "tau"}),
     "fedyogi": frozenset({"beta_1", "beta_2", "eta", "eta_l", "tau"}),

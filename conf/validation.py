@@ -54,6 +54,12 @@ def _validate_strategy(cfg: DictConfig) -> None:
                 f"strategy.params.{key} is not a parameter of {cfg.strategy.name}; "
                 f"allowed: {', '.join(sorted(accepted))}"
             )
+    if cfg.strategy.name == "fedavgm":  # server SGD: a positive step, momentum in [0, 1) or it diverges
+        params = cfg.strategy.params
+        if not float(params.get("server_learning_rate", 1.0)) > 0:
+            raise ConfigError(f"strategy.params.server_learning_rate={params.server_learning_rate} must be > 0")
+        if not 0 <= float(params.get("server_momentum", 0.0)) < 1:
+            raise ConfigError(f"strategy.params.server_momentum={params.server_momentum} must be in [0, 1)")
 
 
 def _check_against_schema(cfg: DictConfig) -> None:
@@ -138,7 +144,7 @@ def _validate_secure_agg(cfg: DictConfig) -> None:
     if cfg.strategy.name in NEEDS_INDIVIDUAL_UPDATES:
         raise ConfigError(
             f"strategy={cfg.strategy.name} needs each client's update, which secure_agg=secaggplus hides "
-            f"from the server; use fedavg, fedprox, fedadam, fedyogi or fedadagrad, or secure_agg=off"
+            f"from the server; use fedavg, fedavgm, fedprox, fedadam, fedyogi or fedadagrad, or secure_agg=off"
         )
     cohort = clients_per_round(cfg)
     in_range("secure_agg.neighbours", sa.neighbours, 2, None)

@@ -32,6 +32,13 @@ CANDIDATES: dict[str, dict[str, Any]] = {
                           "train.local_epochs": 1},
     "b512-lr2-c0.1-e1": {"train.batch_size": 512, "train.learning_rate": 2.0, "privacy.max_grad_norm": 0.1,
                          "train.local_epochs": 1},
+    # Three local epochs: 3x the clipped steps per round at the same epsilon (sigma rises to pay).
+    "b1024-lr4-c0.1-e3": {"train.batch_size": 1024, "train.learning_rate": 4.0, "privacy.max_grad_norm": 0.1,
+                          "train.local_epochs": 3},
+    # The same with server momentum (FedAvgM): post-processing of the mean update, free in privacy.
+    "b1024-lr4-c0.1-e3-m0.5": {"train.batch_size": 1024, "train.learning_rate": 4.0, "privacy.max_grad_norm": 0.1,
+                               "train.local_epochs": 3, "strategy": "fedavgm",
+                               "strategy.params.server_momentum": 0.5},
 }
 BASE = ["dataset=fashion_mnist", "simulation=small", "progress=false"]
 
@@ -93,15 +100,19 @@ def _tuning_score(name: str, run: dict[str, Any]) -> dict[str, Any]:
 
 
 def _final_row(epsilon: float | None, run: dict[str, Any]) -> dict[str, Any]:
+    # A site whose round failed (e.g. a worker killed for memory on a busy machine) is named, not hidden.
     return {"target_epsilon": epsilon, "test_accuracy": run["last"]["test_accuracy"],
             "rounds": run["summary"]["rounds"], "wall_seconds": run["wall_seconds"],
+            "clients_failed_last_round": run["last"].get("clients_failed", 0),
+            "client_failures": [f[:300] for f in sorted(set(run["summary"].get("client_failures", {}).values()))[:3]],
             "load_average_1min": run["load_average_1min"], **_privacy(run["summary"])}
 
 
 def _chosen(scores: dict[str, Any], epsilon: float) -> dict[str, Any]:
     best = max(scores, key=lambda name: scores[name]["validation_accuracy"])
     return {"epsilon": epsilon, "scored_on": "federated evaluation on the sites' validation splits "
-            "(10% of each site's rows, not trained on), last round; test accuracy not read",
+            "(10% of each site's rows, not trained on), last round (stopped runs: the last round all reached); "
+            "test accuracy not read",
             "candidates": scores, "chosen": best}
 
 
@@ -166,11 +177,31 @@ def _partial_row(epsilon: float | None, run_dir: Path) -> dict[str, Any]:
     return row
 
 
+def _validation_curve(run_dir: Path) -> list[float]:
+    return [json.loads(line)["federated_eval_accuracy"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _stopped_tuning(dirs: list[Path]) -> dict[str, Any]:
+    """Tuning runs stopped before their last round (to free a busy machine for the final runs):
+    each is scored at the last round *every* such candidate reached, so none gains from running
+    longer; the whole validation curve is kept. Test accuracy is not read."""
+    curves = {d.name.removeprefix("tune-"): _validation_curve(d) for d in dirs}
+    common = min(len(curve) for curve in curves.values())
+    return {name: {"settings": CANDIDATES.get(name), "incomplete": True, "rounds": len(curve),
+                   "scored_at_round": common, "validation_accuracy": curve[common - 1],
+                   "validation_accuracy_each_round": curve} for name, curve in curves.items()}
+
+
 def collect_runs(root: Path, tune_epsilon: float) -> dict[str, Any]:
     """The same figures from run directories made by the same commands run by hand (``tune-<candidate>``
     and ``eps-<epsilon>`` / ``eps-None`` under ``root``), e.g. two at a time on a busy machine."""
-    scores = {d.name.removeprefix("tune-"): _tuning_score(d.name.removeprefix("tune-"), read_run(d))
-              for d in sorted(root.glob("tune-*")) if d.is_dir() and (d / "summary.json").is_file()}
+    tuning_dirs = [d for d in sorted(root.glob("tune-*")) if d.is_dir() and (d / "metrics.jsonl").is_file()]
+    finished = [d for d in tuning_dirs if (d / "summary.json").is_file()]
+    if len(finished) < len(tuning_dirs):  # any stopped: compare all at the round they all reached
+        scores = _stopped_tuning(tuning_dirs)
+    else:
+        scores = {d.name.removeprefix("tune-"): _tuning_score(d.name.removeprefix("tune-"), read_run(d))
+                  for d in finished}
     rows = []
     for d in sorted(p for p in root.glob("eps-*") if p.is_dir()):
         label = d.name.removeprefix("eps-")

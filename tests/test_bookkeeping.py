@@ -99,6 +99,9 @@ def _layer_cases(batch: int):
     yield "linear-seq-materialized", _mse_case(nn.Linear(4, 3, bias=False), torch.randn(batch, 40, 4))
     yield "conv2d", _mse_case(nn.Conv2d(3, 4, 3, padding=1), torch.randn(batch, 3, 6, 6))
     yield "conv2d-strided", _mse_case(nn.Conv2d(2, 3, 2, stride=2, dilation=1, padding=1), torch.randn(batch, 2, 5, 7))
+    yield "conv2d-dilated", _mse_case(nn.Conv2d(2, 3, 3, dilation=2, padding=2), torch.randn(batch, 2, 7, 9))
+    yield "conv2d-rectangular", _mse_case(nn.Conv2d(2, 3, (2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+                                          torch.randn(batch, 2, 6, 8))
     yield "conv2d-ghost", _mse_case(nn.Conv2d(16, 16, 3, padding=0), torch.randn(batch, 16, 4, 4))
     yield "groupnorm", _mse_case(nn.GroupNorm(2, 4), torch.randn(batch, 4, 3, 3))
     yield "layernorm", _mse_case(nn.LayerNorm(6), torch.randn(batch, 5, 6))
@@ -310,3 +313,31 @@ def test_training_round_in_bookkeeping_mode_matches_hooks_without_noise():
     assert updates["hooks"].norm() > 0
     assert torch.allclose(updates["bookkeeping"], updates["hooks"], atol=1e-6, rtol=1e-4)
     assert torch.allclose(updates["split"], updates["hooks"], atol=1e-6, rtol=1e-4)
+
+
+def test_a_layer_the_forward_pass_skipped_gets_a_zero_sum_and_every_other_its_clipped_one():
+    """Every parameter handed in ends with a gradient: the clipped sum where a recorded layer
+    reached it, zero where none did (a branch this batch did not take), never a stale one."""
+    from fedguard.clients.bookkeeping import BookkeepingHooks
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.skipped = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model, x, y = Branchy(), torch.randn(5, 3), torch.randint(0, 2, (5,))
+    reference = copy.deepcopy(model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)  # stale gradients from an earlier step must not survive
+    hooks = BookkeepingHooks(model)
+    losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    clipped_gradient_sum(hooks, losses, list(model.parameters()), max_grad_norm=1e9)  # nothing clipped
+    nn.functional.cross_entropy(reference(x), y, reduction="sum").backward()
+    assert torch.equal(model.skipped.weight.grad, torch.zeros(2, 3))
+    assert torch.equal(model.skipped.bias.grad, torch.zeros(2))
+    assert torch.allclose(model.used.weight.grad, reference.used.weight.grad, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(model.used.bias.grad, reference.used.bias.grad, rtol=1e-5, atol=1e-7)

@@ -23,7 +23,7 @@ def test_every_group_choice_composes():
         ["dataset=fashion_mnist", "model=cnn", "strategy=fedadam", "partition=dirichlet", "simulation=small"],
         ["dataset=breast_cancer", "model=logreg", "strategy=krum", "partition=shards"],
         ["dataset=synthetic", "model=mlp", "strategy=fedtrimmedavg", "simulation=large"],
-        ["strategy=fedprox"], ["strategy=fedyogi"], ["strategy=fedadagrad"], ["strategy=fedmedian"],
+        ["strategy=fedprox"], ["strategy=fedavgm"], ["strategy=fedyogi"], ["strategy=fedadagrad"], ["strategy=fedmedian"],
         ["simulation=medium"],
     ):
         cfg = compose_config(overrides)
@@ -49,6 +49,9 @@ def test_config_round_trips_through_yaml():
         (["+strategy.params.learning_rate=0.1"], ["strategy.params.learning_rate", "allowed"]),
         (["+strategy.params.fraction_train=0.5"], ["strategy.params.fraction_train"]),
         (["train.learning_rate=0"], ["train.learning_rate"]),
+        (["strategy=fedavgm", "strategy.params.server_momentum=1.0"], ["strategy.params.server_momentum", "[0, 1)"]),
+        (["strategy=fedavgm", "strategy.params.server_learning_rate=0"],
+         ["strategy.params.server_learning_rate", "> 0"]),
         (["device=cpu", "simulation.client_resources.num_gpus=0.5"], ["num_gpus", "device=cpu"]),
         (["model.channels=[30,64]", "model=cnn"], ["model.channels", "group_norm_groups"]),
         (["secure_agg=secaggplus", "strategy=krum"], ["strategy=krum", "secure_agg=secaggplus"]),
@@ -114,3 +117,16 @@ def test_zero_group_norm_groups_is_a_config_error_not_a_crash():
     """Found by tests/test_fuzz_messages.py: a peer's config with group_norm_groups=0 divided by zero."""
     with pytest.raises(ConfigError, match="model.group_norm_groups"):
         compose_config(["model.group_norm_groups=0"])
+
+
+def test_fedavgm_builds_flowers_server_momentum_strategy():
+    """strategy=fedavgm hands its server step and momentum to Flower's FedAvgM, which the
+    DP presets use: it post-processes the mean update, so client-level DP and SecAgg+ allow it."""
+    from flwr.serverapp.strategy import FedAvgM
+
+    from fedguard.server.strategies import build_strategy
+
+    cfg = compose_config(["strategy=fedavgm", "strategy.params.server_momentum=0.5", "privacy=client_dp"])
+    strategy = build_strategy(cfg)
+    assert isinstance(strategy, FedAvgM)
+    assert (strategy.server_learning_rate, strategy.server_momentum) == (1.0, 0.5)

@@ -88,6 +88,7 @@ def test_the_dp_images_preset_picks_the_scattering_model_and_dp_sized_batches():
                           "privacy.target_epsilon=3"])
     assert cfg.model.name == "scatter_linear" and cfg.model.group_norm_groups == 27
     assert (cfg.train.batch_size, cfg.train.learning_rate, cfg.privacy.max_grad_norm) == (1024, 4.0, 0.1)
+    assert cfg.train.local_epochs == 3  # chosen on validation: more clipped steps at the same epsilon
     # a user's own choice still wins over the preset
     assert compose_config(["+preset=dp_images", "dataset=fashion_mnist", "train.batch_size=256"]).train.batch_size == 256
 
