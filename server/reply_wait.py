@@ -19,8 +19,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
+
+from fedguard.server.grid_wrapper import DelegatingGrid
 
 # Seconds between pulls for a round's replies when no config says otherwise (Flower's deployment
 # grid: 3 s; its simulation grid: 0.1 s).
@@ -49,7 +51,7 @@ def send_and_collect(grid: Grid, messages: Iterable[Message], timeout: float, po
     return replies
 
 
-class PromptGrid(Grid):
+class PromptGrid(DelegatingGrid):
     """A Grid whose ``send_and_receive`` is ``send_and_collect`` at a chosen interval.
 
     The ServerApp wraps its grid in this once, so the round loop, the strategies' exchanges and
@@ -59,29 +61,8 @@ class PromptGrid(Grid):
     def __init__(self, inner: Grid, poll_interval: float) -> None:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval}")
-        self._inner = inner
+        super().__init__(inner)
         self.poll_interval = poll_interval
-
-    def set_run(self, run) -> None:
-        self._inner.set_run(run)
-
-    @property
-    def run(self):
-        return self._inner.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         # Flower's grids treat timeout=None as "wait for every reply"; so does this one.
