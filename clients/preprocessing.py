@@ -36,6 +36,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from omegaconf import DictConfig
 
 from fedguard.clients.data_spend import DataSpend, strictest
+from fedguard.clients.exact_release import ExactReleaseRefused, claim_exact_release
 from fedguard.clients.own_files import own_split
 from fedguard.clients.local_data import ImageRecords, SiteRecords
 from fedguard.clients.secure_aggregation import check_session_request, enter_session, hold_encoded_input
@@ -206,6 +207,11 @@ def preprocessing_stage(msg: Message, context: Context) -> Message:
     if masked and sums[0] > float(cfg.secure_agg.max_weight):
         raise PreprocessingRefused(f"this site has more training rows than secure_agg.max_weight="
                                    f"{cfg.secure_agg.max_weight}, the bound its masked statistics are encoded for")
+    if masked and not trains_privately(cfg):  # exact sums: one masked release per set of files, whatever the run
+        try:
+            claim_exact_release(context, site.state_dir, split.fingerprint, lineage)
+        except ExactReleaseRefused as err:
+            raise PreprocessingRefused(str(err)) from None
     released, std = release_sums(cfg, site, lineage, sums, layout, split.fingerprint)
     record = ConfigRecord({
         protocol.PREPROCESS_NUMERIC_FIELD: layout.numeric,

@@ -182,3 +182,33 @@ def test_a_site_that_drops_out_is_left_out_of_the_sum_as_in_training(tmp_path, r
     assert "dropped out" in outcome.failures[dropped]
     expected = sum(released[sites[n]["partition-id"]][0] for n in sites if n != dropped)
     assert np.max(np.abs(decoded[0] - expected)) <= _quantisation_error(cfg, 3)
+
+
+def test_an_exact_release_cannot_be_replayed_under_another_run_name(tmp_path, recorded):
+    """The server's attack on statistics without DP (review, 2026-12-02): sum 1 over every site
+    under one lineage, sum 2 over all but the target under a lineage it makes up, and the target's
+    exact statistics are the difference. Each lineage is fresh to the session record, so before
+    clients/exact_release.py every site released again and this test read the target's vector."""
+    released, decoded = recorded
+    sites = wine_sites(tmp_path)
+    sites[103] = {**sites[101], "partition-id": 3, "state-dir": str(tmp_path / "state-3")}
+    sites = {node: {**config, **NO_COLLUDERS} for node, config in sites.items()}  # the attack needs no colluder
+    provision_rosters({f"site-{node}": config["state-dir"] for node, config in sites.items()})
+    everyone = _cfg("privacy=none", "simulation.num_clients=4", "secure_agg.neighbours=3")
+    first = run_preprocessing(RecordingGrid(sites), everyone, config_to_yaml(everyone), "lineage-one", timeout=60)
+    assert first.sites == 4 and not first.failures
+    target = 100
+    others = {node: config for node, config in sites.items() if node != target}
+    without_target = _cfg("privacy=none")  # three sites, k=2, t=2
+    grid = RecordingGrid(others)
+    try:
+        second = run_preprocessing(grid, without_target, config_to_yaml(without_target), "lineage-two", timeout=60)
+    except PreprocessingFailed:
+        for node in others:  # each site refused the request itself, before anything left it
+            (reply,) = grid.replies[node]
+            assert reply.has_error() and "already went into an exact (noise-free) masked statistics sum" in reply.error.reason
+    else:  # the old code: every other site released again, and the difference is the target's vector
+        target_vector, _ = released[sites[target]["partition-id"]]
+        difference = decoded[0] - decoded[1]
+        pytest.fail(f"the second sum went through ({second.sites} sites); sum 1 - sum 2 is within "
+                    f"{np.max(np.abs(difference - target_vector)):.2g} of the target's exact statistics")
