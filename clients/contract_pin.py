@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,15 +78,26 @@ def contract_from_file(path: Path) -> tuple[str, Contract]:
 
 
 def _write_pin(path: Path, kind: str, node: Any) -> None:
-    """Write the pin atomically, readable by this site's user only."""
+    """Write the pin, readable by this site's user only, unless one is already there.
+
+    The pin appears whole (written to a private temporary name, then hard-linked) and never
+    replaces an existing one: two tasks that both found no pin race here, and with a replace
+    each could pin, and then read the site's data under, its own contract. With a link the
+    first wins and every task reads back that one pin.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as out:
-        json.dump({"format": PIN_FORMAT, "kind": kind, "contract": node}, out, indent=2, sort_keys=True)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(partial, path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(8)}.partial")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+            json.dump({"format": PIN_FORMAT, "kind": kind, "contract": node}, out, indent=2, sort_keys=True)
+            out.flush()
+            os.fsync(out.fileno())
+        os.link(partial, path)
+    except FileExistsError:
+        logger.info("another task pinned this site's data contract first (%s)", path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _pinned_first_use(state_dir: Path, kind: str, node: Any) -> tuple[str, Contract, str]:

@@ -114,3 +114,19 @@ def test_fedguard_client_pins_on_first_use_by_default_with_own_files(tmp_path):
     assert _contract_setting(parse_client_args([*common, "--num-partitions", "3"])) is None  # built-in data: no contract
     pinned = _contract_setting(parse_client_args([*common, "--data", str(tmp_path), "--contract", "agreed.yaml"]))
     assert pinned == str(Path("agreed.yaml").resolve())
+
+
+def test_a_task_that_loses_the_first_use_race_cannot_pin_its_own_contract(base_cfg, tmp_path):
+    """Two tasks that both found no pin (the server sent them at once, with different contracts)
+    both reach the write. Before, the later write replaced the earlier pin, so each task could pin
+    and then read the site's data under its own contract: one "first use" became many probes."""
+    from fedguard.clients.contract_pin import _pinned_first_use, _write_pin  # noqa: PLC0415
+
+    state = tmp_path / "state"
+    first = OmegaConf.to_container(base_cfg.dataset.contract)
+    other = OmegaConf.to_container(_without_class(base_cfg, base_cfg.dataset.contract.classes[0]).dataset.contract)
+    _, pinned, _ = _pinned_first_use(state, "tabular", first)
+    _write_pin(state / PIN_FILE, "tabular", other)  # the racing task's write, after its own check found no pin
+    _, read_back, _ = _pinned_first_use(state, "tabular", other)
+    assert read_back == pinned
+    assert [p.name for p in state.iterdir()] == [PIN_FILE]  # no temporary file left behind
