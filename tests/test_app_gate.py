@@ -146,3 +146,10 @@ def test_a_verified_fab_is_installed_once_and_any_other_copy_is_replaced(tmp_pat
     (directory / "smallapp" / "planted.py").write_bytes(b"app = 1\n")  # a file the FAB lacks
     assert not verified_clientapp.installed_copy_matches(fab, directory)
     assert install() is True and len(installs) == 4
+    # A link with the right bytes behind it: its target could change after the comparison.
+    outside = tmp_path / "outside.py"
+    outside.write_bytes((directory / "smallapp" / "client.py").read_bytes())
+    (directory / "smallapp" / "client.py").unlink()
+    (directory / "smallapp" / "client.py").symlink_to(outside)
+    assert not verified_clientapp.installed_copy_matches(fab, directory)
+    assert install() is True and not (directory / "smallapp" / "client.py").is_symlink()

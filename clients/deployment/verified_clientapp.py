@@ -104,8 +104,12 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, F
 
 
 def installed_copy_matches(fab_content: bytes, directory: Path) -> bool:
-    """True when ``directory`` holds exactly the FAB's files, byte for byte (and nothing else)."""
-    if not directory.is_dir():
+    """True when ``directory`` holds exactly the FAB's files, byte for byte (and nothing else),
+    as plain files: a symbolic link anywhere in the copy (planted by a local user who can write
+    Flower's home) fails the match, since its target could change after the comparison."""
+    if directory.is_symlink() or not directory.is_dir():
+        return False
+    if any(path.is_symlink() for path in directory.rglob("*")):
         return False
     with zipfile.ZipFile(io.BytesIO(fab_content)) as archive:
         members = {name: archive.read(name) for name in archive.namelist()
