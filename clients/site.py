@@ -38,6 +38,8 @@ STATE_DIR_KEY = "state-dir"
 EPHEMERAL_PRIVACY_KEY = "ephemeral-privacy-state"
 # The site's privacy floor (clients/site_floor.py), named here so every key of the schema is in one list.
 FLOOR_KEYS = ("min-noise-multiplier", "max-epsilon", "min-client-noise-multiplier", "max-client-epsilon")
+# true: this site answers train and preprocessing requests only under SecAgg+ (clients/site_floor.py).
+REQUIRE_SECURE_AGG_KEY = "require-secure-agg"
 # The site's own limits on secure aggregation (privacy/secagg/policy.py): the server's
 # config cannot lower them. Defaults: threshold >= 2, no cap on neighbours; colluders
 # ceil(secagg-collusion-fraction x the sites on the site's own roster) and a minimum cohort
@@ -58,7 +60,7 @@ SECAGG_POLICY_KEYS = (SECAGG_MIN_THRESHOLD_KEY, SECAGG_MAX_NEIGHBOURS_KEY, SECAG
 # every site call any importable function with arguments of its choosing.
 CUSTOM_MODELS_KEY = "custom-models"
 KNOWN_KEYS = (PARTITION_ID_KEY, NUM_PARTITIONS_KEY, DATA_KEY, CONTRACT_KEY, DATA_ROOT_KEY, CUSTOM_MODELS_KEY, DEVICE_KEY, EPSILON_BUDGET_KEY, STATE_DIR_KEY,
-              EPHEMERAL_PRIVACY_KEY, *FLOOR_KEYS, *SECAGG_POLICY_KEYS)
+              EPHEMERAL_PRIVACY_KEY, *FLOOR_KEYS, REQUIRE_SECURE_AGG_KEY, *SECAGG_POLICY_KEYS)
 
 
 class SiteConfigError(ValueError):

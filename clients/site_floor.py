@@ -5,6 +5,11 @@ federation should not have to trust every submitter too. In its node config (the
 in simulation and on real sites) it may pin, per mechanism, a minimum noise multiplier and a
 maximum epsilon; a run whose config falls below any of them is refused before training, with
 a log line naming the run key and the site key.
+
+It may also require secure aggregation (``require-secure-agg: true``). Whether a site's update
+or statistics travel masked is otherwise the run config's choice, so a server could switch
+SecAgg+ off and read each site's vector; a site with this key set refuses such a run before it
+reads anything.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ MAX_EPSILON_KEY = "max-epsilon"  # sample level
 MIN_CLIENT_NOISE_KEY = "min-client-noise-multiplier"  # client level (DP-FedAvg)
 MAX_CLIENT_EPSILON_KEY = "max-client-epsilon"  # client level
 FLOOR_KEYS = (MIN_NOISE_KEY, MAX_EPSILON_KEY, MIN_CLIENT_NOISE_KEY, MAX_CLIENT_EPSILON_KEY)  # == site.FLOOR_KEYS
+REQUIRE_SECURE_AGG_KEY = "require-secure-agg"  # == site.REQUIRE_SECURE_AGG_KEY
 
 
 class BelowSiteFloor(MalformedMessage):
@@ -41,6 +47,7 @@ class SiteFloor:
     max_epsilon: float | None = None
     min_client_noise_multiplier: float | None = None
     max_client_epsilon: float | None = None
+    require_secure_agg: bool = False
 
 
 def read_site_floor(node_config: dict[str, Any]) -> SiteFloor:
@@ -50,7 +57,10 @@ def read_site_floor(node_config: dict[str, Any]) -> SiteFloor:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
             raise BelowSiteFloor(f"node config '{key}'={value!r} must be a number >= 0")
         values[key.replace("-", "_")] = None if value is None else float(value)
-    return SiteFloor(**values)
+    required = node_config.get(REQUIRE_SECURE_AGG_KEY, False)
+    if not isinstance(required, bool):
+        raise BelowSiteFloor(f"node config '{REQUIRE_SECURE_AGG_KEY}'={required!r} must be true or false")
+    return SiteFloor(**values, require_secure_agg=required)
 
 
 def _refuse(run_key: str, run_value: float | None, site_key: str, site_value: float, what: str) -> None:
@@ -63,6 +73,11 @@ def _refuse(run_key: str, run_value: float | None, site_key: str, site_value: fl
 def check_site_floor(cfg: DictConfig, floor: SiteFloor) -> None:
     """Raise BelowSiteFloor (after logging the key) where the run is weaker than the site's floor."""
     dp = cfg.privacy
+    if floor.require_secure_agg and str(cfg.secure_agg.mode) != "secaggplus":
+        message = (f"this site refuses the run: secure_agg.mode={cfg.secure_agg.mode} sends its vector unmasked, "
+                   f"and its node config sets {REQUIRE_SECURE_AGG_KEY}=true")
+        logger.warning(message)
+        raise BelowSiteFloor(message)
     pinned = [(key, value) for key, value in zip(FLOOR_KEYS, (floor.min_noise_multiplier, floor.max_epsilon,
                                                              floor.min_client_noise_multiplier,
                                                              floor.max_client_epsilon), strict=True)

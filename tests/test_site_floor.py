@@ -69,3 +69,35 @@ def test_the_client_app_refuses_before_training():
     context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
     reply = client_app(train_message(cfg, server_round=1), context)
     assert reply.has_error() and "max-epsilon" in reply.error.reason and "privacy.target_epsilon" in reply.error.reason
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_a_run_without_it():
+    """The server's move: switch SecAgg+ off in the run config, and each site's update (or, in
+    preprocessing, its statistics) comes back in the clear. A site that sets require-secure-agg
+    refuses before anything is read; before the key existed it had no way to, and answered."""
+    assert "require-secure-agg" in KNOWN_KEYS
+    floor = read_site_floor({"require-secure-agg": True})
+    check_site_floor(compose_config(["secure_agg=secaggplus"]), floor)
+    with pytest.raises(BelowSiteFloor, match="secure_agg.mode=off"):
+        check_site_floor(compose_config(["secure_agg=off"]), floor)
+    check_site_floor(compose_config(["secure_agg=off"]), read_site_floor({}))  # not required: the run decides
+    with pytest.raises(BelowSiteFloor, match="true or false"):
+        read_site_floor({"require-secure-agg": "yes"})
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_the_preprocessing_request_without_secure_aggregation_is_refused_where_required(tmp_path):
+    from flwr.app import ConfigRecord, Message  # noqa: PLC0415
+
+    from fedguard.clients.wire import protocol  # noqa: PLC0415
+    from fedguard.conf.run_config import config_to_yaml  # noqa: PLC0415
+    from tests.preprocessing_support import LoopbackGrid, wine_sites  # noqa: PLC0415
+
+    cfg = compose_config(["dataset=tabular", "model=mlp", "dataset.preprocessing=federated", "simulation.num_clients=3"])
+    node, config = next(iter(wine_sites(tmp_path, state=False).items()))
+    grid = LoopbackGrid({node: {**config, "require-secure-agg": True}})
+    request = ConfigRecord({protocol.FEDGUARD_CONFIG_KEY: config_to_yaml(cfg), protocol.LINEAGE_KEY: "lineage-clear"})
+    (reply,) = grid.send_and_receive([Message(RecordDict({protocol.CONFIG_KEY: request}), dst_node_id=node,
+                                              message_type=protocol.PREPROCESS_MESSAGE_TYPE)])
+    assert reply.has_error() and "require-secure-agg" in reply.error.reason
+    assert not reply.has_content()  # no statistics, in any form
