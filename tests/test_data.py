@@ -143,3 +143,25 @@ def test_local_validation_split():
     assert not set(split.validation_indices) & set(split.train_indices)
     single = split_train_validation(np.array([4]), 0.1, seed=0)
     assert list(single.train_indices) == [4] and len(single.validation_indices) == 0
+
+
+@pytest.mark.parametrize("overrides", [["partition=iid"], ["partition=shards", "partition.shards_per_client=2"],
+                                       ["partition=dirichlet", "partition.alpha=0.5", "partition.min_partition_size=0"]])
+def test_arrow_table_gives_the_same_partitions(overrides):
+    """clients/partition.py hands flwr-datasets an Arrow-format table (fast column reads); the rows of
+    each partition must be those the partitioner cuts from a plain table, the format it documents."""
+    from datasets import Dataset
+
+    from fedguard.clients import partition as module
+
+    cfg = compose_config(overrides)
+    labels, seed, clients = _labels(3000), 5, 12
+    order = np.random.default_rng(seed).permutation(len(labels))
+    plain = module._build_partitioner(cfg.partition.name, clients, float(cfg.partition.alpha),
+                                      int(cfg.partition.min_partition_size), int(cfg.partition.shards_per_client), seed)
+    plain.dataset = Dataset.from_dict({"label": labels[order], "row": order})
+    expected = [np.asarray(plain.load_partition(i)["row"], dtype=np.int64) for i in range(clients)]
+    actual = partition_indices(labels, cfg.partition, clients, seed=seed)
+    assert len(actual) == clients
+    for mine, theirs in zip(actual, expected, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
