@@ -130,3 +130,50 @@ def test_fedavgm_builds_flowers_server_momentum_strategy():
     strategy = build_strategy(cfg)
     assert isinstance(strategy, FedAvgM)
     assert (strategy.server_learning_rate, strategy.server_momentum) == (1.0, 0.5)
+
+
+def _hydra_in_one_call(overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    from fedguard.conf import CONFIG_MODULE, CONFIG_NAME
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose(config_name=CONFIG_NAME, overrides=overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["privacy=sample_dp", "privacy.noise_multiplier=1.3", "train.learning_rate=0.2"],
+    ["train.learning_rate=0.2", "privacy=sample_dp", "+preset=dp_images", "privacy.target_epsilon=1"],
+    ["model=custom", "model.target=pkg.mod:make", "+model.kwargs.width=24", "dataset=digits"],
+    ["secure_agg=secaggplus", "secure_agg.threshold=2", "simulation.num_clients=5", "simulation.num_clients=6"],
+    ["++train.learning_rate=0.5", "strategy=fedprox", "++simulation.num_clients=7"],
+    ["~privacy", "train.learning_rate=0.2"],  # a group deletion: Hydra composes it whole
+])
+def test_cached_group_composition_is_hydras_composition(overrides):
+    """conf/__init__.py composes the group choices once and applies value overrides with Hydra's
+    own step: the tree (and its struct flag) must be the one a single Hydra compose builds."""
+    from omegaconf import OmegaConf
+
+    from fedguard.conf import _hydra_composition
+
+    cached, whole = _hydra_composition(tuple(overrides)), _hydra_in_one_call(overrides)
+    assert OmegaConf.to_container(cached) == OmegaConf.to_container(whole)
+    assert OmegaConf.is_struct(cached) == OmegaConf.is_struct(whole)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["privacy=sample_dp", "privacy.noise_multiplier=loud"],
+    ["train.no_such_key=1"],
+    ["privacy=no_such_choice", "train.learning_rate=0.2"],
+    ["train.learning_rate=0.1,0.2"],
+    ["~train.momentum", "strategy=fedprox"],
+    ["model=custom", "model.kwargs={width: 8}"],
+])
+def test_cached_group_composition_fails_as_hydra_fails(overrides):
+    from fedguard.conf import _hydra_composition
+
+    with pytest.raises(Exception) as whole:
+        _hydra_in_one_call(overrides)
+    with pytest.raises(type(whole.value)) as cached:
+        _hydra_composition(tuple(overrides))
+    assert str(cached.value) == str(whole.value)
