@@ -60,6 +60,12 @@ def _unreadable(root):
     return root
 
 
+def _npz_label(root):
+    root.mkdir()
+    np.savez(root / "scans.npz", images=np.zeros((6, 8, 8), dtype=np.uint8), labels=np.array([0, 1, 0, 1, 7, 0]))
+    return root / "scans.npz"
+
+
 def _empty(root):
     (root / "cat").mkdir(parents=True)
     (root / "dog").mkdir()
@@ -94,6 +100,8 @@ CASES = {
     "label-outside-classes": ("images", lambda d: _folder(d, classes=("cat", "horse")),
                               "horse: folder is not a class of the contract",
                               "site-data: a class folder is not a class of the contract", ("horse",)),
+    "label-outside-classes-npz": ("images", _npz_label, "scans.npz image 5: label outside the contract's classes",
+                                  "a label is outside the contract's classes", ("image 5", "scans.npz image")),
 }
 
 
