@@ -7,8 +7,9 @@ per class (Pillow), an ``.npz`` with ``images`` and ``labels``, or a ``datasets`
 
 Every refusal is a :class:`LocalDataError` naming the file, the column or the row. The server
 hears it as the site's reason for sitting the run out, without the row, the image file or a count
-of bad records (``LocalDataError.public``): those single out records. The site's log keeps all of it,
-and no message ever quotes a cell's value.
+of bad records (``LocalDataError.public``): those single out records. Nor does it hear where the
+files lie (a file's name only) or what the site holds beyond the contract (its other columns, a
+class folder's name). The site's log keeps all of it, and no message ever quotes a cell's value.
 """
 
 from __future__ import annotations
@@ -184,9 +185,10 @@ def table_records(path: Path, contract: TabularContract) -> TableRecords:
     frame = read_table(path)
     if missing := [c for c in contract.columns if c not in frame.columns]:
         raise LocalDataError(f"{path}: column {missing[0]!r} is missing ({len(missing)} contract column(s) missing; "
-                             f"the file has {', '.join(map(str, frame.columns[:20]))})")
+                             f"the file has {', '.join(map(str, frame.columns[:20]))})",
+                             public=f"{Path(path).name}: column {missing[0]!r} is missing")
     if len(frame) == 0:
-        raise LocalDataError(f"{path}: holds no rows")
+        raise LocalDataError(f"{path}: holds no rows", public=f"{Path(path).name}: holds no rows")
     numeric, codes = [], []
     for feature in contract.features:
         if feature.kind == "numeric":
@@ -252,10 +254,13 @@ def _folder_images(root: Path, contract: ImageContract) -> tuple[list[np.ndarray
 
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
-        raise LocalDataError(f"{root}: holds no class sub-folders (one per class: {', '.join(contract.classes)})")
+        raise LocalDataError(f"{root}: holds no class sub-folders (one per class: {', '.join(contract.classes)})",
+                             public=f"{root.name}: holds no class sub-folders")
     if unknown := [p.name for p in class_dirs if p.name not in contract.classes]:
+        # Which class the site holds beyond the contract is data about its records: log only.
         raise LocalDataError(f"{root / unknown[0]}: folder is not a class of the contract "
-                             f"(allowed: {', '.join(contract.classes)})")
+                             f"(allowed: {', '.join(contract.classes)})",
+                             public=f"{root.name}: a class folder is not a class of the contract")
     images, labels = [], []
     for folder in class_dirs:
         for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
@@ -267,7 +272,8 @@ def _folder_images(root: Path, contract: ImageContract) -> tuple[list[np.ndarray
                                      public=f"an image in class folder {folder.name!r} is unreadable") from None
             labels.append(contract.classes.index(folder.name))
     if not images:
-        raise LocalDataError(f"{root}: its class folders hold no images")
+        raise LocalDataError(f"{root}: its class folders hold no images",
+                             public=f"{root.name}: its class folders hold no images")
     return images, labels
 
 

@@ -66,6 +66,10 @@ class DatasetConfig:
     # Written by the server after federated preprocessing (never by hand): the federation's
     # means/stds (and category frequencies) every site then preprocesses with; saved with the model.
     statistics: dict[str, Any] | None = None
+    # dataset=tabular / images: a labelled file (or folder) the server itself holds, read under the
+    # contract, to score every round centrally (server/server_test.py); optional, None: the round's
+    # quality comes from federated evaluation only. A path on the server, never a site's file.
+    server_test: str | None = None
 
 
 @dataclass

@@ -265,6 +265,9 @@ def _validate_contract_and_custom_model(cfg: DictConfig) -> None:
         check_preprocessing(cfg)
     elif cfg.dataset.contract is not None:
         raise ConfigError(f"dataset.contract is read only by dataset=tabular or dataset=images, not {cfg.dataset.name}")
+    elif cfg.dataset.get("server_test") is not None:
+        raise ConfigError(f"dataset.server_test is read only by dataset=tabular or dataset=images (the built-in "
+                          f"dataset={cfg.dataset.name} brings its own test split)")
     fraction = cfg.simulation.get("site_collusion_fraction")
     if fraction is not None and not 0 <= float(fraction) < 1:
         raise ConfigError(f"simulation.site_collusion_fraction={fraction} must be in [0, 1) (or null: the sites' "

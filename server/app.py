@@ -34,6 +34,8 @@ from fedguard.server.layers import build_layers
 from fedguard.server.preprocessing import STATISTICS_FILE, run_preprocessing
 from fedguard.server.reply_wait import PromptGrid
 from fedguard.server.run_record import RoundRecord, RunRecorder
+from fedguard.server.server_test import describe as describe_server_test
+from fedguard.server.server_test import read_server_test, server_test_examples
 from fedguard.server.run_state import (
     ResumePoint,
     RunState,
@@ -104,9 +106,11 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         random.setstate(run_state.sampler_rng)
     torch.manual_seed(cfg.seed)
     config_yaml = config_to_yaml(cfg)
-    # Sites' own files (a data contract): the server holds no test set; quality comes from
-    # federated evaluation on the sites' held-out splits, where the privacy mode allows it.
+    # Sites' own files (a data contract): the server holds no test set unless it names its own
+    # file (dataset.server_test, checked here, before any site spends); otherwise quality comes
+    # from federated evaluation on the sites' held-out splits, where the privacy mode allows it.
     bundle = None if cfg.dataset.name in CONTRACT_DATASETS else load_dataset(cfg.dataset, cfg.seed)
+    server_test = read_server_test(cfg.dataset) if bundle is None else None
     input_shape, num_classes = expected_layout(cfg.dataset)
     model = build_model(cfg.model, input_shape, num_classes, private=trains_privately(cfg))
     if resume:
@@ -119,10 +123,12 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     layers = build_layers(cfg, strategy, run_state, run_dir, config_yaml, resumed_after)
 
     def central_evaluation(_server_round: int, arrays: ArrayRecord) -> tuple[float, float]:
-        if bundle is None:
+        if bundle is None and server_test is None:
             return float("nan"), float("nan")
+        test_x, test_y = (bundle.test_x, bundle.test_y) if bundle is not None else server_test_examples(
+            server_test, cfg.dataset)
         model.load_state_dict(arrays.to_torch_state_dict())
-        outcome = evaluate_model(model, bundle.test_x, bundle.test_y, cfg.evaluate.batch_size, device)
+        outcome = evaluate_model(model, test_x, test_y, cfg.evaluate.batch_size, device)
         return outcome.loss, outcome.accuracy
 
     recorder = RunRecorder(run_dir, config_yaml, cfg.simulation.rounds, show_progress=cfg.progress)
@@ -187,8 +193,8 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "resumed_after_round": resumed_after,
             "clients_no_longer_sampled": {str(node): why for node, why in result.excluded_clients.items()},
             "client_failures": {str(node): why for node, why in result.client_failures.items()},
-            "central_evaluation": "none: the server holds no test data (dataset.contract); see federated_eval_*"
-            if bundle is None else f"the test split of {cfg.dataset.name}",
+            "central_evaluation": describe_server_test(cfg.dataset) if bundle is None
+            else f"the test split of {cfg.dataset.name}",
             **_run_facts(cfg),
             "model_parameters": count_parameters(model),
             "device": str(device),

@@ -14,10 +14,9 @@ import sys
 import pandas as pd
 import pytest
 
-from deployment_support import finish
+from deployment_support import finish, own_files_federation
 
 from fedguard.simulations.example_sites import CSV_NAME, write_sites
-from fedguard.simulations.local_federation import Federation
 
 pytestmark = pytest.mark.deployment
 
@@ -28,22 +27,8 @@ SITES = 3
 def csv_federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("own-files-federation")
     data = write_sites(root / "data")
-    fed = Federation(root / "fed")
-    fed.root.mkdir()
-    try:
-        fed.make_certs()
-        fed.make_publisher()
-        fed.start_server()
-        for site in range(SITES):
-            key = fed.make_site_keys(site)
-            registered = fed.register(key.with_suffix(".pub"))
-            assert registered.returncode == 0, registered.stderr
-        for site in range(SITES):
-            fed.start_client(site, SITES, "--data", str(data[site]))
-        fed.wait_for_nodes(SITES)
+    with own_files_federation(root / "fed", data) as fed:
         yield fed, data
-    finally:
-        fed.close()
 
 
 def test_three_csv_sites_preprocess_together_then_train_with_dp_and_secagg(csv_federation):
