@@ -57,6 +57,22 @@ def test_no_timeout_waits_for_every_reply_and_a_timeout_gives_up(monkeypatch):
     assert silent.pulls == 4  # gave up once the timeout passed
 
 
+def test_each_wave_leaves_a_timing_line_on_the_run_log(monkeypatch, caplog):
+    """The line `fedguard bench deployment --keep` lays beside the sites' task timings: how long the
+    push took, and when (seconds after the wave started) each reply arrived."""
+    import json
+    import logging
+
+    monkeypatch.setattr(reply_wait.time, "sleep", lambda seconds: None)
+    with caplog.at_level(logging.INFO, logger="flwr"):  # a deployed ServerApp's log carries Flower's logger's lines
+        send_and_collect(_LateGrid(answer_on_pull=3), [object(), object()], timeout=30.0, poll_interval=0.01)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(reply_wait.WAVE_TIMING_PREFIX)]
+    assert len(lines) == 1
+    wave = json.loads(lines[0][len(reply_wait.WAVE_TIMING_PREFIX):])
+    assert wave["sent"] == 2 and wave["pulls"] == 3 and len(wave["replies_at_s"]) == 2
+    assert wave["push_s"] >= 0 and all(seconds >= wave["push_s"] for seconds in wave["replies_at_s"])
+
+
 @pytest.mark.parametrize("interval", [0.0, -1.0])
 def test_a_non_positive_interval_is_refused(interval):
     with pytest.raises(ValueError, match="poll_interval"):
