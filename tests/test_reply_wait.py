@@ -119,3 +119,42 @@ def test_the_server_app_hands_the_round_loop_and_preprocessing_a_prompt_grid(mon
         app.run_server(inner, cfg, tmp_path / "run")
     assert isinstance(seen["grid"], PromptGrid) and seen["grid"].poll_interval == pytest.approx(0.02)
     assert seen["grid"].get_node_ids() == [1, 2]
+
+
+def test_the_superexec_poll_fedguard_server_sets_is_flowers_own_setting(monkeypatch):
+    """`fedguard server` shortens the SuperExec's 1 s poll for a run's ServerApp through Flower's
+    environment variable; this fails if Flower renames it or refuses the value."""
+    from flwr.supercore.superexec import run_superexec
+
+    from fedguard.server.launch import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS
+
+    assert run_superexec._TASK_POLL_INTERVAL_ENV == SUPEREXEC_POLL_ENV
+    monkeypatch.setenv(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
+    assert run_superexec._get_task_poll_interval() == pytest.approx(float(SUPEREXEC_POLL_SECONDS))
+    assert float(SUPEREXEC_POLL_SECONDS) < run_superexec._DEFAULT_TASK_POLL_INTERVAL_SECONDS
+
+
+@pytest.mark.simulation  # imports the ServerApp (torch, Opacus, the strategies): 12.5 s under load 12
+def test_only_a_deployed_server_app_shortens_its_object_pulls(monkeypatch, tmp_path):
+    """run_server gives Flower's deployment grid the short retry for replies' objects
+    (clients/deployment/supernode_poll.py) before anything waits, and leaves other grids alone."""
+    from flwr.superlink.grid import HttpGrid
+
+    from fedguard.clients.deployment.supernode_poll import SERVERAPP_PULL_MODULE
+    from fedguard.server import app
+
+    class Reached(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Reached
+
+    installed: list[str] = []
+    monkeypatch.setattr(app, "install_short_object_pull", installed.append)
+    monkeypatch.setattr(app, "PromptGrid", stop)  # the line after the install: nothing else runs
+    cfg = compose_config([])
+    for grid, expected in ((_LateGrid(1), []), (HttpGrid.__new__(HttpGrid), [SERVERAPP_PULL_MODULE])):
+        installed.clear()
+        with pytest.raises(Reached):
+            app.run_server(grid, cfg, tmp_path / "run")
+        assert installed == expected
