@@ -49,12 +49,6 @@ SUPERLINK_DB = "superlink.db"
 CONNECTION_NAME = "fedguard"
 PROXY_NAME = "proxy (nginx)"
 FLOWER_CONFIG_FILE = "config.toml"
-# The SuperLink starts Flower's SuperExec, which polls for a submitted run's ServerApp task every
-# second by default (flwr/supercore/superexec/run_superexec.py, a documented Flower setting, 0.01-60):
-# up to a second between `fedguard run` and its ServerApp starting. Its polls are loopback requests
-# to the SuperLink's runtime API, a few a second at this interval.
-SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-SUPEREXEC_POLL_SECONDS = "0.2"
 
 
 def superlink_command(certs_dir: Path, listen: str, state_dir: Path) -> list[str]:
@@ -113,7 +107,6 @@ def server_main(argv: list[str]) -> int:
     # Flower keeps installed app bundles under FLWR_HOME; ServerApp processes inherit the working
     # directory, so run directories land in the state dir too.
     os.environ["FLWR_HOME"] = str(state_dir / "flwr")
-    os.environ.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)  # an operator's own value wins
     # The server's ledger signing key (server/privacy_ledger.py) stays in the state dir too.
     os.environ[FEDGUARD_HOME_ENV] = str(state_dir)
     os.chdir(state_dir)

@@ -121,19 +121,6 @@ def test_the_server_app_hands_the_round_loop_and_preprocessing_a_prompt_grid(mon
     assert seen["grid"].get_node_ids() == [1, 2]
 
 
-def test_the_superexec_poll_fedguard_server_sets_is_flowers_own_setting(monkeypatch):
-    """`fedguard server` shortens the SuperExec's 1 s poll for a run's ServerApp through Flower's
-    environment variable; this fails if Flower renames it or refuses the value."""
-    from flwr.supercore.superexec import run_superexec
-
-    from fedguard.server.launch import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS
-
-    assert run_superexec._TASK_POLL_INTERVAL_ENV == SUPEREXEC_POLL_ENV
-    monkeypatch.setenv(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
-    assert run_superexec._get_task_poll_interval() == pytest.approx(float(SUPEREXEC_POLL_SECONDS))
-    assert float(SUPEREXEC_POLL_SECONDS) < run_superexec._DEFAULT_TASK_POLL_INTERVAL_SECONDS
-
-
 @pytest.mark.simulation  # imports the ServerApp (torch, Opacus, the strategies): 12.5 s under load 12
 def test_only_a_deployed_server_app_shortens_its_object_pulls(monkeypatch, tmp_path):
     """run_server gives Flower's deployment grid the short retry for replies' objects
