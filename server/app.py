@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import HttpGrid
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedguard.clients.wire import protocol
@@ -33,6 +34,7 @@ from fedguard.server.launch import RUNS_DIR
 from fedguard.server.layers import build_layers
 from fedguard.server.preprocessing import STATISTICS_FILE, run_preprocessing
 from fedguard.server.reply_wait import PromptGrid
+from fedguard.clients.deployment.supernode_poll import SERVERAPP_PULL_MODULE, install_short_object_pull
 from fedguard.server.run_record import RoundRecord, RunRecorder
 from fedguard.server.server_test import describe as describe_server_test
 from fedguard.server.server_test import read_server_test, server_test_examples
@@ -98,6 +100,8 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Everything the ServerApp does, callable without a Flower Context (tests, benchmarks)."""
     # Every wait for replies (preprocessing, training, evaluation) at the config's interval, not
     # the grid's own fixed sleep (3 s in Flower's deployment grid; server/reply_wait.py).
+    if isinstance(grid, HttpGrid):  # a deployed run: replies' objects retried after 50 ms, not 1 s (supernode_poll.py)
+        install_short_object_pull(SERVERAPP_PULL_MODULE)
     grid = PromptGrid(grid, float(cfg.simulation.reply_poll_interval))
     resume = load_resume_point(cfg, run_dir)
     run_state = resume.run_state if resume else RunState(lineage=new_lineage_id())

@@ -133,7 +133,10 @@ http {{
     default_type application/octet-stream;
     server_tokens off;
 
-    log_format fedguard '$time_iso8601 $remote_addr "$request" $status $body_bytes_sent upstream=$upstream_addr $request_time';
+    # $msec (epoch, ms) and the upstream's own time let a kept run's log be laid beside the other
+    # parts' timestamps (`fedguard bench deployment --keep`); $connection_requests > 1 is a reused connection.
+    log_format fedguard '$time_iso8601 $remote_addr:$remote_port "$request" $status $body_bytes_sent upstream=$upstream_addr $request_time '
+                        'msec=$msec in=$request_length upstream_s=$upstream_response_time conn_req=$connection_requests';
     access_log {state}/access.log fedguard;
 
     # Per site address (a site behind NAT shares its address with its neighbours).

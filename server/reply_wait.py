@@ -16,13 +16,21 @@ requests a second of that process's CPU, which the validation range (conf/valida
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
+from logging import INFO
 
 from flwr.app import Message
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedguard.server.grid_wrapper import DelegatingGrid
+
+# One line per wave of messages on the run's log, beside the sites' task timing lines
+# (`fedguard bench deployment --keep`): when the wave was pushed, when its replies arrived. Through
+# Flower's logger: a deployed ServerApp's log (`flwr log`) carries its INFO lines, not fedguard's.
+WAVE_TIMING_PREFIX = "fedguard wave timing"
 
 # Seconds between pulls for a round's replies when no config says otherwise (Flower's deployment
 # grid: 3 s; its simulation grid: 0.1 s).
@@ -37,17 +45,27 @@ def send_and_collect(grid: Grid, messages: Iterable[Message], timeout: float, po
     """
     if poll_interval <= 0:
         raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval}")
+    clock = {"start": time.time()}
     pending = set(grid.push_messages(messages))
+    clock["pushed"] = time.time()
+    sent = len(pending)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
+    arrivals: list[float] = []
+    pulls = 0
     while pending:
         arrived = list(grid.pull_messages(pending))
+        pulls += 1
         replies.extend(arrived)
+        arrivals.extend([round(time.time() - clock["start"], 4)] * len(arrived))
         pending -= {reply.metadata.reply_to_message_id for reply in arrived}
         remaining = deadline - time.monotonic()
         if not pending or remaining <= 0:
             break
         time.sleep(min(poll_interval, remaining))
+    log(INFO, "%s %s", WAVE_TIMING_PREFIX, json.dumps({
+        "start": round(clock["start"], 4), "push_s": round(clock["pushed"] - clock["start"], 4),
+        "sent": sent, "replies_at_s": arrivals, "pulls": pulls}))
     return replies
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,12 @@ CONFIGS: dict[str, list[str]] = {
                          "privacy.noise_multiplier=1.0", "secure_agg=secaggplus", "secure_agg.threshold=2"],
 }
 TIMING_LINE = re.compile(re.escape(TIMING_PREFIX) + r" (\{.*\})")
+# The proxy's access log (server/proxy.py's log_format): a site's request, its answer's size, its
+# time and when it ended. A 2-byte pull-object answer is "found, not uploaded yet" (object_found
+# set, no content): the puller backs off before asking again.
+PROXY_LINE = re.compile(r'^\S+ (?P<peer>\S+) "POST (?P<path>\S+) [^"]*" (?P<status>\d+) (?P<bytes>\d+) '
+                        r'upstream=\S+ (?P<seconds>[\d.]+) msec=(?P<end>[\d.]+)')
+NOT_YET_BYTES = 2
 
 
 def _round_lines(run_dir: Path) -> list[dict[str, Any]]:
@@ -73,6 +80,29 @@ def round_breakdown(round_seconds: list[float], sites: list[list[dict[str, Any]]
     return {key: round(value / rounds, 3) for key, value in sorted(totals.items())}
 
 
+def object_pull_retries(access_log: str) -> dict[str, float]:
+    """How often sites asked the server for an object not uploaded yet, and how long each then
+    waited (median) before that connection's next object pull started (Flower's own backoff: 1 s, 2 s, ...;
+    fedguard's: 50 ms up to 0.5 s, clients/deployment/supernode_poll.py)."""
+    pulls: dict[str, list[tuple[float, float, bool]]] = defaultdict(list)
+    for line in access_log.splitlines():
+        match = PROXY_LINE.match(line)
+        if match and match["path"].endswith("/pull-object"):
+            end = float(match["end"])
+            pulls[match["peer"]].append((end - float(match["seconds"]), end, int(match["bytes"]) == NOT_YET_BYTES))
+    not_yet, gaps = 0, []
+    for requests in pulls.values():
+        requests.sort()
+        for (_, end, missing), (next_start, _, _) in zip(requests, requests[1:] + [(None, None, None)]):
+            if missing:
+                not_yet += 1
+                if next_start is not None:
+                    gaps.append(max(next_start - end, 0.0))
+    # The median: a connection's next object pull may belong to a later message (the retry itself
+    # can go out on another of the site's kept-alive connections), which a mean would count.
+    return {"not_yet_answers": not_yet, "median_wait_after_s": round(statistics.median(gaps), 3) if gaps else 0.0}
+
+
 def _task_total(timing: dict[str, Any]) -> float:
     return sum(timing.get(key, 0.0) for key in ("start_s", "pull_s", "load_s", "app_s", "push_s"))
 
@@ -105,6 +135,7 @@ def _deployment(root: Path, sites: int, overrides: list[str]) -> dict[str, Any]:
         rounds = _round_lines(fed.run_dirs()[-1])
         round_seconds = [r["round_seconds"] for r in rounds]
         timings = [task_timings((root / f"client{site}.log").read_text(errors="replace")) for site in range(sites)]
+        access_log = fed.server_dir / "proxy" / "access.log"
         return {
             "server_start_to_first_round_s": first_round_started,
             "round_seconds": round_seconds,
@@ -114,6 +145,8 @@ def _deployment(root: Path, sites: int, overrides: list[str]) -> dict[str, Any]:
             "breakdown_per_round_after_first": round_breakdown(
                 round_seconds[1:], [[{**t, "round": int(t["round"]) - 1} for t in lines if str(t.get("round")) != "1"
                                      and str(t.get("round", "")).isdigit()] for lines in timings]),
+            # The whole run, the first round's downloads of the app included.
+            "object_pull_retries": object_pull_retries(access_log.read_text(errors="replace") if access_log.exists() else ""),
         }
     finally:
         fed.close()

@@ -57,6 +57,22 @@ def test_no_timeout_waits_for_every_reply_and_a_timeout_gives_up(monkeypatch):
     assert silent.pulls == 4  # gave up once the timeout passed
 
 
+def test_each_wave_leaves_a_timing_line_on_the_run_log(monkeypatch, caplog):
+    """The line `fedguard bench deployment --keep` lays beside the sites' task timings: how long the
+    push took, and when (seconds after the wave started) each reply arrived."""
+    import json
+    import logging
+
+    monkeypatch.setattr(reply_wait.time, "sleep", lambda seconds: None)
+    with caplog.at_level(logging.INFO, logger="flwr"):  # a deployed ServerApp's log carries Flower's logger's lines
+        send_and_collect(_LateGrid(answer_on_pull=3), [object(), object()], timeout=30.0, poll_interval=0.01)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(reply_wait.WAVE_TIMING_PREFIX)]
+    assert len(lines) == 1
+    wave = json.loads(lines[0][len(reply_wait.WAVE_TIMING_PREFIX):])
+    assert wave["sent"] == 2 and wave["pulls"] == 3 and len(wave["replies_at_s"]) == 2
+    assert wave["push_s"] >= 0 and all(seconds >= wave["push_s"] for seconds in wave["replies_at_s"])
+
+
 @pytest.mark.parametrize("interval", [0.0, -1.0])
 def test_a_non_positive_interval_is_refused(interval):
     with pytest.raises(ValueError, match="poll_interval"):
@@ -103,3 +119,29 @@ def test_the_server_app_hands_the_round_loop_and_preprocessing_a_prompt_grid(mon
         app.run_server(inner, cfg, tmp_path / "run")
     assert isinstance(seen["grid"], PromptGrid) and seen["grid"].poll_interval == pytest.approx(0.02)
     assert seen["grid"].get_node_ids() == [1, 2]
+
+
+@pytest.mark.simulation  # imports the ServerApp (torch, Opacus, the strategies): 12.5 s under load 12
+def test_only_a_deployed_server_app_shortens_its_object_pulls(monkeypatch, tmp_path):
+    """run_server gives Flower's deployment grid the short retry for replies' objects
+    (clients/deployment/supernode_poll.py) before anything waits, and leaves other grids alone."""
+    from flwr.superlink.grid import HttpGrid
+
+    from fedguard.clients.deployment.supernode_poll import SERVERAPP_PULL_MODULE
+    from fedguard.server import app
+
+    class Reached(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Reached
+
+    installed: list[str] = []
+    monkeypatch.setattr(app, "install_short_object_pull", installed.append)
+    monkeypatch.setattr(app, "PromptGrid", stop)  # the line after the install: nothing else runs
+    cfg = compose_config([])
+    for grid, expected in ((_LateGrid(1), []), (HttpGrid.__new__(HttpGrid), [SERVERAPP_PULL_MODULE])):
+        installed.clear()
+        with pytest.raises(Reached):
+            app.run_server(grid, cfg, tmp_path / "run")
+        assert installed == expected

@@ -89,3 +89,68 @@ def test_fedguard_client_names_the_bad_poll_interval(tmp_path, capsys):
                         "--num-partitions", "2", "--poll-interval", "0.001", "--state-dir", str(tmp_path / "s")])
     assert code == 1 and "poll-interval must be between 0.05 and 3.0 seconds, got 0.001" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+# The object-pull backoff (install_short_object_pull): Flower retries an announced object that is
+# not uploaded yet after 1 s, 2 s, ...; a deployed round waited that out on most of its messages.
+
+
+def _pulled_once_missing(pull) -> tuple[float, int]:
+    """Flower's real pull_objects (through ``pull``) of one object that is missing on the first try:
+    seconds taken and tries made."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    tries = []
+
+    def pull_object(object_id: str) -> bytes:
+        tries.append(object_id)
+        if len(tries) == 1:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    started = time.monotonic()
+    assert pull(["obj"], pull_object_fn=pull_object) == {"obj": b"content"}
+    return time.monotonic() - started, len(tries)
+
+
+def test_a_missing_object_is_retried_within_a_fraction_of_a_second():
+    from flwr.supercore.inflatable import inflatable_utils
+
+    # Flower's own first retry comes after 1 s +-20%; this fails if the wrapper passes nothing on.
+    seconds, tries = _pulled_once_missing(supernode_poll.short_backoff(inflatable_utils.pull_objects))
+    assert tries == 2 and seconds < 0.75
+
+
+def test_the_wrapper_keeps_a_callers_own_backoff_and_wraps_once():
+    seen: list[dict] = []
+
+    def pull_objects(ids, pull_object_fn, **kwargs):
+        seen.append(kwargs)
+        return {}
+
+    short = supernode_poll.short_backoff(pull_objects)
+    assert supernode_poll.short_backoff(short) is short
+    short([], pull_object_fn=None)
+    short([], pull_object_fn=None, initial_backoff=2.0)
+    assert seen == [{"initial_backoff": 0.05, "backoff_cap": 0.5}, {"initial_backoff": 2.0, "backoff_cap": 0.5}]
+
+
+@pytest.mark.deployment  # imports Flower's SuperNode (about 3 s)
+@pytest.mark.parametrize("module_name", supernode_poll.SHORT_PULL_MODULES)
+def test_both_patched_modules_pull_through_the_name_the_patch_wraps(monkeypatch, module_name):
+    module = __import__(module_name, fromlist=["x"])
+    source = inspect.getsource(module)
+    # Flower's own function, imported by name, called once without a backoff of its own.
+    assert re.search(r"^\s+pull_objects,$", source, re.M) and source.count("pull_objects(") == 1
+    assert "initial_backoff" not in source and "backoff_cap" not in source
+    monkeypatch.setattr(module, "pull_objects", module.pull_objects)  # restored after the test
+    assert supernode_poll.install_short_object_pull(module_name) is True
+    assert module.pull_objects.fedguard_short_backoff is True
+
+
+def test_only_the_listed_modules_and_the_pinned_version_are_patched(monkeypatch, caplog):
+    with pytest.raises(ValueError, match="not a module whose object pulls fedguard shortens"):
+        supernode_poll.install_short_object_pull("flwr.common")
+    monkeypatch.setattr(supernode_poll, "version", lambda _name: "9.9.9")
+    assert supernode_poll.install_short_object_pull(supernode_poll.SERVERAPP_PULL_MODULE) is False
+    assert "retrying after 1 s as Flower does" in caplog.text

@@ -27,6 +27,7 @@ import zipfile
 from pathlib import Path
 
 from fedguard.clients.wire.protocol import SERVER_ROUND_KEY
+from fedguard.clients.deployment.supernode_poll import OBJECT_PULL_BACKOFF
 from fedguard.clients.deployment.app_signing import (
     RUN_CONFIG_APP_SIGNATURE,
     AppSignatureError,
@@ -76,8 +77,7 @@ TIMING_PREFIX = "fedguard task timing"
 # The SuperNode hands out a task before it has downloaded the message's objects from the server;
 # Flower's pull retries a missing object after 1, 2, 4, ... s (capped at 10), which a warm task
 # process, ready in a fraction of a second, would spend waiting. It asks its own SuperNode (on
-# loopback) again this often instead.
-OBJECT_PULL_BACKOFF = (0.05, 0.5)
+# loopback) again as often as the SuperNode and the ServerApp retry theirs (supernode_poll.py).
 
 
 def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
