@@ -42,6 +42,20 @@ FEDGUARD_PLAIN, FEDGUARD_SECAGG = "fedguard_plain", "fedguard_secaggplus"
 FLOWER_PLAIN, FLOWER_SECAGG = "flower_legacy_plain", "flower_legacy_secaggplus"
 
 
+# What both sides share and where they still differ (checked against Flower 1.41's
+# SecAggPlusWorkflow source: its ring takes num_shares // 2 sites on each side plus the site itself).
+LIKE_FOR_LIKE = (
+    "Same cohort (every client, every round: fedguard fraction_train 1.0, Flower fraction_fit 1.0); "
+    "same graph degree: 4 other sites per client on both sides (fedguard neighbours=4, 2 on each side of a "
+    "ring; Flower num_shares=5 = 2 on each side + the client itself); threshold 3 on both sides (Flower counts "
+    "the client's own share among its 5, fedguard counts its 4 neighbours' shares); same rounds (median of "
+    "rounds 2..R); one SGD step of batch 32 on the same MLP. Still different: fedguard's client reads its "
+    "digits partition and uses the config's momentum 0.9, Flower's draws random digits-shaped data without "
+    "momentum; fedguard's round is timed by its server before the checkpoint write, Flower's between its "
+    "centralized-evaluation calls; fedguard masks 48-bit values in uint64, Flower 2^22 levels modulo 2^32."
+)
+
+
 def hidden_width_for(parameters: int) -> int:
     """Width h of a 64 -> h -> h -> 10 MLP with about ``parameters`` parameters."""
     # h^2 + (64 + 1 + 1 + 10 + 1) h + 10 ~= parameters
@@ -160,5 +174,6 @@ def run_secagg_benchmark(
             "Flower num_shares = neighbours + 1 (it counts the client itself), rounded up to odd; "
             "reconstruction_threshold = threshold; Flower's default quantization (2^22 levels, modulus 2^32)"
         ),
+        "like_for_like": LIKE_FOR_LIKE,
         "cases": cases,
     }
