@@ -67,10 +67,8 @@ def _check_weighted_update(update: np.ndarray, weight: float, max_weight: float)
 
 def _encode(update: np.ndarray, weight: float, clip_range: float, max_weight: float, levels: int) -> np.ndarray:
     rng = np.random.default_rng()  # OS entropy: rounding noise must not be predictable
-    weighted = np.clip(update, -clip_range, clip_range, dtype=np.float64)
-    weighted *= weight
-    encoded = np.empty(weighted.size + 1, dtype=np.uint64)  # [weight x update, weight]
-    quantize(weighted, clip_range * max_weight, levels, rng, out=encoded[:-1])
+    encoded = np.empty(update.size + 1, dtype=np.uint64)  # [weight x clipped update, weight]
+    quantize(update, clip_range * max_weight, levels, rng, out=encoded[:-1], value_clip=clip_range, weight=weight)
     quantize(np.array([float(weight)]), float(max_weight), levels, rng, out=encoded[-1:])
     return encoded
 
@@ -93,7 +91,7 @@ def hold_update(context: Context, update: np.ndarray, weight: float, cfg, model:
     """Keep the checked update and what encoding it needs in the client's own state until the mask stage."""
     sa = cfg.secure_agg
     _check_weighted_update(update, weight, sa.max_weight)
-    context.state[INPUT_STATE_KEY] = ArrayRecord({INPUT_ARRAY: Array(update.astype(_storage_dtype(model)))})
+    context.state[INPUT_STATE_KEY] = ArrayRecord({INPUT_ARRAY: Array(update.astype(_storage_dtype(model), copy=False))})
     context.state[ENCODING_STATE_KEY] = ConfigRecord(
         {
             WEIGHT: float(weight),
@@ -198,9 +196,11 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     reply = call_next(msg, context)
     if reply.has_error() or protocol.ARRAYS_KEY not in reply.content:
         return reply  # errors and budget refusals pass through unchanged
-    update = flatten_update(reply.content[protocol.ARRAYS_KEY], msg.content[protocol.ARRAYS_KEY])
+    storage = _storage_dtype(msg.content[protocol.ARRAYS_KEY])  # subtract in the dtype the update is held in
+    update = flatten_update(reply.content[protocol.ARRAYS_KEY], msg.content[protocol.ARRAYS_KEY], storage)
     if protocol.CLIP_INDICATOR_KEY in reply.content:  # client-level DP's (noised) clip indicator: summed masked, never sent
-        update = np.append(update, float(reply.content[protocol.CLIP_INDICATOR_KEY][protocol.CLIP_INDICATOR_FIELD]))
+        indicator = float(reply.content[protocol.CLIP_INDICATOR_KEY][protocol.CLIP_INDICATOR_FIELD])
+        update = np.append(update, np.array([indicator], dtype=storage))
     weight = float(reply.content[protocol.METRICS_KEY][protocol.NUM_EXAMPLES_KEY])
     hold_update(context, update, weight, cfg, msg.content[protocol.ARRAYS_KEY])
     content = RecordDict(

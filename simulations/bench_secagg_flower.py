@@ -110,7 +110,7 @@ _SETTINGS: dict[str, Any] = {}
 def _legacy_main(grid: Grid, context: Context) -> None:
     settings = _SETTINGS
     clients, hidden = int(settings["clients"]), int(settings["hidden"])
-    marks: list[float] = []
+    marks: list[float] = settings["marks"]
 
     def mark_round(server_round: int, _parameters: NDArrays, _config: dict[str, Scalar]) -> None:
         marks.append(time.perf_counter())
@@ -141,10 +141,20 @@ def _legacy_main(grid: Grid, context: Context) -> None:
     settings["round_seconds"] = [float(seconds) for seconds in np.diff(marks)]
 
 
+def rounds_done() -> int:
+    """Rounds the running legacy run has completed (for bench secagg's CPU sampler)."""
+    return max(len(_SETTINGS.get("marks", ())) - 1, 0)
+
+
+def forget_last_run() -> None:
+    """Before sampling a new run: the last run's marks would read as rounds already done."""
+    _SETTINGS.clear()
+
+
 def run_flower_legacy(clients: int, rounds: int, hidden: int, secagg: FlowerSecAggSettings | None) -> list[float]:
     """Per-round wall seconds of Flower's legacy FedAvg, with its SecAgg+ workflow or without."""
     _SETTINGS.clear()
-    _SETTINGS.update({"clients": clients, "rounds": rounds, "hidden": hidden, "secagg": secagg})
+    _SETTINGS.update({"clients": clients, "rounds": rounds, "hidden": hidden, "secagg": secagg, "marks": []})
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {}}
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     client_app = secaggplus_client if secagg is not None else _plain_legacy_client

@@ -27,20 +27,23 @@ def array_view(array: Array) -> np.ndarray:
     return values.reshape(shape, order="F" if fortran else "C")
 
 
-def flatten_update(new: ArrayRecord, old: ArrayRecord) -> np.ndarray:
+def flatten_update(new: ArrayRecord, old: ArrayRecord, dtype: np.dtype | type = np.float64) -> np.ndarray:
     """new - old, flattened in the ArrayRecord's key order (the server unflattens in the same order).
 
-    Written into one preallocated float64 vector (no per-tensor temporaries).
+    Written into one preallocated vector of ``dtype`` (no per-tensor temporaries). The
+    subtraction runs in ``dtype``: float64 (the default) for clipping and noise; a SecAgg+
+    client that holds its update as float32 asks for float32, the exact difference rounded
+    once, instead of a float64 vector it would copy down right away.
     """
     if list(new.keys()) != list(old.keys()):
         raise ValueError("the trained model's arrays differ from the global model's")
     olds = [array_view(old[key]) for key in old.keys()]
-    flat = np.empty(sum(a.size for a in olds), dtype=np.float64)
+    flat = np.empty(sum(a.size for a in olds), dtype=dtype)
     offset = 0
     for key, before in zip(old.keys(), olds):
         after = array_view(new[key])
         if after.shape != before.shape:
             raise ValueError(f"array {key!r} changed shape from {before.shape} to {after.shape}")
-        np.subtract(after, before, out=flat[offset : offset + before.size].reshape(before.shape), dtype=np.float64)
+        np.subtract(after, before, out=flat[offset : offset + before.size].reshape(before.shape), dtype=dtype)
         offset += before.size
     return flat

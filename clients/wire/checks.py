@@ -186,11 +186,19 @@ def layout_of(record: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
 CONFIG_ERRORS = (ConfigError, OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError)
 
 
+@lru_cache(maxsize=8)
+def _is_yaml_mapping(config_text: str) -> bool:
+    """Whether the text parses to a YAML mapping, once per distinct text: every train and evaluate
+    request carries the run's whole config, and pure-Python YAML took a client ~13 ms a message
+    to re-read it. A text that fails to parse raises each time (lru_cache keeps no exceptions)."""
+    return isinstance(yaml.safe_load(config_text), dict)
+
+
 def parse_run_config(config_text: str) -> DictConfig:
     """The fedguard config a message carries, validated; MalformedMessage naming the key otherwise
     (never OmegaConf's own assertion on a scalar or a list)."""
     try:
-        if not isinstance(yaml.safe_load(config_text), dict):
+        if not _is_yaml_mapping(config_text):
             raise MalformedMessage(f"'{protocol.FEDGUARD_CONFIG_KEY}' is not a YAML mapping")
         return cached_config_from_yaml(config_text)
     except CONFIG_ERRORS as err:
