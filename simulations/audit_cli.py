@@ -79,15 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def empirical_runs(base: list[str], baseline_overrides: list[str], epsilons: list[float]) -> list[list[str]]:
+    """The Hydra overrides of each audited training: the non-private baseline (with its own
+    overrides last, so they win), then one private run per claimed epsilon (without them)."""
+    runs = [[*base, *baseline_overrides]]
+    runs += [[*base, "privacy=sample_dp", f"privacy.target_epsilon={epsilon}"] for epsilon in epsilons]
+    return runs
+
+
 def run_empirical(args: argparse.Namespace) -> int:
     from fedguard.simulations.empirical_audit import run_empirical_audit
 
     base = [*EMPIRICAL_BASE_OVERRIDES, *args.overrides]
     started = time.monotonic()
-    audits = [run_empirical_audit([*base, *args.baseline_overrides], canaries=args.canaries)]
-    for epsilon in args.epsilons:
-        private = [*base, "privacy=sample_dp", f"privacy.target_epsilon={epsilon}"]
-        audits.append(run_empirical_audit(private, canaries=args.canaries))
+    audits = [run_empirical_audit(overrides, canaries=args.canaries)
+              for overrides in empirical_runs(base, args.baseline_overrides, args.epsilons)]
     rows = [audit.as_dict() for audit in audits]
     out_dir = args.out or Path(AUDIT_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
