@@ -131,13 +131,33 @@ def conv2d(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> LayerGradient
         if "bias" in trainable:
             per_sample["bias"] = g.sum((2, 3))
         return _materialized(per_sample, batch, g)
-    # im2col: each output position's receptive field as a column, [B, C_in*kh*kw, L].
+    # Ghost norm (the cheaper route for small feature maps, e.g. ResNet-18's last stages): the
+    # weight's per-sample squared norm is <a a^T, g g^T> over output positions, from the receptive
+    # fields (im2col, [B, C_in*kh*kw, L]); bmm reads the transposed operands in place (no copies).
     cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
     g3 = g.reshape(batch, module.out_channels, -1)
+    squared = g.new_zeros(batch)
+    if "weight" in trainable:
+        squared = (torch.bmm(cols.transpose(1, 2), cols) * torch.bmm(g3.transpose(1, 2), g3)).sum((1, 2))
+    del cols  # the clipped sum below needs only a and g: the receptive fields are not kept
     bias = g3.sum(2) if "bias" in trainable else None
-    return _ghost_or_materialized(
-        module.weight.shape, cols.transpose(1, 2), g3.transpose(1, 2), bias, "weight" in trainable
-    )
+    if bias is not None:
+        squared = squared + bias.pow(2).sum(1)
+
+    def clipped_sum(c: torch.Tensor) -> dict[str, torch.Tensor]:
+        # One ordinary weight-gradient convolution with each sample's output gradient scaled by its
+        # clip factor: sum_i c_i * grad_i(W), at the cost of the non-private weight gradient.
+        sums: dict[str, torch.Tensor] = {}
+        if "weight" in trainable:
+            sums["weight"] = torch.nn.grad.conv2d_weight(
+                a, module.weight.shape, _scale(c, g), stride=module.stride, padding=module.padding,
+                dilation=module.dilation,
+            )
+        if bias is not None:
+            sums["bias"] = c @ bias
+        return sums
+
+    return LayerGradients(squared, clipped_sum)
 
 
 def _affine_norm(trainable: dict[str, nn.Parameter], normalized: torch.Tensor, g: torch.Tensor,

@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -70,24 +71,38 @@ def build_parser() -> argparse.ArgumentParser:
     empirical.add_argument("--canaries", type=int, default=DEFAULT_CANARIES)
     empirical.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="a Hydra override for the audited training (repeat), e.g. --set dataset=fashion_mnist")
+    empirical.add_argument("--baseline-set", dest="baseline_overrides", action="append", default=[],
+                           metavar="KEY=VALUE",
+                           help="a Hydra override for the non-private baseline only (repeat): a preset's DP step "
+                           "size can diverge unclipped (dp_images: --baseline-set train.learning_rate=0.1), and a "
+                           "diverged baseline would understate the attack's strength")
     return parser
+
+
+def empirical_runs(base: list[str], baseline_overrides: list[str], epsilons: list[float]) -> list[list[str]]:
+    """The Hydra overrides of each audited training: the non-private baseline (with its own
+    overrides last, so they win), then one private run per claimed epsilon (without them)."""
+    runs = [[*base, *baseline_overrides]]
+    runs += [[*base, "privacy=sample_dp", f"privacy.target_epsilon={epsilon}"] for epsilon in epsilons]
+    return runs
 
 
 def run_empirical(args: argparse.Namespace) -> int:
     from fedguard.simulations.empirical_audit import run_empirical_audit
 
     base = [*EMPIRICAL_BASE_OVERRIDES, *args.overrides]
-    audits = [run_empirical_audit(base, canaries=args.canaries)]
-    for epsilon in args.epsilons:
-        private = [*base, "privacy=sample_dp", f"privacy.target_epsilon={epsilon}"]
-        audits.append(run_empirical_audit(private, canaries=args.canaries))
+    started = time.monotonic()
+    audits = [run_empirical_audit(overrides, canaries=args.canaries)
+              for overrides in empirical_runs(base, args.baseline_overrides, args.epsilons)]
     rows = [audit.as_dict() for audit in audits]
     out_dir = args.out or Path(AUDIT_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     measured = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "platform": platform.platform(),
-                "cpus": os.cpu_count()}
+                "cpus": os.cpu_count(), "wall_seconds": round(time.monotonic() - started, 1),
+                "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()]}
     (out_dir / EMPIRICAL_FILE).write_text(
-        json.dumps({"measured": measured, "overrides": base, "audits": rows}, indent=2) + "\n"
+        json.dumps({"measured": measured, "overrides": base, "baseline_overrides": args.baseline_overrides,
+                    "audits": rows}, indent=2) + "\n"
     )
     if args.json:
         print(json.dumps(rows, indent=2))

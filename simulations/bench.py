@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--warmup-steps", type=int, default=5)
     dp.add_argument("--steps", type=int, default=40)
     dp.add_argument("--repeats", type=int, default=3, help="alternating runs of every mode; the best is reported")
+    dp.add_argument("--pairs", type=int, default=10,
+                    help="adjacent (non-private, book-keeping) pairs, order alternating; the goal's ratio is their "
+                    "median, with the spread (0: skip)")
     dp.add_argument("--out", type=Path, default=Path(DEFAULT_OUT))
     secagg = sub.add_parser("secagg", help="round wall time with SecAgg+ vs without, fedguard's and Flower's")
     secagg.add_argument("--clients", type=int, nargs="+", default=[10, 100])
@@ -155,7 +158,8 @@ def run_benchmark(args: argparse.Namespace) -> dict | None:
     elif args.name == "dp":
         from fedguard.simulations.bench_dp import dp_table, run_dp_benchmark
 
-        runs = [run_dp_benchmark(args.dataset, m, args.batch_size, args.warmup_steps, args.steps, args.repeats)
+        runs = [run_dp_benchmark(args.dataset, m, args.batch_size, args.warmup_steps, args.steps, args.repeats,
+                                 args.pairs)
                 for m in args.model]
         result = {"runs": runs}
         print(dp_table(runs))

@@ -14,6 +14,7 @@ to tracemalloc).
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,15 @@ from fedguard.clients.training import make_training_setup
 from fedguard.conf import compose_config
 
 MODES = ("hooks", "functorch", "ghost", "bookkeeping")
+# The goal's mode and what the goal compares it with, measured in adjacent pairs (see paired_ratios).
+PAIRED_MODE = "bookkeeping"
+PAIRED_METHOD = (
+    "median over adjacent (non-private, book-keeping) pairs run back to back in one process, the order "
+    "alternating from pair to pair (odd pairs run book-keeping first), each run a fresh model with its own "
+    "warm-up; a pair's ratio is book-keeping's examples/s over non-private's; the spread is the lowest, "
+    "quartiles and highest of the pair ratios. Adjacent runs share the machine's load, so a load change "
+    "between pairs cancels in the ratio and one lucky or unlucky run moves the median by at most one rank."
+)
 MEMORY_STEPS = 4
 NOISE_MULTIPLIER = 1.0
 
@@ -52,6 +62,57 @@ def _throughput(cfg, features, labels, private: bool, warmup_steps: int, timed_s
     run(warmup_steps)
     seconds, cpu_seconds, examples = run(timed_steps)
     return examples / seconds, examples / cpu_seconds
+
+
+def _quantile(ordered: list[float], fraction: float) -> float:
+    """Linear-interpolation quantile of an ascending list (numpy's default rule)."""
+    position = fraction * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def paired_ratios(pairs: list[tuple[float, float]]) -> dict[str, Any]:
+    """Summary of the ratios ``private / non_private`` of adjacent (non_private, private) speed pairs.
+
+    Pure arithmetic on plain numbers: the benchmark's goal is judged on the median, and the
+    spread says how far one pair could be from it.
+    """
+    if not pairs:
+        raise ValueError("paired_ratios needs at least one (non_private, private) pair")
+    if any(not (non_private > 0 and private > 0) for non_private, private in pairs):
+        raise ValueError(f"every speed must be positive: {pairs}")
+    ratios = [private / non_private for non_private, private in pairs]
+    ordered = sorted(ratios)
+    return {
+        "pairs": len(ratios),
+        "median": _quantile(ordered, 0.5),
+        "lower_quartile": _quantile(ordered, 0.25),
+        "upper_quartile": _quantile(ordered, 0.75),
+        "lowest": ordered[0],
+        "highest": ordered[-1],
+        "each_pair": ratios,
+    }
+
+
+def _paired_runs(configs: dict, features, labels, pairs: int, warmup_steps: int, timed_steps: int) -> dict[str, Any]:
+    """``pairs`` adjacent (non-private, book-keeping) runs, alternating which runs first."""
+    wall: list[tuple[float, float]] = []
+    cpu: list[tuple[float, float]] = []
+    for index in range(pairs):
+        order = ("non_private", PAIRED_MODE) if index % 2 == 0 else (PAIRED_MODE, "non_private")
+        speeds = {name: _throughput(configs[name], features, labels, name != "non_private", warmup_steps, timed_steps)
+                  for name in order}
+        wall.append((speeds["non_private"][0], speeds[PAIRED_MODE][0]))
+        cpu.append((speeds["non_private"][1], speeds[PAIRED_MODE][1]))
+    return {
+        "method": PAIRED_METHOD,
+        "mode": PAIRED_MODE,
+        "examples_per_second_each_pair": [list(p) for p in wall],
+        "examples_per_cpu_second_each_pair": [list(p) for p in cpu],
+        "wall_ratio": paired_ratios(wall),
+        "cpu_ratio": paired_ratios(cpu),
+    }
 
 
 def _peak_training_memory_mib(overrides: list[str], input_shape: tuple[int, ...], classes: int, batch: int) -> float:
@@ -85,7 +146,8 @@ def _memory_in_fresh_process(overrides: list[str], input_shape: tuple[int, ...],
 
 
 def run_dp_benchmark(
-    dataset: str, model: str, batch_size: int, warmup_steps: int, timed_steps: int, repeats: int = 1
+    dataset: str, model: str, batch_size: int, warmup_steps: int, timed_steps: int, repeats: int = 1,
+    pairs: int = 0,
 ) -> dict[str, Any]:
     base = [f"dataset={dataset}", f"model={model}", f"train.batch_size={batch_size}", "train.local_epochs=100"]
     cfg = compose_config(base)
@@ -98,6 +160,8 @@ def run_dp_benchmark(
         "batch_size": batch_size,
         "timed_steps": timed_steps,
         "torch_threads": torch.get_num_threads(),
+        # Other jobs on the machine slow wall-clock figures: the 1/5/15-minute load says how many.
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     configs = {"non_private": cfg}
     for mode in MODES:
@@ -123,6 +187,11 @@ def run_dp_benchmark(
         if name != "non_private":
             results[f"{name}_ratio_to_non_private"] = max(speeds) / non_private
             results[f"{name}_cpu_ratio_to_non_private"] = max(cpu_samples[name]) / non_private_cpu
+    if pairs > 0:
+        paired = _paired_runs(configs, features, labels, pairs, warmup_steps, timed_steps)
+        results[f"{PAIRED_MODE}_paired"] = paired
+        results[f"{PAIRED_MODE}_paired_median_ratio_to_non_private"] = paired["wall_ratio"]["median"]
+        results[f"{PAIRED_MODE}_paired_median_cpu_ratio_to_non_private"] = paired["cpu_ratio"]["median"]
     # privacy.secure_noise: the same ghost clipping, noise from the ChaCha20 CSPRNG (four draws summed).
     secure_cfg = compose_config(
         [*base, "privacy=sample_dp", "privacy.target_epsilon=null", f"privacy.noise_multiplier={NOISE_MULTIPLIER}",
@@ -135,6 +204,7 @@ def run_dp_benchmark(
     exact = [*base, "privacy=sample_dp", "privacy.target_epsilon=null", "privacy.noise_multiplier=0",
              "privacy.allow_zero_noise=true", "privacy.poisson_sampling=false"]
     shape, classes = tuple(features.shape[1:]), int(labels.max()) + 1
+    results["load_average_after_throughput"] = [round(x, 2) for x in os.getloadavg()]
     results["memory_method"] = "peak RSS (VmHWM, reset before training) over RSS before, 4 training steps at an exact batch, fresh process per mode (MiB)"
     results["non_private_peak_memory_mib"] = _memory_in_fresh_process(base, shape, classes, batch_size)
     for mode in MODES:
@@ -154,4 +224,11 @@ def dp_table(runs: list[dict[str, Any]]) -> str:
             cpu_ratio = cpu / run["non_private_examples_per_cpu_second"]
             lines.append(f"{run['model']:6} {mode:12} {speed:11.0f} {ratio:14.2f} {cpu:9.0f} {cpu_ratio:6.2f} "
                          f"{run[f'{mode}_peak_memory_mib']:9.1f}")
+        paired = run.get(f"{PAIRED_MODE}_paired")
+        if paired:
+            for kind in ("wall_ratio", "cpu_ratio"):
+                r = paired[kind]
+                lines.append(f"{run['model']:6} {PAIRED_MODE} / non-private, {kind.replace('_', ' ')}, median of "
+                             f"{r['pairs']} adjacent pairs: {r['median']:.2f} (quartiles {r['lower_quartile']:.2f}-"
+                             f"{r['upper_quartile']:.2f}, range {r['lowest']:.2f}-{r['highest']:.2f})")
     return "\n".join(lines)

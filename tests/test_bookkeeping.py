@@ -103,6 +103,11 @@ def _layer_cases(batch: int):
     yield "conv2d-rectangular", _mse_case(nn.Conv2d(2, 3, (2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
                                           torch.randn(batch, 2, 6, 8))
     yield "conv2d-ghost", _mse_case(nn.Conv2d(16, 16, 3, padding=0), torch.randn(batch, 16, 4, 4))
+    # ghost route whose clipped sum is a weight-gradient convolution: stride with a row and column
+    # the kernel never reaches (6x6, stride 2), and a dilated kernel without bias
+    yield "conv2d-ghost-strided", _mse_case(nn.Conv2d(16, 16, 3, stride=2, padding=1), torch.randn(batch, 16, 6, 6))
+    yield "conv2d-ghost-dilated", _mse_case(nn.Conv2d(16, 16, 3, dilation=2, bias=False),
+                                            torch.randn(batch, 16, 6, 6))
     yield "groupnorm", _mse_case(nn.GroupNorm(2, 4), torch.randn(batch, 4, 3, 3))
     yield "layernorm", _mse_case(nn.LayerNorm(6), torch.randn(batch, 5, 6))
     tokens = torch.randint(0, 9, (batch, 6))

@@ -50,3 +50,15 @@ def test_private_training_stays_within_its_claim(audits):
     assert private.claimed_epsilon == pytest.approx(CLAIMED, abs=0.01)
     assert not private.violates_claim
     assert private.epsilon_lower_bound <= private.claimed_epsilon
+
+
+def test_baseline_overrides_reach_the_non_private_run_only():
+    from fedguard.simulations.audit_cli import build_parser, empirical_runs
+
+    args = build_parser().parse_args(
+        ["--empirical", "--epsilons", "1", "3", "--set", "+preset=dp_images", "--baseline-set", "train.learning_rate=0.1"]
+    )
+    runs = empirical_runs(list(args.overrides), args.baseline_overrides, args.epsilons)
+    assert runs[0] == ["+preset=dp_images", "train.learning_rate=0.1"]
+    assert runs[1] == ["+preset=dp_images", "privacy=sample_dp", "privacy.target_epsilon=1.0"]
+    assert runs[2] == ["+preset=dp_images", "privacy=sample_dp", "privacy.target_epsilon=3.0"]
