@@ -34,6 +34,7 @@ from fedguard.conf.contract import (
 )
 from fedguard.conf.run_config import config_to_yaml
 from fedguard.conf.schema import ConfigError
+from image_folder_support import tiny_image_folder
 
 CONTRACT = TabularContract(
     features=(Feature("age", "numeric", center=50.0, scale=10.0), Feature("smoker", "categorical", ("no", "yes"))),
@@ -175,11 +176,7 @@ IMAGES = ImageContract(channels=1, height=8, width=8, classes=("cat", "dog"), re
 
 
 def _image_folder(root, size=(8, 8), classes=("cat", "dog"), per_class=3):
-    for label, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(np.full(size[::-1], 40 * label + i, dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
+    return tiny_image_folder(root, size, classes, per_class)
 
 
 def test_image_folder_and_npz_read_the_same(tmp_path):

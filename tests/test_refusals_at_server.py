@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from PIL import Image
 
 from fedguard.clients.app import app as client_app
 from fedguard.clients.datasets import expected_layout
@@ -25,6 +24,7 @@ from fedguard.clients.wire import protocol
 from fedguard.conf import compose_config
 from fedguard.conf.run_config import config_to_yaml
 from fedguard.server.federation import sort_train_replies
+from image_folder_support import tiny_image_folder
 
 # Over a second each on a loaded 2-core machine (a full ClientApp request): with the simulations.
 pytestmark = [pytest.mark.simulation, pytest.mark.usefixtures("flower_task_identity")]
@@ -47,11 +47,7 @@ def _table(root, edit):
 
 
 def _folder(root, size=(8, 8), classes=("cat", "dog"), per_class=4):
-    for label, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(np.full(size[::-1], 40 * label + i, dtype=np.uint8)).save(root / name / f"scan{i}.png")
-    return root
+    return tiny_image_folder(root, size, classes, per_class, prefix="scan")
 
 
 def _unreadable(root):

@@ -85,12 +85,20 @@ def check_poll_seconds(value: float) -> float:
     return value
 
 
-def install_poll_clock(poll_seconds: float) -> bool:
-    """Swap the clock of Flower's SuperNode loop module; False (and Flower's 3 s) on another Flower version."""
+def _pinned_flower(what: str, instead: str) -> bool:
+    """True under the Flower version whose source this module was written against; otherwise a
+    warning that says what runs instead, and the caller leaves Flower unchanged."""
     installed = version("flwr")
     if installed != FLOWER_VERSION:
-        logger.warning("Flower %s is not the %s whose SuperNode loop fedguard shortens; polling every 3 s as "
-                       "Flower does", installed, FLOWER_VERSION)
+        logger.warning("Flower %s is not the %s whose %s fedguard shortens; %s as Flower does",
+                       installed, FLOWER_VERSION, what, instead)
+        return False
+    return True
+
+
+def install_poll_clock(poll_seconds: float) -> bool:
+    """Swap the clock of Flower's SuperNode loop module; False (and Flower's 3 s) on another Flower version."""
+    if not _pinned_flower("SuperNode loop", "polling every 3 s"):
         return False
     module = sys.modules.get(PATCHED_MODULE) or __import__(PATCHED_MODULE, fromlist=["start_client_internal"])
     module.time = PollClock(check_poll_seconds(poll_seconds))
@@ -118,10 +126,7 @@ def install_short_object_pull(module_name: str) -> bool:
     on another Flower version."""
     if module_name not in SHORT_PULL_MODULES:
         raise ValueError(f"{module_name} is not a module whose object pulls fedguard shortens: {SHORT_PULL_MODULES}")
-    installed = version("flwr")
-    if installed != FLOWER_VERSION:
-        logger.warning("Flower %s is not the %s whose object pulls fedguard shortens; retrying after 1 s as "
-                       "Flower does", installed, FLOWER_VERSION)
+    if not _pinned_flower("object pulls", "retrying after 1 s"):
         return False
     module = sys.modules.get(module_name) or __import__(module_name, fromlist=["pull_objects"])
     module.pull_objects = short_backoff(module.pull_objects)
