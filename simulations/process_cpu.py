@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fedguard.simulations.process_memory import PROC, descendants
+from fedguard.simulations.process_memory import descendants, stat_after_name
 
 DEFAULT_INTERVAL = 0.1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -32,11 +32,9 @@ UTIME_AFTER_NAME = 11
 
 
 def _cpu_seconds(pid: int) -> float | None:
-    try:
-        stat = (PROC / str(pid) / "stat").read_text()
-    except OSError:
+    fields = stat_after_name(pid)
+    if fields is None:
         return None
-    fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[UTIME_AFTER_NAME]) + int(fields[UTIME_AFTER_NAME + 1])) / CLOCK_TICKS
 
 

@@ -19,13 +19,19 @@ KIB = 1024
 DEFAULT_INTERVAL = 0.5
 
 
-def _parent_of(pid: int) -> int | None:
+def stat_after_name(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (field 2, in parentheses, which
+    may hold spaces): the state first; ``None`` once the process is gone."""
     try:
         stat = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
-    # The command name (field 2) is in parentheses and may hold spaces; ppid follows the state.
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _parent_of(pid: int) -> int | None:
+    fields = stat_after_name(pid)
+    return None if fields is None else int(fields[1])  # ppid follows the state
 
 
 def descendants(root: int) -> set[int]:

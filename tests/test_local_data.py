@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 from PIL import Image
 
 import fedguard.conf
@@ -20,9 +20,7 @@ from fedguard.clients.app import app as client_app
 from fedguard.clients.app import load_local_data
 from fedguard.clients.datasets import LocalDataError, expected_layout
 from fedguard.clients.local_data import read_site_examples
-from fedguard.clients.models import build_model
 from fedguard.clients.site import SiteConfigError, read_site_settings
-from fedguard.clients.wire import protocol
 from fedguard.conf import compose_config, validate_config
 from fedguard.conf.contract import (
     ContractError,
@@ -32,9 +30,8 @@ from fedguard.conf.contract import (
     contract_from_config,
     contract_of,
 )
-from fedguard.conf.run_config import config_to_yaml
 from fedguard.conf.schema import ConfigError
-from image_folder_support import tiny_image_folder
+from own_files_support import tiny_image_folder, train_request
 
 CONTRACT = TabularContract(
     features=(Feature("age", "numeric", center=50.0, scale=10.0), Feature("smoker", "categorical", ("no", "yes"))),
@@ -278,12 +275,7 @@ def test_refusal_reaches_the_server_as_a_reason_without_the_data(tmp_path, caplo
     rows = {k: list(v) for k, v in ROWS.items()}
     rows["smoker"][1] = "ex-smoker since 2019"
     path = _csv(tmp_path, rows)
-    shape, classes = expected_layout(cfg.dataset)
-    config = {protocol.FEDGUARD_CONFIG_KEY: config_to_yaml(cfg), protocol.SERVER_ROUND_KEY: 1, protocol.LINEAGE_KEY: "t"}
-    content = RecordDict({protocol.ARRAYS_KEY: ArrayRecord(build_model(cfg.model, shape, classes).state_dict()),
-                          protocol.CONFIG_KEY: ConfigRecord(config)})
-    message = Message(content, dst_node_id=3, message_type="train")
-    message.metadata.__dict__["_src_node_id"] = 1
+    message = train_request(cfg)
     context = Context(run_id=1, node_id=3, node_config={"partition-id": 0, "data": str(path)}, state=RecordDict(),
                       run_config={})
     with caplog.at_level(logging.ERROR):

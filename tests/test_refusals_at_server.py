@@ -15,16 +15,12 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 
 from fedguard.clients.app import app as client_app
-from fedguard.clients.datasets import expected_layout
-from fedguard.clients.models import build_model
-from fedguard.clients.wire import protocol
 from fedguard.conf import compose_config
-from fedguard.conf.run_config import config_to_yaml
 from fedguard.server.federation import sort_train_replies
-from image_folder_support import tiny_image_folder
+from own_files_support import tiny_image_folder, train_request
 
 # Over a second each on a loaded 2-core machine (a full ClientApp request): with the simulations.
 pytestmark = [pytest.mark.simulation, pytest.mark.usefixtures("flower_task_identity")]
@@ -107,16 +103,6 @@ def _cfg(kind: str):
     return cfg
 
 
-def _train_request(cfg) -> Message:
-    shape, classes = expected_layout(cfg.dataset)
-    config = {protocol.FEDGUARD_CONFIG_KEY: config_to_yaml(cfg), protocol.SERVER_ROUND_KEY: 1, protocol.LINEAGE_KEY: "t"}
-    content = RecordDict({protocol.ARRAYS_KEY: ArrayRecord(build_model(cfg.model, shape, classes).state_dict()),
-                          protocol.CONFIG_KEY: ConfigRecord(config)})
-    message = Message(content, dst_node_id=3, message_type="train")
-    message.metadata.__dict__["_src_node_id"] = 1
-    return message
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_refusal_is_named_at_the_site_and_at_the_servers_log(tmp_path, caplog, case):
     kind, make, site_says, server_says, never = CASES[case]
@@ -125,7 +111,7 @@ def test_each_refusal_is_named_at_the_site_and_at_the_servers_log(tmp_path, capl
     context = Context(run_id=1, node_id=3, node_config={"partition-id": 0, "data": str(data)}, state=RecordDict(),
                       run_config={})
     with caplog.at_level(logging.WARNING):
-        reply = client_app(_train_request(cfg), context)
+        reply = client_app(train_request(cfg), context)
         site_lines = [r.getMessage() for r in caplog.records if r.name.startswith("fedguard.clients")]
         caplog.clear()
         # The reply as the server receives it: the node it came from is the SuperNode's.
