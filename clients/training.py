@@ -123,9 +123,14 @@ def run_epochs(
     def taken() -> int:
         return steps if setup.steps_taken is None else setup.steps_taken()
 
+    def done() -> bool:
+        return max_steps is not None and taken() >= max_steps
+
     for epoch in range(epochs):
+        if done():
+            break  # not one more epoch: each would draw (and discard) a batch, up to epochs of them
         for features, labels in setup.loader:
-            if max_steps is not None and taken() >= max_steps:
+            if done():
                 break
             if len(labels) == 0:
                 if setup.on_empty_batch is not None:

@@ -318,3 +318,27 @@ def test_summary_states_the_neighbouring_relation_and_the_unaccounted_releases(t
         assert summary["neighbouring_relation"] == "add-or-remove-one-record"
         assert "num-examples" in summary["treated_as_public"]
         assert bool(summary["unaccounted_releases"]) == opt_in
+
+
+def test_a_step_cap_draws_no_batch_for_the_epochs_after_it():
+    """``max_steps`` ends training, not only the epoch: the loop used to start every remaining
+    epoch and draw (and discard) one batch from each, 99 draws for a 1-step cap over 100 epochs."""
+    from torch import nn
+
+    from fedguard.clients.training import TrainingSetup, run_epochs
+
+    class CountingLoader:
+        def __init__(self) -> None:
+            self.draws = 0
+
+        def __iter__(self):
+            for _ in range(5):
+                self.draws += 1
+                yield torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+
+    model = nn.Linear(3, 2)
+    loader = CountingLoader()
+    setup = TrainingSetup(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, nn.CrossEntropyLoss())
+    outcome = run_epochs(setup, epochs=100, device=torch.device("cpu"), max_steps=7)
+    assert outcome.steps == 7
+    assert loader.draws == 8  # 5 in the first epoch, 3 in the second (the last one fetched, then the cap)
