@@ -11,7 +11,11 @@ mechanism the accountant counts) and what a plain training loop does with Opacus
 - a loss term that does not depend on the data (FedProx's proximal term) is dropped by the
   DP optimizer, which replaces ``p.grad`` with the clipped, noised per-sample sum; its
   gradient is added after the noise instead, as post-processing (:func:`add_after_noise`);
-- with ``privacy.secure_noise`` the noise comes from a CSPRNG (:func:`use_secure_noise`).
+- with ``privacy.secure_noise`` the noise comes from a CSPRNG (:func:`use_secure_noise`);
+- Opacus's ghost-clipping optimizer (which book-keeping clipping also uses) copies each
+  clipped sum with ``copy.deepcopy`` and builds each noise tensor on a zero tensor it throws
+  away: Python and allocation overhead on every step that does not change one number
+  (:func:`use_lean_steps`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 import torch
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
@@ -100,4 +104,49 @@ def use_secure_noise(optimizer: DPOptimizer, source: SecureGaussian) -> None:
             p.grad = (p.summed_grad + source.gaussian(std, p.summed_grad)).view_as(p)
             _mark_as_processed(p.summed_grad)
 
+    optimizer.add_noise = add_noise
+
+
+def use_lean_steps(optimizer: DPOptimizer) -> None:
+    """Replace Opacus's ghost-clipping ``accumulate`` and ``add_noise`` on this optimizer with
+    versions that compute the same numbers with less overhead.
+
+    - ``accumulate``: the first physical batch's clipped sum is cloned (Opacus deep-copies it,
+      ~0.3 ms of Python per parameter); later ones are added in place, as in Opacus.
+    - ``add_noise``: the same ``torch.normal`` draws, same standard deviation (the adaptive
+      clipping multiplier included), same generator, same parameter order, added in place to
+      the fresh noise tensor instead of to a second allocation; Opacus also allocates and
+      zero-fills a tensor per parameter that it only returns when the standard deviation is 0.
+      The processed-flag check (a clipped sum is noised once) is kept.
+
+    Only for Opacus's ``DPOptimizerFastGradientClipping`` without ``secure_mode`` (whose noise
+    is a sum of four draws): anything else is left untouched. ``use_secure_noise`` applied
+    afterwards still replaces ``add_noise``.
+    """
+    if type(optimizer) is not DPOptimizerFastGradientClipping or optimizer.secure_mode:
+        return
+    params = list(optimizer.params)
+
+    def accumulate() -> None:
+        for p in params:
+            if p.summed_grad is not None:
+                p.summed_grad.add_(p.grad.detach())
+            else:
+                p.summed_grad = p.grad.detach().clone()
+
+    def add_noise() -> None:
+        multiplier = getattr(optimizer, "_adjusted_noise_multiplier", optimizer.noise_multiplier)
+        std = multiplier * optimizer.max_grad_norm
+        for p in params:
+            summed = p.summed_grad
+            _check_processed_flag(summed)
+            if std == 0:
+                noised = summed.clone()
+            else:
+                noised = torch.normal(mean=0, std=std, size=summed.shape, device=summed.device,
+                                      generator=optimizer.generator, dtype=summed.dtype).add_(summed)
+            p.grad = noised.view_as(p)
+            _mark_as_processed(summed)
+
+    optimizer.accumulate = accumulate
     optimizer.add_noise = add_noise

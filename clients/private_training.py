@@ -21,7 +21,13 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from fedguard.clients.bookkeeping import use_bookkeeping
 from fedguard.clients.bookkeeping_layers import unsupported_layers
-from fedguard.clients.dp_steps import add_after_noise, noise_only_step, use_os_sampler, use_secure_noise
+from fedguard.clients.dp_steps import (
+    add_after_noise,
+    noise_only_step,
+    use_lean_steps,
+    use_os_sampler,
+    use_secure_noise,
+)
 from fedguard.clients.planned_privacy import expected_participation, plan_site, round_steps
 from fedguard.clients.training import LossRegularizer, TrainingSetup, TrainOutcome, run_epochs
 from fedguard.conf.plans import trains_privately
@@ -190,6 +196,7 @@ class SampleDPTrainer:
             module, optimizer, criterion, loader = made
         else:
             (module, optimizer, loader), criterion = made, setup.criterion
+        use_lean_steps(optimizer)  # ghost and book-keeping: same numbers, less per-step overhead
         if self.dp.secure_noise:
             use_secure_noise(optimizer, SecureGaussian())
         if self.dp.poisson_sampling:
