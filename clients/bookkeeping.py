@@ -23,7 +23,7 @@ import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 
-from fedguard.clients.bookkeeping_layers import LAYERS, trainable_params, unsupported_layers
+from fedguard.clients.bookkeeping_layers import FORWARD_EXTRAS, LAYERS, trainable_params, unsupported_layers
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class _Record:
     activation: torch.Tensor
     output: torch.Tensor
     output_version: int
+    extras: dict[str, torch.Tensor]
 
 
 class BookkeepingHooks:
@@ -75,7 +76,9 @@ class BookkeepingHooks:
                 f"{type(module).__name__} ran twice in one forward pass (a reused layer); book-keeping clipping "
                 "needs one call per layer: use privacy.grad_sample_mode=hooks"
             )
-        self.records.append(_Record(module, inputs[0].detach(), output, output._version))
+        extras = FORWARD_EXTRAS.get(type(module))
+        self.records.append(_Record(module, inputs[0].detach(), output, output._version,
+                                    extras(output) if extras is not None else {}))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -110,15 +113,15 @@ def clipped_gradient_sum(
     output_grads = list(torch.autograd.grad(loss_per_sample.sum(), [r.output for r in records], allow_unused=True))
     # The graph is freed; drop the outputs too, and each output gradient once its layer has used it,
     # so the peak stays at what ghost clipping's backward pass holds.
-    inputs = [(r.module, r.activation) for r in records]
+    inputs = [(r.module, r.activation, r.extras) for r in records]
     del records
     layers = []
     squared = loss_per_sample.new_zeros(batch).detach()
-    for index, (module, activation) in enumerate(inputs):
+    for index, (module, activation, extras) in enumerate(inputs):
         grad, output_grads[index] = output_grads[index], None
         if grad is None:
             continue  # the loss does not depend on this layer's output: its gradient is zero
-        layer = LAYERS[type(module)](module, activation, grad.detach())
+        layer = LAYERS[type(module)](module, activation, grad.detach(), **extras)
         del grad
         squared = squared + layer.squared_norms
         layers.append((module, layer))

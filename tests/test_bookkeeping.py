@@ -22,8 +22,8 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 
-from fedguard.clients.bookkeeping import BookkeepingUnsupported, clipped_gradient_sum, use_bookkeeping
-from fedguard.clients.bookkeeping_layers import unsupported_layers
+from fedguard.clients.bookkeeping import BookkeepingHooks, BookkeepingUnsupported, clipped_gradient_sum, use_bookkeeping
+from fedguard.clients.bookkeeping_layers import group_norm, unsupported_layers
 from fedguard.clients.dp_steps import noise_only_step
 from fedguard.clients.models import build_model
 from fedguard.clients.private_training import SampleDPTrainer, build_trainer
@@ -109,6 +109,8 @@ def _layer_cases(batch: int):
     yield "conv2d-ghost-dilated", _mse_case(nn.Conv2d(16, 16, 3, dilation=2, bias=False),
                                             torch.randn(batch, 16, 6, 6))
     yield "groupnorm", _mse_case(nn.GroupNorm(2, 4), torch.randn(batch, 4, 3, 3))
+    # activations far from zero mean: the forward-statistics route subtracts mean * sum(g) from sum(g * a)
+    yield "groupnorm-offset", _mse_case(nn.GroupNorm(3, 6), torch.randn(batch, 6, 5, 5) * 0.5 + 4)
     yield "layernorm", _mse_case(nn.LayerNorm(6), torch.randn(batch, 5, 6))
     tokens = torch.randint(0, 9, (batch, 6))
     tokens[:, 0] = tokens[:, 1]  # repeated ids inside every sample
@@ -346,3 +348,27 @@ def test_a_layer_the_forward_pass_skipped_gets_a_zero_sum_and_every_other_its_cl
     assert torch.equal(model.skipped.bias.grad, torch.zeros(2))
     assert torch.allclose(model.used.weight.grad, reference.used.weight.grad, rtol=1e-5, atol=1e-7)
     assert torch.allclose(model.used.bias.grad, reference.used.bias.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("groups, channels, offset", [(1, 3, 0.0), (4, 8, 5.0), (8, 32, -2.0)])
+def test_groupnorm_rule_from_the_forward_statistics_equals_renormalising(groups, channels, offset):
+    """The hook reads GroupNorm's mean and 1/std from the forward pass (no second normalisation);
+    that route and the recomputing one give the same norms and clipped sums."""
+    torch.manual_seed(groups)
+    layer = nn.GroupNorm(groups, channels)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    hooks = BookkeepingHooks(layer)
+    try:
+        x = torch.randn(7, channels, 6, 5) * 0.7 + offset
+        layer(x)
+        (record,) = hooks.records
+        assert set(record.extras) == {"mean", "rstd"}  # the fast route is the one training takes
+    finally:
+        hooks.remove()
+    g = torch.randn(7, channels, 6, 5)
+    fast, slow = group_norm(layer, x, g, **record.extras), group_norm(layer, x, g)
+    assert torch.allclose(fast.squared_norms, slow.squared_norms, rtol=REL_TOL, atol=1e-6)
+    factors = torch.rand(7)
+    for name, total in slow.clipped_sum(factors).items():
+        assert torch.allclose(fast.clipped_sum(factors)[name], total, rtol=REL_TOL, atol=1e-5), name
