@@ -18,6 +18,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from scipy.stats import chi2
 
 from fedguard.clients import app as client_app_module
+from fedguard.clients import private_training
 from fedguard.clients.app import _round_seed, load_local_data
 from fedguard.clients.models import build_model
 from fedguard.clients.private_training import PlainTrainer, SampleDPTrainer, build_trainer
@@ -153,6 +154,16 @@ def test_every_poisson_draw_releases_noise_and_is_accounted_once(mode, max_steps
     for cls in (DPOptimizer, DPOptimizerFastGradientClipping):
         original = cls.add_noise
         monkeypatch.setattr(cls, "add_noise", lambda self, _o=original: (noise_calls.append(1), _o(self))[1])
+    lean = private_training.use_lean_steps
+
+    def counted_lean_steps(optimizer) -> None:
+        # ghost and book-keeping optimizers get their own add_noise (dp_steps.use_lean_steps): count that one
+        lean(optimizer)
+        installed = optimizer.__dict__.get("add_noise")
+        if installed is not None:
+            optimizer.add_noise = lambda: (noise_calls.append(1), installed())[1]
+
+    monkeypatch.setattr(private_training, "use_lean_steps", counted_lean_steps)
     cfg = compose_config(
         [*DP, "train.batch_size=1", "train.local_epochs=3", f"train.max_steps={max_steps or 'null'}",
          f"privacy.grad_sample_mode={mode}"]
