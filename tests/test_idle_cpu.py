@@ -33,12 +33,12 @@ def test_cores_per_kind_between_two_samples():
 
 def test_a_busy_process_shows_and_an_idle_one_does_not():
     """Real processes: one spinning, one asleep, each named like a federation part on its command line."""
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass", "flower-superlink"])
-    idle = subprocess.Popen([sys.executable, "-c", "import time; print('asleep', flush=True); time.sleep(60)", "nginx"],
+    busy = subprocess.Popen([sys.executable, "-S", "-c", "while True: pass", "flower-superlink"])
+    idle = subprocess.Popen([sys.executable, "-S", "-c", "import time; print('asleep', flush=True); time.sleep(60)", "nginx"],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert idle.stdout.readline().strip() == "asleep"  # its start-up is over before the window opens
-        cores = idle_cores([busy.pid, idle.pid], 0.6)
+        cores = idle_cores([busy.pid, idle.pid], 0.4)
     finally:
         busy.kill()
         idle.kill()
