@@ -182,7 +182,9 @@ def run_deployment_benchmark(sites: int, rounds: int, dataset: str, model: str, 
     """``keep``: leave each config's federation (site logs with their task timing lines, server
     and run logs, run directories) under ``keep/<config>`` instead of a deleted temporary folder.
     ``simulate=False`` times the deployment only (the ratio is then left out). ``extra``: Hydra
-    overrides added to every config, on both sides (e.g. a poll interval under study)."""
+    overrides added to every config, on both sides (e.g. a poll interval under study).
+    ``idle_seconds`` > 0: before each run, the started federation's cores per process kind over
+    that many seconds with nothing to do, i.e. the cost of its polling (simulations/idle_cpu.py)."""
     base = [f"dataset={dataset}", f"model={model}", f"simulation.num_clients={sites}",
             f"simulation.rounds={rounds}", "progress=false"]
     result: dict[str, Any] = {"config": {"sites": sites, "rounds": rounds, "dataset": dataset, "model": model},
