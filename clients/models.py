@@ -129,12 +129,18 @@ def model_from_state(
     state_dict: dict[str, torch.Tensor],
     *,
     private: bool = False,
+    take: bool = False,
 ) -> nn.Module:
-    """A fresh model holding ``state_dict``, built without the cost of random initialisation."""
+    """A fresh model holding ``state_dict``, built without the cost of random initialisation.
+
+    ``take=True``: the model keeps ``state_dict``'s tensors as its own parameters and buffers
+    instead of copying them in (one model-sized copy fewer; a client decodes each request's
+    arrays into fresh tensors of the model's dtypes, app.py::decode_request). The caller
+    hands them over: training then changes them in place."""
     with torch.device("meta"):
         model = build_model(model_cfg, input_shape, num_classes, private=private)
     model = model.to_empty(device="cpu")
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=take)
     return model
 
 

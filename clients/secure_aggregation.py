@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedguard.clients.secagg_identity import site_identity, site_roster, verified_peers
 from fedguard.clients.secagg_record import session_record
 from fedguard.clients.site import read_secagg_policy
 from fedguard.clients.wire import protocol
-from fedguard.clients.wire.arrays import array_view, flatten_update
+from fedguard.clients.wire.arrays import array_view, flatten_update, numpy_array
 from fedguard.conf.plans import clients_per_round
 from fedguard.conf.run_config import cached_config_from_yaml
 from fedguard.privacy.secagg.identity import RosterError, cohort_bytes, public_bytes, sign_advert, unconfirmed_cohort
@@ -91,7 +91,7 @@ def hold_update(context: Context, update: np.ndarray, weight: float, cfg, model:
     """Keep the checked update and what encoding it needs in the client's own state until the mask stage."""
     sa = cfg.secure_agg
     _check_weighted_update(update, weight, sa.max_weight)
-    context.state[INPUT_STATE_KEY] = ArrayRecord({INPUT_ARRAY: Array(update.astype(_storage_dtype(model), copy=False))})
+    context.state[INPUT_STATE_KEY] = ArrayRecord({INPUT_ARRAY: numpy_array(update.astype(_storage_dtype(model), copy=False))})
     context.state[ENCODING_STATE_KEY] = ConfigRecord(
         {
             WEIGHT: float(weight),
@@ -108,7 +108,7 @@ def hold_encoded_input(context: Context, encoded: np.ndarray) -> None:
     clients/preprocessing.py) until the mask stage; it is masked as it is."""
     if encoded.dtype != np.uint64:
         raise ValueError(f"an encoded input is a uint64 vector; got {encoded.dtype}")
-    context.state[INPUT_STATE_KEY] = ArrayRecord({INPUT_ARRAY: Array(encoded)})
+    context.state[INPUT_STATE_KEY] = ArrayRecord({INPUT_ARRAY: numpy_array(encoded)})
     context.state[ENCODING_STATE_KEY] = ConfigRecord({ENCODED: True})
 
 
@@ -347,7 +347,7 @@ def _handle_stage(msg: Message, context: Context) -> Message:
             protocol.SECAGG_PARTNERS_FIELD: sorted(session.neighbours),
             protocol.SECAGG_PARTNERS_SIGNATURE_FIELD: session.sign_partners(identity),
         })
-        reply = RecordDict({protocol.SECAGG_KEY: ArrayRecord({"masked": Array(masked)}), protocol.SECAGG_REJECTED_KEY: rejected})
+        reply = RecordDict({protocol.SECAGG_KEY: ArrayRecord({"masked": numpy_array(masked)}), protocol.SECAGG_REJECTED_KEY: rejected})
         return Message(reply, reply_to=msg)
     elif stage == "consistency":
         identity = site_identity(dict(context.node_config))

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="time the deployed rounds only (no simulated run, no ratio)")
     deployment.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                             help="a Hydra override added to every config, deployed and simulated alike (repeatable)")
+    deployment.add_argument("--idle-cpu", type=float, default=0.0, metavar="SECONDS",
+                            help="before each run, measure the federation's CPU per process kind over SECONDS "
+                                 "with nothing to do (the cost of its polling)")
     client_dp = sub.add_parser("client-dp", help="accuracy vs client-level epsilon at 1,000 clients; wall time, memory")
     client_dp.add_argument("--clients", type=int, default=1000)
     client_dp.add_argument("--rounds", type=int, default=20)
@@ -190,7 +193,7 @@ def run_benchmark(args: argparse.Namespace) -> dict | None:
 
         result = run_deployment_benchmark(args.sites, args.rounds, args.dataset, args.model, args.configs,
                                           keep=args.keep, simulate=not args.no_simulation,
-                                          extra=args.override)
+                                          extra=args.override, idle_seconds=args.idle_cpu)
     elif args.name == "client-dp":
         from fedguard.simulations.bench_client_dp import run_client_dp_benchmark
 

@@ -27,10 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from fedguard.clients.deployment.verified_clientapp import TIMING_PREFIX
+from fedguard.clients.deployment.app_gate import WARM_LOG_LINE
+from fedguard.simulations.idle_cpu import idle_cores, wait_for_lines
 from fedguard.simulations.local_federation import Federation, stop_process
 
 POLL_SECONDS = 0.2
 RUN_TIMEOUT = 1800.0
+# How long the task launchers may take to import their warm modules before --idle-cpu measures.
+WARM_TIMEOUT = 600.0
 # The configs the issue names: plain, and SecAgg+ with sample-level DP (a fixed noise multiplier,
 # so no calibration search is timed; the settings of the deployment test).
 CONFIGS: dict[str, list[str]] = {
@@ -107,7 +111,7 @@ def _task_total(timing: dict[str, Any]) -> float:
     return sum(timing.get(key, 0.0) for key in ("start_s", "pull_s", "load_s", "app_s", "push_s"))
 
 
-def _deployment(root: Path, sites: int, overrides: list[str]) -> dict[str, Any]:
+def _deployment(root: Path, sites: int, overrides: list[str], idle_seconds: float = 0.0) -> dict[str, Any]:
     fed = Federation(root)
     try:
         fed.make_certs()
@@ -120,6 +124,11 @@ def _deployment(root: Path, sites: int, overrides: list[str]) -> dict[str, Any]:
                 raise RuntimeError(f"could not register site {site}")
         for site in range(sites):
             fed.start_client(site, sites)
+        idle = None
+        if idle_seconds > 0:  # before the run: the federation's own cost with nothing to do (idle_cpu.py)
+            fed.wait_for_nodes(sites)
+            wait_for_lines([root / f"client{site}.log" for site in range(sites)], WARM_LOG_LINE, WARM_TIMEOUT)
+            idle = idle_cores([fed.server.pid, *(proc.pid for proc in fed.clients.values())], idle_seconds)
         run = fed.submit(*overrides)
         first_round_started = None
         deadline = time.monotonic() + RUN_TIMEOUT
@@ -147,6 +156,7 @@ def _deployment(root: Path, sites: int, overrides: list[str]) -> dict[str, Any]:
                                      and str(t.get("round", "")).isdigit()] for lines in timings]),
             # The whole run, the first round's downloads of the app included.
             "object_pull_retries": object_pull_retries(access_log.read_text(errors="replace") if access_log.exists() else ""),
+            **({"idle_cores_by_process_kind": idle, "idle_seconds": idle_seconds} if idle is not None else {}),
         }
     finally:
         fed.close()
@@ -168,11 +178,13 @@ def _mean(values: list[float]) -> float:
 
 def run_deployment_benchmark(sites: int, rounds: int, dataset: str, model: str, configs: list[str] | None = None,
                              keep: Path | None = None, simulate: bool = True,
-                             extra: list[str] | None = None) -> dict[str, Any]:
+                             extra: list[str] | None = None, idle_seconds: float = 0.0) -> dict[str, Any]:
     """``keep``: leave each config's federation (site logs with their task timing lines, server
     and run logs, run directories) under ``keep/<config>`` instead of a deleted temporary folder.
     ``simulate=False`` times the deployment only (the ratio is then left out). ``extra``: Hydra
-    overrides added to every config, on both sides (e.g. a poll interval under study)."""
+    overrides added to every config, on both sides (e.g. a poll interval under study).
+    ``idle_seconds`` > 0: before each run, the started federation's cores per process kind over
+    that many seconds with nothing to do, i.e. the cost of its polling (simulations/idle_cpu.py)."""
     base = [f"dataset={dataset}", f"model={model}", f"simulation.num_clients={sites}",
             f"simulation.rounds={rounds}", "progress=false"]
     result: dict[str, Any] = {"config": {"sites": sites, "rounds": rounds, "dataset": dataset, "model": model},
@@ -182,7 +194,7 @@ def run_deployment_benchmark(sites: int, rounds: int, dataset: str, model: str, 
         with tempfile.TemporaryDirectory(prefix="fedguard-bench-deployment-") as tmp:
             root = Path(tmp) if keep is None else keep / name
             root.mkdir(parents=True, exist_ok=True)
-            deployment = _deployment(root, sites, overrides)
+            deployment = _deployment(root, sites, overrides, idle_seconds)
             simulation = _simulation(root, overrides) if simulate else None
         run: dict[str, Any] = {"overrides": [*CONFIGS[name], *(extra or [])], "deployment": deployment, "simulation": simulation,
                                "mean_round_seconds": {"deployment": _mean(deployment["round_seconds"])}}

@@ -31,7 +31,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 UTIME_AFTER_NAME = 11
 
 
-def _cpu_seconds(pid: int) -> float | None:
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` so far; ``None`` once it is gone."""
     fields = stat_after_name(pid)
     if fields is None:
         return None
@@ -55,7 +56,7 @@ class TreeCpuSampler:
     def sample(self) -> None:
         started = time.thread_time()
         for pid in descendants(self.root):
-            seconds = _cpu_seconds(pid)
+            seconds = process_cpu_seconds(pid)
             if seconds is not None:
                 self._seen[pid] = max(seconds, self._seen.get(pid, 0.0))
         count = self.progress()

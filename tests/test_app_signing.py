@@ -158,3 +158,32 @@ def test_publisher_commands_sign_what_flwr_run_builds(tmp_path, capsys):
     assert app_refusal(build_fab_from_disk(app), signature_file.read_text(), trusted) is None
     (app / "clients" / "app.py").write_text("app = None\nimport os\n")
     assert "modified after signing" in app_refusal(build_fab_from_disk(app), signature_file.read_text(), trusted)
+
+
+@pytest.mark.deployment  # imports Flower's FAB builder: ~2 s
+def test_signed_fab_includes_what_flwr_run_picks_up_outside_the_source(tmp_path):
+    """`flwr run`'s walk does not skip .git/, .pytest_cache/ or node_modules/: a .md or .json there
+    goes into the FAB it submits, so it must go into the FAB the publisher signs (a stray .md in
+    .git/ once made every site refuse a run as "modified after signing")."""
+    from flwr.cli.build import build_fab_from_disk
+
+    app = tmp_path / "app"
+    (app / "clients").mkdir(parents=True)
+    (app / "pyproject.toml").write_text(
+        '[project]\nname = "tinyapp"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "fedguard"\n\n[tool.flwr.app.components]\n'
+        'serverapp = "clients.app:server"\nclientapp = "clients.app:app"\n\n[tool.flwr.app.config]\n'
+    )
+    (app / "clients" / "app.py").write_text("app = None\n")
+    (app / ".gitignore").write_text("__pycache__/\n")
+    strays = {".git/notes.md": "# a note\n", ".pytest_cache/README.md": "# cache\n",
+              "node_modules/pkg/package.json": "{}\n", "clients/.venv/setup.py": "x = 1\n"}
+    for relative, text in strays.items():
+        (app / relative).parent.mkdir(parents=True, exist_ok=True)
+        (app / relative).write_text(text)
+    (app / ".venv" / "lib").mkdir(parents=True)  # skipped by both: Flower's own ".venv/**"
+    (app / ".venv" / "lib" / "big.py").write_text("never in a FAB\n")
+    submitted = build_fab_from_disk(app)
+    names = set(zipfile.ZipFile(io.BytesIO(submitted)).namelist())
+    assert set(strays) <= names and ".venv/lib/big.py" not in names  # what Flower itself ships
+    assert build_app_fab(app) == submitted

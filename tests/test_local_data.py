@@ -301,3 +301,15 @@ def test_fedguard_client_takes_data_instead_of_partition_count(tmp_path, capsys)
     # with its file present the site gets as far as its TLS material (which this test has none of)
     assert client_main([*common, "--data", str(_csv(tmp_path))]) == 1
     assert "ca.crt" in capsys.readouterr().err
+
+
+def test_a_requests_data_key_is_the_one_its_parsed_config_gives():
+    """The data cache's key is taken once per config text (app._data_text_of); it must be the key
+    the parsed config itself gives, and differ when the partitioning does."""
+    from fedguard.clients.app import _data_text, _data_text_of
+    from fedguard.conf.run_config import cached_config_from_yaml, config_to_yaml
+
+    texts = [config_to_yaml(compose_config(overrides)) for overrides in (["dataset=digits"], ["dataset=digits", "seed=7"])]
+    keys = [_data_text_of(text) for text in texts]
+    assert keys == [_data_text(cached_config_from_yaml(text)) for text in texts]
+    assert keys[0] != keys[1]

@@ -79,3 +79,20 @@ def test_model_from_state_matches_the_state():
     copy = model_from_state(cfg.model, (1, 8, 8), 10, source.state_dict())
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(source(x), copy(x))
+
+
+def test_model_from_state_can_take_the_state_without_copying_it():
+    from fedguard.clients.models import model_from_state
+
+    cfg = compose_config(["model=mlp", "model.hidden_sizes=[16]"])
+    source = build_model(cfg.model, (1, 8, 8), 10)
+    given = {key: value.detach().clone() for key, value in source.state_dict().items()}
+    taken = model_from_state(cfg.model, (1, 8, 8), 10, given, take=True)
+    copied = model_from_state(cfg.model, (1, 8, 8), 10, source.state_dict())
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(source(x), taken(x)) and torch.equal(source(x), copied(x))
+    assert all(p.requires_grad for p in taken.parameters())
+    held = taken.state_dict()
+    assert all(held[key].data_ptr() == given[key].data_ptr() for key in given)  # the given tensors, not copies
+    assert not any(p.data_ptr() == source.state_dict()[k].data_ptr() for k, p in copied.state_dict().items())
+

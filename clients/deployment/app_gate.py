@@ -44,6 +44,8 @@ logger = logging.getLogger("fedguard.site")
 # interval costs little and a message waits at most this long before its task starts.
 POLL_SECONDS = 0.1
 LAUNCH_MODES = ("fork", "spawn")
+# Logged once the warm imports are done (`fedguard bench deployment --idle-cpu` waits for it).
+WARM_LOG_LINE = "task modules imported"
 # The site's own installed modules a task needs (the ClientApp and what it imports on first use:
 # DP-SGD, secure aggregation, the built-in data sets and partitioners); imported once, before the first task.
 WARM_MODULES = (
@@ -132,7 +134,7 @@ def serve(runtime_api_address: str, trusted_file: Path, parent_pid: int, launch:
     if launch not in LAUNCH_MODES:
         raise ValueError(f"launch must be one of {', '.join(LAUNCH_MODES)}, got {launch!r}")
     if launch == "fork":
-        logger.info("task modules imported in %.1f s; each task runs in a forked process", warm_up())
+        logger.info("%s in %.1f s; each task runs in a forked process", WARM_LOG_LINE, warm_up())
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,
         insecure=True,  # loopback only: the SuperNode's runtime API binds 127.0.0.1

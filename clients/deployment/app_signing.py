@@ -45,6 +45,8 @@ from fedguard.clients.deployment.key_material import (
 )
 from fedguard.clients.deployment.yaml_file import read_yaml_file
 from flwr.common.config import get_fab_config, get_metadata_from_config
+from flwr.common.constant import FAB_EXCLUDE_PATTERNS
+from flwr.supercore.constant import APP_PUBLISH_EXCLUDE_PATTERNS
 from flwr.supercore.primitives.asymmetric_ed25519 import (
     create_message_to_sign,
     decode_base64url,
@@ -127,19 +129,29 @@ def _b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
-# Directories of a source tree that never go into a FAB (ignored by fedguard's .gitignore and by
-# Flower's own FAB rules) and that Flower's builder would still walk: a .venv holds ~10^5 files.
-_NEVER_IN_A_FAB = frozenset({".venv", ".git", "__pycache__", ".pytest_cache", "node_modules"})
+# Directories whose every file Flower's FAB builder drops by its own built-in excludes, which no
+# app setting can override (``APP_PUBLISH_EXCLUDE_PATTERNS`` and ``FAB_EXCLUDE_PATTERNS`` both hold
+# ``.venv/**`` and ``**/__pycache__/**``), so not walking them changes no FAB byte and saves the
+# ~10^5 files of a .venv. Nothing else is skipped: ``flwr run`` walks .git/, .pytest_cache/, ...
+# and keeps any file there its include patterns match (``*.md``, ``*.json``, ...) unless the app's
+# .gitignore drops it; a walk that skipped .git/ signed a FAB other than the one submitted, and
+# every site then refused the run as "modified after signing". Derived from the installed Flower's
+# patterns: a version without them gets the full walk, exactly Flower's.
+_FLOWER_EXCLUDES = frozenset(APP_PUBLISH_EXCLUDE_PATTERNS) & frozenset(FAB_EXCLUDE_PATTERNS)
+_SKIP_AT_TOP = frozenset({".venv"} if ".venv/**" in _FLOWER_EXCLUDES else ())
+_SKIP_ANYWHERE = frozenset({"__pycache__"} if "**/__pycache__/**" in _FLOWER_EXCLUDES else ())
 
 
 def _app_files(app_dir: Path) -> dict[str, Path]:
-    """What ``flwr.cli.utils.collect_files`` collects, less the directories above, which Flower's
-    filters drop anyway; the FAB built from it is byte-identical (the deployment tests check it:
-    every signed run there is signed from this and submitted by ``flwr run``'s full walk)."""
+    """What ``flwr.cli.utils.collect_files`` collects (the walk ``flwr run`` builds its FAB from),
+    less the directories above, which Flower's built-in excludes drop whole; the FAB built from it
+    is byte-identical (tests/test_app_signing.py, and every signed deployment test run)."""
     root = app_dir.resolve()
     files = {}
     for dirpath, dirnames, filenames in os.walk(app_dir, followlinks=False):
-        dirnames[:] = [name for name in dirnames if name not in _NEVER_IN_A_FAB]
+        top = Path(dirpath) == app_dir
+        dirnames[:] = [name for name in dirnames
+                       if name not in _SKIP_ANYWHERE and not (top and name in _SKIP_AT_TOP)]
         for filename in filenames:
             path = Path(dirpath) / filename
             if not path.is_symlink() and path.resolve().is_relative_to(root):

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
 
 
 def array_view(array: Array) -> np.ndarray:
@@ -47,3 +48,27 @@ def flatten_update(new: ArrayRecord, old: ArrayRecord, dtype: np.dtype | type = 
         np.subtract(after, before, out=flat[offset : offset + before.size].reshape(before.shape), dtype=dtype)
         offset += before.size
     return flat
+
+
+def numpy_array(values: np.ndarray) -> Array:
+    """A Flower ``Array`` holding exactly the bytes ``Array(values)`` would (``np.save``'s
+    ``.npy`` format), written with one copy of the data instead of three.
+
+    ``Array(values)`` goes through ``np.save`` into a BytesIO: ``tobytes`` copies the data,
+    the BytesIO write copies it again and ``getvalue`` a third time. A SecAgg+ client does
+    this per round for its trained model, its held update and its masked input (8 MB at 1M
+    parameters); here the header (numpy's own writer) and the data are joined into the one
+    ``bytes`` object the ``Array`` keeps. Arrays that are not C-contiguous, or hold objects,
+    go through ``Array(values)`` unchanged.
+    """
+    if values.dtype.hasobject or not values.flags.c_contiguous:
+        return Array(values)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
+    data = b"".join((header.getvalue(), memoryview(values.reshape(-1).view(np.uint8))))
+    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY, data=data)
+
+
+def numpy_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """An ``ArrayRecord`` of ``numpy_array``s, in ``arrays``' key order."""
+    return ArrayRecord({key: numpy_array(values) for key, values in arrays.items()})
