@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import zipfile
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -128,11 +129,8 @@ def test_trusted_publishers_file_errors_name_the_entry(tmp_path):
         read_trusted_publishers(tmp_path / "missing.yaml")
 
 
-@pytest.mark.deployment  # imports Flower's FAB builder and CLI: ~2 s
-def test_publisher_commands_sign_what_flwr_run_builds(tmp_path, capsys):
-    """`fedguard publisher key` prints the sites' line; `sign` signs the FAB Flower's builder makes of the tree."""
-    from flwr.cli.build import build_fab_from_disk
-
+def _tiny_app(tmp_path: Path) -> Path:
+    """A minimal Flower app tree (pyproject with the app components, one ClientApp module)."""
     app = tmp_path / "app"
     (app / "clients").mkdir(parents=True)
     (app / "pyproject.toml").write_text(
@@ -141,6 +139,15 @@ def test_publisher_commands_sign_what_flwr_run_builds(tmp_path, capsys):
         'serverapp = "clients.app:server"\nclientapp = "clients.app:app"\n\n[tool.flwr.app.config]\n'
     )
     (app / "clients" / "app.py").write_text("app = None\n")
+    return app
+
+
+@pytest.mark.deployment  # imports Flower's FAB builder and CLI: ~2 s
+def test_publisher_commands_sign_what_flwr_run_builds(tmp_path, capsys):
+    """`fedguard publisher key` prints the sites' line; `sign` signs the FAB Flower's builder makes of the tree."""
+    from flwr.cli.build import build_fab_from_disk
+
+    app = _tiny_app(tmp_path)
     for junk in (app / ".venv" / "lib" / "big.py", app / "clients" / "__pycache__" / "app.cpython-311.pyc"):
         junk.parent.mkdir(parents=True)
         junk.write_text("never in a FAB\n")
@@ -167,14 +174,7 @@ def test_signed_fab_includes_what_flwr_run_picks_up_outside_the_source(tmp_path)
     .git/ once made every site refuse a run as "modified after signing")."""
     from flwr.cli.build import build_fab_from_disk
 
-    app = tmp_path / "app"
-    (app / "clients").mkdir(parents=True)
-    (app / "pyproject.toml").write_text(
-        '[project]\nname = "tinyapp"\nversion = "1.0.0"\ndependencies = []\n\n'
-        '[tool.flwr.app]\npublisher = "fedguard"\n\n[tool.flwr.app.components]\n'
-        'serverapp = "clients.app:server"\nclientapp = "clients.app:app"\n\n[tool.flwr.app.config]\n'
-    )
-    (app / "clients" / "app.py").write_text("app = None\n")
+    app = _tiny_app(tmp_path)
     (app / ".gitignore").write_text("__pycache__/\n")
     strays = {".git/notes.md": "# a note\n", ".pytest_cache/README.md": "# cache\n",
               "node_modules/pkg/package.json": "{}\n", "clients/.venv/setup.py": "x = 1\n"}
