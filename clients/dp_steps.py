@@ -121,7 +121,9 @@ def use_lean_steps(optimizer: DPOptimizer) -> None:
 
     Only for Opacus's ``DPOptimizerFastGradientClipping`` without ``secure_mode`` (whose noise
     is a sum of four draws): anything else is left untouched. ``use_secure_noise`` applied
-    afterwards still replaces ``add_noise``.
+    afterwards still replaces ``add_noise``; applied before, it is kept: an ``add_noise``
+    already installed on this optimizer (the CSPRNG's) is never replaced by torch-generator draws,
+    whatever order the two are called in.
     """
     if type(optimizer) is not DPOptimizerFastGradientClipping or optimizer.secure_mode:
         return
@@ -149,4 +151,5 @@ def use_lean_steps(optimizer: DPOptimizer) -> None:
             _mark_as_processed(summed)
 
     optimizer.accumulate = accumulate
-    optimizer.add_noise = add_noise
+    if "add_noise" not in vars(optimizer):  # not already replaced on this optimizer (secure noise)
+        optimizer.add_noise = add_noise

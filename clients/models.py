@@ -136,10 +136,18 @@ def model_from_state(
     ``take=True``: the model keeps ``state_dict``'s tensors as its own parameters and buffers
     instead of copying them in (one model-sized copy fewer; a client decodes each request's
     arrays into fresh tensors of the model's dtypes, app.py::decode_request). The caller
-    hands them over: training then changes them in place."""
+    hands them over: training then changes them in place.
+
+    A model with non-persistent buffers (``register_buffer(..., persistent=False)``: not in
+    any state dict) is built on the CPU with its own initial values instead: ``to_empty`` would
+    leave those buffers as uninitialised memory, which in a simulation worker can hold another
+    virtual site's data, and the model would compute with it."""
     with torch.device("meta"):
         model = build_model(model_cfg, input_shape, num_classes, private=private)
-    model = model.to_empty(device="cpu")
+    if any(module._non_persistent_buffers_set for module in model.modules()):
+        model = build_model(model_cfg, input_shape, num_classes, private=private)
+    else:
+        model = model.to_empty(device="cpu")
     model.load_state_dict(state_dict, strict=True, assign=take)
     return model
 

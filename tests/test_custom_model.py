@@ -40,6 +40,19 @@ TEAM_MODULE = textwrap.dedent(
     def with_memory(input_shape, num_classes):
         return nn.Sequential(Remembers(input_shape[0]), nn.Linear(input_shape[0], num_classes))
 
+    class Scaled(nn.Module):
+        # a constant the model computes with but never ships: a non-persistent buffer
+        def __init__(self, width):
+            super().__init__()
+            self.linear = nn.Linear(width, width)
+            self.register_buffer("scale", torch.full((width,), 7.0), persistent=False)
+
+        def forward(self, x):
+            return self.linear(x) * self.scale
+
+    def with_constant(input_shape, num_classes):
+        return nn.Sequential(Scaled(input_shape[0]), nn.Linear(input_shape[0], num_classes))
+
     def fixed_width(**kwargs):
         return nn.Linear(kwargs["input_shape"][0], kwargs["num_classes"])
 
@@ -185,3 +198,21 @@ def test_a_site_imports_only_the_custom_models_it_listed(tmp_path, monkeypatch, 
     reply = train({"custom-models": "other_models:build,served_model:build"})
     assert not reply.has_error(), reply.error.reason
     assert (tmp_path / "called").exists()
+
+
+@pytest.mark.parametrize("take", [False, True])
+def test_a_model_rebuilt_from_its_state_keeps_its_non_persistent_buffers(team_models, make_cfg, take):
+    """A client rebuilds the model from the server's arrays (model_from_state); a buffer the
+    state dict does not carry must hold the factory's value, not whatever memory was free
+    (to_empty leaves it uninitialised; in a simulation worker that can be another site's data)."""
+    from fedguard.clients.models import model_from_state
+
+    cfg = make_cfg(f"{team_models}:with_constant")
+    source = build_model(cfg.model, (15,), 3)
+    assert "0.scale" not in source.state_dict()
+    state = {key: value.detach().clone() for key, value in source.state_dict().items()}
+    rebuilt = model_from_state(cfg.model, (15,), 3, state, take=take)
+    assert torch.equal(rebuilt[0].scale, torch.full((15,), 7.0))
+    x = torch.randn(4, 15)
+    assert torch.equal(rebuilt(x), source(x))
+

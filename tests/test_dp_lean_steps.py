@@ -107,3 +107,36 @@ def test_other_optimizers_and_secure_mode_are_left_alone():
     before = hooks_optimizer.add_noise
     use_lean_steps(hooks_optimizer)
     assert hooks_optimizer.add_noise == before
+
+
+@pytest.mark.parametrize("lean_first", [True, False])
+def test_secure_noise_survives_lean_steps_in_either_order(lean_first):
+    """privacy.secure_noise installs a CSPRNG add_noise; use_lean_steps must never swap it back
+    for torch-generator draws, whichever of the two is installed first."""
+    from fedguard.clients.dp_steps import use_secure_noise
+    from fedguard.privacy.secure_noise import SecureGaussian
+
+    class CountingSource(SecureGaussian):
+        """The real CSPRNG source, counting the draws the optimizer asks it for."""
+
+        draws = 0
+
+        def gaussian(self, std: float, reference: torch.Tensor) -> torch.Tensor:
+            self.draws += 1
+            return super().gaussian(std, reference)
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                                          max_grad_norm=1.0, expected_batch_size=4)
+    source = CountingSource()
+    if lean_first:
+        use_lean_steps(opt)
+        use_secure_noise(opt, source)
+    else:
+        use_secure_noise(opt, source)
+        use_lean_steps(opt)
+    opt.zero_grad(set_to_none=True)
+    _set_grads(opt, 0.1)
+    opt.step()
+    assert source.draws == len(list(model.parameters()))
+

@@ -45,3 +45,12 @@ def test_numpy_array_record_matches_a_torch_state_dict_record():
     flowers = ArrayRecord(state)
     assert list(ours.keys()) == list(flowers.keys())
     assert all(ours[key].data == flowers[key].data for key in state)
+
+
+def test_numpy_array_writes_what_flower_writes_past_the_version_1_header_limit():
+    """A header over 64 KiB (here a 4,000-field record dtype): np.save switches to .npy format
+    2.0, which the version 1.0 writer refuses; the bytes must still be Flower's own."""
+    values = np.zeros(2, dtype=[(f"field{i}", "<f4") for i in range(4000)])
+    ours, flowers = numpy_array(values), Array(values)
+    assert (ours.data, ours.dtype, ours.shape) == (flowers.data, flowers.dtype, flowers.shape)
+

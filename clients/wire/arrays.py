@@ -64,7 +64,10 @@ def numpy_array(values: np.ndarray) -> Array:
     if values.dtype.hasobject or not values.flags.c_contiguous:
         return Array(values)
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
+    try:
+        np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
+    except ValueError:  # a header over 64 KiB: np.save writes format 2.0 there, so let Array(values) do it
+        return Array(values)
     data = b"".join((header.getvalue(), memoryview(values.reshape(-1).view(np.uint8))))
     return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY, data=data)
 
