@@ -138,18 +138,30 @@ def model_from_state(
     arrays into fresh tensors of the model's dtypes, app.py::decode_request). The caller
     hands them over: training then changes them in place.
 
-    A model with non-persistent buffers (``register_buffer(..., persistent=False)``: not in
-    any state dict) is built on the CPU with its own initial values instead: ``to_empty`` would
-    leave those buffers as uninitialised memory, which in a simulation worker can hold another
-    virtual site's data, and the model would compute with it."""
+    Two kinds of custom model are built on the CPU the ordinary way and the state copied in:
+    - non-persistent buffers (``register_buffer(..., persistent=False)``: in no state dict):
+      ``to_empty`` would leave them uninitialised memory, which in a simulation worker can hold
+      another virtual site's data, and the model would compute with it;
+    - tied weights (one Parameter in two places): ``to_empty`` gives each place its own copy,
+      and assigning the state's tensors would too, so training would untie them."""
     with torch.device("meta"):
         model = build_model(model_cfg, input_shape, num_classes, private=private)
-    if any(module._non_persistent_buffers_set for module in model.modules()):
+    if _needs_an_ordinary_build(model):
         model = build_model(model_cfg, input_shape, num_classes, private=private)
-    else:
-        model = model.to_empty(device="cpu")
+        model.load_state_dict(state_dict, strict=True)
+        return model
+    model = model.to_empty(device="cpu")
     model.load_state_dict(state_dict, strict=True, assign=take)
     return model
+
+
+def _needs_an_ordinary_build(model: nn.Module) -> bool:
+    """Non-persistent buffers, or a parameter or buffer shared between places (see model_from_state)."""
+    if any(module._non_persistent_buffers_set for module in model.modules()):
+        return True
+    tensors = [t for _, t in model.named_parameters(remove_duplicate=False)]
+    tensors += [t for _, t in model.named_buffers(remove_duplicate=False)]
+    return len({id(t) for t in tensors}) < len(tensors)
 
 
 def _build_model(model_cfg: DictConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:

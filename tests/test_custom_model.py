@@ -53,6 +53,13 @@ TEAM_MODULE = textwrap.dedent(
     def with_constant(input_shape, num_classes):
         return nn.Sequential(Scaled(input_shape[0]), nn.Linear(input_shape[0], num_classes))
 
+    def tied(input_shape, num_classes):
+        # the last layer reuses the first one's weight (transposed use, same Parameter)
+        first = nn.Linear(input_shape[0], input_shape[0])
+        last = nn.Linear(input_shape[0], input_shape[0])
+        last.weight = first.weight
+        return nn.Sequential(first, nn.Tanh(), last, nn.Linear(input_shape[0], num_classes))
+
     def fixed_width(**kwargs):
         return nn.Linear(kwargs["input_shape"][0], kwargs["num_classes"])
 
@@ -213,6 +220,21 @@ def test_a_model_rebuilt_from_its_state_keeps_its_non_persistent_buffers(team_mo
     state = {key: value.detach().clone() for key, value in source.state_dict().items()}
     rebuilt = model_from_state(cfg.model, (15,), 3, state, take=take)
     assert torch.equal(rebuilt[0].scale, torch.full((15,), 7.0))
+    x = torch.randn(4, 15)
+    assert torch.equal(rebuilt(x), source(x))
+
+
+@pytest.mark.parametrize("take", [False, True])
+def test_a_model_rebuilt_from_its_state_keeps_its_tied_weights(team_models, make_cfg, take):
+    """Two layers sharing one Parameter must still share it after model_from_state, or
+    training would move them apart (to_empty and assign both give each place its own tensor)."""
+    from fedguard.clients.models import model_from_state
+
+    cfg = make_cfg(f"{team_models}:tied")
+    source = build_model(cfg.model, (15,), 3)
+    state = {key: value.detach().clone() for key, value in source.state_dict().items()}
+    rebuilt = model_from_state(cfg.model, (15,), 3, state, take=take)
+    assert rebuilt[0].weight is rebuilt[2].weight
     x = torch.randn(4, 15)
     assert torch.equal(rebuilt(x), source(x))
 
